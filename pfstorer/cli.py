@@ -1,0 +1,190 @@
+"""``pfstorer`` command line: personalize, restore and degrade on one machine, plus the commands
+that other packages register (evaluate, manifests, runs on Ray, serving) through the
+``pfstorer.cli`` entry-point group, so that ``pfstorer`` itself never imports Ray.
+
+User errors print one line and exit with code 2; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from .errors import PFStorerError
+
+DEFAULT_BASE = os.environ.get("PFSTORER_BASE", "tiny")
+EXIT_USER_ERROR = 2
+
+
+def _add_base(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default=DEFAULT_BASE,
+                   help="base model: a preset (tiny, tiny-latent, compact, sd21) or a checkpoint folder/URL "
+                        f"(default: {DEFAULT_BASE}, or $PFSTORER_BASE)")
+    p.add_argument("--weights", help="checkpoint folder/URL with model.safetensors for the preset (sd21)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+
+
+def _load_base(args: argparse.Namespace):
+    from .model import load_base
+
+    return load_base(args.base, weights=args.weights, device=args.device)
+
+
+def cmd_personalize(args: argparse.Namespace) -> int:
+    from .images import list_images, load_image
+    from .training import PersonalizeConfig, personalize
+
+    paths = list_images(args.refs)
+    config = PersonalizeConfig(steps=args.steps, seed=args.seed, lr=args.lr, lambda_gen=args.lambda_gen,
+                               batch_size=args.batch_size)
+    from .training import check_references
+
+    refs = [load_image(p) for p in paths]
+    check_references(refs, config)
+    model = _load_base(args)
+    identity = args.identity or Path(os.path.commonpath([os.path.abspath(p) for p in paths])).name or "person"
+    adapter = personalize(model, refs, identity=identity, config=config, tenant=args.tenant,
+                          reference_names=[Path(p).name for p in paths], progress=not args.quiet)
+    out = adapter.save(args.out)
+    losses = ", ".join(f"{k}={v:.4g}" for k, v in adapter.metadata.final_losses.items())
+    print(f"adapter for {identity!r} ({len(refs)} references, {adapter.metadata.steps} steps) -> {out}")
+    print(f"losses: {losses}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from .adapter import Adapter
+    from .images import ImageLimits, load_image, save_image
+    from .sampling import restore
+
+    image = load_image(args.input, limits=ImageLimits(max_pixels=args.max_pixels))
+    adapter = Adapter.load(args.adapter) if args.adapter else None
+    model = _load_base(args)
+    out = restore(model, image, adapter=adapter, seed=args.seed, scale=args.scale, steps=args.steps,
+                  sampler=args.sampler, tile=args.tile, overlap=args.overlap, color_fix=args.color_fix,
+                  progress=not args.quiet)
+    save_image(out, args.out)
+    who = f"with adapter {adapter.identity!r}" if adapter else "with the base model only"
+    print(f"restored {args.input} ({image.shape[2]}x{image.shape[1]}) {who} -> {args.out} ({out.shape[2]}x{out.shape[1]})")
+    return 0
+
+
+def cmd_degrade(args: argparse.Namespace) -> int:
+    from .degradations import degrade
+    from .images import load_image, save_image
+
+    out = degrade(load_image(args.input), args.level, args.seed)
+    save_image(out, args.out)
+    print(f"{args.level} degradation of {args.input} (seed {args.seed}) -> {args.out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .presets import PRESETS
+
+    if args.base is None:
+        for name, cfg in PRESETS.items():
+            print(f"{name:12s} {cfg.space:6s} native {cfg.sample_size}px  licence: {cfg.license}")
+        return 0
+    model = _load_base(args)
+    n = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"preset": model.config.name, "fingerprint": model.fingerprint, "parameters": n,
+                      "personalization_blocks": len(model.transformer_blocks)}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pfstorer",
+        description="Personalized face restoration (PFStorer, CVPR 2024): learn a small adapter per person "
+                    "from a few good photos, then restore any degraded photo of that person so it still "
+                    "looks like them.",
+        epilog="Quick start: pfstorer personalize --refs photos/anna/ --out adapters/anna && "
+               "pfstorer restore --adapter adapters/anna --input blurry.jpg --out restored.png --scale 2",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("personalize", help="train one person's adapter from 3-20 reference photos",
+                       description="Fine-tune a personalization adapter on a frozen base model from reference "
+                                   "photos of one person (files or folders). The adapter folder holds "
+                                   "adapter.safetensors + adapter.json and needs no photos to restore.")
+    _add_base(p)
+    p.add_argument("--refs", nargs="+", required=True, metavar="PATH", help="reference photos or folders of them")
+    p.add_argument("--out", required=True, metavar="ADAPTER_DIR", help="folder to write the adapter to")
+    p.add_argument("--identity", help="name of the person (default: the references' folder name)")
+    p.add_argument("--tenant", help="tenant that owns this person (recorded in the metadata)")
+    p.add_argument("--steps", type=int, default=500, help="optimisation steps (paper: 500; 0 = fresh adapter)")
+    p.add_argument("--batch-size", type=int, default=2, help="LQ samples per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the adapter")
+    p.add_argument("--lambda-gen", type=float, default=0.1, help="weight of the generative regulariser (paper: 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (same seed, same adapter)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_personalize)
+
+    p = sub.add_parser("restore", help="restore (and optionally upscale) one photo",
+                       description="Restore a degraded photo with the base model, or with a person's adapter. "
+                                   "Images of any size are restored in overlapping tiles; --scale upsamples "
+                                   "first (super-resolution). The same seed gives the same PNG.")
+    _add_base(p)
+    p.add_argument("--input", required=True, metavar="IMG", help="photo to restore (PNG, JPEG, WebP, BMP, TIFF)")
+    p.add_argument("--out", required=True, metavar="IMG", help="output image (.png or .jpg)")
+    p.add_argument("--adapter", metavar="ADAPTER_DIR", help="the person's adapter (none: base model only)")
+    p.add_argument("--scale", type=float, default=1.0, help="upscaling factor (e.g. 2, 4)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="sampler")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--tile", type=int, help="tile size in output pixels (default: the model's native size)")
+    p.add_argument("--overlap", type=int, help="tile overlap in output pixels (default: a quarter tile)")
+    p.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default="wavelet",
+                   help="match the input's colours after stitching")
+    p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="refuse larger inputs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("degrade", help="synthesize a low-quality version of a photo",
+                       description="Apply the light or heavy synthetic degradation (blur, resize, noise, JPEG, "
+                                   "twice) used for training and benchmarks. Seeded and reproducible.")
+    p.add_argument("--input", required=True, metavar="IMG")
+    p.add_argument("--out", required=True, metavar="IMG")
+    p.add_argument("--level", choices=["light", "heavy"], default="heavy")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_degrade)
+
+    p = sub.add_parser("info", help="list base presets, or show one base's fingerprint",
+                       description="Without --base: the presets. With --base: parameter count, fingerprint "
+                                   "(hash of config + weights) and number of personalization blocks.")
+    p.add_argument("--base", default=None, help="preset or checkpoint to inspect")
+    p.add_argument("--weights")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_info)
+
+    for ep in sorted(entry_points(group="pfstorer.cli"), key=lambda e: e.name):
+        try:
+            register = ep.load()
+        except ImportError as exc:  # an optional part of the install is missing
+            print(f"note: commands of {ep.name} unavailable ({exc})", file=sys.stderr)
+            continue
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except PFStorerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""The restoration base model: a diffusers UNet conditioned on the LQ image through SFT layers.
+
+Structure (paper section 3, Fig. 3; StableSR): a time-aware LQ encoder turns the LQ image (its
+latent for latent presets) and the timestep into feature maps at every UNet resolution; after each
+UNet ResNet block an SFT layer modulates the features, ``F * (1 + gamma) + beta``, with
+``(gamma, beta)`` predicted from the encoder features of that resolution. The UNet keeps its text
+cross-attention, fed with a fixed base prompt embedding (we ship no text encoder: the prompt is a
+frozen tensor of the base, the stand-in for "a photo of").
+
+SFT layers and personalization blocks are attached with forward hooks, so the UNet's own modules
+and state-dict keys stay exactly those of ``UNet2DConditionModel`` (SD/StableSR weights load as they
+are) and attaching or swapping an adapter never changes the base's structure.
+
+Deviation from StableSR, stated: pixel-space presets (``tiny``, ``compact``) also concatenate the
+LQ image to the UNet input (``concat_lq``); ``sd21`` keeps StableSR's SFT-only conditioning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InputError, WeightsUnavailableError
+from .presets import BaseConfig, get_preset
+
+if TYPE_CHECKING:
+    from .personalization import PBRun
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, temb: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(min(groups, cin), cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.temb = nn.Linear(temb, cout)
+        self.norm2 = nn.GroupNorm(min(groups, cout), cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class TimeAwareLQEncoder(nn.Module):
+    """StableSR's time-aware encoder: LQ latent + timestep -> one feature map per UNet level."""
+
+    def __init__(self, in_channels: int, channels: tuple[int, ...], groups: int = 8) -> None:
+        super().__init__()
+        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+
+        temb = channels[0] * 4
+        self.time_proj = Timesteps(channels[0], flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embed = TimestepEmbedding(channels[0], temb)
+        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.blocks = nn.ModuleList()
+        self.downs = nn.ModuleList()
+        prev = channels[0]
+        for i, c in enumerate(channels):
+            self.blocks.append(_ResBlock(prev, c, temb, groups))
+            prev = c
+            if i < len(channels) - 1:
+                self.downs.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+
+    def forward(self, lq: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
+        temb = self.time_embed(self.time_proj(t).to(lq.dtype))
+        h = self.conv_in(lq)
+        feats = []
+        for i, block in enumerate(self.blocks):
+            h = block(h, temb)
+            feats.append(h)
+            if i < len(self.downs):
+                h = self.downs[i](h)
+        return feats
+
+
+@dataclass
+class _Conditioning:
+    lq_feats: list[torch.Tensor]
+    pb: PBRun | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RestorationModel(nn.Module):
+    """Base restoration model of one preset; frozen during personalization."""
+
+    def __init__(self, config: BaseConfig) -> None:
+        super().__init__()
+        from diffusers import UNet2DConditionModel
+
+        self.config = config
+        lat = config.latent_channels
+        self.unet = UNet2DConditionModel(
+            sample_size=config.sample_size // config.vae_factor,
+            in_channels=lat * (2 if config.concat_lq else 1),
+            out_channels=lat,
+            **config.unet,
+        )
+        self.lq_encoder = TimeAwareLQEncoder(lat, config.lq_encoder_channels)
+        self.prompt = nn.Parameter(torch.randn(config.prompt_tokens, config.cross_attention_dim) * 0.5)
+        self.vae = None
+        if config.vae is not None:
+            from diffusers import AutoencoderKL
+
+            self.vae = AutoencoderKL(**config.vae)
+        # One SFT layer per UNet ResNet, in a fixed order.
+        self._resnets = self._collect_resnets()
+        self.sft = nn.ModuleList(
+            nn.Conv2d(config.lq_encoder_channels[level], 2 * ch, 3, padding=1) for _, level, ch in self._resnets
+        )
+        for conv in self.sft:  # identity at init: the LQ encoder learns to steer the UNet
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        self.transformer_blocks = self._collect_transformers()
+        self._cond: _Conditioning | None = None
+        for i, (module, level, _) in enumerate(self._resnets):
+            module.register_forward_hook(self._sft_hook(i, level))
+        for i, (module, _level, _ch) in enumerate(self.transformer_blocks):
+            module.register_forward_hook(self._pb_hook(i))
+        self._fingerprint: str | None = None
+
+    # -- structure -------------------------------------------------------------------------
+    def _collect_resnets(self) -> list[tuple[nn.Module, int, int]]:
+        n = self.config.levels
+        out = []
+        for i, block in enumerate(self.unet.down_blocks):
+            out += [(r, i, r.out_channels) for r in block.resnets]
+        out += [(r, n - 1, r.out_channels) for r in self.unet.mid_block.resnets]
+        for i, block in enumerate(self.unet.up_blocks):
+            out += [(r, n - 1 - i, r.out_channels) for r in block.resnets]
+        return out
+
+    def _collect_transformers(self) -> list[tuple[nn.Module, int, int]]:
+        """Every Transformer2DModel of the UNet: the base blocks that get a personalization block."""
+        n = self.config.levels
+        out = []
+        for i, block in enumerate(self.unet.down_blocks):
+            out += [(a, i, a.config.in_channels) for a in getattr(block, "attentions", [])]
+        out += [(a, n - 1, a.config.in_channels) for a in getattr(self.unet.mid_block, "attentions", [])]
+        for i, block in enumerate(self.unet.up_blocks):
+            out += [(a, n - 1 - i, a.config.in_channels) for a in getattr(block, "attentions", [])]
+        return out
+
+    def _sft_hook(self, index: int, level: int):
+        def hook(_module: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor:
+            cond = self._cond
+            if cond is None:
+                raise RuntimeError("call RestorationModel.denoise(), not the UNet directly")
+            gamma, beta = self.sft[index](cond.lq_feats[level]).chunk(2, dim=1)
+            return out * (1 + gamma) + beta
+
+        return hook
+
+    def _pb_hook(self, index: int):
+        def hook(_module: nn.Module, _inp: Any, out: Any) -> Any:
+            cond = self._cond
+            if cond is None or cond.pb is None:
+                return out
+            sample = out[0] if isinstance(out, tuple) else out.sample
+            sample = cond.pb.apply(index, sample)
+            return (sample, *out[1:]) if isinstance(out, tuple) else type(out)(sample=sample)
+
+        return hook
+
+    # -- spaces -----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.prompt.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.prompt.dtype
+
+    def to_latent(self, img: torch.Tensor) -> torch.Tensor:
+        """Image batch in [0,1] -> the denoiser's space (pixels in [-1,1] or scaled VAE latents)."""
+        x = img.to(self.device, self.dtype) * 2 - 1
+        if self.vae is None:
+            return x
+        return self.vae.encode(x).latent_dist.mode() * self.config.scaling_factor
+
+    def from_latent(self, z: torch.Tensor) -> torch.Tensor:
+        if self.vae is not None:
+            z = self.vae.decode(z / self.config.scaling_factor).sample
+        return ((z + 1) / 2).clamp(0, 1)
+
+    def null_lq(self, like: torch.Tensor) -> torch.Tensor:
+        """The paper's null LQ input (L_gen): zeros in the denoiser's space."""
+        return torch.zeros_like(like)
+
+    # -- denoising ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def conditioned(self, lq_feats: list[torch.Tensor], pb: PBRun | None = None) -> Iterator[_Conditioning]:
+        prev = self._cond
+        self._cond = _Conditioning(lq_feats=lq_feats, pb=pb)
+        try:
+            yield self._cond
+        finally:
+            self._cond = prev
+
+    def denoise(
+        self, z_t: torch.Tensor, t: torch.Tensor, lq: torch.Tensor, pb: PBRun | None = None
+    ) -> torch.Tensor:
+        """Predict the noise of ``z_t`` at timesteps ``t`` (one per row) given the LQ latent."""
+        if t.ndim == 0:
+            t = t.expand(z_t.shape[0])
+        t = t.to(z_t.device)
+        feats = self.lq_encoder(lq, t)
+        x = torch.cat([z_t, lq], dim=1) if self.config.concat_lq else z_t
+        prompt = self.prompt.unsqueeze(0).expand(z_t.shape[0], -1, -1)
+        with self.conditioned(feats, pb):
+            return self.unet(x, t, encoder_hidden_states=prompt, return_dict=False)[0]
+
+    # -- identity of the base ----------------------------------------------------------------
+    def freeze(self) -> RestorationModel:
+        self.requires_grad_(False)
+        self.eval()
+        return self
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the architecture config and every weight: names a base for adapters."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(json.dumps(self.config.model_dump(mode="json"), sort_keys=True).encode())
+            for name, tensor in sorted(self.state_dict().items()):
+                h.update(name.encode())
+                h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:32]
+        return self._fingerprint
+
+    def invalidate_fingerprint(self) -> None:
+        """Call after changing weights (base training)."""
+        self._fingerprint = None
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``config.json`` + ``model.safetensors``; ``load_base(directory)`` reads them back."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps(self.config.model_dump(mode="json"), indent=2))
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, d / "model.safetensors", metadata={"fingerprint": self.fingerprint})
+        return d
+
+
+def _random_model(config: BaseConfig) -> RestorationModel:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.init_seed)
+        return RestorationModel(config)
+
+
+def _read_checkpoint(location: str) -> tuple[BaseConfig | None, dict[str, torch.Tensor]]:
+    """config.json + model.safetensors from a local folder or any fsspec URL."""
+    import fsspec
+    from safetensors.torch import load
+
+    from .presets import BaseConfig
+
+    base = location.rstrip("/")
+    fs, path = fsspec.core.url_to_fs(base)
+    if not fs.exists(f"{path}/model.safetensors"):
+        raise WeightsUnavailableError(f"no model.safetensors under {location}")
+    config = None
+    if fs.exists(f"{path}/config.json"):
+        config = BaseConfig.model_validate_json(fs.cat_file(f"{path}/config.json"))
+    return config, load(fs.cat_file(f"{path}/model.safetensors"))
+
+
+def load_base(
+    base: str = "tiny",
+    *,
+    weights: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    random_weights: bool = False,
+) -> RestorationModel:
+    """Load a frozen base: a preset name (``tiny``, ``compact``, ``sd21``) or a checkpoint folder/URL.
+
+    ``weights`` points at a checkpoint folder (local or fsspec URL) holding ``model.safetensors``
+    for the preset; ``random_weights`` builds the preset's shapes with seeded random weights
+    (benchmarks of ``sd21`` shapes). Nothing is ever downloaded.
+    """
+    if "/" in base or base.startswith(".") or Path(base).exists():
+        config, state = _read_checkpoint(base)
+        if config is None:
+            raise WeightsUnavailableError(f"{base} has no config.json: cannot tell which preset it is")
+    else:
+        config = get_preset(base)
+        state = None
+        if weights is not None:
+            file_config, state = _read_checkpoint(weights)
+            if file_config is not None and file_config != config:
+                raise InputError(f"weights at {weights} are for preset {file_config.name!r}, not {base!r}")
+        elif base in ("compact",) and not random_weights:
+            shipped = WEIGHTS_DIR / base
+            if not (shipped / "model.safetensors").exists():
+                raise WeightsUnavailableError(
+                    f"the {base} weights are not in this checkout ({shipped}); "
+                    "train them with `pfstorer train-base` or use --base tiny"
+                )
+            _, state = _read_checkpoint(str(shipped))
+        elif base == "sd21" and not random_weights:
+            raise WeightsUnavailableError(
+                "sd21 needs weights: pass --weights DIR_OR_URL holding config.json + model.safetensors "
+                "(SD-2.1-base UNet/VAE + StableSR SFT/encoder converted to pfstorer's layout); "
+                "nothing is downloaded"
+            )
+    model = _random_model(config)
+    if state is not None:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise InputError(
+                f"checkpoint does not match preset {config.name!r}: "
+                f"{len(missing)} missing, {len(unexpected)} unexpected tensors"
+            )
+    return model.to(device=device, dtype=dtype).freeze()
+
+
+def timestep_grid(n: int, total: int) -> list[int]:
+    """``n`` evenly spread timesteps in [0, total) (probe losses use them)."""
+    return [int(round((i + 0.5) * total / n)) for i in range(n)] if n > 0 else []
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, min_size: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Reflect-pad an image batch on the bottom/right so each side is a multiple (and >= min_size)."""
+    h, w = x.shape[-2:]
+    th = max(math.ceil(h / multiple) * multiple, min_size)
+    tw = max(math.ceil(w / multiple) * multiple, min_size)
+    if (th, tw) == (h, w):
+        return x, (h, w)
+    ph, pw = th - h, tw - w
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)

@@ -1,0 +1,274 @@
+"""Personalization blocks (paper eq. 3): ``F_hat_i = F_i + alpha_i * PB(F_i, F_ref_i)``.
+
+After every transformer block i of the frozen base sits a personalization block:
+- text cross-attention from the block's features to the base prompt plus a learnable token ``*``
+  (textual-inversion style; one token per identity, shared by all blocks),
+- image cross-attention from the same queries to reference features ``F_ref_i``: the frozen base's
+  own output of block i for a reference photo that runs *in the same batch*,
+- an output projection, gated by ``alpha_i`` (a vector over channels, initialised to 0, so a fresh
+  adapter reproduces the base exactly).
+
+Every tensor carries a leading *slot* axis: one frozen base runs many identities in one batch, each
+row using its own slot (packed personalization, mixed-identity serving). One identity alone is
+simply one slot.
+
+Two forms of the same adapter:
+- :class:`AdapterWeights` — trainable. Reference features come from the batch.
+- :class:`AdapterSlots` — inference. No reference photos are needed: at the end of
+  personalization the frozen base is run once on up to ``cache_refs`` references (t = 0, the
+  reference as its own LQ), their block features are pooled to ``ref_pool x ref_pool`` tokens and
+  projected to keys/values, which the adapter stores; the text keys/values of the prompt + ``*`` are
+  stored the same way. Fixed shapes for every identity make a swap an in-place copy.
+
+Deviations, stated: reference features are computed at t = 0 (timestep-independent, hence
+cacheable) and average-pooled to a fixed token count; training samples one reference per row, as
+the paper does, while inference attends to the cached tokens of all cached references. Query
+projections are shared between the text and image attention of a block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import AdapterError
+
+INFERENCE_KEYS = ("alpha", "to_q", "to_out", "txt_k", "txt_v", "ref_k", "ref_v")
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    channels: int
+    inner: int
+    heads: int
+
+
+def block_specs(model) -> list[BlockSpec]:
+    """Shapes of the personalization block after each transformer block of ``model``."""
+    shape = model.config.adapter
+    specs = []
+    for _, _, ch in model.transformer_blocks:
+        inner = max(shape.head_dim, int(round(ch * shape.inner_ratio / shape.head_dim)) * shape.head_dim)
+        specs.append(BlockSpec(ch, inner, inner // shape.head_dim))
+    return specs
+
+
+def _heads(x: torch.Tensor, h: int) -> torch.Tensor:  # [n, L, d] -> [n, h, L, d/h]
+    n, L, d = x.shape
+    return x.view(n, L, h, d // h).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:  # [n, h, L, dh] -> [n, L, h*dh]
+    n, h, L, dh = x.shape
+    return x.transpose(1, 2).reshape(n, L, h * dh)
+
+
+def _norm_tokens(f: torch.Tensor) -> torch.Tensor:
+    """[n, C, H, W] -> [n, HW, C], normalised per token (no learnable affine: the base is frozen)."""
+    tokens = f.flatten(2).transpose(1, 2)
+    return F.layer_norm(tokens, tokens.shape[-1:])
+
+
+def pool_reference(f: torch.Tensor, ref_pool: int) -> torch.Tensor:
+    """Reference block features [n, C, H, W] -> [n, P, C] normalised tokens (P <= ref_pool^2)."""
+    side_h, side_w = min(f.shape[-2], ref_pool), min(f.shape[-1], ref_pool)
+    return _norm_tokens(F.adaptive_avg_pool2d(f, (side_h, side_w)))
+
+
+class AdapterWeights(nn.Module):
+    """Trainable personalization blocks for ``slots`` identities of one base."""
+
+    def __init__(self, specs: list[BlockSpec], token_dim: int, slots: int) -> None:
+        super().__init__()
+        self.specs = specs
+        self.slots = slots
+        self.token = nn.Parameter(torch.zeros(slots, token_dim))
+        self.alpha = nn.ParameterList(nn.Parameter(torch.zeros(slots, s.channels)) for s in specs)
+        self.to_q = nn.ParameterList(nn.Parameter(torch.zeros(slots, s.channels, s.inner)) for s in specs)
+        self.to_out = nn.ParameterList(nn.Parameter(torch.zeros(slots, s.inner, s.channels)) for s in specs)
+        self.txt_k = nn.ParameterList(nn.Parameter(torch.zeros(slots, token_dim, s.inner)) for s in specs)
+        self.txt_v = nn.ParameterList(nn.Parameter(torch.zeros(slots, token_dim, s.inner)) for s in specs)
+        self.img_k = nn.ParameterList(nn.Parameter(torch.zeros(slots, s.channels, s.inner)) for s in specs)
+        self.img_v = nn.ParameterList(nn.Parameter(torch.zeros(slots, s.channels, s.inner)) for s in specs)
+
+    @torch.no_grad()
+    def init_slot(self, slot: int, generator: torch.Generator, prompt: torch.Tensor) -> None:
+        """Fresh adapter in ``slot``: alpha = 0, projections Xavier-like, token near the prompt.
+
+        Drawn only from ``generator`` so an identity starts the same whichever slot it lands in.
+        """
+
+        def rnd(shape: tuple[int, ...], std: float) -> torch.Tensor:
+            return torch.randn(shape, generator=generator) * std
+
+        dev = self.token.device
+        self.token[slot] = (prompt.detach().float().mean(0).cpu() + rnd(self.token.shape[1:], float(prompt.std()) * 0.1)).to(dev)
+        for i, s in enumerate(self.specs):
+            self.alpha[i][slot].zero_()
+            for plist, fan_in in (
+                (self.to_q, s.channels),
+                (self.txt_k, self.token.shape[1]),
+                (self.txt_v, self.token.shape[1]),
+                (self.img_k, s.channels),
+                (self.img_v, s.channels),
+                (self.to_out, s.inner),
+            ):
+                plist[i][slot] = rnd(plist[i].shape[1:], 1 / math.sqrt(fan_in)).to(dev)
+
+    def text_kv(self, block: int, slots: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of the prompt followed by each row's token ``*``: [n, T+1, inner]."""
+        text = torch.cat([prompt.unsqueeze(0).expand(len(slots), -1, -1), self.token[slots].unsqueeze(1)], dim=1)
+        text = text.to(self.to_q[block].dtype)
+        return torch.bmm(text, self.txt_k[block][slots]), torch.bmm(text, self.txt_v[block][slots])
+
+    def image_kv(self, block: int, slots: torch.Tensor, ref_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.bmm(ref_tokens, self.img_k[block][slots]), torch.bmm(ref_tokens, self.img_v[block][slots])
+
+    @torch.no_grad()
+    def export_slot(self, slot: int, prompt: torch.Tensor, ref_tokens: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Inference tensors of one identity; ``ref_tokens[i]``: [M, C] cached reference tokens of block i."""
+        idx = torch.tensor([slot], device=self.token.device)
+        out: dict[str, torch.Tensor] = {"token": self.token[slot].detach().clone()}
+        for i in range(len(self.specs)):
+            tk, tv = self.text_kv(i, idx, prompt)
+            rk, rv = self.image_kv(i, idx, ref_tokens[i].unsqueeze(0).to(self.to_q[i].dtype))
+            out[f"blocks.{i}.alpha"] = self.alpha[i][slot].detach().clone()
+            out[f"blocks.{i}.to_q"] = self.to_q[i][slot].detach().clone()
+            out[f"blocks.{i}.to_out"] = self.to_out[i][slot].detach().clone()
+            out[f"blocks.{i}.txt_k"], out[f"blocks.{i}.txt_v"] = tk[0].clone(), tv[0].clone()
+            out[f"blocks.{i}.ref_k"], out[f"blocks.{i}.ref_v"] = rk[0].clone(), rv[0].clone()
+        return {k: v.to("cpu").contiguous() for k, v in out.items()}
+
+
+class AdapterSlots(nn.Module):
+    """Inference adapters in fixed buffers: ``slots`` identities, same shapes for all of them."""
+
+    def __init__(self, specs: list[BlockSpec], token_dim: int, prompt_tokens: int, ref_tokens: list[int], slots: int) -> None:
+        super().__init__()
+        self.specs = specs
+        self.slots = slots
+        self.register_buffer("token", torch.zeros(slots, token_dim))
+        for i, s in enumerate(specs):
+            self.register_buffer(f"alpha_{i}", torch.zeros(slots, s.channels))
+            self.register_buffer(f"to_q_{i}", torch.zeros(slots, s.channels, s.inner))
+            self.register_buffer(f"to_out_{i}", torch.zeros(slots, s.inner, s.channels))
+            self.register_buffer(f"txt_k_{i}", torch.zeros(slots, prompt_tokens + 1, s.inner))
+            self.register_buffer(f"txt_v_{i}", torch.zeros(slots, prompt_tokens + 1, s.inner))
+            self.register_buffer(f"ref_k_{i}", torch.zeros(slots, ref_tokens[i], s.inner))
+            self.register_buffer(f"ref_v_{i}", torch.zeros(slots, ref_tokens[i], s.inner))
+
+    @classmethod
+    def for_model(cls, model, slots: int = 1) -> AdapterSlots:
+        shape = model.config.adapter
+        specs = block_specs(model)
+        sides = _block_sides(model)
+        ref_tokens = [shape.cache_refs * min(side, shape.ref_pool) ** 2 for side in sides]
+        return cls(specs, model.config.cross_attention_dim, model.config.prompt_tokens, ref_tokens, slots).to(
+            model.device, model.dtype
+        )
+
+    def buffer(self, name: str, block: int) -> torch.Tensor:
+        return getattr(self, f"{name}_{block}")
+
+    @torch.no_grad()
+    def load(self, slot: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy one identity's tensors into ``slot`` in place (no new tensors, no recompilation)."""
+        if tensors["token"].shape != self.token.shape[1:]:
+            raise AdapterError(f"adapter token has shape {tuple(tensors['token'].shape)}, base expects {tuple(self.token.shape[1:])}")
+        self.token[slot].copy_(tensors["token"])
+        for i in range(len(self.specs)):
+            for name in INFERENCE_KEYS:
+                dst, src = self.buffer(name, i)[slot], tensors.get(f"blocks.{i}.{name}")
+                if src is None or src.shape != dst.shape:
+                    got = None if src is None else tuple(src.shape)
+                    raise AdapterError(f"adapter tensor blocks.{i}.{name} has shape {got}, base expects {tuple(dst.shape)}")
+                dst.copy_(src)
+
+    @torch.no_grad()
+    def clear(self, slot: int) -> None:
+        """Make ``slot`` the identity map (alpha = 0)."""
+        for i in range(len(self.specs)):
+            self.buffer("alpha", i)[slot].zero_()
+
+
+def _block_sides(model) -> list[int]:
+    """Spatial side (in latent pixels) of each transformer block at the native tile size."""
+    side = model.config.sample_size // model.config.vae_factor
+    return [side // 2**level for _, level, _ in model.transformer_blocks]
+
+
+@dataclass
+class PBRun:
+    """What the personalization hooks need for one UNet call.
+
+    Rows ``[0, n_main)`` of the batch are personalized, row r with adapter ``slots[r]``. In training,
+    ``ref_rows[r]`` names the batch row holding the reference photo of row r (rows past ``n_main``
+    are references run through the untouched base). With ``capture`` set, each block's raw output
+    is kept (building the reference cache). With ``maps`` a list, the token/last-prompt-token
+    attention maps are collected for L_pers.
+    """
+
+    adapters: AdapterWeights | AdapterSlots
+    slots: torch.Tensor
+    prompt: torch.Tensor
+    ref_pool: int
+    n_main: int | None = None
+    ref_rows: torch.Tensor | None = None
+    capture: dict[int, torch.Tensor] | None = None
+    maps: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def rows(self, slots: torch.Tensor) -> PBRun:
+        """The same run for a batch whose rows use ``slots`` (tiles of several images)."""
+        return replace(self, slots=slots)
+
+    def apply(self, block: int, sample: torch.Tensor) -> torch.Tensor:
+        if self.capture is not None:
+            self.capture[block] = sample.detach()
+            return sample
+        n = sample.shape[0] if self.n_main is None else self.n_main
+        main = sample[:n]
+        a = self.adapters
+        spec = a.specs[block]
+        slots = self.slots
+        x = _norm_tokens(main)  # [n, HW, C]
+        if isinstance(a, AdapterWeights):
+            q = torch.bmm(x, a.to_q[block][slots])
+            tk, tv = a.text_kv(block, slots, self.prompt)
+            ref = pool_reference(sample[self.ref_rows].detach(), self.ref_pool)
+            rk, rv = a.image_kv(block, slots, ref)
+            to_out, alpha = a.to_out[block][slots], a.alpha[block][slots]
+        else:
+            q = torch.bmm(x, a.buffer("to_q", block)[slots])
+            tk, tv = a.buffer("txt_k", block)[slots], a.buffer("txt_v", block)[slots]
+            rk, rv = a.buffer("ref_k", block)[slots], a.buffer("ref_v", block)[slots]
+            to_out, alpha = a.buffer("to_out", block)[slots], a.buffer("alpha", block)[slots]
+        h = spec.heads
+        qh = _heads(q, h)
+        scores = torch.matmul(qh, _heads(tk, h).transpose(-1, -2)) / math.sqrt(spec.inner // h)
+        probs = scores.softmax(-1)  # [n, h, HW, T+1]: explicit, L_pers reads the token's map
+        if self.maps is not None:
+            self.maps.append((probs[..., -1].mean(1), probs[..., -2].mean(1)))
+        txt = torch.matmul(probs, _heads(tv, h))
+        img = F.scaled_dot_product_attention(qh, _heads(rk, h), _heads(rv, h))
+        pb = torch.bmm(_merge(txt + img), to_out)  # [n, HW, C]
+        pb = pb.transpose(1, 2).reshape(main.shape)
+        out = main + alpha[:, :, None, None] * pb
+        return out if n == sample.shape[0] else torch.cat([out, sample[n:]], dim=0)
+
+
+def pers_loss(maps: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """ViCo's attention regulariser: the token's map should match the last prompt token's map.
+
+    Each map is normalised by its maximum over positions; squared differences are averaged over
+    positions and blocks. Returns one value per row.
+    """
+    losses = []
+    for tok, ref in maps:
+        tok = tok / tok.amax(-1, keepdim=True).clamp_min(1e-8)
+        ref = ref / ref.amax(-1, keepdim=True).clamp_min(1e-8)
+        losses.append(((tok - ref) ** 2).mean(-1))
+    return torch.stack(losses).mean(0)

@@ -1,0 +1,175 @@
+"""Base model presets: one :class:`BaseConfig` per named architecture.
+
+A preset fixes everything that makes two bases interchangeable or not (and so enters the base
+fingerprint): the denoiser's UNet shape, pixel or latent space, the LQ encoder, the noise schedule
+and the personalization-block shapes. Weights come separately (random for ``tiny``, shipped for
+``compact``, user-supplied for ``sd21``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class AdapterShape(BaseModel):
+    """Shapes of the personalization blocks; identical for every identity of one base."""
+
+    model_config = ConfigDict(frozen=True)
+
+    head_dim: int = Field(64, description="channels per attention head inside a block")
+    inner_ratio: float = Field(1.0, description="attention width as a fraction of the block's channels")
+    ref_pool: int = Field(8, description="reference features are pooled to ref_pool x ref_pool tokens")
+    cache_refs: int = Field(5, description="references whose keys/values the adapter caches")
+
+
+class BaseConfig(BaseModel):
+    """Architecture of a restoration base model (StableSR-like: SFT-conditioned UNet)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    space: Literal["pixel", "latent"]
+    sample_size: int = Field(description="native tile size in pixels")
+    latent_channels: int = 3
+    concat_lq: bool = Field(True, description="also feed the LQ latent as extra UNet input channels")
+    unet: dict[str, Any]
+    lq_encoder_channels: tuple[int, ...] = Field(description="time-aware LQ encoder width per UNet level")
+    prompt_tokens: int = Field(description="length of the fixed base prompt embedding")
+    vae: dict[str, Any] | None = None
+    scaling_factor: float = 1.0
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    adapter: AdapterShape = AdapterShape()
+    license: str = "Apache-2.0 (pfstorer code); weights: see the preset's model card"
+    init_seed: int = 0
+
+    @property
+    def levels(self) -> int:
+        return len(self.unet["block_out_channels"])
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return int(self.unet["cross_attention_dim"])
+
+    @property
+    def vae_factor(self) -> int:
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae["block_out_channels"]) - 1)
+
+    @property
+    def granularity(self) -> int:
+        """Image sides must be a multiple of this many pixels (UNet downsampling x VAE factor)."""
+        return self.vae_factor * 2 ** (self.levels - 1)
+
+
+def _sd_vae(block_out: tuple[int, ...], latent: int = 4, groups: int = 32) -> dict[str, Any]:
+    n = len(block_out)
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": latent,
+        "block_out_channels": list(block_out),
+        "down_block_types": ["DownEncoderBlock2D"] * n,
+        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "layers_per_block": 2 if groups >= 32 else 1,
+        "norm_num_groups": groups,
+        "sample_size": 512,
+    }
+
+
+# Attention only at 1/4 resolution: CPU-cheap at any tile size.
+_TINY_UNET: dict[str, Any] = {
+    "block_out_channels": [16, 32, 64],
+    "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "cross_attention_dim": 32,
+    "attention_head_dim": 16,
+    "norm_num_groups": 8,
+}
+
+PRESETS: dict[str, BaseConfig] = {
+    # Random weights, seconds on a CPU: for tests of every code path.
+    "tiny": BaseConfig(
+        name="tiny",
+        space="pixel",
+        sample_size=64,
+        unet=_TINY_UNET,
+        lq_encoder_channels=(8, 16, 32),
+        prompt_tokens=4,
+        adapter=AdapterShape(head_dim=16, ref_pool=4, cache_refs=5),
+        license="random weights (no licence restrictions)",
+    ),
+    # The tiny structure in latent space with a small random VAE: tests the VAE code path.
+    "tiny-latent": BaseConfig(
+        name="tiny-latent",
+        space="latent",
+        sample_size=64,
+        latent_channels=4,
+        unet=_TINY_UNET,
+        lq_encoder_channels=(8, 16, 32),
+        prompt_tokens=4,
+        vae=_sd_vae((16, 32), groups=8),
+        scaling_factor=1.0,
+        adapter=AdapterShape(head_dim=16, ref_pool=4, cache_refs=5),
+        license="random weights (no licence restrictions)",
+    ),
+    # Our own small face restoration base (weights trained by `pfstorer train-base`).
+    "compact": BaseConfig(
+        name="compact",
+        space="pixel",
+        sample_size=128,
+        unet={
+            "block_out_channels": [64, 128, 192, 256],
+            "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+            "layers_per_block": 2,
+            "cross_attention_dim": 256,
+            "attention_head_dim": 32,
+            "norm_num_groups": 32,
+        },
+        lq_encoder_channels=(32, 64, 96, 128),
+        prompt_tokens=8,
+        adapter=AdapterShape(head_dim=32, ref_pool=8, cache_refs=5),
+        license="weights: pfstorer model card (trained on LFW, research use)",
+    ),
+    # Stable Diffusion 2.1-base UNet + StableSR-style SFT / time-aware encoder, latent space.
+    "sd21": BaseConfig(
+        name="sd21",
+        space="latent",
+        sample_size=512,
+        latent_channels=4,
+        concat_lq=False,
+        unet={
+            "block_out_channels": [320, 640, 1280, 1280],
+            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+            "layers_per_block": 2,
+            "cross_attention_dim": 1024,
+            "attention_head_dim": [5, 10, 20, 20],
+            "use_linear_projection": True,
+            "norm_num_groups": 32,
+        },
+        lq_encoder_channels=(128, 256, 512, 512),
+        prompt_tokens=77,
+        vae=_sd_vae((128, 256, 512, 512)),
+        scaling_factor=0.18215,
+        adapter=AdapterShape(head_dim=64, ref_pool=8, cache_refs=5),
+        license="CreativeML Open RAIL++-M (SD 2.1) + StableSR S-Lab licence: bring your own weights",
+    ),
+}
+
+
+def get_preset(name: str) -> BaseConfig:
+    """The preset called ``name``; a clear error lists the known ones."""
+    from .errors import InputError
+
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise InputError(f"unknown base preset {name!r}; known presets: {', '.join(PRESETS)}") from None

@@ -1,0 +1,321 @@
+"""One settings model for the whole system: library, pipelines, serving and the CLI.
+
+Values come from, highest precedence first:
+
+1. explicit overrides: ``Settings.load(path, **overrides)`` or ``Settings(**overrides)``
+   (overrides that are ``None`` are ignored by :meth:`Settings.load`, so CLI options that were
+   not given fall through to the layers below);
+2. environment variables ``PFSTORER_<FIELD>``; nested sections use a double underscore,
+   e.g. ``PFSTORER_SERVE__PORT=9000``; dicts are JSON, e.g.
+   ``PFSTORER_STORAGE_OPTIONS='{"endpoint_url": "http://127.0.0.1:5001"}'``;
+3. a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file named by ``path`` or by
+   ``PFSTORER_CONFIG``; the keys are the field names below (sections as mappings/tables);
+4. the defaults below.
+
+Nested sections are merged key by key across the layers. Everything is local and embedded by
+default: state under ``./.pfstorer-state``, MLflow on SQLite there, adapters and the index there,
+Ray in-process, Serve on 127.0.0.1. ``store_url``, ``index_url`` and ``tracking_uri`` are derived
+from ``state_dir`` unless set, so changing ``state_dir`` alone moves all local state.
+
+This module imports neither Ray nor MLflow; the layers that do read plain values from it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+__all__ = [
+    "AutoscalingSettings",
+    "LimitsSettings",
+    "PersonalizeSettings",
+    "ServeSettings",
+    "Settings",
+    "CONFIG_ENV",
+]
+
+CONFIG_ENV = "PFSTORER_CONFIG"
+"""Environment variable naming the optional config file (YAML or TOML)."""
+
+_SECRET_WORDS = ("secret", "password", "token", "key", "credential")
+
+# the config file for the instance being built by Settings.load() (a ContextVar: thread-safe)
+_CONFIG_PATH: ContextVar[Path | None] = ContextVar("pfstorer_config_path", default=None)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PersonalizeSettings(_Section):
+    """Personalization of one identity (paper section 3.2 defaults)."""
+
+    steps: int = Field(500, ge=1, description="Optimisation steps per identity.")
+    batch_size: int = Field(2, ge=1, description="Training batch size per identity.")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the adapter parameters.")
+    lambda_gen: float = Field(
+        0.1, ge=0, description="Weight of L_gen (LQ input replaced by a null input)."
+    )
+    lambda_pers: float = Field(
+        0.01, ge=0, description="Weight of L_pers (attention-map regulariser of the token)."
+    )
+    seed: int = Field(0, description="Seed for sampling noise, timesteps and degradations.")
+    min_references: int = Field(
+        3, ge=1, description="Fewer good reference photos than this: the person is quarantined."
+    )
+    max_references: int = Field(
+        20, ge=1, description="More reference photos than this: the extra rows are quarantined."
+    )
+
+    @model_validator(mode="after")
+    def _check_refs(self) -> PersonalizeSettings:
+        if self.min_references > self.max_references:
+            raise ValueError(
+                f"min_references ({self.min_references}) must be <= max_references "
+                f"({self.max_references})"
+            )
+        return self
+
+
+class AutoscalingSettings(_Section):
+    """Ray Serve autoscaling of the ``Restorer`` deployment (replaces ``num_replicas``)."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas (0 scales to zero).")
+    max_replicas: int = Field(4, ge=1, description="Most replicas.")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, description="Ongoing requests per replica the autoscaler aims for."
+    )
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class ServeSettings(_Section):
+    """The Ray Serve application and its HTTP API."""
+
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds to.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    api_keys_file: Path | None = Field(
+        None, description="YAML/JSON file of hashed API keys -> tenant (None: see serving docs)."
+    )
+    max_ongoing_requests: int = Field(
+        4, ge=1, description="Requests one replica works on at once."
+    )
+    max_queued_requests: int = Field(
+        16, ge=-1, description="Requests waiting per caller before 503 + Retry-After (-1: no cap)."
+    )
+    num_replicas: int = Field(1, ge=1, description="Fixed replica count when autoscaling is off.")
+    autoscaling: AutoscalingSettings | None = Field(
+        None, description="Autoscaling bounds; when set, num_replicas is ignored."
+    )
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica (1 on a GPU node).")
+    adapter_slots: int = Field(
+        8, ge=1, description="Adapters kept on the device per replica (LRU, multiplexed)."
+    )
+    host_cache_adapters: int = Field(
+        64, ge=0, description="Adapters kept in host RAM per replica (second LRU tier; 0: off)."
+    )
+    max_upload_bytes: int = Field(
+        20 * 1024 * 1024, ge=1, description="Largest request body accepted (413 above)."
+    )
+    max_pixels: int = Field(
+        4096 * 4096, ge=1, description="Largest input width*height, checked before decoding."
+    )
+    default_steps: int = Field(50, ge=1, description="Denoising steps when a request gives none.")
+    tile_size: int = Field(
+        512, ge=64, description="Tile side in output pixels for tiled restoration of large images."
+    )
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Options for ``Restorer.options(**...)`` in Ray Serve (no Ray import here)."""
+        opts: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+        }
+        if self.autoscaling is not None:
+            opts["autoscaling_config"] = self.autoscaling.model_dump()
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+class LimitsSettings(_Section):
+    """Limits on input photos (manifest validation and batch restore)."""
+
+    max_image_bytes: int = Field(
+        20 * 1024 * 1024, ge=1, description="Larger files are refused before decoding."
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="Larger images (width*height from the header) are refused."
+    )
+    min_image_side: int = Field(64, ge=1, description="Images with a shorter side are refused.")
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """Reads the YAML or TOML file given to :meth:`Settings.load` or named by PFSTORER_CONFIG."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        super().__init__(settings_cls)
+        self.path = path
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ returns the whole mapping
+
+    def __call__(self) -> dict[str, Any]:
+        if self.path is None:
+            return {}
+        path = self.path.expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"pfstorer config file not found: {path}")
+        suffix = path.suffix.lower()
+        if suffix in (".yaml", ".yml"):
+            data = YamlConfigSettingsSource(self.settings_cls, yaml_file=path)()
+        elif suffix == ".toml":
+            data = TomlConfigSettingsSource(self.settings_cls, toml_file=path)()
+        else:
+            raise ValueError(f"config file must be .yaml, .yml or .toml, got {path.name!r}")
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping at the top level")
+        return data
+
+
+class Settings(BaseSettings):
+    """Every setting of pfstorer. See the module docstring for where values come from."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PFSTORER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+        validate_assignment=False,
+    )
+
+    state_dir: Path = Field(
+        default_factory=lambda: Path.cwd() / ".pfstorer-state",
+        description="Local embedded state (SQLite MLflow, adapters, index); made absolute.",
+    )
+    base: str = Field("tiny", min_length=1, description="Base model preset: tiny, compact, sd21.")
+    base_weights: str | None = Field(
+        None, description="Path or fsspec URL of the base weights (needed for sd21)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Torch device; auto picks cuda when available."
+    )
+    store_url: str | None = Field(
+        None, description="Adapter artifact store (fsspec URL). Default: {state_dir}/adapters."
+    )
+    index_url: str | None = Field(
+        None, description="Adapter index Parquet (fsspec URL). Default: {state_dir}/index.parquet."
+    )
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI. Default: sqlite:///{absolute state_dir}/mlflow.db.",
+    )
+    registry_uri: str | None = Field(
+        None, description="MLflow model registry URI (None: same as tracking_uri)."
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec/s3fs options for store, index and manifests "
+        "(endpoint_url, key, secret, ...).",
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster address (ray://host:10001 or auto); None: local in-process."
+    )
+    workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU, or per CPU slot).")
+    cpus_per_worker: float = Field(1.0, ge=0, description="CPUs reserved per Ray Train worker.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs reserved per Ray Train worker.")
+    max_retries: int = Field(
+        2, ge=-1, description="Ray Train FailureConfig.max_failures (-1: retry forever)."
+    )
+    personalize: PersonalizeSettings = Field(
+        default_factory=PersonalizeSettings, description="Personalization of one identity."
+    )
+    serve: ServeSettings = Field(default_factory=ServeSettings, description="Serving.")
+    limits: LimitsSettings = Field(default_factory=LimitsSettings, description="Input limits.")
+
+    @field_validator("state_dir", mode="after")
+    @classmethod
+    def _absolute_state_dir(cls, v: Path) -> Path:
+        return v.expanduser().absolute()
+
+    @field_validator("base_weights", "registry_uri", "ray_address", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @model_validator(mode="after")
+    def _derive_from_state_dir(self) -> Settings:
+        if not self.store_url:
+            self.store_url = str(self.state_dir / "adapters")
+        if not self.index_url:
+            self.index_url = str(self.state_dir / "index.parquet")
+        if not self.tracking_uri:
+            self.tracking_uri = f"sqlite:///{self.state_dir / 'mlflow.db'}"
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _CONFIG_PATH.get()
+        if path is None and os.environ.get(CONFIG_ENV, "").strip():
+            path = Path(os.environ[CONFIG_ENV].strip())
+        return (init_settings, env_settings, _ConfigFileSource(settings_cls, path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+        """Settings from ``overrides`` > env > config file (``path`` or $PFSTORER_CONFIG) > defaults
+
+        Overrides whose value is ``None`` are dropped, so ``Settings.load(ray_address=args.ray)``
+        keeps the env/file/default value when the CLI option was not given.
+        """
+        kwargs = {k: v for k, v in overrides.items() if v is not None}
+        token = _CONFIG_PATH.set(Path(path) if path is not None else None)
+        try:
+            return cls(**kwargs)
+        finally:
+            _CONFIG_PATH.reset(token)
+
+    def dump_yaml(self, redact: bool = True) -> str:
+        """The effective settings as YAML (for ``pfstorer config show``); secrets masked."""
+        data = self.model_dump(mode="json")
+        if redact:
+            data["storage_options"] = _redact(data["storage_options"])
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {
+            k: ("***" if any(w in str(k).lower() for w in _SECRET_WORDS) and v else _redact(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    return value

@@ -1,0 +1,403 @@
+"""Personalization (paper section 3.2): train one adapter per identity on a frozen base.
+
+Loss per identity (eq. 5): ``L_diff + lambda_gen * L_gen + lambda_pers * L_pers``:
+- ``L_diff``: noise-prediction MSE with the LQ synthesized from a random reference crop (degradation
+  pipeline, clean with probability p_HQ) and a reference photo in the same batch (eq. 2);
+- ``L_gen``: the same with the null LQ input, so the adapter must carry the identity (eq. 4);
+- ``L_pers``: ViCo's attention regulariser on the token ``*`` (:func:`pers_loss`).
+
+Packed training: one :class:`PackedTrainer` keeps ``capacity`` identities in adapter slots of one
+frozen base and steps them together in one batch. The loss is the sum of each identity's own mean
+loss and the optimiser is per slot (Adam with a step count per slot), so every identity gets exactly
+the updates it would get alone; each draws all its randomness from its own seed. Slots are refilled
+from the job stream as identities finish, and each adapter is emitted as soon as it is done.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from .adapter import Adapter, AdapterMetadata
+from .errors import ReferenceCountError
+from .model import RestorationModel, timestep_grid
+from .personalization import AdapterWeights, PBRun, block_specs, pers_loss, pool_reference
+
+
+class PersonalizeConfig(BaseModel):
+    """Training settings; part of every job key, so any change retrains."""
+
+    model_config = ConfigDict(frozen=True)
+
+    steps: int = Field(500, ge=0, description="optimisation steps (paper: 500)")
+    batch_size: int = Field(2, ge=1, description="LQ samples per identity per step")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lambda_gen: float = Field(0.1, ge=0, description="weight of the generative regulariser (paper: 0.1)")
+    lambda_pers: float = Field(5e-4, ge=0, description="weight of the token attention regulariser")
+    p_hq: float = Field(0.03, ge=0, le=1, description="probability of a clean input (paper: 0.03)")
+    levels: tuple[str, ...] = ("light", "heavy")
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    min_refs: int = 3
+    max_refs: int = 20
+    seed: int = 0
+    learn_alpha: bool = Field(True, description="False freezes alpha at 1: the 'Base + ViCo' ablation")
+
+
+@dataclass
+class PersonalizeJob:
+    identity: str
+    references: Sequence[torch.Tensor]
+    seed: int | None = None
+    tenant: str | None = None
+    reference_names: list[str] = field(default_factory=list)
+
+
+def center_square(img: torch.Tensor, size: int) -> torch.Tensor:
+    """Central square crop of the short side, resized to ``size``: the view cached for inference."""
+    h, w = img.shape[-2:]
+    s = min(h, w)
+    y, x = (h - s) // 2, (w - s) // 2
+    crop = img[..., y : y + s, x : x + s].unsqueeze(0)
+    return F.interpolate(crop, size=(size, size), mode="bicubic", antialias=s > size, align_corners=False)[0].clamp(0, 1)
+
+
+def check_references(refs: Sequence[torch.Tensor], config: PersonalizeConfig) -> None:
+    n = len(refs)
+    if n < config.min_refs:
+        raise ReferenceCountError(f"{n} reference photo(s) given; personalization needs at least {config.min_refs}")
+    if n > config.max_refs:
+        raise ReferenceCountError(f"{n} reference photos given; at most {config.max_refs} are used per identity")
+
+
+class SlotAdamW:
+    """AdamW over tensors with a leading slot axis; each slot has its own step count."""
+
+    def __init__(self, params: list[torch.nn.Parameter], slots: int, lr: float, weight_decay: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.params = params
+        self.lr, self.wd, self.betas, self.eps = lr, weight_decay, betas, eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = torch.zeros(slots, dtype=torch.long)
+
+    def reset(self, slot: int) -> None:
+        self.t[slot] = 0
+        for m, v in zip(self.m, self.v, strict=True):
+            m[slot].zero_()
+            v[slot].zero_()
+
+    @torch.no_grad()
+    def step(self, active: list[int]) -> None:
+        b1, b2 = self.betas
+        idx = torch.tensor(active)
+        self.t[idx] += 1
+        for p, m, v in zip(self.params, self.m, self.v, strict=True):
+            if p.grad is None or not p.requires_grad:
+                continue
+            i = idx.to(p.device)
+            t = self.t[idx].to(p.device, p.dtype).view(-1, *([1] * (p.dim() - 1)))
+            g = p.grad[i]
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            mhat = m[i] / (1 - b1**t)
+            vhat = v[i] / (1 - b2**t)
+            p[i] = p[i] - self.lr * (mhat / (vhat.sqrt() + self.eps) + self.wd * p[i])
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+@dataclass
+class _Slot:
+    job: PersonalizeJob
+    refs: list[torch.Tensor]
+    rng: np.random.Generator
+    gen: torch.Generator
+    step: int = 0
+    curve: list[float] = field(default_factory=list)
+    parts: dict[str, float] = field(default_factory=dict)
+    probe_start: float = float("nan")
+    started: float = field(default_factory=time.perf_counter)
+
+
+class PackedTrainer:
+    """Trains up to ``capacity`` identities at once on one frozen base (capacity 1 = solo)."""
+
+    def __init__(self, model: RestorationModel, config: PersonalizeConfig = PersonalizeConfig(), capacity: int = 1) -> None:
+        self.model = model.freeze()
+        self.config = config
+        self.capacity = capacity
+        self.weights = AdapterWeights(block_specs(model), model.config.cross_attention_dim, capacity).to(model.device, model.dtype)
+        if not config.learn_alpha:
+            for a in self.weights.alpha:
+                a.requires_grad_(False)
+        self.opt = SlotAdamW(list(self.weights.parameters()), capacity, config.lr, config.weight_decay)
+        self.slots: dict[int, _Slot] = {}
+
+    # -- slots -------------------------------------------------------------------------------
+    def add(self, job: PersonalizeJob) -> int:
+        check_references(job.references, self.config)
+        free = [i for i in range(self.capacity) if i not in self.slots]
+        if not free:
+            raise RuntimeError("no free slot")
+        k = free[0]
+        seed = self.config.seed if job.seed is None else job.seed
+        gen = torch.Generator("cpu").manual_seed(seed)
+        self.weights.init_slot(k, gen, self.model.prompt)
+        if not self.config.learn_alpha:
+            with torch.no_grad():
+                for a in self.weights.alpha:
+                    a[k].fill_(1.0)
+        self.opt.reset(k)
+        size = self.model.config.sample_size
+        refs = [_limit_side(r.float(), 2 * size) for r in job.references]
+        self.slots[k] = _Slot(job, refs, np.random.default_rng(seed), gen)
+        self.slots[k].probe_start = self.probe_loss(k)
+        return k
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.slots)
+
+    # -- one step of every active identity ---------------------------------------------------
+    def _draw(self, slot: _Slot) -> dict[str, torch.Tensor]:
+        """All random inputs of one identity's step, from that identity's own generators only."""
+        from .degradations import random_crop_resize, synthesize_lq
+
+        c, size, b = self.config, self.model.config.sample_size, self.config.batch_size
+        hq, lq, ref = [], [], []
+        for _ in range(b):
+            img = slot.refs[int(slot.rng.integers(len(slot.refs)))]
+            crop = random_crop_resize(img, size, slot.rng, c.crop_scale)
+            hq.append(crop)
+            lq.append(synthesize_lq(crop, slot.rng, levels=c.levels, p_hq=c.p_hq))
+            other = slot.refs[int(slot.rng.integers(len(slot.refs)))]
+            ref.append(random_crop_resize(other, size, slot.rng, c.crop_scale))
+        m = self.model
+        with torch.no_grad():
+            z0, lq_lat, ref_lat = (m.to_latent(torch.stack(x)) for x in (hq, lq, ref))
+        shape = tuple(z0.shape)
+        total = m.config.num_train_timesteps
+        out = {"z0": z0, "lq": lq_lat, "ref": ref_lat,
+               "noise": torch.randn(shape, generator=slot.gen), "t": torch.randint(0, total, (b,), generator=slot.gen)}
+        if c.lambda_gen > 0:
+            out["noise_gen"] = torch.randn(shape, generator=slot.gen)
+            out["t_gen"] = torch.randint(0, total, (b,), generator=slot.gen)
+        return out
+
+    def _noisy(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ac = self._alphas_cumprod()[t].to(z0.device, z0.dtype).view(-1, 1, 1, 1)
+        return ac.sqrt() * z0 + (1 - ac).sqrt() * noise.to(z0.device, z0.dtype)
+
+    def _alphas_cumprod(self) -> torch.Tensor:
+        if not hasattr(self, "_ac"):
+            from .sampling import make_scheduler
+
+            self._ac = make_scheduler(self.model, "ddpm").alphas_cumprod
+        return self._ac
+
+    def step(self) -> list[Adapter]:
+        """One optimisation step of all active identities; returns the adapters that finished."""
+        active = sorted(self.slots)
+        done: list[Adapter] = []
+        if not active:
+            return done
+        todo = [k for k in active if self.slots[k].step < self.config.steps]
+        if todo:
+            self._train_step(todo)
+        for k in active:
+            if self.slots[k].step >= self.config.steps:
+                done.append(self._finish(k))
+        return done
+
+    def _train_step(self, active: list[int]) -> None:
+        c, m = self.config, self.model
+        draws = {k: self._draw(self.slots[k]) for k in active}
+        b = c.batch_size
+        dev = m.device
+        xs, ts, lqs, slots, ref_rows, refs = [], [], [], [], [], []
+        n_groups = 2 if c.lambda_gen > 0 else 1
+        for g in range(n_groups):
+            for j, k in enumerate(active):
+                d = draws[k]
+                if g == 0:
+                    xs.append(self._noisy(d["z0"], d["noise"], d["t"]))
+                    ts.append(d["t"])
+                    lqs.append(d["lq"])
+                else:
+                    xs.append(self._noisy(d["z0"], d["noise_gen"], d["t_gen"]))
+                    ts.append(d["t_gen"])
+                    lqs.append(m.null_lq(d["lq"]))
+                slots += [k] * b
+                ref_rows += [j * b + i for i in range(b)]
+        n_main = len(slots)
+        for k in active:
+            refs.append(draws[k]["ref"])
+        x = torch.cat(xs + refs)
+        t = torch.cat(ts + [torch.zeros(b * len(active), dtype=torch.long)]).to(dev)
+        lq = torch.cat(lqs + refs)
+        maps: list = []
+        pb = PBRun(self.weights, torch.tensor(slots, device=dev), m.prompt, m.config.adapter.ref_pool,
+                   n_main=n_main, ref_rows=torch.tensor(ref_rows, device=dev) + n_main, maps=maps)
+        eps = m.denoise(x, t, lq, pb)[:n_main]
+        per_row_pers = pers_loss(maps) if c.lambda_pers > 0 else torch.zeros(n_main, device=dev)
+        total = torch.zeros((), device=dev)
+        nk = len(active)
+        for j, k in enumerate(active):
+            d = draws[k]
+            rows = slice(j * b, (j + 1) * b)
+            l_diff = F.mse_loss(eps[rows].float(), d["noise"].to(dev).float())
+            parts = {"diff": l_diff}
+            loss_k = l_diff
+            if c.lambda_gen > 0:
+                grows = slice((nk + j) * b, (nk + j + 1) * b)
+                parts["gen"] = F.mse_loss(eps[grows].float(), d["noise_gen"].to(dev).float())
+                loss_k = loss_k + c.lambda_gen * parts["gen"]
+            if c.lambda_pers > 0:
+                prow = [i for i, s in enumerate(slots) if s == k]
+                parts["pers"] = per_row_pers[prow].mean()
+                loss_k = loss_k + c.lambda_pers * parts["pers"]
+            total = total + loss_k
+            slot = self.slots[k]
+            slot.curve.append(float(loss_k))
+            slot.parts = {name: float(v) for name, v in parts.items()}
+        self.opt.zero_grad()
+        total.backward()
+        self.opt.step(active)
+        for k in active:
+            self.slots[k].step += 1
+
+    # -- evaluation and export ---------------------------------------------------------------
+    @torch.no_grad()
+    def probe_loss(self, k: int) -> float:
+        """Diffusion loss on a fixed batch (fixed crop, degradation, noise, timesteps).
+
+        Training losses are noisy (random t, crops); this probe shows whether the adapter helps.
+        """
+        from .degradations import degrade
+
+        m, slot = self.model, self.slots.get(k)
+        refs = slot.refs if slot else []
+        if not refs:
+            return float("nan")
+        size = m.config.sample_size
+        hq = center_square(refs[0], size)
+        lq = degrade(hq, "heavy", 1234)
+        ts = torch.tensor(timestep_grid(4, m.config.num_train_timesteps))
+        z0 = m.to_latent(hq.unsqueeze(0)).expand(len(ts), -1, -1, -1)
+        lq_lat = m.to_latent(lq.unsqueeze(0)).expand(len(ts), -1, -1, -1)
+        ref_lat = m.to_latent(center_square(refs[-1], size).unsqueeze(0)).expand(len(ts), -1, -1, -1)
+        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(1234)).to(z0)
+        n = len(ts)
+        pb = PBRun(self.weights, torch.full((n,), k, device=m.device), m.prompt, m.config.adapter.ref_pool,
+                   n_main=n, ref_rows=torch.arange(n, 2 * n, device=m.device))
+        x = torch.cat([self._noisy(z0, noise, ts), ref_lat])
+        t = torch.cat([ts, torch.zeros(n, dtype=torch.long)]).to(m.device)
+        eps = m.denoise(x, t, torch.cat([lq_lat, ref_lat]), pb)[:n]
+        return float(F.mse_loss(eps.float(), noise.float()))
+
+    @torch.no_grad()
+    def reference_tokens(self, refs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Frozen-base features of the cached references at every block, pooled: [M, C] per block."""
+        m = self.model
+        shape = m.config.adapter
+        chosen = [refs[i % len(refs)] for i in range(shape.cache_refs)]
+        lat = m.to_latent(torch.stack([center_square(r, m.config.sample_size) for r in chosen]))
+        capture: dict[int, torch.Tensor] = {}
+        pb = PBRun(self.weights, torch.zeros(len(chosen), dtype=torch.long), m.prompt, shape.ref_pool, capture=capture)
+        m.denoise(lat, torch.zeros(len(chosen), dtype=torch.long, device=m.device), lat, pb)
+        return [pool_reference(capture[i], shape.ref_pool).flatten(0, 1) for i in range(len(capture))]
+
+    def _finish(self, k: int) -> Adapter:
+        m, c = self.model, self.config
+        probe_end = self.probe_loss(k)
+        slot = self.slots.pop(k)
+        tensors = self.weights.export_slot(k, m.prompt, self.reference_tokens(slot.refs))
+        tail = slot.curve[-10:]
+        losses = {**slot.parts, "total_last10": float(np.mean(tail)) if tail else float("nan"),
+                  "probe_start": slot.probe_start, "probe_end": probe_end,
+                  "seconds": time.perf_counter() - slot.started}
+        meta = AdapterMetadata(
+            identity=slot.job.identity, tenant=slot.job.tenant, base_fingerprint=m.fingerprint,
+            base_preset=m.config.name, config=c.model_dump(mode="json") | {"seed": slot.job.seed if slot.job.seed is not None else c.seed},
+            steps=slot.step, final_losses={k2: v for k2, v in losses.items() if not math.isnan(v)},
+            loss_curve=slot.curve, references=list(slot.job.reference_names),
+        )
+        return Adapter(tensors, meta)
+
+    # -- driving ------------------------------------------------------------------------------
+    def run(self, jobs: Iterable[PersonalizeJob], progress: Callable[[int], None] | None = None) -> Iterator[Adapter]:
+        """Train every job, refilling free slots from ``jobs``; yield adapters as they finish."""
+        it = iter(jobs)
+        exhausted = False
+        while True:
+            while not exhausted and self.free:
+                job = next(it, None)
+                if job is None:
+                    exhausted = True
+                else:
+                    self.add(job)
+            if not self.slots:
+                return
+            n = len([s for s in self.slots.values() if s.step < self.config.steps])
+            yield from self.step()
+            if progress is not None and n:
+                progress(n)
+
+
+def _limit_side(img: torch.Tensor, max_short: int) -> torch.Tensor:
+    """Shrink so the short side is at most ``max_short`` (cheap random crops of big photos)."""
+    h, w = img.shape[-2:]
+    s = min(h, w)
+    if s <= max_short:
+        return img
+    f = max_short / s
+    size = (max(1, round(h * f)), max(1, round(w * f)))
+    return F.interpolate(img.unsqueeze(0), size=size, mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1)
+
+
+def personalize(
+    model: RestorationModel,
+    references: Sequence[torch.Tensor],
+    *,
+    identity: str,
+    config: PersonalizeConfig = PersonalizeConfig(),
+    tenant: str | None = None,
+    reference_names: Sequence[str] = (),
+    progress: bool = False,
+) -> Adapter:
+    """Train one identity's adapter from 3-20 reference photos ([3,H,W] in [0,1])."""
+    return personalize_many(
+        model, [PersonalizeJob(identity, references, config.seed, tenant, list(reference_names))],
+        config=config, capacity=1, progress=progress,
+    )[0]
+
+
+def personalize_many(
+    model: RestorationModel,
+    jobs: Sequence[PersonalizeJob],
+    *,
+    config: PersonalizeConfig = PersonalizeConfig(),
+    capacity: int = 4,
+    progress: bool = False,
+) -> list[Adapter]:
+    """Train several identities packed ``capacity`` at a time; adapters in the order of ``jobs``."""
+    trainer = PackedTrainer(model, config, capacity=max(1, min(capacity, len(jobs))))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps * len(jobs), desc="personalize", unit="step")
+    out = {(a.metadata.tenant, a.identity): a for a in trainer.run(jobs, progress=bar.update if bar else None)}
+    if bar:
+        bar.close()
+    return [out[(j.tenant, j.identity)] for j in jobs]

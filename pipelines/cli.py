@@ -1,0 +1,239 @@
+"""``pfstorer manifest validate|from-folders`` and ``pfstorer forget``.
+
+``pfstorer.cli`` calls :func:`register_cli` with its sub-parsers; each handler takes the parsed
+namespace and returns the exit code (0 ok, 2 a user error such as an unreadable manifest).
+``python -m pipelines.cli ...`` runs the same commands on their own.
+
+Defaults come from :class:`pfstorer.settings.Settings` (``PFSTORER_*`` environment, the config
+file, local state under ``.pfstorer-state``). Remote URLs (``s3://``) use the settings'
+``storage_options``, else an endpoint from ``--s3-endpoint-url`` or the environment
+(``PFSTORER_S3_ENDPOINT_URL``, ``MLFLOW_S3_ENDPOINT_URL``, ``AWS_ENDPOINT_URL``); credentials
+from the usual AWS variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+__all__ = ["main", "register_cli"]
+
+
+def _storage_options(
+    args: argparse.Namespace, url: str, base: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """Options for one URL: ``base`` (settings) or the environment, plus --s3-endpoint-url."""
+    from pipelines.registry import default_storage_options, is_local_url
+
+    if is_local_url(url):
+        return None
+    opts = dict(base) if base else default_storage_options(url)
+    if getattr(args, "s3_endpoint_url", None):
+        opts["endpoint_url"] = args.s3_endpoint_url
+    return opts
+
+
+def _add_endpoint(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--s3-endpoint-url",
+        metavar="URL",
+        help="S3 endpoint for s3:// URLs (MinIO, moto...); default from the environment",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from pfstorer.errors import PFStorerError
+    from pipelines.manifest import manifest_hash, read_manifest
+    from pipelines.validate import validate_manifest, write_quarantine
+
+    from pipelines.validate import limits_from_settings
+
+    settings = _settings(args)
+    opts = dict(settings.storage_options)
+    if args.s3_endpoint_url:
+        opts["endpoint_url"] = args.s3_endpoint_url
+    try:
+        table = read_manifest(args.url, _storage_options(args, args.url, opts))
+    except PFStorerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = validate_manifest(
+        table,
+        limits=limits_from_settings(settings.limits),
+        min_refs=args.min_refs or settings.personalize.min_references,
+        max_refs=args.max_refs or settings.personalize.max_references,
+        storage_options=opts or None,
+    )
+    summary = {"manifest": args.url, "rows": table.num_rows, "hash": manifest_hash(table)}
+    summary.update(result.summary())
+    if out := args.quarantine_out:
+        try:
+            write_quarantine(result, out, _storage_options(args, out))
+        except (PFStorerError, OSError) as exc:
+            print(f"error: cannot write quarantine to {out}: {exc}", file=sys.stderr)
+            return 2
+        summary["quarantine_out"] = args.quarantine_out
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"manifest {args.url}: {table.num_rows} rows, hash {summary['hash'][:16]}")
+    print(
+        f"good rows: {summary['good_rows']} "
+        f"({summary['good_refs']} references, {summary['good_restore']} to restore)"
+    )
+    print(f"people ready: {summary['people_ready']}")
+    print(f"quarantined rows: {summary['quarantined_rows']}")
+    for reason, count in summary["quarantined_by_reason"].items():
+        print(f"  {count:6d}  {reason}")
+    if args.quarantine_out:
+        print(f"quarantine written to {args.quarantine_out}")
+    return 0
+
+
+def _cmd_from_folders(args: argparse.Namespace) -> int:
+    from pfstorer.errors import PFStorerError
+    from pipelines.manifest import manifest_from_folders, write_manifest
+
+    try:
+        table = manifest_from_folders(
+            args.dir,
+            args.tenant,
+            holdout=args.holdout,
+            refs=args.refs,
+            storage_options=_storage_options(args, args.dir),
+        )
+        write_manifest(table, args.out, _storage_options(args, args.out))
+    except (PFStorerError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    people = len(set(table.column("identity").to_pylist()))
+    roles = table.column("role").to_pylist()
+    print(
+        f"wrote {args.out}: {table.num_rows} photos of {people} people "
+        f"({roles.count('ref')} references, {roles.count('restore')} to restore)"
+    )
+    return 0
+
+
+def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
+    """pfstorer's Settings: CLI options > PFSTORER_* env > config file > defaults."""
+    from pfstorer.settings import Settings
+
+    return Settings.load(getattr(args, "config", None), **overrides)
+
+
+def _cmd_forget(args: argparse.Namespace) -> int:
+    from pfstorer.errors import PFStorerError
+    from pipelines.registry import AdapterRegistry
+
+    try:
+        settings = _settings(
+            args,
+            store_url=args.store,
+            tracking_uri=args.tracking_uri,
+            index_url=args.index,
+            state_dir=args.state_dir,
+        )
+        opts = dict(settings.storage_options)
+        if args.s3_endpoint_url:
+            opts["endpoint_url"] = args.s3_endpoint_url
+        registry = AdapterRegistry.from_urls(
+            settings.store_url,
+            settings.tracking_uri,
+            settings.index_url,
+            registry_uri=settings.registry_uri,
+            storage_options=opts or None,
+        )
+        report = registry.forget(args.tenant, args.identity)
+    except PFStorerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not report.found_anything:
+        print(f"nothing stored for {args.tenant}/{args.identity}")
+        return 0
+    index = "removed" if report.index_removed else "absent"
+    model = "deleted" if report.model_deleted else "absent"
+    print(
+        f"forgot {args.tenant}/{args.identity}: index row {index}, "
+        f"registered model {model} "
+        f"({report.versions_deleted} versions, {report.runs_deleted} runs), "
+        f"{report.files_deleted} files deleted"
+    )
+    if report.runs_pending_gc:
+        print(
+            f"note: {report.runs_pending_gc} job runs are deleted (their artifacts removed) but "
+            "stay in the tracking database until `mlflow gc` runs against it"
+        )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add ``manifest validate``, ``manifest from-folders`` and ``forget`` to ``subparsers``."""
+    manifest = subparsers.add_parser("manifest", help="check and build photo manifests")
+    msub = manifest.add_subparsers(dest="manifest_command", metavar="COMMAND", required=True)
+
+    v = msub.add_parser(
+        "validate",
+        help="validate a manifest; print a summary (exit 0 even with bad rows, 2 if unreadable)",
+    )
+    v.add_argument("url", metavar="URL", help="Parquet file or dataset directory (any fsspec URL)")
+    v.add_argument("--quarantine-out", metavar="URL", help="write quarantined rows as Parquet here")
+    v.add_argument(
+        "--min-refs", type=int, default=None, help="fewest good references (settings: 3)"
+    )
+    v.add_argument("--max-refs", type=int, default=None, help="most references kept (settings: 20)")
+    v.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_endpoint(v)
+    v.set_defaults(func=_cmd_validate)
+
+    f = msub.add_parser("from-folders", help="a manifest from DIR/<identity>/<photos>")
+    f.add_argument("dir", metavar="DIR", help="one sub-folder per person")
+    f.add_argument("--tenant", required=True)
+    f.add_argument("--out", required=True, metavar="URL", help="where to write the Parquet file")
+    group = f.add_mutually_exclusive_group()
+    group.add_argument(
+        "--holdout", type=int, default=0, metavar="N",
+        help="the last N photos of each person (by name) are role=restore",
+    )
+    group.add_argument(
+        "--refs", type=int, default=None, metavar="N",
+        help="the first N photos of each person are references, the rest role=restore",
+    )
+    _add_endpoint(f)
+    f.set_defaults(func=_cmd_from_folders)
+
+    g = subparsers.add_parser(
+        "forget",
+        help="remove a person's adapters from registry, store and index (biometric data)",
+    )
+    g.add_argument("--tenant", required=True)
+    g.add_argument("--identity", required=True)
+    g.add_argument("--store", metavar="URL", help="artifact store URL (default: local state dir)")
+    g.add_argument(
+        "--tracking-uri", metavar="URI", help="MLflow tracking URI (default: local SQLite)"
+    )
+    g.add_argument("--index", metavar="URL", help="adapter index URL (default: local state dir)")
+    g.add_argument(
+        "--state-dir", metavar="DIR", help="local defaults live here (default .pfstorer-state)"
+    )
+    _add_endpoint(g)
+    g.set_defaults(func=_cmd_forget)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.cli")
+    register_cli(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Shared test set-up: offline, private, loopback-only; paths to the shared face photos."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+for _k, _v in {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "HF_HUB_OFFLINE": "1",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+from _services import *  # noqa: E402,F401,F403  (session-scoped Ray, moto S3, MLflow server)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data beside the checkout (present on our machines and CI)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not beside this checkout")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def lfw_bench(shared_data: Path) -> dict[str, list[Path]]:
+    """lfw128 bench people -> their photos sorted by file name (first 5 are the references)."""
+    import csv
+
+    people: dict[str, list[Path]] = {}
+    with open(shared_data / "lfw128" / "index.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row["split"] == "bench":
+                people.setdefault(row["identity"], []).append(shared_data / "lfw128" / row["path"])
+    return {k: sorted(v) for k, v in sorted(people.items())}

@@ -1,0 +1,427 @@
+"""infra/: every manifest parses and holds what the project relies on; local scripts really run."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+INFRA = REPO / "infra"
+K8S = INFRA / "k8s"
+LOCAL = INFRA / "local"
+VENV = REPO / ".venv"
+
+YAML_FILES = sorted(p for p in INFRA.rglob("*") if p.suffix in (".yaml", ".yml"))
+SCRIPTS = sorted(INFRA.rglob("*.sh"))
+
+
+# ---------------------------------------------------------------- helpers
+def load_all(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def docs(kind: str) -> list[dict[str, Any]]:
+    return [d for p in YAML_FILES for d in load_all(p) if d.get("kind") == kind]
+
+
+def one(kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in docs(kind) if name is None or d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name or ''} under infra/, found {len(found)}"
+    return found[0]
+
+
+def containers(pod_template: dict[str, Any]) -> list[dict[str, Any]]:
+    return pod_template["spec"]["containers"]
+
+
+def gpus(container: dict[str, Any]) -> int:
+    res = container.get("resources", {})
+    return max(int(res.get(k, {}).get("nvidia.com/gpu", 0)) for k in ("requests", "limits"))
+
+
+def config_maps() -> dict[str, dict[str, str]]:
+    return {d["metadata"]["name"]: d.get("data", {}) for d in docs("ConfigMap")}
+
+
+def secrets() -> dict[str, dict[str, str]]:
+    return {d["metadata"]["name"]: d.get("stringData", {}) for d in docs("Secret")}
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    """The container's environment: envFrom ConfigMaps (defined under infra/) then env."""
+    env: dict[str, str] = {}
+    cms = config_maps()
+    for src in container.get("envFrom", []):
+        if "configMapRef" in src:
+            name = src["configMapRef"]["name"]
+            assert name in cms, f"ConfigMap {name} is not defined under infra/"
+            env.update(cms[name])
+        elif "secretRef" in src:
+            ref = src["secretRef"]
+            assert ref.get("optional") or ref["name"] in secrets(), ref
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = str(item["value"])
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            assert ref["key"] in secrets()[ref["name"]], f"{ref} not in secrets.example.yaml"
+            env[item["name"]] = secrets()[ref["name"]][ref["key"]]
+    return env
+
+
+def ports(container: dict[str, Any]) -> set[int]:
+    return {p["containerPort"] for p in container.get("ports", [])}
+
+
+def ray_pin() -> str:
+    m = re.search(r'"ray\[[^\]]*\]==([0-9.]+)"', (REPO / "pyproject.toml").read_text())
+    assert m, "ray pin not found in pyproject.toml"
+    return m.group(1)
+
+
+def check_ray_cluster_spec(spec: dict[str, Any]) -> None:
+    """What both the RayCluster and the RayService's cluster must have."""
+    assert spec["rayVersion"] == ray_pin()
+    assert spec["enableInTreeAutoscaling"] is True
+
+    head = spec["headGroupSpec"]
+    assert str(head["rayStartParams"]["num-cpus"]) == "0"  # no work on the head
+    for c in containers(head["template"]):
+        assert c["image"], "head image"
+        assert gpus(c) == 0, "the head must not ask for a GPU"
+        assert 8265 in ports(c), "dashboard port"
+        check_env(c)
+
+    groups = spec["workerGroupSpecs"]
+    assert groups, "at least one worker group"
+    gpu_groups = [g for g in groups if all(gpus(c) >= 1 for c in containers(g["template"]))]
+    assert gpu_groups, "a GPU worker group"
+    for g in groups:
+        lo, hi = g["minReplicas"], g["maxReplicas"]
+        assert 0 <= lo <= hi and hi >= 1, g["groupName"]
+        assert lo <= g.get("replicas", lo) <= hi, g["groupName"]
+        for c in containers(g["template"]):
+            assert c["image"], "worker image"
+            res = c["resources"]
+            assert "cpu" in res["limits"] and "memory" in res["limits"]
+            check_env(c)
+    for g in gpu_groups:
+        tol = g["template"]["spec"].get("tolerations", [])
+        assert any(t.get("key") == "nvidia.com/gpu" for t in tol), "GPU taint toleration"
+
+
+def check_env(container: dict[str, Any]) -> None:
+    env = env_of(container)
+    assert env.get("RAY_USAGE_STATS_ENABLED") == "0"
+    assert env.get("MLFLOW_DISABLE_TELEMETRY") == "true"
+    assert env.get("MLFLOW_TRACKING_URI", "").startswith("http")
+    assert env.get("PFSTORER_TRACKING_URI") == env["MLFLOW_TRACKING_URI"]
+    assert env.get("PFSTORER_STORE_URL", "").startswith("s3://")
+    assert env.get("PFSTORER_INDEX_URL", "").startswith("s3://")
+
+
+def serve_config() -> dict[str, Any]:
+    return yaml.safe_load(one("RayService")["spec"]["serveConfigV2"])
+
+
+# ---------------------------------------------------------------- manifests
+def test_infra_has_the_expected_files() -> None:
+    for rel in (
+        "README.md",
+        "k8s/README.md",
+        "k8s/raycluster.yaml",
+        "k8s/rayservice.yaml",
+        "k8s/mlflow.yaml",
+        "k8s/config.yaml",
+        "local/README.md",
+        "local/start_mlflow.sh",
+        "local/start_s3.sh",
+        "local/stop.sh",
+    ):
+        assert (INFRA / rel).is_file(), rel
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(p.relative_to(INFRA)))
+def test_every_yaml_parses_and_is_a_k8s_object(path: Path) -> None:
+    objs = load_all(path)
+    assert objs, f"{path} is empty"
+    for d in objs:
+        assert d.get("apiVersion") and d.get("kind"), path
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", d["metadata"]["name"]), path
+        for c in _all_containers(d):
+            assert c.get("image"), f"{path}: container {c.get('name')} has no image"
+
+
+def _all_containers(d: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = d.get("spec", {})
+    if d["kind"] in ("Deployment", "StatefulSet"):
+        return containers(spec["template"])
+    if d["kind"] == "RayService":
+        spec = spec["rayClusterConfig"]
+    if d["kind"] in ("RayCluster", "RayService"):
+        out = containers(spec["headGroupSpec"]["template"])
+        for g in spec["workerGroupSpecs"]:
+            out += containers(g["template"])
+        return out
+    return []
+
+
+def test_raycluster_cpu_head_and_autoscaling_gpu_workers() -> None:
+    rc = one("RayCluster")
+    assert rc["apiVersion"] == "ray.io/v1"
+    check_ray_cluster_spec(rc["spec"])
+    gpu = rc["spec"]["workerGroupSpecs"][0]
+    assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 2  # scales to zero between jobs
+
+
+def test_k8s_readme_has_a_ray_job_submit_example() -> None:
+    text = (K8S / "README.md").read_text()
+    cmd = re.search(r"ray job submit --address \S+ -- \\?\s*pfstorer run[^`]*", text)
+    assert cmd, "ray job submit example"
+    for opt in ("--manifest s3://", "--base", "--store s3://", "--tracking-uri http",
+                "--index s3://", "--workers"):
+        assert opt in cmd.group(0), opt
+
+
+def test_rayservice_serve_config() -> None:
+    rs = one("RayService")
+    assert rs["apiVersion"] == "ray.io/v1"
+    cfg = serve_config()
+    assert cfg["http_options"]["port"] == 8000
+    (app,) = [a for a in cfg["applications"] if a["name"] == "pfstorer"]
+    assert app["import_path"] == "serving.app:build_app"
+    assert app["route_prefix"] == "/"
+    (dep,) = [d for d in app["deployments"] if d["name"] == "Restorer"]
+    auto = dep["autoscaling_config"]
+    assert 0 <= auto["min_replicas"] <= auto["max_replicas"] and auto["max_replicas"] >= 1
+    assert auto["target_ongoing_requests"] > 0
+    assert dep["max_ongoing_requests"] >= 1 and dep["max_queued_requests"] >= 1
+    assert dep["ray_actor_options"]["num_gpus"] == 1
+    # the cluster under it: autoscaling GPU workers with room for every replica
+    spec = rs["spec"]["rayClusterConfig"]
+    check_ray_cluster_spec(spec)
+    head_ports = set().union(*(ports(c) for c in containers(spec["headGroupSpec"]["template"])))
+    assert {8000, 8265} <= head_ports
+    gpu_slots = sum(
+        g["maxReplicas"] * min(gpus(c) for c in containers(g["template"]))
+        for g in spec["workerGroupSpecs"]
+    )
+    assert gpu_slots >= auto["max_replicas"] * dep["ray_actor_options"]["num_gpus"]
+    assert "/readyz" in (K8S / "README.md").read_text() + (K8S / "rayservice.yaml").read_text()
+
+
+def test_rayservice_app_args_are_settings_overrides() -> None:
+    from pfstorer.settings import Settings
+
+    (app,) = serve_config()["applications"]
+    s = Settings.load(**app.get("args", {}))
+    assert s.index_url.startswith("s3://")
+
+
+def test_rayservice_serve_config_matches_ray_schema() -> None:
+    schema = pytest.importorskip("ray.serve.schema")
+    schema.ServeDeploySchema.model_validate(serve_config())
+
+
+def test_configmap_is_valid_pfstorer_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pfstorer.settings import Settings
+
+    for key in list(os.environ):
+        if key.startswith("PFSTORER_"):
+            monkeypatch.delenv(key)
+    cm = config_maps()["pfstorer-config"]
+    for key, value in cm.items():
+        monkeypatch.setenv(key, str(value))
+    s = Settings.load()
+    assert s.tracking_uri == cm["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert s.store_url.startswith("s3://") and s.gpus_per_worker == 1
+    assert all(isinstance(v, str) for v in cm.values()), "ConfigMap values must be strings"
+
+
+def test_mlflow_server_uses_a_database_and_s3_artifacts() -> None:
+    dep = one("Deployment", "mlflow")
+    (c,) = containers(dep["spec"]["template"])
+    assert c["image"]
+    argv = " ".join(c.get("command", []) + c.get("args", []))
+    assert "mlflow server" in argv and "--serve-artifacts" in argv
+    assert re.search(r"--artifacts-destination[= ]s3://", argv)
+    m = re.search(r"--backend-store-uri[= ](\S+)", argv)
+    assert m, "--backend-store-uri"
+    backend = m.group(1)
+    env = env_of(c)
+    ref = re.fullmatch(r"\$\((\w+)\)", backend)
+    if ref:
+        backend = env[ref.group(1)]
+    assert "sqlite" not in backend and re.match(r"(postgresql|mysql)(\+\w+)?://", backend)
+    assert env.get("MLFLOW_DISABLE_TELEMETRY") == "true"
+    assert 5000 in ports(c) and "--port=5000" in argv.replace("--port 5000", "--port=5000")
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["path"] == "/health"
+
+    svc = one("Service", "mlflow")
+    assert [p["port"] for p in svc["spec"]["ports"]] == [5000]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items()
+    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_services_select_their_pods() -> None:
+    pods = {
+        d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+        for d in docs("Deployment") + docs("StatefulSet")
+    }
+    for svc in docs("Service"):
+        sel = svc["spec"]["selector"]
+        assert any(sel.items() <= labels.items() for labels in pods.values()), svc["metadata"]
+
+
+def test_docker_base_matches_the_ray_pin() -> None:
+    text = (INFRA / "docker" / "Dockerfile").read_text()
+    assert re.search(rf"^FROM rayproject/ray:{re.escape(ray_pin())}-", text, re.M)
+
+
+# ---------------------------------------------------------------- scripts
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: str(p.relative_to(INFRA)))
+def test_scripts_are_valid_bash_and_loopback_only(path: Path) -> None:
+    r = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    text = path.read_text()
+    assert "0.0.0.0" not in text, f"{path.name} must not bind all interfaces"
+    if path.name != "common.sh":
+        assert os.access(path, os.X_OK), f"{path.name} is not executable"
+    if path.name.startswith("start_"):
+        assert "BIND_ADDRESS" in text and "127.0.0.1" in (LOCAL / "common.sh").read_text()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _exports(stdout: str) -> dict[str, str]:
+    out = {}
+    for line in stdout.splitlines():
+        m = re.fullmatch(r"export (\w+)=(.*)", line.strip())
+        assert m, f"stdout must only hold export lines, got {line!r}"
+        out[m.group(1)] = m.group(2).strip("'")
+    return out
+
+
+def _listening_on(port: int) -> set[str]:
+    """Local addresses (hex, as in /proc/net/tcp) listening on port."""
+    addrs = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.split(":")
+            if state == "0A" and int(p, 16) == port:  # 0A = LISTEN
+                addrs.add(addr)
+    return addrs
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_local_s3_and_mlflow_scripts_start_answer_and_stop(tmp_path: Path) -> None:
+    if not (VENV / "bin" / "moto_server").exists() or not (VENV / "bin" / "mlflow").exists():
+        pytest.skip(".venv lacks moto_server or mlflow")
+    boto3 = pytest.importorskip("boto3")
+    t0 = time.monotonic()
+    s3_port, mlflow_port = _free_port(), _free_port()
+    bucket = "pfstorer-infra-test"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+    env.pop("PORT", None)
+    env.update(
+        PFSTORER_LOCAL_DIR=str(tmp_path / "local"),
+        PFSTORER_VENV=str(VENV),
+        S3_PORT=str(s3_port),
+        MLFLOW_PORT=str(mlflow_port),
+        BUCKET=bucket,
+        MLFLOW_ARTIFACTS_DESTINATION=f"s3://{bucket}/mlflow",
+    )
+
+    def run(script: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(LOCAL / script)], env={**env, **extra}, capture_output=True, text=True, timeout=120
+        )
+
+    pids: dict[str, int] = {}
+    try:
+        r = run("start_s3.sh")
+        assert r.returncode == 0, r.stderr
+        s3_env = _exports(r.stdout)
+        endpoint = f"http://127.0.0.1:{s3_port}"
+        assert s3_env["AWS_ENDPOINT_URL"] == s3_env["MLFLOW_S3_ENDPOINT_URL"] == endpoint
+        assert s3_env["AWS_ACCESS_KEY_ID"] == "testing"
+        assert f'"endpoint_url": "{endpoint}"' in s3_env["PFSTORER_STORAGE_OPTIONS"]
+        pids["s3"] = int((tmp_path / "local" / "s3.pid").read_text())
+        client = boto3.client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1",
+            aws_access_key_id="testing", aws_secret_access_key="testing",
+        )
+        assert bucket in [b["Name"] for b in client.list_buckets()["Buckets"]]
+
+        again = run("start_s3.sh")  # idempotent: already running, same exports
+        assert again.returncode == 0 and again.stdout == r.stdout
+
+        busy = run("start_mlflow.sh", MLFLOW_PORT=str(s3_port))  # port taken: refused at once
+        assert busy.returncode != 0 and "in use" in busy.stderr
+
+        r = run("start_mlflow.sh")  # picks up the local S3 from s3.env for its artifacts
+        assert r.returncode == 0, r.stderr
+        ml_env = _exports(r.stdout)
+        uri = f"http://127.0.0.1:{mlflow_port}"
+        assert ml_env["MLFLOW_TRACKING_URI"] == ml_env["PFSTORER_TRACKING_URI"] == uri
+        pids["mlflow"] = int((tmp_path / "local" / "mlflow.pid").read_text())
+        with urllib.request.urlopen(f"{uri}/health", timeout=10) as resp:
+            assert resp.status == 200
+        # the artifact proxy writes to the S3 bucket
+        req = urllib.request.Request(
+            f"{uri}/api/2.0/mlflow-artifacts/artifacts/infra-test/hello.txt",
+            data=b"hello", method="PUT",
+        )
+        with urllib.request.urlopen(req, timeout=20) as resp:
+            assert resp.status == 200
+        keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+        assert "mlflow/infra-test/hello.txt" in keys
+
+        # loopback only: both listen on 127.0.0.1 (0100007F), not on all interfaces
+        if os.path.exists("/proc/net/tcp"):  # Linux
+            for port in (s3_port, mlflow_port):
+                assert _listening_on(port) == {"0100007F"}, port
+    finally:
+        r = run("stop.sh")
+    assert r.returncode == 0, r.stderr
+    for name, pid in pids.items():
+        assert not _group_alive(pid), f"{name} (process group {pid}) still running"
+    assert not (tmp_path / "local" / "s3.pid").exists()
+    assert not (tmp_path / "local" / "mlflow.pid").exists()
+    for port in (s3_port, mlflow_port):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers"
+    again = run("stop.sh")  # stopping twice is fine
+    assert again.returncode == 0 and "not running" in again.stderr
+    print(f"local stack start+check+stop: {time.monotonic() - t0:.1f} s")
+    shutil.rmtree(tmp_path / "local", ignore_errors=True)

@@ -1,0 +1,296 @@
+"""Validation before training: real lfw128 bench photos plus bad rows of many kinds."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import struct
+import zlib
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pfstorer.errors import InputError, TooLargeError, UnsupportedMediaError
+from pipelines.manifest import ManifestError, read_manifest, write_manifest
+from pipelines.validate import (
+    DEFAULT_LIMITS,
+    ImageLimits,
+    probe_image,
+    validate_manifest,
+    write_quarantine,
+)
+
+T = "acme"
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (the pixel data is a few bytes of nothing)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def sha(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def row(identity: str, role: str, uri, tenant: str = T, **extra) -> dict:
+    return {"tenant": tenant, "identity": identity, "role": role, "uri": None if uri is None else str(uri), **extra}
+
+
+@pytest.fixture
+def case(lfw_bench: dict[str, list[Path]], tmp_path: Path) -> dict:
+    """A manifest of 4 good people + bad rows; returns rows, people and the expected quarantine."""
+    from PIL import Image
+
+    big = [n for n, p in lfw_bench.items() if len(p) >= 8]
+    a, b, c, d = big[:4]
+    e, f, o = [n for n in lfw_bench if n not in big[:4]][:3]
+    other = lfw_bench[o]
+    ph = {n: [str(p) for p in lfw_bench[n]] for n in (a, b, c, d, e, f)}
+
+    missing = tmp_path / "missing.jpg"
+    text = tmp_path / "text.jpg"
+    text.write_text("this is not a photo\n")
+    truncated = tmp_path / "truncated.jpg"
+    data = other[0].read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(tiny)
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(png_header(9000, 9000))
+    copy = tmp_path / "dup" / "copy.jpg"
+    copy.parent.mkdir()
+    copy.write_bytes(Path(ph[c][0]).read_bytes())
+
+    rows = []
+    for n in (a, b, c, d):
+        rows += [row(n, "ref", p, batch=1) for p in ph[n][:5]]
+        rows.append(row(n, "restore", ph[n][5], batch=1))
+    kept_dup, dropped_dup = sorted([str(copy), ph[c][0]])
+    expected = {
+        (T, a, "ref", str(missing)): ("read", "unreadable: file not found"),
+        (T, a, "ref", str(text)): ("image", "image is text, not a supported image type (accepted: JPEG, PNG, WEBP)"),
+        (T, a, "ref", str(truncated)): ("image", "image is corrupt or truncated"),
+        (T, b, "ref", str(tiny)): ("image", "image is 16x16, smaller than the minimum side of 64 px"),
+        (T, b, "ref", str(huge)): ("image", "image is 9000x9000 = 81.0 MP, over the limit of 16.8 MP"),
+        (T, c, "ref", dropped_dup): ("dedup", f"duplicate: same bytes as {kept_dup}"),
+        (T, d, "restore", ph[d][0]): ("dedup", f"duplicate: same bytes as {ph[d][0]}"),
+        (T, "../x", "ref", ph[a][6]): ("schema", "unsafe identity: '../x' is not a safe key"),
+        ("a.b", a, "ref", ph[a][6]): ("schema", "unsafe tenant: 'a.b' is not a safe key"),
+        (T, a, "train", ph[a][6]): ("schema", "bad role: 'train' (must be 'ref' or 'restore')"),
+        (T, a, "ref", None): ("schema", "missing field: uri"),
+        (T, e, "ref", ph[e][0]): ("refs", "person has 2 good references, needs >= 3"),
+        (T, e, "ref", ph[e][1]): ("refs", "person has 2 good references, needs >= 3"),
+        (T, e, "restore", ph[e][2]): ("refs", "person has 2 good references, needs >= 3"),
+        # f: three references of which one is broken -> the broken one keeps its own reason
+        (T, f, "ref", ph[f][0]): ("refs", "person has 2 good references, needs >= 3"),
+        (T, f, "ref", ph[f][1]): ("refs", "person has 2 good references, needs >= 3"),
+        (T, f, "ref", str(tmp_path / "f-missing.jpg")): ("read", "unreadable: file not found"),
+    }
+    rows.append(row(c, "ref", copy, batch=2))
+    for (tenant, ident, role, uri), _ in expected.items():
+        if (tenant, ident, role, uri) == (T, c, "ref", dropped_dup):
+            continue  # already among the good rows
+        rows.append(row(ident, role, uri, tenant=tenant, batch=2))
+    good = {
+        a: (ph[a][:5], ph[a][5:6]),
+        b: (ph[b][:5], ph[b][5:6]),
+        c: (sorted(({str(copy)} | set(ph[c][:5])) - {dropped_dup}), ph[c][5:6]),
+        d: (ph[d][:5], ph[d][5:6]),
+    }
+    return {"rows": rows, "expected": expected, "good": good}
+
+
+def quarantine_map(result) -> dict:
+    return {
+        (r["tenant"], r["identity"], r["role"], r["uri"]): (r["stage"], r["reason"])
+        for r in result.quarantine.to_pylist()
+    }
+
+
+def check(result, case) -> None:
+    got = quarantine_map(result)
+    assert result.quarantine.num_rows == len(case["expected"])  # no row quarantined twice
+    assert set(got) == set(case["expected"])
+    for key, (stage, reason) in case["expected"].items():
+        assert got[key] == (stage, reason), key
+    # jobs: exactly the good people, their references intact
+    assert [k[1] for k in result.jobs] == sorted(case["good"])
+    for (tenant, ident), job in result.jobs.items():
+        refs, restores = case["good"][ident]
+        assert tenant == T
+        assert job.ref_uris == sorted(refs)
+        assert job.ref_sha256s == [sha(u) for u in sorted(refs)]
+        assert [r["uri"] for r in job.restores] == sorted(restores)
+        assert all(r["width"] == 128 and r["height"] == 128 for r in job.refs)
+        assert job.refs[0]["batch"] == 1 or job.refs[0]["batch"] == 2  # extra columns kept
+    # good + quarantine partition the manifest; extra columns survive in both
+    assert result.good.num_rows + result.quarantine.num_rows == len(case["rows"])
+    assert "batch" in result.quarantine.column_names and "batch" in result.good.column_names
+    assert result.good.column("sha256").null_count == 0
+
+
+def test_validate_quarantines_every_bad_row_with_its_reason(case):
+    table = pa.Table.from_pylist(case["rows"])
+    result = validate_manifest(table, limits=DEFAULT_LIMITS)
+    check(result, case)
+    summary = result.summary()
+    assert summary["people_ready"] == 4
+    assert summary["good_refs"] == 20 and summary["good_restore"] == 4
+    assert summary["quarantined_by_reason"]["refs: person has N good references, needs >= N"] == 5
+    assert summary["quarantined_by_reason"]["dedup: duplicate"] == 2
+
+
+def test_row_order_does_not_matter(case):
+    base = validate_manifest(pa.Table.from_pylist(case["rows"]))
+    for seed in (1, 2):
+        rows = list(case["rows"])
+        random.Random(seed).shuffle(rows)
+        result = validate_manifest(pa.Table.from_pylist(rows))
+        check(result, case)
+        assert quarantine_map(result) == quarantine_map(base)
+        assert {k: j.job_key("base", {"steps": 5}) for k, j in result.jobs.items()} == {
+            k: j.job_key("base", {"steps": 5}) for k, j in base.jobs.items()
+        }
+
+
+def test_job_key_depends_on_photo_content_not_names(case, lfw_bench, tmp_path: Path):
+    result = validate_manifest(pa.Table.from_pylist(case["rows"]))
+    job = next(iter(result.jobs.values()))
+    renamed = []
+    for i, r in enumerate(job.refs):
+        p = tmp_path / "renamed" / f"z{i}.jpg"
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(Path(r["uri"]).read_bytes())
+        renamed.append(row(job.identity, "ref", p))
+    other = validate_manifest(pa.Table.from_pylist(renamed)).jobs[(job.tenant, job.identity)]
+    assert other.job_key("b", {}) == job.job_key("b", {})
+    assert job.job_key("b", {}) != job.job_key("b2", {}) != job.job_key("b", {"steps": 1})
+
+
+def test_too_many_refs_bytes_and_formats(lfw_bench, tmp_path: Path):
+    name, photos = next((n, p) for n, p in lfw_bench.items() if len(p) >= 8)
+    rows = [row(name, "ref", p) for p in photos[:5]]
+    result = validate_manifest(pa.Table.from_pylist(rows), max_refs=3)
+    assert result.jobs[(T, name)].ref_uris == [str(p) for p in photos[:3]]
+    assert quarantine_map(result) == {
+        (T, name, "ref", str(p)): ("refs", "too many references: keeping the first 3 by uri")
+        for p in photos[3:5]
+    }
+    small = ImageLimits(max_bytes=1000, max_pixels=10**6, min_side=64, formats=frozenset({"JPEG"}))
+    png = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (80, 80)).save(png)
+    result = validate_manifest(pa.Table.from_pylist(rows[:1] + [row(name, "ref", png)]), limits=small)
+    got = quarantine_map(result)
+    stage, reason = got[(T, name, "ref", str(photos[0]))]
+    assert stage == "image" and "over the limit of 0.0 MiB" in reason  # 1000 bytes
+    assert got[(T, name, "ref", str(png))] == (
+        "image",
+        "image is PNG, not a supported image type (accepted: JPEG)",
+    )
+
+
+def test_restore_limits_apply_to_restore_rows(lfw_bench, tmp_path: Path):
+    from PIL import Image
+
+    name, photos = next(iter(lfw_bench.items()))
+    small = tmp_path / "small-lq.png"
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(small)
+    rows = [row(name, "ref", p) for p in photos[:3]] + [row(name, "restore", small)]
+    strict = validate_manifest(pa.Table.from_pylist(rows))
+    assert quarantine_map(strict)[(T, name, "restore", str(small))] == (
+        "image",
+        "image is 32x32, smaller than the minimum side of 64 px",
+    )
+    lenient = ImageLimits(max_bytes=10**7, max_pixels=10**7, min_side=8, formats=frozenset({"JPEG", "PNG"}))
+    ok = validate_manifest(pa.Table.from_pylist(rows), restore_limits=lenient)
+    assert ok.quarantine.num_rows == 0
+    assert [r["uri"] for r in ok.jobs[(T, name)].restores] == [str(small)]
+
+
+def test_probe_image_refuses_bombs_before_decoding(lfw_bench):
+    with pytest.raises(TooLargeError, match="too many pixels"):
+        probe_image(png_header(100_000, 100_000), DEFAULT_LIMITS)  # 10^10 pixels: never decoded
+    with pytest.raises(TooLargeError, match="9000x9000"):
+        probe_image(png_header(9000, 9000), DEFAULT_LIMITS)
+    with pytest.raises(UnsupportedMediaError, match="is text"):
+        probe_image(b"plain text, named .jpg", DEFAULT_LIMITS)
+    data = next(iter(lfw_bench.values()))[0].read_bytes()
+    assert probe_image(data, DEFAULT_LIMITS) == (128, 128)
+    with pytest.raises(InputError, match="corrupt or truncated"):
+        probe_image(data[:-700], DEFAULT_LIMITS)
+
+
+def test_missing_columns_raise_but_empty_table_is_fine():
+    with pytest.raises(ManifestError, match="uri"):
+        validate_manifest(pa.table({"tenant": ["a"], "identity": ["b"], "role": ["ref"]}))
+    empty = pa.table({c: pa.array([], pa.string()) for c in ("tenant", "identity", "role", "uri")})
+    result = validate_manifest(empty)
+    assert result.good.num_rows == 0 and result.quarantine.num_rows == 0 and result.jobs == {}
+
+
+def test_write_quarantine_and_cli(case, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from pipelines.cli import main
+
+    result = validate_manifest(pa.Table.from_pylist(case["rows"]))
+    q = write_quarantine(result, tmp_path / "q1.parquet")
+    back = pq.read_table(q)
+    assert back.num_rows == len(case["expected"])
+    assert {"reason", "stage", "batch", "uri"} <= set(back.column_names)
+
+    url = write_manifest(case["rows"], tmp_path / "m.parquet")
+    rc = main(["manifest", "validate", url, "--quarantine-out", str(tmp_path / "q.parquet")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "people ready: 4" in out
+    assert f"quarantined rows: {len(case['expected'])}" in out
+    assert "read: unreadable" in out and "schema: bad role" in out
+    assert quarantine_map(validate_manifest(read_manifest(url))) == {
+        (r["tenant"], r["identity"], r["role"], r["uri"]): (r["stage"], r["reason"])
+        for r in pq.read_table(tmp_path / "q.parquet").to_pylist()
+    }
+    assert main(["manifest", "validate", str(tmp_path / "nope.parquet")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["manifest", "validate", url, "--json"]) == 0
+    assert '"people_ready": 4' in capsys.readouterr().out
+
+
+@pytest.mark.integration
+def test_validate_photos_and_manifest_on_s3(lfw_bench, s3_url: str, s3_storage_options: dict):
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **s3_storage_options)
+    name, photos = next(iter(lfw_bench.items()))
+    rows = []
+    for p in photos[:4]:
+        fs.pipe_file(f"{s3_url}/photos/{name}/{p.name}", p.read_bytes())
+        rows.append(row(name, "ref", f"{s3_url}/photos/{name}/{p.name}"))
+    rows.append(row(name, "ref", f"{s3_url}/photos/{name}/gone.jpg"))
+    url = write_manifest(rows, f"{s3_url}/manifest.parquet", s3_storage_options)
+    result = validate_manifest(read_manifest(url, s3_storage_options), storage_options=s3_storage_options)
+    assert list(result.jobs) == [(T, name)]
+    assert result.jobs[(T, name)].ref_sha256s == [sha(p) for p in photos[:4]]  # sorted by uri
+    assert quarantine_map(result) == {
+        (T, name, "ref", f"{s3_url}/photos/{name}/gone.jpg"): ("read", "unreadable: file not found")
+    }
+    # the CLI, with the endpoint as an option (credentials from the environment)
+    from pipelines.cli import main
+
+    endpoint = s3_storage_options["endpoint_url"]
+    q = f"{s3_url}/quarantine.parquet"
+    assert main(["manifest", "validate", url, "--s3-endpoint-url", endpoint, "--quarantine-out", q]) == 0
+    reasons = read_manifest(q, s3_storage_options).column("reason").to_pylist()
+    assert reasons == ["unreadable: file not found"]
