@@ -166,8 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     for ep in sorted(entry_points(group="pfstorer.cli"), key=lambda e: e.name):
         try:
             register = ep.load()
-        except ImportError as exc:  # an optional part of the install is missing
-            print(f"note: commands of {ep.name} unavailable ({exc})", file=sys.stderr)
+        except ImportError:  # an optional part of the install is missing: its commands are absent
             continue
         register(sub)
     return parser

@@ -197,8 +197,8 @@ def decode_image(data: bytes, *, limits: ImageLimits = DEFAULT_LIMITS, name: str
             w, h = im.size
             if w * h > limits.max_pixels:
                 raise TooLargeError(
-                    f"{name} is {w}x{h} = {w * h / 1e6:.1f} MP, "
-                    f"over the limit of {limits.max_pixels / 1e6:.1f} MP"
+                    f"{name} is {w}x{h} = {w * h:,} pixels, "
+                    f"over the limit of {limits.max_pixels:,} pixels"
                 )
             if min(w, h) < limits.min_side:
                 raise InputError(f"{name} is {w}x{h}, smaller than the minimum side of {limits.min_side} px")

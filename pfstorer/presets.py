@@ -98,7 +98,7 @@ PRESETS: dict[str, BaseConfig] = {
     "tiny": BaseConfig(
         name="tiny",
         space="pixel",
-        sample_size=64,
+        sample_size=32,
         unet=_TINY_UNET,
         lq_encoder_channels=(8, 16, 32),
         prompt_tokens=4,
@@ -109,7 +109,7 @@ PRESETS: dict[str, BaseConfig] = {
     "tiny-latent": BaseConfig(
         name="tiny-latent",
         space="latent",
-        sample_size=64,
+        sample_size=32,
         latent_channels=4,
         unet=_TINY_UNET,
         lq_encoder_channels=(8, 16, 32),

@@ -268,8 +268,8 @@ class PackedTrainer:
                 loss_k = loss_k + c.lambda_pers * parts["pers"]
             total = total + loss_k
             slot = self.slots[k]
-            slot.curve.append(float(loss_k))
-            slot.parts = {name: float(v) for name, v in parts.items()}
+            slot.curve.append(float(loss_k.detach()))
+            slot.parts = {name: float(v.detach()) for name, v in parts.items()}
         self.opt.zero_grad()
         total.backward()
         self.opt.step(active)

@@ -18,13 +18,16 @@ for _k, _v in {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_EC2_METADATA_DISABLED": "true",
     "TOKENIZERS_PARALLELISM": "false",
+    # Ray workers, Serve replicas and the test process share 2 cores: more threads each only spin.
+    "OMP_NUM_THREADS": "1",
 }.items():
     os.environ.setdefault(_k, _v)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-from _services import *  # noqa: E402,F401,F403  (session-scoped Ray, moto S3, MLflow server)
+from _ray import *  # noqa: E402,F401,F403  (session-scoped real Ray)
+from _services import *  # noqa: E402,F401,F403  (session-scoped moto S3, MLflow server)
 
 
 @pytest.fixture(scope="session")
