@@ -132,6 +132,7 @@ class RestorationModel(nn.Module):
         for i, (module, _level, _ch) in enumerate(self.transformer_blocks):
             module.register_forward_hook(self._pb_hook(i))
         self._fingerprint: str | None = None
+        self._compiled = None
 
     # -- structure -------------------------------------------------------------------------
     def _collect_resnets(self) -> list[tuple[nn.Module, int, int]]:
@@ -215,6 +216,20 @@ class RestorationModel(nn.Module):
         self, z_t: torch.Tensor, t: torch.Tensor, lq: torch.Tensor, pb: PBRun | None = None
     ) -> torch.Tensor:
         """Predict the noise of ``z_t`` at timesteps ``t`` (one per row) given the LQ latent."""
+        impl = self._compiled if self._compiled is not None else self._denoise
+        return impl(z_t, t, lq, pb)
+
+    def compile_denoiser(self, *, backend: str = "inductor", mode: str | None = None) -> RestorationModel:
+        """Compile the whole denoiser (LQ encoder, UNet, SFT and personalization hooks) once.
+
+        ``mode="reduce-overhead"`` captures CUDA graphs. Adapters live in fixed buffers
+        (:class:`~pfstorer.personalization.AdapterSlots`) and rows pick theirs by index, so swapping
+        or mixing identities is an in-place copy that never triggers a recompilation.
+        """
+        self._compiled = torch.compile(self._denoise, backend=backend, mode=mode, dynamic=False)
+        return self
+
+    def _denoise(self, z_t: torch.Tensor, t: torch.Tensor, lq: torch.Tensor, pb: PBRun | None) -> torch.Tensor:
         if t.ndim == 0:
             t = t.expand(z_t.shape[0])
         t = t.to(z_t.device)

@@ -37,7 +37,6 @@ How a run is carried out (``pipelines.run`` plans it and starts it):
 from __future__ import annotations
 
 import collections
-import contextlib
 import hashlib
 import json
 import logging
@@ -49,6 +48,7 @@ import tempfile
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -106,7 +106,8 @@ class JobQueue:
         self.params = dict(params or {})
         # workers and groups
         self.gen = 0
-        self.gen_ranks: set[int] = set()
+        self.group: str | None = None
+        self.old_groups: set[str] = set()
         self.workers: dict[str, dict[str, Any]] = {}
         self.restarts = 0
         self.requeued_after_loss = 0
@@ -129,14 +130,24 @@ class JobQueue:
         self._publisher.start()
 
     # -- workers -------------------------------------------------------------------------------
-    def register(self, rank: int, pid: int, host: str, resumed_from: str | None = None) -> str:
-        """A worker (re)starts; returns its worker id. A rank seen twice means a new group."""
+    def register(
+        self, rank: int, pid: int, host: str, group: str, resumed_from: str | None = None
+    ) -> str:
+        """A worker (re)starts; returns its worker id ("" if its group is outdated).
+
+        ``group``: a token all workers of one Ray Train worker group share (rank 0 draws it and
+        broadcasts it). A new token means Ray Train started a new group after a failure: every
+        job leased by the old group goes back to the front of the queue.
+        """
         with self._lock:
-            if rank in self.gen_ranks or not self.gen:
-                if self.gen:
+            if group != self.group:
+                if group in self.old_groups:
+                    return ""
+                if self.group is not None:
+                    self.old_groups.add(self.group)
                     self.restarts += 1
+                self.group = group
                 self.gen += 1
-                self.gen_ranks = set()
                 lost = [jid for jid, st in self.status.items() if st == LEASED]
                 for jid in reversed(lost):  # the lost people go first, in their order
                     self.status[jid] = PENDING
@@ -145,23 +156,21 @@ class JobQueue:
                 self.requeued_after_loss += len(lost)
                 if lost:
                     log.warning("worker group restarted: %d leased jobs put back", len(lost))
-                # a fresh group counts its reports from 0
-                self.round = 0
+                # a fresh group counts its reports from 0 (and reports once if all is settled)
+                self.round = 1 if self.finished else 0
                 self.dirty = any(st in (PUBLISHING, DONE) for st in self.status.values())
                 self.last_round_t = 0.0
-            self.gen_ranks.add(rank)
+                for w in self.workers.values():
+                    w["alive"] = False
             wid = f"g{self.gen}-r{rank}-p{pid}"
             self.workers[wid] = {
                 "rank": rank, "pid": pid, "host": host, "gen": self.gen, "started": time.time(),
                 "resumed_from": resumed_from, "handed_off": 0, "failed": 0, "alive": True,
             }
-            for w in self.workers.values():
-                if w["gen"] != self.gen:
-                    w["alive"] = False
             return wid
 
     def _current(self, wid: str) -> bool:
-        w = self.workers.get(wid)
+        w = self.workers.get(wid) if wid else None
         return w is not None and w["gen"] == self.gen
 
     def _all_settled(self) -> bool:
@@ -178,14 +187,15 @@ class JobQueue:
                 return {"stale": True, "round": reports, "finished": True, "jobs": []}
             self.steps += steps
             now = time.monotonic()
-            if not self.finished and self._all_settled():
-                self.finished = True
-                self.round += 1  # the final report: every worker checkpoints once more
-                self.dirty = False
-            elif self.dirty and now - self.last_round_t >= self.report_interval_s:
-                self.round += 1
-                self.dirty = False
-                self.last_round_t = now
+            if not self.finished:
+                if self._all_settled():
+                    self.finished = True
+                    self.round += 1  # the final report: every worker checkpoints once more
+                    self.dirty = False
+                elif self.dirty and now - self.last_round_t >= self.report_interval_s:
+                    self.round += 1
+                    self.dirty = False
+                    self.last_round_t = now
             jobs = self._lease(wid, want) if want > 0 and not self.finished else []
             return {"stale": False, "round": self.round, "finished": self.finished, "jobs": jobs}
 
@@ -463,9 +473,14 @@ class _Worker:
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         ckpt = ray.train.get_checkpoint()
+        group = uuid.uuid4().hex if self.rank == 0 else None
+        if ctx.get_world_size() > 1:
+            from ray.train.collective import broadcast_from_rank_zero
+
+            group = broadcast_from_rank_zero(group)
         self.wid = ray.get(
             self.queue.register.remote(
-                self.rank, os.getpid(), socket.gethostname(), ckpt.path if ckpt else None
+                self.rank, os.getpid(), socket.gethostname(), group, ckpt.path if ckpt else None
             )
         )
         if cfg.get("use_gpu"):
@@ -489,7 +504,7 @@ class _Worker:
         self.dry = bool(cfg.get("dry_train"))
         self.store = ArtifactStore(cfg["store_url"], cfg.get("storage_options"))
         self.storage_options = cfg.get("storage_options")
-        self.limits = ImageLimits(**cfg["limits"]) if cfg.get("limits") else ImageLimits()
+        self.limits = cfg.get("limits") or ImageLimits()
         self.inflight: dict[tuple[str, str], dict[str, Any]] = {}
         self.reports = 0
         self.handed: list[str] = []
@@ -639,8 +654,3 @@ def train_loop(cfg: dict[str, Any]) -> None:
     except Exception:
         log.error("pfstorer worker failed:\n%s", traceback.format_exc())
         raise
-
-
-@contextlib.contextmanager
-def _noop() -> Any:
-    yield

@@ -1,0 +1,747 @@
+"""The Ray Serve application: a FastAPI ingress (``Gateway``) in front of the model (``Restorer``).
+
+::
+
+    HTTP ─► Serve proxy ─► Gateway (FastAPI)                       Restorer (one base per replica)
+                           auth: API key -> tenant                  @serve.multiplexed "tenant/identity"
+                           limits: body, pixels, type, bomb         host-RAM LRU -> device slots
+                           identity -> index (404 if not the        AffinityScheduler: one restore
+                           caller's) ─► handle.options(                at a time, same person first
+                           multiplexed_model_id="t/i") ───────────► restore_batch(...) -> PNG
+                           503 + Retry-After on BackPressureError
+
+Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``):
+
+- ``POST /v1/restore`` - multipart ``image`` + form fields ``identity`` (none: base model only),
+  ``scale``, ``steps``, ``seed``, ``color_fix``, ``sampler``; answers ``image/png`` with headers
+  ``X-PFStorer-Adapter: tenant/identity@version`` (or ``none``) and ``X-PFStorer-Base``.
+- ``GET /v1/identities`` - the caller's tenant's people with an adapter.
+- ``GET /healthz`` (liveness), ``GET /readyz`` (model loaded and adapter index readable).
+
+Errors are JSON ``{"detail": "..."}``: 401 no/unknown key; 404 unknown identity (also another
+tenant's - the same body); 409 adapter trained on another base; 413 body or pixels over the
+limits (checked before reading/decoding), 415 not an image, 400 corrupt image or bad form; 422
+bad parameter values; 503 + ``Retry-After`` when the model's queue is full.
+
+Outputs are those of ``pfstorer restore`` bit for bit for the same image, adapter, seed, steps,
+scale, colour fix, ``--tile`` = ``serve.tile_size``, device and torch thread count (each replica
+uses ``max(1, floor(its CPUs))`` threads). Requests are never batched across rows because a
+batch of B > 1 is not bit-identical to a single restore (1e-5 differences on CPU).
+
+``build_app(args)`` is the import path of the Serve config (``serving.app:build_app``); ``args``
+are :class:`pfstorer.settings.Settings` overrides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import math
+import os
+import time
+from typing import Any, Literal
+
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader, HTTPBearer
+from pydantic import BaseModel, Field, ValidationError
+from ray import serve
+
+from pfstorer.errors import AdapterMismatchError, PFStorerError
+from pfstorer.settings import Settings
+from serving.adapters import (
+    NOT_FOUND_MESSAGE,
+    AdapterNotFound,
+    AffinityScheduler,
+    HostAdapterCache,
+    LoadStats,
+    ResidentAdapter,
+    SlotPool,
+    wipe_slot,
+)
+from serving.auth import ApiKeys, extract_key
+
+log = logging.getLogger("pfstorer.serving")
+
+__all__ = [
+    "APP_NAME",
+    "Gateway",
+    "RestoreParams",
+    "Restorer",
+    "api",
+    "build_app",
+    "build_application",
+]
+
+APP_NAME = "pfstorer"
+INDEX_MAX_AGE_S = float(os.environ.get("PFSTORER_SERVING_INDEX_MAX_AGE_S", "2.0"))
+"""How stale the adapter index may be on the request path (seconds between change checks)."""
+SWEEP_INTERVAL_S = float(os.environ.get("PFSTORER_SERVING_SWEEP_S", "5.0"))
+"""How often a replica drops adapters that left the index from host RAM and device slots."""
+MAX_STEPS = 1000
+MAX_SCALE = 8.0
+ADAPTER_HEADER = "X-PFStorer-Adapter"
+BASE_HEADER = "X-PFStorer-Base"
+
+
+# ---------------------------------------------------------------------------------------------
+# API models
+# ---------------------------------------------------------------------------------------------
+
+
+class RestoreParams(BaseModel):
+    """Form fields of ``POST /v1/restore`` (besides the ``image`` file)."""
+
+    identity: str | None = Field(
+        None,
+        description="The person (of the caller's tenant) whose adapter to use; empty or absent: "
+        "the base model only.",
+        max_length=128,
+    )
+    scale: float = Field(1.0, gt=0, le=MAX_SCALE, description="Upscaling factor (super-resolution).")
+    steps: int | None = Field(
+        None, ge=1, le=MAX_STEPS, description="Denoising steps (default: the server's serve.default_steps)."
+    )
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="Noise seed; the same seed gives the same PNG.")
+    color_fix: Literal["wavelet", "adain", "none"] = Field(
+        "wavelet", description="Match the input's colours after stitching the tiles."
+    )
+    sampler: Literal["ddim", "ddpm"] = Field("ddim", description="Diffusion sampler.")
+
+
+class ErrorBody(BaseModel):
+    detail: Any = Field(description="What went wrong (a sentence, or validation errors).")
+
+
+class IdentityInfo(BaseModel):
+    identity: str
+    version: int = Field(description="Adapter version (MLflow registered-model version).")
+    adapter: str = Field(description="tenant/identity@version, as in X-PFStorer-Adapter.")
+    updated_at: str | None = None
+
+
+class IdentityList(BaseModel):
+    tenant: str
+    identities: list[IdentityInfo]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    detail: str | None = None
+    base: str | None = Field(None, description="Base model fingerprint.")
+    preset: str | None = None
+    device: str | None = None
+    adapter_slots: int | None = None
+    torch_threads: int | None = None
+    busy: bool = False
+
+
+def _restore_form_schema() -> dict[str, Any]:
+    props: dict[str, Any] = {
+        "image": {
+            "type": "string",
+            "format": "binary",
+            "description": "The photo (PNG, JPEG, WebP, BMP or TIFF).",
+        }
+    }
+    for name, spec in RestoreParams.model_json_schema()["properties"].items():
+        spec = dict(spec)
+        spec.pop("title", None)
+        if "anyOf" in spec:  # Optional[...] -> the non-null branch
+            inner = next((s for s in spec.pop("anyOf") if s.get("type") != "null"), {})
+            spec = {**inner, **spec}
+        props[name] = spec
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "required": ["image"], "properties": props}
+                }
+            },
+        }
+    }
+
+
+def _err(status: int, description: str) -> dict[str, Any]:
+    return {"model": ErrorBody, "description": description}
+
+
+api = FastAPI(
+    title="pfstorer",
+    version="0.1.0",
+    summary="Personalized face restoration (PFStorer, CVPR 2024) as a multi-tenant HTTP API.",
+    description=(
+        "Restore a degraded photo of a person with that person's own adapter on a shared base "
+        "model. Authenticate with `Authorization: Bearer <key>` or `X-API-Key: <key>`; a key "
+        "belongs to one tenant and reaches that tenant's people only."
+    ),
+    openapi_tags=[
+        {"name": "restore", "description": "Restoration."},
+        {"name": "identities", "description": "People with an adapter."},
+        {"name": "health", "description": "Liveness and readiness probes."},
+    ],
+)
+_bearer = HTTPBearer(auto_error=False, description="API key as a bearer token.")
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key.")
+_AUTH = [Depends(_bearer), Depends(_api_key)]  # parsed for the OpenAPI schema; checked below
+
+
+def _json_error(status: int, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _not_found() -> JSONResponse:
+    return _json_error(404, NOT_FOUND_MESSAGE)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The user's exception behind a Ray task error (``RayTaskError(cause)``)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+def _error_response(exc: BaseException) -> JSONResponse:
+    """A PFStorerError -> its HTTP answer (AdapterNotFound -> the one 404 body)."""
+    if isinstance(exc, AdapterNotFound):
+        return _not_found()
+    status = 409 if isinstance(exc, AdapterMismatchError) else int(getattr(exc, "status", 400))
+    return _json_error(status, str(exc))
+
+
+# ---------------------------------------------------------------------------------------------
+# the model deployment
+# ---------------------------------------------------------------------------------------------
+
+
+def _assigned_cpus() -> float:
+    try:
+        import ray
+
+        return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
+    except Exception:
+        return 1.0
+
+
+class Restorer:
+    """One base model per replica; people's adapters hot-loaded into fixed device slots.
+
+    Call it through a handle with ``.options(multiplexed_model_id="tenant/identity")`` (``""``:
+    base only). The ingress resolves identities inside the caller's tenant before calling, so
+    this deployment trusts the model id it is given (it is not routed to HTTP).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        from pfstorer.model import load_base
+        from pfstorer.personalization import AdapterSlots
+        from pipelines.registry import AdapterRegistry
+
+        self.settings = settings
+        s = settings.serve
+        self.threads = max(1, int(_assigned_cpus()))
+        torch.set_num_threads(self.threads)
+        want = settings.device
+        self.device = "cuda" if want in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        self.model = load_base(settings.base, weights=settings.base_weights, device=self.device)
+        self.fingerprint = self.model.fingerprint  # computed once, here
+        self.slots = AdapterSlots.for_model(self.model, s.adapter_slots)
+        self.pool = SlotPool(s.adapter_slots)
+        self.stats = LoadStats()
+        self.host = HostAdapterCache(s.host_cache_adapters, self.stats)
+        self.registry = AdapterRegistry.from_urls(
+            settings.store_url,
+            None,  # read-only: MLflow stays off the request path
+            settings.index_url,
+            storage_options=settings.storage_options or None,
+            index_max_age_s=INDEX_MAX_AGE_S,
+        )
+        self.scheduler = AffinityScheduler(self._is_resident, max_skips=max(4, 2 * s.adapter_slots))
+        # every touch of the model or the slots happens on this one thread, in order
+        self._torch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pfstorer-torch")
+        self._io = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="pfstorer-io")
+        self._sweeper: asyncio.Task[None] | None = None
+        self.requests = 0
+
+        async def load_resident(model_id: str) -> ResidentAdapter:
+            return await self._load_resident(model_id)
+
+        # max_num_models_per_replica comes from the settings, so the multiplexed loader is made
+        # here (Serve detects multiplexed functions stored on the instance).
+        self._multiplex_fn = load_resident
+        self.get_adapter = serve.multiplexed(max_num_models_per_replica=s.adapter_slots)(load_resident)
+
+    # -- helpers ----------------------------------------------------------------------------
+    async def _io_call(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
+    async def _torch_call(self, fn: Any, *args: Any) -> Any:
+        """Run on the model thread; if the request is cancelled, still wait for it to finish so
+        the next holder of the turn never overlaps it."""
+        fut = asyncio.get_running_loop().run_in_executor(self._torch, fn, *args)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                await fut
+            raise
+
+    def _multiplexer(self) -> Any:
+        return getattr(self._multiplex_fn, "__serve_multiplex_wrapper", None)
+
+    def _is_resident(self, key: str) -> bool:
+        wrapper = self._multiplexer()
+        return wrapper is not None and key in wrapper.models
+
+    def _entry(self, key: str) -> Any:
+        from pipelines.registry import parse_model_key
+
+        try:
+            tenant, identity = parse_model_key(key)
+        except PFStorerError:
+            raise AdapterNotFound() from None
+        entry = self.registry.resolve(tenant, identity)
+        if entry is None:
+            raise AdapterNotFound()
+        if entry.base_fingerprint and entry.base_fingerprint != self.fingerprint:
+            raise AdapterMismatchError(
+                f"the adapter of {entry.label} was trained on base {entry.base_fingerprint}, "
+                f"but this server runs base {self.fingerprint} ({self.model.config.name})"
+            )
+        return entry
+
+    def _verified(self, entry: Any) -> tuple[Any, str]:
+        """Host-RAM tier lookup; a miss reads the store (sha256-verified, safetensors only)."""
+        from pipelines.batch_restore import load_verified_adapter
+
+        return self.host.get(
+            entry.sha256, entry.key, lambda: load_verified_adapter(self.registry, entry, self.model)
+        )
+
+    async def _load_resident(self, key: str) -> ResidentAdapter:
+        """The ``@serve.multiplexed`` loader: person -> a device slot (in-place copy)."""
+        t0 = time.perf_counter()
+        entry = await self._io_call(self._entry, key)
+        adapter, source = await self._io_call(self._verified, entry)
+        slot = self.pool.take()
+        try:
+            await self._torch_call(self.slots.load, slot, adapter.tensors)
+        except BaseException:
+            self.pool.give(slot)
+            raise
+        self.stats.record(f"load_from_{source}", (time.perf_counter() - t0) * 1e3)
+        return ResidentAdapter(key=key, slot=slot, pool=self.pool, sha256=entry.sha256, label=entry.label)
+
+    async def _acquire(self, key: str, entry: Any) -> ResidentAdapter:
+        """The person's adapter in a device slot, current version (called holding the turn)."""
+        for _ in range(3):
+            resident: ResidentAdapter = await self.get_adapter(key)
+            if resident.released:  # evicted under us (not expected while holding the turn)
+                continue
+            if resident.sha256 != entry.sha256:  # new version published, or wiped by the sweeper
+                t0 = time.perf_counter()
+                adapter, source = await self._io_call(self._verified, entry)
+                await self._torch_call(self.slots.load, resident.slot, adapter.tensors)
+                resident.sha256, resident.label = entry.sha256, entry.label
+                self.stats.record(f"load_from_{source}", (time.perf_counter() - t0) * 1e3)
+            else:
+                self.stats.record("device_hit")
+            return resident
+        raise RuntimeError(f"could not keep an adapter slot for {key}")
+
+    def _restore_sync(self, image_u8: torch.Tensor, slot: int | None, p: dict[str, Any]) -> torch.Tensor:
+        from pfstorer.sampling import restore_batch
+
+        # uint8 -> float exactly as pfstorer.images.from_pil does: same bits as the offline CLI
+        image = image_u8.to(torch.float32).div_(255.0)
+        return restore_batch(
+            self.model,
+            image.unsqueeze(0),
+            adapters=self.slots if slot is not None else None,
+            slots=[slot if slot is not None else 0],
+            seeds=[int(p["seed"])],
+            scale=float(p["scale"]),
+            steps=int(p["steps"]),
+            sampler=p["sampler"],
+            tile=self.settings.serve.tile_size,
+            color_fix=p["color_fix"],
+        )[0]
+
+    # -- forgetting (lesson 8) ------------------------------------------------------------------
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("adapter sweep failed")
+
+    async def sweep(self) -> dict[str, int]:
+        """Drop adapters whose person left the index (forgotten) from host RAM and device slots
+        (slot tensors zeroed); returns counts. Runs every SWEEP_INTERVAL_S on each replica."""
+        entries = await self._io_call(self.registry.index.list)
+        current = {e.key: e.sha256 for e in entries}
+        host = self.host.discard(lambda key, sha: current.get(key) == sha)
+        wiped = 0
+        wrapper = self._multiplexer()
+        if wrapper is not None and any(k not in current for k in list(wrapper.models)):
+            async with self.scheduler.turn(""):
+                for key in [k for k in list(wrapper.models) if k not in current]:
+                    resident = wrapper.models.pop(key, None)
+                    if resident is None:
+                        continue
+                    await self._torch_call(wipe_slot, self.slots, resident.slot)
+                    resident.sha256 = resident.label = None
+                    resident.release()
+                    wiped += 1
+                wrapper._push_multiplexed_replica_info = True
+        if host or wiped:
+            self.stats.record("forgotten", None)
+        return {"host": host, "device": wiped}
+
+    # -- API ------------------------------------------------------------------------------------
+    async def restore(self, image_u8: torch.Tensor, params: dict[str, Any]) -> dict[str, Any]:
+        """Restore one image (uint8 ``[3,H,W]``) for the person of the multiplexed model id."""
+        self._ensure_sweeper()
+        self.requests += 1
+        key = serve.get_multiplexed_model_id() or ""
+        t0 = time.perf_counter()
+        entry = None
+        if key:
+            entry = await self._io_call(self._entry, key)
+            await self._io_call(self._verified, entry)  # warm host RAM outside the turn
+        async with self.scheduler.turn(key):
+            t1 = time.perf_counter()
+            slot, label = None, "none"
+            if key:
+                resident = await self._acquire(key, entry)
+                slot, label = resident.slot, resident.label
+            out = await self._torch_call(self._restore_sync, image_u8, slot, params)
+            t2 = time.perf_counter()
+        from pfstorer.images import encode_png
+
+        png = await self._io_call(encode_png, out)
+        return {
+            "png": png,
+            "adapter": label,
+            "base": self.fingerprint,
+            "queue_s": t1 - t0,
+            "compute_s": t2 - t1,
+        }
+
+    async def ready(self) -> dict[str, Any]:
+        """Model loaded (the constructor ran) and the adapter index readable."""
+        self._ensure_sweeper()
+        try:
+            await self._io_call(self.registry.index.refresh, True)
+        except Exception as exc:
+            err = PFStorerError(f"adapter index {self.settings.index_url} is not readable: {exc}")
+            err.status = 503
+            raise err from None
+        return {
+            "ready": True,
+            "base": self.fingerprint,
+            "preset": self.model.config.name,
+            "device": self.device,
+            "adapter_slots": self.slots.slots,
+            "torch_threads": self.threads,
+        }
+
+    async def get_stats(self) -> dict[str, Any]:
+        """Counters for benchmarks and debugging (not routed to HTTP)."""
+        wrapper = self._multiplexer()
+        return {
+            "requests": self.requests,
+            "adapters": self.stats.summary(),
+            "resident": len(wrapper.models) if wrapper is not None else 0,
+            "free_slots": self.pool.free,
+            "host_cached": len(self.host),
+            "host_cached_bytes": self.host.nbytes,
+            "scheduler": {"granted": self.scheduler.granted, "reordered": self.scheduler.reordered},
+            "torch_threads": self.threads,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# the ingress
+# ---------------------------------------------------------------------------------------------
+
+
+async def _once(data: bytes):  # an async byte stream for the multipart parser
+    yield data
+
+
+@serve.ingress(api)
+class Gateway:
+    """HTTP ingress: auth, limits, tenant scoping, back-pressure; the model work is Restorer's."""
+
+    def __init__(self, restorer: Any, settings: Settings) -> None:
+        from pfstorer.images import ImageLimits
+        from pipelines.registry import AdapterRegistry
+
+        self.restorer = restorer
+        self.settings = settings
+        self.keys = ApiKeys.configured(settings.serve.api_keys_file)
+        self.registry = AdapterRegistry.from_urls(
+            settings.store_url,
+            None,
+            settings.index_url,
+            storage_options=settings.storage_options or None,
+            index_max_age_s=INDEX_MAX_AGE_S,
+        )
+        s = settings.serve
+        self.limits = ImageLimits(max_bytes=s.max_upload_bytes, max_pixels=s.max_pixels)
+        self._latency_s = 1.0  # moving average of restore latency, for Retry-After
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _tenant(self, request: Request) -> str | None:
+        return self.keys.tenant_for(extract_key(request.headers))
+
+    @staticmethod
+    def _unauthorized() -> JSONResponse:
+        return _json_error(401, "missing or unknown API key", {"WWW-Authenticate": "Bearer"})
+
+    def _retry_after(self) -> str:
+        return str(int(min(60, max(1, math.ceil(self._latency_s)))))
+
+    def _overloaded(self) -> JSONResponse:
+        ra = self._retry_after()
+        return _json_error(503, f"overloaded: too many requests queued; retry in {ra} s", {"Retry-After": ra})
+
+    async def _read_body(self, request: Request) -> bytes | JSONResponse:
+        limit = self.settings.serve.max_upload_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                n = int(declared)
+            except ValueError:
+                return _json_error(400, "invalid Content-Length")
+            if n > limit:  # refused before reading a byte
+                return _json_error(413, f"request body is {n} bytes, over the limit of {limit}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:  # chunked or lying uploads: stop reading
+                return _json_error(413, f"request body is over the limit of {limit} bytes")
+        return bytes(body)
+
+    # -- endpoints ------------------------------------------------------------------------------
+    @api.get("/healthz", tags=["health"], response_model=Health, summary="Liveness")
+    async def healthz(self) -> Health:
+        """The ingress is running (says nothing about the model: see /readyz)."""
+        return Health(status="ok")
+
+    @api.get(
+        "/readyz",
+        tags=["health"],
+        response_model=Readiness,
+        summary="Readiness",
+        responses={503: {"model": Readiness, "description": "Model not loaded or index unreadable."}},
+    )
+    async def readyz(self) -> Any:
+        """200 once a model replica has its base loaded and the adapter index is readable."""
+        from ray.serve.exceptions import BackPressureError
+
+        try:
+            await asyncio.to_thread(self.registry.index.refresh, True)
+        except Exception as exc:
+            return JSONResponse(Readiness(ready=False, detail=f"adapter index unreadable: {exc}").model_dump(), 503)
+        try:
+            info = await asyncio.wait_for(self.restorer.ready.remote(), timeout=10)
+        except BackPressureError:  # replicas exist and are busy: ready, just full
+            return Readiness(ready=True, busy=True, detail="model replicas busy")
+        except Exception as exc:
+            detail = str(_unwrap(exc)) or type(exc).__name__
+            return JSONResponse(Readiness(ready=False, detail=f"model not ready: {detail}").model_dump(), 503)
+        return Readiness(**info)
+
+    @api.get(
+        "/v1/identities",
+        tags=["identities"],
+        response_model=IdentityList,
+        dependencies=_AUTH,
+        summary="People of the caller's tenant",
+        responses={401: _err(401, "Missing or unknown API key.")},
+    )
+    async def identities(self, request: Request) -> Any:
+        """Every person of the caller's tenant that has an adapter in the index."""
+        tenant = self._tenant(request)
+        if tenant is None:
+            return self._unauthorized()
+        entries = await asyncio.to_thread(self.registry.index.list, tenant)
+        return IdentityList(
+            tenant=tenant,
+            identities=[
+                IdentityInfo(
+                    identity=e.identity,
+                    version=e.version,
+                    adapter=e.label,
+                    updated_at=e.updated_at.isoformat() if e.updated_at else None,
+                )
+                for e in entries
+            ],
+        )
+
+    @api.post(
+        "/v1/restore",
+        tags=["restore"],
+        dependencies=_AUTH,
+        summary="Restore a photo, with a person's adapter",
+        response_class=Response,
+        openapi_extra=_restore_form_schema(),
+        responses={
+            200: {
+                "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                "description": "The restored image (PNG).",
+                "headers": {
+                    ADAPTER_HEADER: {
+                        "description": "Adapter used: tenant/identity@version, or none.",
+                        "schema": {"type": "string"},
+                    },
+                    BASE_HEADER: {"description": "Base model fingerprint.", "schema": {"type": "string"}},
+                },
+            },
+            400: _err(400, "Corrupt image or malformed form."),
+            401: _err(401, "Missing or unknown API key."),
+            404: _err(404, "Unknown identity (also: another tenant's)."),
+            409: _err(409, "The adapter was trained on a different base model."),
+            413: _err(413, "Body or image over the size/pixel limits (refused before decoding)."),
+            415: _err(415, "Not a supported image type, or not multipart/form-data."),
+            422: _err(422, "Invalid parameter values or adapter."),
+            503: {
+                "model": ErrorBody,
+                "description": "Overloaded: retry after the Retry-After header's seconds.",
+                "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+            },
+        },
+    )
+    async def restore(self, request: Request) -> Response:
+        """Restore one photo. With ``identity``, the person's adapter (of the caller's tenant)
+        is used; without, the base model alone. Images of any size are restored in tiles."""
+        from pfstorer.images import decode_image
+        from pfstorer.sampling import MAX_OUTPUT_PIXELS
+        from pipelines.registry import is_safe_key, model_key
+        from ray.serve.exceptions import BackPressureError
+        from starlette.datastructures import UploadFile
+        from starlette.formparsers import MultiPartException, MultiPartParser
+
+        tenant = self._tenant(request)  # before reading the body
+        if tenant is None:
+            return self._unauthorized()
+        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            return _json_error(415, "send multipart/form-data with an 'image' file field")
+        body = await self._read_body(request)
+        if isinstance(body, JSONResponse):
+            return body
+        try:
+            form = await MultiPartParser(
+                request.headers, _once(body), max_files=1, max_fields=16, max_part_size=64 * 1024
+            ).parse()
+        except (MultiPartException, ValueError, KeyError) as exc:
+            return _json_error(400, f"malformed multipart body: {exc}")
+        try:
+            upload = form.get("image")
+            if not isinstance(upload, UploadFile):
+                return _json_error(422, "the form needs an 'image' file field")
+            fields = {k: v for k, v in form.items() if k != "image" and isinstance(v, str) and v != ""}
+            try:
+                params = RestoreParams.model_validate(fields)
+            except ValidationError as exc:
+                errors = [{"loc": e["loc"], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+                return _json_error(422, errors)
+            data = await upload.read()
+        finally:
+            await form.close()
+
+        key = ""
+        if params.identity:
+            if not is_safe_key(params.identity):
+                return _not_found()
+            entry = await asyncio.to_thread(self.registry.resolve, tenant, params.identity)
+            if entry is None:  # nonexistent or another tenant's: the same answer
+                return _not_found()
+            key = model_key(tenant, params.identity)
+        try:
+            image = await asyncio.to_thread(decode_image, data, limits=self.limits, name="image")
+        except PFStorerError as exc:
+            return _error_response(exc)
+        h, w = image.shape[-2:]
+        if round(h * params.scale) * round(w * params.scale) > MAX_OUTPUT_PIXELS:
+            return _json_error(413, f"output of {w}x{h} at scale {params.scale} would be too large")
+        image_u8 = image.mul(255).round_().to(torch.uint8)  # exact: decoded pixels are k/255
+        p = params.model_dump()
+        p["steps"] = params.steps or self.settings.serve.default_steps
+        t0 = time.perf_counter()
+        try:
+            result = await self.restorer.options(multiplexed_model_id=key).restore.remote(image_u8, p)
+        except BackPressureError:
+            return self._overloaded()
+        except Exception as exc:
+            cause = _unwrap(exc)
+            if isinstance(cause, BackPressureError):
+                return self._overloaded()
+            if isinstance(cause, PFStorerError):
+                return _error_response(cause)
+            from ray.serve.exceptions import DeploymentUnavailableError
+
+            if isinstance(cause, DeploymentUnavailableError):
+                ra = self._retry_after()
+                return _json_error(503, "model unavailable", {"Retry-After": ra})
+            log.exception("restore failed")
+            return _json_error(500, "internal error")
+        elapsed = time.perf_counter() - t0
+        self._latency_s = 0.8 * self._latency_s + 0.2 * elapsed
+        return Response(
+            content=result["png"],
+            media_type="image/png",
+            headers={
+                ADAPTER_HEADER: result["adapter"],
+                BASE_HEADER: result["base"],
+                "X-PFStorer-Seed": str(params.seed),
+                "X-PFStorer-Steps": str(p["steps"]),
+                "Cache-Control": "no-store",
+            },
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# application
+# ---------------------------------------------------------------------------------------------
+
+
+def build_application(settings: Settings) -> Any:
+    """The Serve application for ``settings`` (``serve.run(build_application(s))``)."""
+    from ray.serve.config import BackpressureConfig
+
+    s = settings.serve
+    ApiKeys.configured(s.api_keys_file)  # fail here, not in a replica, if no keys are configured
+    opts = s.deployment_options()
+    retry = BackpressureConfig(retry_after_s=1)
+    restorer = serve.deployment(Restorer, name="Restorer").options(backpressure_config=retry, **opts)
+    per_replica = s.max_ongoing_requests + max(s.max_queued_requests, 0)
+    replicas = s.autoscaling.max_replicas if s.autoscaling is not None else s.num_replicas
+    gateway = serve.deployment(Gateway, name="Gateway").options(
+        num_replicas=1,
+        # room for everything the model deployment may queue, plus the requests it rejects fast
+        max_ongoing_requests=max(64, 4 * per_replica * replicas),
+        max_queued_requests=-1,
+        backpressure_config=retry,
+        ray_actor_options={"num_cpus": min(0.25, s.num_cpus) if s.num_cpus else 0},
+    )
+    return gateway.bind(restorer.bind(settings), settings)
+
+
+def build_app(args: dict[str, Any] | None = None) -> Any:
+    """Serve config entry point (``import_path: serving.app:build_app``): ``args`` are
+    :class:`~pfstorer.settings.Settings` overrides (e.g. ``base``, ``index_url``, ``serve``)."""
+    return build_application(Settings.load(**dict(args or {})))

@@ -1,0 +1,623 @@
+"""Serving: API keys, adapter tiers, the affinity scheduler (unit), and the HTTP API over real Ray
+Serve on 127.0.0.1 (integration: 2 tenants x 3 people with real adapters on the ``tiny`` base).
+
+Every served PNG is compared with the offline restore (``pfstorer.sampling.restore`` and, for one
+person, the ``pfstorer restore`` CLI) bit for bit: same seed, steps, ``--tile`` = serve.tile_size,
+and one torch thread on both sides (each replica uses floor(num_cpus) >= 1 threads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import gc
+import io
+import os
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from _services import free_port, unique_name
+
+from pfstorer.errors import AdapterError
+from serving.adapters import (
+    NOT_FOUND_MESSAGE,
+    AdapterNotFound,
+    AffinityScheduler,
+    HostAdapterCache,
+    ResidentAdapter,
+    SlotPool,
+    wipe_slot,
+)
+from serving.auth import ApiKeys, KeyFileError, extract_key, generate_key, hash_key
+
+STEPS = 2
+TILE = 64  # serve.tile_size: the 128 px photos are restored in overlapping 64 px tiles
+
+
+# ---------------------------------------------------------------------------------------------
+# unit: auth
+# ---------------------------------------------------------------------------------------------
+
+
+def test_hash_key_and_lookup(tmp_path: Path) -> None:
+    k1, k2 = generate_key(), generate_key()
+    assert k1 != k2 and len(k1) > 40
+    h1 = hash_key(k1)
+    assert h1.startswith("sha256:") and len(h1) == 7 + 64 and k1 not in h1
+    keys = ApiKeys.from_document({"tenants": {"acme": [h1], "globex": hash_key(k2)[7:]}})
+    assert keys.tenant_for(k1) == "acme" and keys.tenant_for(k2) == "globex"
+    assert keys.tenant_for(None) is None and keys.tenant_for("") is None
+    assert keys.tenant_for(k1 + "x") is None and keys.tenant_for("short") is None
+    assert keys.tenants == {"acme", "globex"}
+    assert extract_key({"authorization": f"Bearer {k1}"}) == k1
+    assert extract_key({"x-api-key": k2}) == k2
+    assert extract_key({"authorization": "Basic abc"}) is None
+
+
+@pytest.mark.parametrize(
+    "doc, match",
+    [
+        ({"acme": []}, "'tenants' mapping"),
+        ({"tenants": {"acme": ["plain-key-not-hash"]}}, "sha256"),
+        ({"tenants": {"bad.tenant": []}}, "safe tenant"),
+        ({"tenants": {"a": ["sha256:" + "0" * 64], "b": ["0" * 64]}}, "two tenants"),
+    ],
+)
+def test_bad_key_documents(doc: Any, match: str) -> None:
+    with pytest.raises(KeyFileError, match=match):
+        ApiKeys.from_document(doc)
+
+
+def test_key_file_reload_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    k1, k2 = generate_key(), generate_key()
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"tenants:\n  acme:\n    - {hash_key(k1)}\n")
+    keys = ApiKeys.from_file(path, reload_s=0)
+    assert keys.tenant_for(k1) == "acme" and keys.tenant_for(k2) is None
+    path.write_text(f'{{"tenants": {{"acme": ["{hash_key(k2)}"]}}}}')  # JSON works too; rotated
+    os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    assert keys.tenant_for(k2) == "acme" and keys.tenant_for(k1) is None
+    monkeypatch.delenv("PFSTORER_API_KEYS", raising=False)
+    with pytest.raises(KeyFileError, match="no API keys configured"):
+        ApiKeys.configured(None)
+    monkeypatch.setenv("PFSTORER_API_KEYS", f'{{"tenants": {{"env-t": ["{hash_key(k1)}"]}}}}')
+    assert ApiKeys.configured(None).tenant_for(k1) == "env-t"
+
+
+# ---------------------------------------------------------------------------------------------
+# unit: adapter tiers and scheduling
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resident_adapter_release_is_idempotent() -> None:
+    pool = SlotPool(2)
+    a = ResidentAdapter(key="t/a", slot=pool.take(), pool=pool, sha256="x")
+    assert pool.free == 1
+    a.__del__()  # what Serve's LRU eviction calls ...
+    a.__del__ = lambda _: None  # ... (and then sets, which the GC ignores)
+    assert pool.free == 2 and a.released
+    del a
+    gc.collect()  # ... and the GC's __del__: no second release
+    assert pool.free == 2
+    pool.take(), pool.take()
+    with pytest.raises(RuntimeError, match="no free adapter slot"):
+        pool.take()
+
+
+def test_host_cache_lru_and_discard() -> None:
+    from pfstorer.adapter import Adapter, AdapterMetadata
+
+    loads: list[str] = []
+
+    def loader(name: str):
+        def load() -> Adapter:
+            loads.append(name)
+            meta = AdapterMetadata(identity=name, base_fingerprint="b", base_preset="tiny")
+            return Adapter({"x": torch.zeros(4)}, meta)
+
+        return load
+
+    cache = HostAdapterCache(2)
+    assert cache.get("s1", "t/a", loader("a"))[1] == "store"
+    assert cache.get("s1", "t/a", loader("a"))[1] == "host"
+    cache.get("s2", "t/b", loader("b"))
+    cache.get("s1", "t/a", loader("a"))  # s1 most recent
+    cache.get("s3", "t/c", loader("c"))  # evicts s2
+    assert "s2" not in cache and "s1" in cache and loads == ["a", "b", "c"]
+    assert cache.discard(lambda key, sha: key != "t/a") == 1 and "s1" not in cache
+    counts = cache.stats.summary()["counts"]
+    assert counts["store_read"] == 3 and counts["host_hit"] == 2
+    off = HostAdapterCache(0)
+    off.get("s1", "t/a", loader("a")), off.get("s1", "t/a", loader("a"))
+    assert loads[-2:] == ["a", "a"]
+    with pytest.raises(AdapterError):
+        cache.get("s9", "t/z", lambda: (_ for _ in ()).throw(AdapterError("corrupt")))
+
+
+def test_wipe_slot_zeroes_everything() -> None:
+    from pfstorer.model import load_base
+    from pfstorer.personalization import AdapterSlots
+
+    slots = AdapterSlots.for_model(load_base("tiny"), 2)
+    for b in slots.buffers():
+        b.fill_(1.0)
+    wipe_slot(slots, 1)
+    assert all(float(b[1].abs().sum()) == 0 and float(b[0].min()) == 1 for b in slots.buffers())
+
+
+def test_affinity_scheduler_groups_by_identity() -> None:
+    order: list[str] = []
+
+    async def main() -> None:
+        sched = AffinityScheduler(lambda key: key == "t/r", max_skips=8)
+
+        async def job(key: str, hold: float = 0.01) -> None:
+            async with sched.turn(key):
+                order.append(key)
+                await asyncio.sleep(hold)
+
+        first = asyncio.create_task(job("t/a", 0.05))
+        await asyncio.sleep(0.01)
+        rest = [asyncio.create_task(job(k)) for k in ["t/b", "t/c", "t/a", "t/r", "t/a", ""]]
+        await asyncio.gather(first, *rest)
+        assert not sched.busy and sched.waiting == 0
+
+        # cancellation while waiting, and after being granted, never wedges the turn
+        holder = asyncio.create_task(job("t/x", 0.05))
+        await asyncio.sleep(0.01)
+        waiter = asyncio.create_task(job("t/y"))
+        await asyncio.sleep(0.01)
+        waiter.cancel()
+        await asyncio.gather(holder, return_exceptions=True)
+        await asyncio.wait_for(job("t/z"), 1)
+
+    asyncio.run(main())
+    # same person first (t/a, t/a), then resident ones (t/r, base ""), then the oldest (t/b, t/c)
+    assert order[:7] == ["t/a", "t/a", "t/a", "t/r", "", "t/b", "t/c"]
+
+
+def test_affinity_scheduler_no_starvation() -> None:
+    order: list[str] = []
+
+    async def main() -> None:
+        sched = AffinityScheduler(max_skips=2)
+
+        async def job(key: str) -> None:
+            async with sched.turn(key):
+                order.append(key)
+                await asyncio.sleep(0.005)
+
+        tasks = [asyncio.create_task(job("t/hot"))]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(job("t/cold")))
+        tasks += [asyncio.create_task(job("t/hot")) for _ in range(6)]
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    assert order.index("t/cold") <= 3  # passed over at most max_skips times
+
+
+def test_not_found_message_is_constant() -> None:
+    assert str(AdapterNotFound("acme/bob")) == str(AdapterNotFound()) == NOT_FOUND_MESSAGE
+    assert AdapterNotFound().status == 404
+
+
+def test_uint8_transport_is_exact() -> None:
+    from pfstorer.images import from_pil
+
+    from PIL import Image
+
+    arr = torch.arange(256, dtype=torch.uint8).repeat(3, 4, 1)  # every value
+    img = from_pil(Image.fromarray(arr.permute(1, 2, 0).numpy()))
+    u8 = img.mul(255).round_().to(torch.uint8)
+    assert torch.equal(u8.to(torch.float32).div_(255.0), img)
+
+
+def test_openapi_documents_the_api() -> None:
+    from serving.app import api
+
+    spec = api.openapi()
+    post = spec["paths"]["/v1/restore"]["post"]
+    assert {"200", "400", "401", "404", "409", "413", "415", "422", "503"} <= set(post["responses"])
+    assert "image/png" in post["responses"]["200"]["content"]
+    assert "Retry-After" in post["responses"]["503"]["headers"]
+    form = post["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert {"image", "identity", "scale", "steps", "seed", "color_fix"} <= set(form["properties"])
+    assert {"/v1/identities", "/healthz", "/readyz"} <= set(spec["paths"])
+    assert {"HTTPBearer", "APIKeyHeader"} <= set(spec["components"]["securitySchemes"])
+
+
+def test_build_app_takes_settings_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.serve import Application
+
+    from serving.app import build_app
+
+    monkeypatch.delenv("PFSTORER_API_KEYS", raising=False)
+    with pytest.raises(KeyFileError):
+        build_app({"base": "tiny", "state_dir": str(tmp_path)})
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(f"tenants:\n  acme: ['{hash_key(generate_key())}']\n")
+    app = build_app({"base": "tiny", "state_dir": str(tmp_path), "serve": {"api_keys_file": str(keys)}})
+    assert isinstance(app, Application)
+
+
+# ---------------------------------------------------------------------------------------------
+# integration: the stack
+# ---------------------------------------------------------------------------------------------
+
+
+def _chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+
+def _bomb_png(side: int) -> bytes:
+    """A tiny valid PNG whose header declares side x side RGB pixels."""
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + _chunk(b"IEND", b"")
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class Stack:
+    """What the integration tests share: the served app, its people and offline references."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.app_name = ""
+        self.keys: dict[str, str] = {}  # tenant -> key
+        self.people: dict[str, list[str]] = {}  # tenant -> identities
+        self.photo: dict[tuple[str, str], Path] = {}
+        self.adapter_dirs: dict[tuple[str, str], Path] = {}
+        self.adapters: dict[tuple[str, str], Any] = {}
+        self.labels: dict[tuple[str, str], str] = {}
+        self.registry: Any = None
+        self.model: Any = None
+        self.cli: subprocess.Popen | None = None
+        self.cli_out: Path | None = None
+        self._refs: dict[tuple, bytes] = {}
+
+    def headers(self, tenant: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[tenant]}"}
+
+    def reference(self, tenant: str | None, identity: str | None, photo: Path, seed: int) -> bytes:
+        """Offline restore of ``photo`` (PNG bytes), one torch thread like the replica."""
+        from pfstorer.images import encode_png, load_image
+        from pfstorer.sampling import restore
+
+        k = (tenant, identity, str(photo), seed)
+        if k not in self._refs:
+            adapter = self.adapters[(tenant, identity)] if identity else None
+            with _threads(1):
+                out = restore(self.model, load_image(photo), adapter=adapter, seed=seed, steps=STEPS, tile=TILE)
+            self._refs[k] = encode_png(out)
+        return self._refs[k]
+
+    def restore_handle(self) -> Any:
+        from ray import serve
+
+        return serve.get_deployment_handle("Restorer", app_name=self.app_name)
+
+
+def _post(client: Any, stack: Stack, tenant: str | None, photo: Path | bytes, **fields: Any) -> Any:
+    data = photo if isinstance(photo, bytes) else photo.read_bytes()
+    headers = stack.headers(tenant) if tenant else {}
+    headers.update(fields.pop("headers", {}))
+    form = {k: str(v) for k, v in fields.items() if v is not None}
+    return client.post("/v1/restore", headers=headers, files={"image": ("photo.jpg", data)}, data=form)
+
+
+@pytest.fixture(scope="module")
+def stack(ray_session, mlflow_local, lfw_bench, tmp_path_factory) -> Any:
+    import httpx
+    from ray import serve
+
+    from pfstorer.model import load_base
+    from pfstorer.images import load_image
+    from pfstorer.training import PersonalizeConfig, personalize
+    from pipelines.registry import AdapterRegistry
+    from serving.app import build_app
+
+    t0 = time.perf_counter()
+    root = tmp_path_factory.mktemp("serving")
+    s = Stack()
+    s.registry = AdapterRegistry.from_urls(
+        str(root / "store"), mlflow_local.tracking_uri, str(root / "index.parquet"),
+        artifact_location=mlflow_local.artifact_location,
+    )
+    with _threads(1):
+        s.model = load_base("tiny")
+    people = [name for name, photos in lfw_bench.items() if len(photos) >= 6][:6]
+    tenants = [unique_name("acme"), unique_name("globex")]
+    config = PersonalizeConfig(steps=2, lr=0.05)  # a few strong steps: people restore differently
+    with _threads(2):
+        for i, name in enumerate(people):
+            tenant = tenants[i // 3]
+            refs = [load_image(p) for p in lfw_bench[name][:5]]
+            adapter = personalize(s.model, refs, identity=name, tenant=tenant, config=config)
+            d = adapter.save(root / "adapters" / tenant / name)
+            entry = s.registry.publish(d, tenant, name, job_key=f"job{i}", lineage={"base_licence": "test"})
+            s.people.setdefault(tenant, []).append(name)
+            s.photo[(tenant, name)] = lfw_bench[name][5]
+            s.adapter_dirs[(tenant, name)] = d
+            s.adapters[(tenant, name)] = adapter
+            s.labels[(tenant, name)] = entry.label
+    print(f"\n[serving] 6 adapters personalized and published in {time.perf_counter() - t0:.1f}s")
+
+    # the offline CLI for one person, running while Serve deploys
+    tenant, name = tenants[0], s.people[tenants[0]][0]
+    s.cli_out = root / "cli.png"
+    s.cli = subprocess.Popen(
+        [sys.executable, "-m", "pfstorer.cli", "restore", "--base", "tiny", "--adapter",
+         str(s.adapter_dirs[(tenant, name)]), "--input", str(s.photo[(tenant, name)]), "--out",
+         str(s.cli_out), "--seed", "100", "--steps", str(STEPS), "--tile", str(TILE), "--quiet"],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+    s.keys = {t: generate_key() for t in tenants}
+    keys_file = root / "api-keys.yaml"
+    keys_file.write_text(
+        "tenants:\n" + "".join(f"  {t}:\n    - {hash_key(k)}\n" for t, k in s.keys.items())
+    )
+    port = free_port()
+    s.app_name = unique_name("pfstorer")
+    s.url = f"http://127.0.0.1:{port}"
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app(
+        {
+            "base": "tiny",
+            "device": "cpu",
+            "state_dir": str(root / "state"),
+            "index_url": str(root / "index.parquet"),
+            "store_url": str(root / "store"),
+            "serve": {
+                "api_keys_file": str(keys_file),
+                "adapter_slots": 2,  # fewer than one tenant's 3 people: cycling evicts
+                "host_cache_adapters": 16,
+                "max_ongoing_requests": 2,
+                "max_queued_requests": 2,
+                "num_cpus": 0.5,
+                "tile_size": TILE,
+                "default_steps": STEPS,
+                "max_upload_bytes": 300_000,
+                "max_pixels": 512 * 512,
+            },
+        }
+    )
+    t1 = time.perf_counter()
+    serve.run(app, name=s.app_name, route_prefix="/", blocking=False)
+    with httpx.Client(base_url=s.url, timeout=60) as client:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                r = client.get("/readyz")
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the app did not become ready"
+            time.sleep(0.5)
+    print(f"[serving] app ready in {time.perf_counter() - t1:.1f}s: {r.json()}")
+    try:
+        yield s
+    finally:
+        if s.cli is not None and s.cli.poll() is None:
+            s.cli.kill()
+        with contextlib.suppress(Exception):
+            serve.delete(s.app_name)
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+
+
+@pytest.fixture
+def client(stack: Stack):
+    import httpx
+
+    with httpx.Client(base_url=stack.url, timeout=120) as c:
+        yield c
+
+
+# ---------------------------------------------------------------------------------------------
+# integration tests
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_each_person_matches_offline_restore(stack: Stack, client: Any) -> None:
+    from pfstorer.images import load_image
+
+    outputs = {}
+    for tenant, people in stack.people.items():
+        for i, name in enumerate(people):
+            seed = 100 + i
+            r = _post(client, stack, tenant, stack.photo[(tenant, name)], identity=name, seed=seed)
+            assert r.status_code == 200, r.text
+            assert r.headers["content-type"] == "image/png"
+            assert r.headers["X-PFStorer-Adapter"] == stack.labels[(tenant, name)]
+            assert r.headers["X-PFStorer-Adapter"].startswith(f"{tenant}/{name}@")
+            assert r.headers["X-PFStorer-Base"] == stack.model.fingerprint
+            ref = stack.reference(tenant, name, stack.photo[(tenant, name)], seed)
+            assert r.content == ref, f"{tenant}/{name}: served PNG differs from the offline restore"
+            outputs[(tenant, name)] = r.content
+    assert len(set(outputs.values())) == 6  # six people, six different restorations
+    # decoded pixels too (not only the encoder's bytes)
+    (tenant, name), png = next(iter(outputs.items()))
+    assert torch.equal(load_image(png), load_image(stack.reference(tenant, name, stack.photo[(tenant, name)], 100)))
+    # and the `pfstorer restore` CLI, run in a separate process, wrote the same PNG
+    rc = stack.cli.wait(timeout=180)
+    assert rc == 0, stack.cli.stdout.read().decode()
+    first = stack.people[next(iter(stack.people))][0]
+    assert stack.cli_out.read_bytes() == outputs[(next(iter(stack.people)), first)]
+
+
+@pytest.mark.integration
+def test_base_only_and_spoofed_multiplex_header(stack: Stack, client: Any) -> None:
+    tenant_a, tenant_b = list(stack.people)
+    photo = stack.photo[(tenant_a, stack.people[tenant_a][0])]
+    ref = stack.reference(None, None, photo, 7)
+    r = _post(client, stack, tenant_a, photo, seed=7)
+    assert r.status_code == 200 and r.headers["X-PFStorer-Adapter"] == "none" and r.content == ref
+    # Serve's routing header from a client must not select anyone's adapter
+    spoof = f"{tenant_b}/{stack.people[tenant_b][0]}"
+    r = _post(client, stack, tenant_a, photo, seed=7, headers={"serve_multiplexed_model_id": spoof})
+    assert r.status_code == 200 and r.headers["X-PFStorer-Adapter"] == "none" and r.content == ref
+
+
+@pytest.mark.integration
+def test_identities_auth_and_tenancy(stack: Stack, client: Any) -> None:
+    tenant_a, tenant_b = list(stack.people)
+    r = client.get("/v1/identities", headers={"X-API-Key": stack.keys[tenant_a]})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["tenant"] == tenant_a
+    assert sorted(i["identity"] for i in body["identities"]) == sorted(stack.people[tenant_a])
+    assert {i["adapter"] for i in body["identities"]} == {stack.labels[(tenant_a, n)] for n in stack.people[tenant_a]}
+    assert client.get("/v1/identities").status_code == 401
+    assert client.get("/v1/identities", headers={"X-API-Key": generate_key()}).status_code == 401
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+    photo = stack.photo[(tenant_a, stack.people[tenant_a][0])]
+    r = _post(client, stack, None, photo, identity=stack.people[tenant_a][0])
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    other = _post(client, stack, tenant_a, photo, identity=stack.people[tenant_b][0])
+    missing = _post(client, stack, tenant_a, photo, identity="Nobody_At_All")
+    unsafe = _post(client, stack, tenant_a, photo, identity="../etc")
+    assert other.status_code == missing.status_code == unsafe.status_code == 404
+    assert other.content == missing.content == unsafe.content
+    assert other.json() == {"detail": NOT_FOUND_MESSAGE}
+
+
+@pytest.mark.integration
+def test_limits_and_bad_input_never_500(stack: Stack, client: Any) -> None:
+    from PIL import Image
+
+    tenant = next(iter(stack.people))
+    h = stack.headers(tenant)
+
+    def status(r: Any) -> int:
+        assert r.status_code != 500, r.text
+        assert r.headers["content-type"].startswith("application/json"), r.text
+        return r.status_code
+
+    # body over max_upload_bytes, declared: refused from Content-Length
+    assert status(_post(client, stack, tenant, b"\xff\xd8\xff" + os.urandom(400_000))) == 413
+    # body over the limit, streamed without Content-Length (chunked): refused while reading
+    boundary = "pfstorerboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+
+    def chunks():
+        yield head
+        for _ in range(40):
+            yield b"\0" * 10_000
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    r = client.post("/v1/restore", content=chunks(),
+                    headers={**h, "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status(r) == 413
+    # pixels over max_pixels (small file), and a decompression bomb: refused from the header
+    buf = io.BytesIO()
+    Image.new("RGB", (600, 600), (90, 90, 90)).save(buf, format="PNG")
+    assert len(buf.getvalue()) < 300_000
+    assert status(_post(client, stack, tenant, buf.getvalue())) == 413
+    assert status(_post(client, stack, tenant, _bomb_png(50_000))) == 413
+    # not an image; corrupt image; not multipart
+    assert status(_post(client, stack, tenant, b"hello, I am a text file\n" * 10)) == 415
+    photo = stack.photo[(tenant, stack.people[tenant][0])].read_bytes()
+    assert status(_post(client, stack, tenant, photo[: len(photo) // 3])) in (400, 415)
+    assert status(_post(client, stack, tenant, b"\x89PNG\r\n\x1a\n" + os.urandom(200))) in (400, 415)
+    assert status(client.post("/v1/restore", headers=h, json={"image": "x"})) == 415
+    # bad parameters, missing file
+    for bad in ({"steps": 0}, {"steps": "many"}, {"scale": 100}, {"color_fix": "sepia"}, {"seed": -1}):
+        assert status(_post(client, stack, tenant, photo, **bad)) == 422, bad
+    assert status(client.post("/v1/restore", headers=h, data={"identity": "x"}, files={"other": ("a", b"b")})) == 422
+
+
+@pytest.mark.integration
+def test_more_people_than_slots_cycled(stack: Stack, client: Any) -> None:
+    tenant = next(iter(stack.people))
+    people = stack.people[tenant]  # 3 people, 2 device slots
+    before: dict[str, int] = {}
+    for rnd in range(3):
+        if rnd == 1:  # after a first round every adapter has been read from the store once
+            before = stack.restore_handle().get_stats.remote().result()["adapters"]["counts"]
+        for name in people:
+            seed = 200 + rnd
+            r = _post(client, stack, tenant, stack.photo[(tenant, name)], identity=name, seed=seed)
+            assert r.status_code == 200, r.text
+            assert r.headers["X-PFStorer-Adapter"] == stack.labels[(tenant, name)]
+            assert r.content == stack.reference(tenant, name, stack.photo[(tenant, name)], seed), name
+    stats = stack.restore_handle().get_stats.remote().result()
+    counts = stats["adapters"]["counts"]
+    loads = counts.get("load_from_host", 0) - before.get("load_from_host", 0)
+    assert loads >= 4  # cycling 3 people over 2 slots evicts every time ...
+    assert counts.get("store_read", 0) == before.get("store_read", 0)  # ... but reloads come from RAM
+    assert stats["resident"] <= 2 and stats["free_slots"] == 2 - stats["resident"]
+
+
+@pytest.mark.integration
+def test_overload_answers_503_with_retry_after(stack: Stack, client: Any) -> None:
+    tenant = next(iter(stack.people))
+    name = stack.people[tenant][0]
+    photo = stack.photo[(tenant, name)]
+    data = photo.read_bytes()
+
+    def one(i: int) -> Any:
+        return _post(client, stack, tenant, data, identity=name, seed=300 + i % 2)
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(one, range(12)))  # > max_ongoing (2) + max_queued (2)
+    codes = [r.status_code for r in results]
+    assert 500 not in codes and set(codes) <= {200, 503}, codes
+    assert codes.count(503) >= 1 and codes.count(200) >= 2, codes
+    for r in results:
+        if r.status_code == 503:
+            assert int(r.headers["Retry-After"]) >= 1
+            assert "overloaded" in r.json()["detail"]
+        else:
+            assert r.content == stack.reference(tenant, name, photo, int(r.headers["X-PFStorer-Seed"]))
+
+
+@pytest.mark.integration
+def test_base_mismatch_and_forget(stack: Stack, client: Any) -> None:
+    import json
+    import shutil
+
+    tenant = list(stack.people)[1]
+    name = stack.people[tenant][0]
+    # an adapter that claims another base: 409, clearly worded
+    src = stack.adapter_dirs[(tenant, name)]
+    other = src.parent / "Other_Base"
+    shutil.copytree(src, other)
+    meta = json.loads((other / "adapter.json").read_text())
+    meta.update(identity="Other_Base", base_fingerprint="0" * 32)
+    (other / "adapter.json").write_text(json.dumps(meta))
+    stack.registry.publish(other, tenant, "Other_Base", job_key="other-base")
+    time.sleep(2.2)  # the index is re-checked every 2 s on the request path
+    r = _post(client, stack, tenant, stack.photo[(tenant, name)], identity="Other_Base")
+    assert r.status_code == 409 and "base" in r.json()["detail"], r.text
+
+    # forgetting a person (lesson 8): 404 afterwards, and the replica drops its copies
+    r = _post(client, stack, tenant, stack.photo[(tenant, name)], identity=name, seed=100)
+    assert r.status_code == 200
+    stack.registry.forget(tenant, name)
+    time.sleep(2.2)
+    swept = stack.restore_handle().sweep.remote().result()
+    assert swept["host"] >= 1 and swept["device"] >= 1, swept
+    r = _post(client, stack, tenant, stack.photo[(tenant, name)], identity=name, seed=100)
+    assert r.status_code == 404 and r.json() == {"detail": NOT_FOUND_MESSAGE}
