@@ -343,6 +343,11 @@ class JobQueue:
 
     def _publish_loop(self) -> None:
         batch: list[tuple[str, Any]] = []
+        if self._registry_kwargs is not None:
+            try:  # import MLflow and open the database while the workers start
+                _ = self._get_registry().models.client
+            except Exception:
+                log.exception("cannot open the registry yet (retried per adapter)")
         last_flush = time.monotonic()
         while True:
             try:
@@ -398,7 +403,10 @@ class JobQueue:
                 "rounds": self.round,
                 "steps": self.steps,
                 "workers": {
-                    wid: dict(w) for wid, w in self.workers.items() if w["gen"] == self.gen
+                    wid: {**w, "leased": sum(1 for j, o in self.owner.items()
+                                             if o == wid and self.status[j] == LEASED)}
+                    for wid, w in self.workers.items()
+                    if w["gen"] == self.gen
                 },
             }
 

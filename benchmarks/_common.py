@@ -1,0 +1,44 @@
+"""Shared bits of the benchmark scripts: where results go and how the machine is named."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: str) -> str:
+    """The card (GPU) or the CPU, as results must name it."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} cores (torch threads {torch.get_num_threads()})"
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.executable).name, *sys.argv])
+
+
+def write_results(stem: str, payload: dict[str, Any], table_md: str) -> tuple[Path, Path]:
+    """benchmarks/results/<stem>.json + .md, each naming the machine and the command."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    js, md = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
+    js.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    md.write_text(f"# {stem}\n\nMachine: {payload.get('device')}\n\nCommand: `{payload.get('command')}`\n\n{table_md}\n")
+    return js, md
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no rows)"
+    cols = list(rows[0])
+    out = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
+    for r in rows:
+        out.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    return "\n".join(out)
