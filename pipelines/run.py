@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import os
 import statistics
 import sys
 import threading
@@ -277,6 +275,28 @@ def _registry_kwargs(settings: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _registered_models(registry: Any, tenants: set[str]) -> set[str]:
+    """Names of the registered models of these tenants: one paged search per tenant, so a first
+    run of a big manifest does not look every person up on its own."""
+    from pipelines.registry import MODEL_PREFIX
+
+    names: set[str] = set()
+    client = registry.models.client
+    for tenant in sorted(tenants):
+        token = None
+        while True:
+            page = client.search_registered_models(
+                filter_string=f"name LIKE '{MODEL_PREFIX}.{tenant}.%'",
+                max_results=1000,
+                page_token=token,
+            )
+            names.update(m.name for m in page)
+            token = page.token
+            if not token:
+                break
+    return names
+
+
 def prepare_run(
     manifest_url: str,
     settings: Any = None,
@@ -294,7 +314,7 @@ def prepare_run(
     """
     from pfstorer.model import load_base
     from pipelines.manifest import manifest_hash, read_manifest
-    from pipelines.registry import IndexEntry
+    from pipelines.registry import IndexEntry, model_name
     from pipelines.validate import limits_from_settings, validate_manifest, write_quarantine
 
     t_start = time.perf_counter()
@@ -332,6 +352,7 @@ def prepare_run(
         key_config["dry_train"] = True
     registry = _registry(settings)
     indexed = {(e.tenant, e.identity): e for e in registry.index.list()}
+    known = _registered_models(registry, {t for t, _ in validation.jobs})
     todo: list[dict[str, Any]] = []
     skipped: list[IdentityOutcome] = []
     repairs: list[IndexEntry] = []
@@ -346,7 +367,9 @@ def prepare_run(
                 )
             )
             continue
-        found = registry.models.find_version(tenant, identity, key)
+        found = None
+        if model_name(tenant, identity) in known:  # else: never registered, nothing to look up
+            found = registry.models.find_version(tenant, identity, key)
         if found is not None:
             uri = found.tags.get("artifact_uri") or found.source
             sha = found.tags.get("sha256", "")
@@ -473,6 +496,7 @@ def execute_run(
     job_retries: int | None = None,
     report_interval_s: float = 2.0,
     train_storage: str | None = None,
+    publish_threads: int | None = None,
     progress: bool = True,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     write_summary: bool = True,
@@ -482,7 +506,8 @@ def execute_run(
     ``pack``: people per worker batch. ``job_retries``: retries of a person whose training or
     upload raises (default ``max(settings.max_retries, 0)``, at most 3). ``train_storage``: Ray
     Train's storage path (default ``{state_dir}/ray-train``; on a multi-node cluster use shared
-    storage such as ``s3://...``). ``on_progress`` gets the queue's progress snapshot (counts,
+    storage such as ``s3://...``). ``publish_threads``: parallel MLflow writers (default 1 on
+    SQLite, 4 for a tracking server). ``on_progress`` gets the queue's progress snapshot (counts,
     current workers with their pids) about four times a second, from a background thread.
     """
     s = plan.settings
@@ -504,7 +529,7 @@ def execute_run(
     if plan.todo:
         _train(plan, summary, outcomes, pack=pack, job_retries=job_retries,
                report_interval_s=report_interval_s, train_storage=train_storage,
-               progress=progress, on_progress=on_progress)
+               publish_threads=publish_threads, progress=progress, on_progress=on_progress)
     summary.timings = {**plan.timings, "train_s": time.perf_counter() - t0}
     summary.timings["total_s"] = summary.timings["prepare_s"] + summary.timings["train_s"]
     order = {k: i for i, k in enumerate(plan.validation.jobs)}
@@ -532,6 +557,7 @@ def _train(
     job_retries: int | None,
     report_interval_s: float,
     train_storage: str | None,
+    publish_threads: int | None,
     progress: bool,
     on_progress: Callable[[dict[str, Any]], None] | None,
 ) -> None:
@@ -574,6 +600,7 @@ def _train(
         queue = make_job_queue(
             plan.todo, _registry_kwargs(s), lineage=lineage, params=params,
             job_retries=job_retries, report_interval_s=report_interval_s,
+            publish_threads=publish_threads,
         )
         use_gpu = s.gpus_per_worker > 0
         resources: dict[str, float] = {"CPU": s.cpus_per_worker}
@@ -667,6 +694,7 @@ def run_manifest(
     job_retries: int | None = None,
     report_interval_s: float = 2.0,
     train_storage: str | None = None,
+    publish_threads: int | None = None,
     progress: bool = False,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     run_id: str | None = None,
@@ -686,7 +714,8 @@ def run_manifest(
     )
     return execute_run(
         plan, pack=pack, job_retries=job_retries, report_interval_s=report_interval_s,
-        train_storage=train_storage, progress=progress, on_progress=on_progress,
+        train_storage=train_storage, publish_threads=publish_threads, progress=progress,
+        on_progress=on_progress,
     )
 
 

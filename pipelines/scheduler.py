@@ -11,13 +11,16 @@ How a run is carried out (``pipelines.run`` plans it and starts it):
   batch; whenever a slot frees up it is refilled from the queue. A finished adapter is saved to a
   temporary directory, uploaded to the artifact store by the worker (write -> sha256 verify ->
   move into place, :meth:`ArtifactStore.put_adapter`) and handed to the queue.
-- **Registration happens in one place**: the queue actor's publisher thread logs the MLflow run
-  of each job (params + loss curve), registers the version (``create_model_version``, lineage
-  tags, alias ``prod``) and writes the adapter index in batches. One writer means no SQLite lock
-  storms however many workers run, one index writer (an index on S3 is a whole-file PUT: racing
-  writers would lose rows), and batched index writes (each write rewrites the Parquet file, so
-  one write per adapter would cost O(N^2) over a run). Uploads, the heavy bytes, stay parallel
-  in the workers. A job is ``done`` once its index row is written.
+- **Registration happens in one place**: the queue actor's publisher threads log each job's
+  MLflow run (params + loss curve) and register its version (``create_model_version``, lineage
+  tags, alias ``prod``); a single indexer thread writes the adapter index in batches. Why not in
+  the workers: SQLite (the default tracking store) takes one writer at a time, so N workers
+  writing would mostly wait on locks and retries - here one thread writes (``publish_threads``
+  > 1 for a tracking *server*, whose database takes parallel writers); an index on S3 is a
+  whole-file PUT, so two racing writers lose rows; and each index write rewrites the Parquet
+  file, so one write per adapter would cost O(N^2) over a run - batches make it O(N^2 / batch).
+  Uploads, the heavy bytes, stay parallel in the workers. A job is ``done`` once its index row
+  is written.
 - **Ray Train state**: ``ray.train.report`` is a collective (every rank must call it equally
   often), while workers pull different numbers of jobs. So reports happen in *rounds* that the
   queue announces: after adapters were handed off (at most every ``report_interval_s``) and once
@@ -71,13 +74,16 @@ def _short_error(exc: BaseException, limit: int = 500) -> str:
 
 
 class JobQueue:
-    """Pending/leased/publishing/done/failed jobs of one run, plus the single publisher.
+    """Pending/leased/publishing/done/failed jobs of one run, plus the publishers.
 
     ``jobs``: dicts with ``job_id``, ``tenant``, ``identity``, ``job_key``, ``refs`` (list of
     ``{"uri", "sha256"}``). ``registry``: keyword arguments of
     :meth:`pipelines.registry.AdapterRegistry.from_urls` (``None``: no publishing, adapters are
     marked done when handed off - for tests of the queue alone). ``lineage``: tags added to every
-    registered version; ``params``: logged on every job's MLflow run.
+    registered version; ``params``: logged on every job's MLflow run. ``publish_threads``: MLflow
+    writers (default 1 for a SQLite tracking URI, whose writes serialize anyway, else 4); the
+    index always has exactly one writer, which batches rows (at most one write per
+    ``index_interval_s`` or per ``index_batch`` rows; at once when nothing else can arrive).
     """
 
     def __init__(
@@ -89,14 +95,17 @@ class JobQueue:
         params: Mapping[str, Any] | None = None,
         job_retries: int = 1,
         report_interval_s: float = 2.0,
-        index_batch: int = 256,
+        publish_threads: int | None = None,
+        index_batch: int = 500,
         index_interval_s: float = 1.0,
     ) -> None:
         self._lock = threading.RLock()
         self.jobs: dict[str, dict[str, Any]] = {j["job_id"]: dict(j) for j in jobs}
         self.status: dict[str, str] = {jid: PENDING for jid in self.jobs}
+        self.counts: collections.Counter[str] = collections.Counter({PENDING: len(self.jobs)})
         self.pending: collections.deque[str] = collections.deque(self.jobs)
         self.owner: dict[str, str] = {}
+        self.leased_by: dict[str, set[str]] = collections.defaultdict(set)
         self.attempts: dict[str, int] = collections.Counter()
         self.errors: dict[str, list[str]] = collections.defaultdict(list)
         self.solo: set[str] = set()
@@ -117,17 +126,46 @@ class JobQueue:
         self.dirty = False
         self.last_round_t = time.monotonic()
         self.finished = False
-        self.started = time.time()
         self.steps = 0
-        # publisher
+        # publishers (MLflow) and the indexer (one index writer)
         self._registry_kwargs = dict(registry) if registry is not None else None
         self._registry: Any = None
+        self._registry_lock = threading.Lock()
+        if publish_threads is None:
+            uri = str((registry or {}).get("tracking_uri") or "")
+            publish_threads = 1 if uri.startswith("sqlite:") else 4
         self._outbox: _queue.Queue[str | None] = _queue.Queue()
+        self._indexq: _queue.Queue[tuple[str, Any] | None] = _queue.Queue()
         self.index_batch = index_batch
         self.index_interval_s = index_interval_s
-        self.pub_stats = {"published": 0, "publish_s": 0.0, "index_writes": 0, "index_s": 0.0}
-        self._publisher = threading.Thread(target=self._publish_loop, name="publisher", daemon=True)
-        self._publisher.start()
+        self.pub_stats = {"published": 0, "publish_s": 0.0, "index_writes": 0, "index_s": 0.0,
+                          "index_rows": 0, "publish_threads": publish_threads}
+        self._publishers = [
+            threading.Thread(target=self._publish_loop, name=f"publisher-{i}", daemon=True)
+            for i in range(max(1, publish_threads))
+        ]
+        self._indexer = threading.Thread(target=self._index_loop, name="indexer", daemon=True)
+        for t in [*self._publishers, self._indexer]:
+            t.start()
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def _set(self, jid: str, status: str, owner: str | None = None) -> None:
+        old = self.status[jid]
+        self.counts[old] -= 1
+        self.counts[status] += 1
+        self.status[jid] = status
+        prev = self.owner.get(jid)
+        if old == LEASED and prev is not None:
+            self.leased_by[prev].discard(jid)
+        if status == LEASED and owner is not None:
+            self.leased_by[owner].add(jid)
+        if owner is not None:
+            self.owner[jid] = owner
+        elif status == PENDING:
+            self.owner.pop(jid, None)
+
+    def _all_settled(self) -> bool:
+        return self.counts[DONE] + self.counts[FAILED] == len(self.status)
 
     # -- workers -------------------------------------------------------------------------------
     def register(
@@ -150,16 +188,15 @@ class JobQueue:
                 self.gen += 1
                 lost = [jid for jid, st in self.status.items() if st == LEASED]
                 for jid in reversed(lost):  # the lost people go first, in their order
-                    self.status[jid] = PENDING
-                    self.owner.pop(jid, None)
+                    self._set(jid, PENDING)
                     self.pending.appendleft(jid)
                 self.requeued_after_loss += len(lost)
                 if lost:
                     log.warning("worker group restarted: %d leased jobs put back", len(lost))
                 # a fresh group counts its reports from 0 (and reports once if all is settled)
                 self.round = 1 if self.finished else 0
-                self.dirty = any(st in (PUBLISHING, DONE) for st in self.status.values())
-                self.last_round_t = 0.0
+                self.dirty = self.counts[PUBLISHING] + self.counts[DONE] > 0
+                self.last_round_t = time.monotonic() - self.report_interval_s
                 for w in self.workers.values():
                     w["alive"] = False
             wid = f"g{self.gen}-r{rank}-p{pid}"
@@ -172,9 +209,6 @@ class JobQueue:
     def _current(self, wid: str) -> bool:
         w = self.workers.get(wid) if wid else None
         return w is not None and w["gen"] == self.gen
-
-    def _all_settled(self) -> bool:
-        return all(st in (DONE, FAILED) for st in self.status.values())
 
     def sync(self, wid: str, reports: int, want: int = 0, steps: int = 0) -> dict[str, Any]:
         """The worker's one call between training steps: report rounds, finish flag, new jobs.
@@ -205,12 +239,8 @@ class JobQueue:
             jid = self.pending.popleft()
             if self.status[jid] != PENDING:
                 continue
-            self.status[jid] = LEASED
-            self.owner[jid] = wid
-            job = dict(self.jobs[jid], attempt=self.attempts[jid], solo=jid in self.solo)
-            job.setdefault("leased_at", time.time())
-            self.jobs[jid].setdefault("first_leased_at", time.time())
-            out.append(job)
+            self._set(jid, LEASED, wid)
+            out.append(dict(self.jobs[jid], attempt=self.attempts[jid], solo=jid in self.solo))
         return out
 
     def handoff(self, wid: str, job_id: str, result: dict[str, Any]) -> bool:
@@ -221,8 +251,7 @@ class JobQueue:
                 return False
             if st == LEASED and self.owner.get(job_id) != wid and self._current(wid):
                 return False  # leased again to someone else in this group: theirs wins
-            self.status[job_id] = PUBLISHING
-            self.owner[job_id] = wid
+            self._set(job_id, PUBLISHING, wid)
             self.results[job_id] = {**result, "worker": wid, "attempts": self.attempts[job_id] + 1}
             if wid in self.workers:
                 self.workers[wid]["handed_off"] += 1
@@ -239,32 +268,37 @@ class JobQueue:
                 return self.status.get(job_id, "unknown")
             self.attempts[job_id] += 1
             self.errors[job_id].append(error)
-            self.owner.pop(job_id, None)
             if wid in self.workers:
                 self.workers[wid]["failed"] += 1
             if self.attempts[job_id] > self.job_retries:
-                self.status[job_id] = FAILED
+                self._set(job_id, FAILED)
                 self.dirty = True
                 return FAILED
-            self.status[job_id] = PENDING
+            self._set(job_id, PENDING)
             if solo:
                 self.solo.add(job_id)
             self.pending.appendleft(job_id)
             return PENDING
 
-    # -- publishing (one thread: the only MLflow/index writer of the run) ----------------------
+    # -- publishing: MLflow writers + one index writer -------------------------------------------
     def _get_registry(self) -> Any:
-        if self._registry is None:
-            from pipelines.registry import AdapterRegistry
+        with self._registry_lock:
+            if self._registry is None:
+                from pipelines.registry import AdapterRegistry
 
-            kw = dict(self._registry_kwargs or {})
-            self._registry = AdapterRegistry.from_urls(
-                kw.pop("store_url"), kw.pop("tracking_uri"), kw.pop("index_url"), **kw
-            )
-        return self._registry
+                kw = dict(self._registry_kwargs or {})
+                self._registry = AdapterRegistry.from_urls(
+                    kw.pop("store_url"), kw.pop("tracking_uri"), kw.pop("index_url"), **kw
+                )
+            return self._registry
 
     def _publish_one(self, job_id: str) -> Any:
-        """MLflow run + registered version of one handed-off adapter; returns its IndexEntry."""
+        """MLflow run + registered version of one handed-off adapter; returns its IndexEntry.
+
+        No "already registered?" lookup first: the plan left out every job key the registry
+        knows, and the queue hands each job to the publisher once; ``register`` itself is
+        idempotent by job key all the same.
+        """
         from datetime import UTC, datetime
 
         from pipelines.registry import IndexEntry
@@ -275,53 +309,85 @@ class JobQueue:
         meta = res["meta"]
         if meta.get("tenant") not in (None, tenant) or meta.get("identity") != identity:
             raise RuntimeError(f"adapter of job {job_id} belongs to someone else")
-        existing = reg.models.find_version(tenant, identity, key)
-        if existing is not None:  # registered by an earlier, interrupted attempt
-            version, run_id = existing.version, existing.run_id
-        else:
-            losses = {k: float(v) for k, v in (meta.get("final_losses") or {}).items()}
-            metrics = {f"final_{k}": v for k, v in losses.items()}
-            metrics.update(
-                train_s=float(res.get("train_s", 0.0)), upload_s=float(res.get("upload_s", 0.0))
-            )
-            params = {
-                **self.params,
-                "job_key": key,
-                "references": len(job["refs"]),
-                "attempts": res.get("attempts", 1),
-                "worker": res.get("worker"),
-            }
-            run_id = reg.models.log_job_run(
-                tenant, identity, params, meta.get("loss_curve") or [], metrics, job_key=key,
-                tags={"pipeline_run": str(self.lineage.get("pipeline_run", ""))},
-            )
-            tags: dict[str, Any] = {
-                "base_fingerprint": meta.get("base_fingerprint"),
-                "format_version": meta.get("format_version"),
-                "config": meta.get("config"),
-                "metrics": meta.get("final_losses"),
-                "steps": meta.get("steps"),
-                "ref_sha256s": sorted(r["sha256"] for r in job["refs"]),
-                **self.lineage,
-            }
-            version = reg.models.register(
-                tenant, identity, res["uri"], res["sha256"], tags, run_id=run_id, job_key=key
-            )
-        res.update(version=version, run_id=run_id)
+        losses = {k: float(v) for k, v in (meta.get("final_losses") or {}).items()}
+        metrics = {f"final_{k}": v for k, v in losses.items()}
+        metrics.update(
+            train_s=float(res.get("train_s", 0.0)), upload_s=float(res.get("upload_s", 0.0))
+        )
+        params = {
+            **self.params,
+            "job_key": key,
+            "references": len(job["refs"]),
+            "attempts": res.get("attempts", 1),
+            "worker": res.get("worker"),
+        }
+        run_id = reg.models.log_job_run(
+            tenant, identity, params, meta.get("loss_curve") or [], metrics, job_key=key,
+            tags={"pipeline_run": str(self.lineage.get("pipeline_run", ""))},
+        )
+        tags: dict[str, Any] = {
+            "base_fingerprint": meta.get("base_fingerprint"),
+            "format_version": meta.get("format_version"),
+            "config": meta.get("config"),
+            "metrics": meta.get("final_losses"),
+            "steps": meta.get("steps"),
+            "ref_sha256s": sorted(r["sha256"] for r in job["refs"]),
+            **self.lineage,
+        }
+        version = reg.models.register(
+            tenant, identity, res["uri"], res["sha256"], tags, run_id=run_id, job_key=key
+        )
+        with self._lock:
+            res.update(version=int(version), run_id=run_id)
+            res.pop("meta", None)  # the loss curve is in MLflow now; keep the actor small
         return IndexEntry(
             tenant=tenant, identity=identity, version=int(version), uri=res["uri"],
             sha256=res["sha256"], base_fingerprint=meta.get("base_fingerprint"), job_key=key,
             updated_at=datetime.now(UTC),
         )
 
+    def _publish_loop(self) -> None:
+        if self._registry_kwargs is not None:
+            try:  # import MLflow and open the database while the workers start
+                _ = self._get_registry().models.client
+            except Exception:
+                log.exception("cannot open the registry yet (retried per adapter)")
+        while True:
+            jid = self._outbox.get()
+            if jid is None:
+                return
+            if self._registry_kwargs is None:
+                self._indexq.put((jid, None))
+                continue
+            t0 = time.perf_counter()
+            try:
+                entry = self._publish_one(jid)
+            except Exception as exc:
+                log.exception("publishing job %s failed", jid)
+                with self._lock:
+                    self._set(jid, FAILED)
+                    self.errors[jid].append(f"publish: {_short_error(exc)}")
+                    self.dirty = True
+                entry = None
+            dt = time.perf_counter() - t0
+            with self._lock:
+                self.pub_stats["published"] += 1
+                self.pub_stats["publish_s"] += dt
+                self.results[jid]["publish_s"] = dt
+            if entry is not None:
+                self._indexq.put((jid, entry))
+
     def _flush(self, batch: list[tuple[str, Any]]) -> None:
         if not batch:
             return
         t0 = time.perf_counter()
         error = None
+        entries = [e for _, e in batch if e is not None]
         for attempt in range(4):
+            if not entries:
+                break
             try:
-                self._get_registry().index.upsert([e for _, e in batch])
+                self._get_registry().index.upsert(entries)
                 error = None
                 break
             except Exception as exc:  # an object store hiccup: try again, then give up
@@ -329,60 +395,37 @@ class JobQueue:
                 time.sleep(0.2 * 2**attempt)
         dt = time.perf_counter() - t0
         with self._lock:
-            self.pub_stats["index_writes"] += 1
-            self.pub_stats["index_s"] += dt
+            if entries:
+                self.pub_stats["index_writes"] += 1
+                self.pub_stats["index_s"] += dt
+                self.pub_stats["index_rows"] += len(entries)
             for jid, _ in batch:
                 if error is None:
-                    self.status[jid] = DONE
+                    self._set(jid, DONE)
                     self.results[jid]["done_at"] = time.time()
                 else:
-                    self.status[jid] = FAILED
+                    self._set(jid, FAILED)
                     self.errors[jid].append(f"index write failed: {error}")
             self.dirty = True
         batch.clear()
 
-    def _publish_loop(self) -> None:
+    def _index_loop(self) -> None:
         batch: list[tuple[str, Any]] = []
-        if self._registry_kwargs is not None:
-            try:  # import MLflow and open the database while the workers start
-                _ = self._get_registry().models.client
-            except Exception:
-                log.exception("cannot open the registry yet (retried per adapter)")
         last_flush = time.monotonic()
         while True:
             try:
-                jid = self._outbox.get(timeout=0.1)
+                item = self._indexq.get(timeout=0.1)
             except _queue.Empty:
-                jid = ""
-            if jid is None:
+                item = ("", None)
+            if item is None:
                 self._flush(batch)
                 return
-            if jid:
-                if self._registry_kwargs is None:
-                    with self._lock:
-                        self.status[jid] = DONE
-                        self.dirty = True
-                else:
-                    t0 = time.perf_counter()
-                    try:
-                        entry = self._publish_one(jid)
-                    except Exception as exc:
-                        log.exception("publishing job %s failed", jid)
-                        with self._lock:
-                            self.status[jid] = FAILED
-                            self.errors[jid].append(f"publish: {_short_error(exc)}")
-                            self.dirty = True
-                        entry = None
-                    dt = time.perf_counter() - t0
-                    with self._lock:
-                        self.pub_stats["published"] += 1
-                        self.pub_stats["publish_s"] += dt
-                        self.results[jid]["publish_s"] = dt
-                    if entry is not None:
-                        batch.append((jid, entry))
-            idle = self._outbox.empty()
+            if item[0]:
+                batch.append(item)
+            with self._lock:  # nothing else can arrive: write now rather than wait
+                last = self.counts[PENDING] + self.counts[LEASED] == 0 and self._outbox.empty()
             if batch and (
-                idle
+                (last and self._indexq.empty())
                 or len(batch) >= self.index_batch
                 or time.monotonic() - last_flush >= self.index_interval_s
             ):
@@ -392,10 +435,9 @@ class JobQueue:
     # -- the driver's view ---------------------------------------------------------------------
     def progress(self) -> dict[str, Any]:
         with self._lock:
-            counts = collections.Counter(self.status.values())
             return {
                 "total": len(self.status),
-                **{k: counts.get(k, 0) for k in (PENDING, LEASED, PUBLISHING, DONE, FAILED)},
+                **{k: self.counts[k] for k in (PENDING, LEASED, PUBLISHING, DONE, FAILED)},
                 "finished": self.finished,
                 "restarts": self.restarts,
                 "requeued_after_loss": self.requeued_after_loss,
@@ -403,8 +445,7 @@ class JobQueue:
                 "rounds": self.round,
                 "steps": self.steps,
                 "workers": {
-                    wid: {**w, "leased": sum(1 for j, o in self.owner.items()
-                                             if o == wid and self.status[j] == LEASED)}
+                    wid: {**w, "leased": len(self.leased_by.get(wid, ()))}
                     for wid, w in self.workers.items()
                     if w["gen"] == self.gen
                 },
@@ -419,7 +460,7 @@ class JobQueue:
                 jobs[jid] = {
                     "tenant": job["tenant"], "identity": job["identity"],
                     "job_key": job["job_key"], "status": self.status[jid],
-                    "attempts": max(self.attempts[jid] + (1 if jid in self.results else 0), 0),
+                    "attempts": self.attempts[jid] + (1 if jid in self.results else 0),
                     "errors": list(self.errors.get(jid, [])), **res,
                 }
             return {
@@ -429,10 +470,15 @@ class JobQueue:
                 "rounds": self.round, "steps": self.steps,
             }
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Stop the publisher after it drained (jobs still publishing stay so: a rerun repairs)."""
-        self._outbox.put(None)
-        self._publisher.join(timeout)
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the publishers and the indexer once they drained what was handed off."""
+        for _ in self._publishers:
+            self._outbox.put(None)
+        deadline = time.monotonic() + timeout
+        for t in self._publishers:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self._indexq.put(None)
+        self._indexer.join(max(0.0, deadline - time.monotonic()))
 
 
 def make_job_queue(jobs: list[dict[str, Any]], registry: Mapping[str, Any] | None, **kwargs: Any):

@@ -32,8 +32,6 @@ batch of B > 1 is not bit-identical to a single restore (1e-5 differences on CPU
 are :class:`pfstorer.settings.Settings` overrides.
 """
 
-from __future__ import annotations
-
 import asyncio
 import concurrent.futures
 import contextlib
@@ -47,7 +45,7 @@ import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPBearer
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from pfstorer.errors import AdapterMismatchError, PFStorerError
@@ -94,6 +92,8 @@ BASE_HEADER = "X-PFStorer-Base"
 
 class RestoreParams(BaseModel):
     """Form fields of ``POST /v1/restore`` (besides the ``image`` file)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not ignored
 
     identity: str | None = Field(
         None,
@@ -267,7 +267,9 @@ class Restorer:
         self._torch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pfstorer-torch")
         self._io = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="pfstorer-io")
         self._sweeper: asyncio.Task[None] | None = None
+        self._fetched: dict[str, tuple[str, float]] = {}  # key -> (source, ms) of this turn's read
         self.requests = 0
+        self.forgotten = {"host": 0, "device": 0}  # adapters dropped because they left the index
 
         async def load_resident(model_id: str) -> ResidentAdapter:
             return await self._load_resident(model_id)
@@ -324,33 +326,42 @@ class Restorer:
             entry.sha256, entry.key, lambda: load_verified_adapter(self.registry, entry, self.model)
         )
 
+    def _record_slot_load(self, key: str, t0: float) -> None:
+        """Count a copy into a device slot as cold (this request read the adapter from the
+        store) or warm (from host RAM); the time includes that read."""
+        source, fetch_ms = self._fetched.pop(key, ("host", 0.0))
+        kind = "store" if source == "store" else "host"
+        self.stats.record(f"load_from_{kind}", fetch_ms + (time.perf_counter() - t0) * 1e3)
+
     async def _load_resident(self, key: str) -> ResidentAdapter:
         """The ``@serve.multiplexed`` loader: person -> a device slot (in-place copy)."""
         t0 = time.perf_counter()
         entry = await self._io_call(self._entry, key)
-        adapter, source = await self._io_call(self._verified, entry)
+        adapter, _ = await self._io_call(self._verified, entry)
         slot = self.pool.take()
         try:
             await self._torch_call(self.slots.load, slot, adapter.tensors)
         except BaseException:
             self.pool.give(slot)
             raise
-        self.stats.record(f"load_from_{source}", (time.perf_counter() - t0) * 1e3)
+        self._record_slot_load(key, t0)
         return ResidentAdapter(key=key, slot=slot, pool=self.pool, sha256=entry.sha256, label=entry.label)
 
     async def _acquire(self, key: str, entry: Any) -> ResidentAdapter:
         """The person's adapter in a device slot, current version (called holding the turn)."""
         for _ in range(3):
-            resident: ResidentAdapter = await self.get_adapter(key)
+            was_resident = self._is_resident(key)
+            resident: ResidentAdapter = await self.get_adapter(key)  # LRU: may evict and load
             if resident.released:  # evicted under us (not expected while holding the turn)
                 continue
             if resident.sha256 != entry.sha256:  # new version published, or wiped by the sweeper
                 t0 = time.perf_counter()
-                adapter, source = await self._io_call(self._verified, entry)
+                adapter, _ = await self._io_call(self._verified, entry)
                 await self._torch_call(self.slots.load, resident.slot, adapter.tensors)
                 resident.sha256, resident.label = entry.sha256, entry.label
-                self.stats.record(f"load_from_{source}", (time.perf_counter() - t0) * 1e3)
-            else:
+                self._record_slot_load(key, t0)
+            elif was_resident:
+                self._fetched.pop(key, None)
                 self.stats.record("device_hit")
             return resident
         raise RuntimeError(f"could not keep an adapter slot for {key}")
@@ -405,8 +416,8 @@ class Restorer:
                     resident.release()
                     wiped += 1
                 wrapper._push_multiplexed_replica_info = True
-        if host or wiped:
-            self.stats.record("forgotten", None)
+        self.forgotten["host"] += host
+        self.forgotten["device"] += wiped
         return {"host": host, "device": wiped}
 
     # -- API ------------------------------------------------------------------------------------
@@ -419,7 +430,10 @@ class Restorer:
         entry = None
         if key:
             entry = await self._io_call(self._entry, key)
-            await self._io_call(self._verified, entry)  # warm host RAM outside the turn
+            tf = time.perf_counter()
+            _, source = await self._io_call(self._verified, entry)  # warm host RAM outside the turn
+            if source == "store":
+                self._fetched[key] = (source, (time.perf_counter() - tf) * 1e3)
         async with self.scheduler.turn(key):
             t1 = time.perf_counter()
             slot, label = None, "none"
@@ -468,6 +482,7 @@ class Restorer:
             "host_cached": len(self.host),
             "host_cached_bytes": self.host.nbytes,
             "scheduler": {"granted": self.scheduler.granted, "reordered": self.scheduler.reordered},
+            "forgotten": dict(self.forgotten),
             "torch_threads": self.threads,
         }
 
@@ -709,6 +724,8 @@ class Gateway:
                 BASE_HEADER: result["base"],
                 "X-PFStorer-Seed": str(params.seed),
                 "X-PFStorer-Steps": str(p["steps"]),
+                "Server-Timing": f"queue;dur={result['queue_s'] * 1e3:.1f}, "
+                f"restore;dur={result['compute_s'] * 1e3:.1f}, total;dur={elapsed * 1e3:.1f}",
                 "Cache-Control": "no-store",
             },
         )

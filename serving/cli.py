@@ -70,7 +70,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print("put the hash under your tenant in the API key file; give the key to the tenant")
         return 0
     if args.hash_key is not None:
+        from serving.auth import MIN_KEY_LENGTH
+
         key = sys.stdin.readline().strip() if args.hash_key == "-" else args.hash_key
+        if len(key) < MIN_KEY_LENGTH:
+            print(f"warning: keys shorter than {MIN_KEY_LENGTH} characters are always refused",
+                  file=sys.stderr)
         print(hash_key(key))
         return 0
 
@@ -193,7 +198,8 @@ def _cmd_restore_batch(args: argparse.Namespace) -> int:
     else:
         print(f"restored {report.ok} of {report.rows} photos ({report.errors} errors) "
               f"in {report.elapsed_s:.1f} s; results: {report.results_uri}")
-        for row in report.table.filter(report.table.column("status") == "error").to_pylist()[:20]:
+        errors = [r for r in report.table.to_pylist() if r["status"] == "error"]
+        for row in errors[:20]:
             print(f"  error  {row['tenant']}/{row['identity']}  {row['uri']}: {row['error']}")
     return 0
 

@@ -1,0 +1,264 @@
+"""Personalization benchmark (issue 7 item 3; the paper's Table 2 and Fig. 9 on our data).
+
+On the lfw128 bench people (never trained on): each person's first ``--refs`` photos (sorted by
+file name) are the references, the rest are test photos, degraded ``light`` and/or ``heavy`` with
+fixed seeds. Rows:
+
+- **Input**: the degraded photo itself;
+- **Base**: the frozen base model alone;
+- **Base + full fine-tune**: every base weight trained on the references with the same diffusion
+  loss and steps, no adapters (the paper's DreamBooth row);
+- **Base + adapters, no alpha**: personalization blocks with alpha fixed at 1
+  (``PersonalizeConfig(learn_alpha=False)``; the paper's ViCo row);
+- **PFStorer**: personalization blocks with the learnable alpha (``PersonalizeConfig()``).
+
+Columns: PSNR, SSIM, ST-LPIPS, NIQE, LMSE, ID (FaceNet cosine x 100), each the mean over test
+photos (``None`` where a metric could not be computed, counted in ``n``). ``--lambda-gen-sweep``
+adds PFStorer rows at lambda_gen in {0, 0.1, 0.5, 1} (Fig. 9; run it with ``--level heavy``).
+
+Writes ``benchmarks/results/personalization_<level>_<card>.md`` and ``.json`` naming the card,
+the command and every setting. Example (CPU smoke run)::
+
+    python benchmarks/bench_personalization.py --base compact --people 2 --steps 20 --level heavy
+
+Status: skeleton. Item 3's acceptance needs the 100-person run on a GPU (``--people 100 --device
+cuda --bf16``); the full fine-tune here is plain (no DreamBooth prior preservation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import re
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "lfw128"
+RESULTS = REPO / "benchmarks" / "results"
+COLUMNS = [("psnr", "PSNR", 1.0), ("ssim", "SSIM", 1.0), ("st_lpips", "ST-LPIPS", 1.0), ("niqe", "NIQE", 1.0),
+           ("lmse", "LMSE", 1.0), ("id_facenet", "ID", 100.0)]
+
+
+# -- data ------------------------------------------------------------------------------------------
+def bench_people(data: Path, people: int | None, n_refs: int, max_test: int | None) -> list[dict[str, Any]]:
+    """Bench people (sorted by name) with >= n_refs + 1 photos: references and test photos."""
+    by_person: dict[str, list[Path]] = {}
+    with open(data / "index.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row["split"] == "bench":
+                by_person.setdefault(row["identity"], []).append(data / row["path"])
+    out = []
+    for name in sorted(by_person):
+        photos = sorted(by_person[name])
+        if len(photos) <= n_refs:
+            continue
+        tests = photos[n_refs:] if max_test is None else photos[n_refs : n_refs + max_test]
+        out.append({"identity": name, "refs": photos[:n_refs], "tests": tests})
+        if people is not None and len(out) >= people:
+            break
+    return out
+
+
+def degraded_tests(person_index: int, tests: Sequence[Path], level: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(ground truth, degraded) per test photo; the seed depends only on person, photo and level."""
+    from pfstorer.degradations import degrade
+    from pfstorer.images import load_image
+
+    base = {"light": 10_000, "heavy": 20_000}[level]
+    out = []
+    for j, p in enumerate(tests):
+        gt = load_image(p)
+        out.append((gt, degrade(gt, level, base + 1000 * person_index + j)))
+    return out
+
+
+# -- the full fine-tune row ------------------------------------------------------------------------
+def full_finetune(model, refs: Sequence[torch.Tensor], *, steps: int, lr: float, batch_size: int, seed: int,
+                  bf16: bool = False):
+    """A copy of ``model`` with every weight trained on the references (diffusion loss, no adapters)."""
+    from pfstorer.degradations import random_crop_resize, synthesize_lq
+    from pfstorer.sampling import make_scheduler
+
+    m = copy.deepcopy(model)
+    m.requires_grad_(True)
+    if m.vae is not None:
+        m.vae.requires_grad_(False)
+    m.train()
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ac = make_scheduler(m, "ddpm").alphas_cumprod.to(m.device, torch.float32)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    size = m.config.sample_size
+    use_bf16 = bf16 and m.device.type == "cuda"
+    for _ in range(steps):
+        hq, lq = [], []
+        for _ in range(batch_size):
+            crop = random_crop_resize(refs[int(rng.integers(len(refs)))], size, rng, (0.6, 1.0))
+            hq.append(crop)
+            lq.append(synthesize_lq(crop, rng))
+        with torch.no_grad():
+            z0, lq_lat = m.to_latent(torch.stack(hq)), m.to_latent(torch.stack(lq))
+        t = torch.randint(0, m.config.num_train_timesteps, (batch_size,), generator=gen).to(m.device)
+        noise = torch.randn(z0.shape, generator=gen).to(m.device)
+        a = ac[t].view(-1, 1, 1, 1)
+        with torch.autocast(m.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            eps = m.denoise((a.sqrt() * z0.float() + (1 - a).sqrt() * noise).to(m.dtype), t, lq_lat)
+        loss = F.mse_loss(eps.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    m.invalidate_fingerprint()
+    return m.freeze()
+
+
+# -- scoring -----------------------------------------------------------------------------------------
+def score(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, float | None]:
+    from pfstorer.metrics import compute_metrics
+
+    res = compute_metrics(pred, gt, names=[name for name, _, _ in COLUMNS])
+    return {name: (None if res[name].value is None else float(res[name].value) * scale) for name, _, scale in COLUMNS}
+
+
+def summarize(rows: list[dict[str, float | None]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"images": len(rows)}
+    for name, _, _ in COLUMNS:
+        vals = [r[name] for r in rows if r[name] is not None and math.isfinite(r[name])]
+        out[name] = float(np.mean(vals)) if vals else None
+        out[f"{name}_n"] = len(vals)
+    return out
+
+
+def _restore_all(model, lqs: list[torch.Tensor], adapter, seeds: list[int], steps: int) -> list[torch.Tensor]:
+    from pfstorer.sampling import restore
+
+    return [restore(model, x, adapter=adapter, seed=s, steps=steps) for x, s in zip(lqs, seeds, strict=True)]
+
+
+# -- the run -------------------------------------------------------------------------------------------
+def card_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    import os
+
+    return f"CPU ({os.cpu_count()} cores), no GPU"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from pfstorer.model import load_base
+    from pfstorer.training import PersonalizeConfig, PersonalizeJob, personalize_many
+
+    t_start = time.perf_counter()
+    dtype = torch.float32
+    model = load_base(args.base, device=args.device, dtype=dtype)
+    people = bench_people(Path(args.data), args.people, args.refs, args.max_test)
+    levels = ["light", "heavy"] if args.level == "both" else [args.level]
+    from pfstorer.images import load_image
+
+    refs = {p["identity"]: [load_image(r) for r in p["refs"]] for p in people}
+
+    variants: dict[str, PersonalizeConfig] = {
+        "Base + adapters, no alpha": PersonalizeConfig(steps=args.steps, learn_alpha=False, seed=args.seed),
+        "PFStorer": PersonalizeConfig(steps=args.steps, seed=args.seed),
+    }
+    if args.lambda_gen_sweep:
+        for lg in (0.0, 0.1, 0.5, 1.0):
+            variants[f"PFStorer, lambda_gen={lg:g}"] = PersonalizeConfig(steps=args.steps, lambda_gen=lg, seed=args.seed)
+    timings: dict[str, float] = {}
+    adapters: dict[str, dict[str, Any]] = {}
+    for row, cfg in variants.items():
+        t0 = time.perf_counter()
+        jobs = [PersonalizeJob(p["identity"], refs[p["identity"]], seed=args.seed + i) for i, p in enumerate(people)]
+        got = personalize_many(model, jobs, config=cfg, capacity=args.capacity)
+        adapters[row] = {a.identity: a for a in got}
+        timings[f"personalize: {row}"] = time.perf_counter() - t0
+
+    results: dict[str, Any] = {}
+    for level in levels:
+        per_row: dict[str, list[dict[str, float | None]]] = {"Input": [], "Base": [], "Base + full fine-tune": []}
+        per_row.update({row: [] for row in variants})
+        for i, p in enumerate(people):
+            pairs = degraded_tests(i, p["tests"], level)
+            gts, lqs = [g for g, _ in pairs], [x for _, x in pairs]
+            seeds = [args.seed + 100 * i + j for j in range(len(lqs))]
+            per_row["Input"] += [score(x, g) for x, g in zip(lqs, gts, strict=True)]
+            outs = _restore_all(model, lqs, None, seeds, args.sample_steps)
+            per_row["Base"] += [score(x, g) for x, g in zip(outs, gts, strict=True)]
+            t0 = time.perf_counter()
+            ft = full_finetune(model, refs[p["identity"]], steps=args.steps, lr=args.ft_lr, batch_size=2,
+                               seed=args.seed + i, bf16=args.bf16)
+            timings["full fine-tune"] = timings.get("full fine-tune", 0.0) + time.perf_counter() - t0
+            outs = _restore_all(ft, lqs, None, seeds, args.sample_steps)
+            per_row["Base + full fine-tune"] += [score(x, g) for x, g in zip(outs, gts, strict=True)]
+            del ft
+            for row in variants:
+                outs = _restore_all(model, lqs, adapters[row][p["identity"]], seeds, args.sample_steps)
+                per_row[row] += [score(x, g) for x, g in zip(outs, gts, strict=True)]
+        results[level] = {row: summarize(v) for row, v in per_row.items()}
+    return {
+        "card": card_name(args.device), "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "base": args.base, "base_fingerprint": model.fingerprint, "people": len(people),
+        "test_photos": sum(len(p["tests"]) for p in people), "settings": vars(args) | {"data": str(args.data)},
+        "results": results, "timings_s": timings, "wall_s": time.perf_counter() - t_start,
+    }
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Personalization benchmark ({report['base']} base)", "",
+             f"Card: **{report['card']}**. {report['people']} bench people, {report['test_photos']} test photos, "
+             f"personalization {report['settings']['steps']} steps, {report['settings']['sample_steps']} DDIM steps. "
+             f"Wall time {report['wall_s']:.0f} s.", "", f"Command: `{report['command']}`", ""]
+    arrows = {"psnr": "↑", "ssim": "↑", "st_lpips": "↓", "niqe": "↓", "lmse": "↓", "id_facenet": "↑"}
+    for level, rows in report["results"].items():
+        lines += [f"## {level}", "", "| method | " + " | ".join(f"{lab} {arrows[n]}" for n, lab, _ in COLUMNS) + " |",
+                  "| --- |" + " --- |" * len(COLUMNS)]
+        for row, s in rows.items():
+            cells = ["—" if s[n] is None else f"{s[n]:.4g}" for n, _, _ in COLUMNS]
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", default="compact")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--people", type=int, default=100, help="first N bench people (default: all 100)")
+    p.add_argument("--refs", type=int, default=5, help="references per person (paper: 5)")
+    p.add_argument("--max-test", type=int, help="at most this many test photos per person")
+    p.add_argument("--level", choices=["light", "heavy", "both"], default="both")
+    p.add_argument("--steps", type=int, default=500, help="personalization / fine-tune steps (paper: 500)")
+    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps per restore")
+    p.add_argument("--ft-lr", type=float, default=1e-5, help="learning rate of the full fine-tune row")
+    p.add_argument("--capacity", type=int, default=16, help="identities personalized together (packed)")
+    p.add_argument("--lambda-gen-sweep", action="store_true", help="add PFStorer rows at lambda_gen 0/0.1/0.5/1")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the fine-tune row (CUDA)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    report = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", report["card"].lower()).strip("-")
+    stem = args.out / f"personalization_{args.level}_{args.base}_{slug}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+    stem.with_suffix(".md").write_text(to_markdown(report))
+    print(to_markdown(report))
+    print(f"-> {stem}.md / .json", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

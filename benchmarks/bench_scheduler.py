@@ -1,0 +1,314 @@
+"""Scheduler benchmark: N identities through the real `pfstorer run` machinery on this machine.
+
+Everything is real except the UNet: a manifest (Parquet) -> validation (every photo read and
+decoded) -> job keys and registry lookups -> the job queue actor -> a Ray Train worker group
+(the frozen ``tiny`` base loaded once per worker) -> per identity: photos read and sha256-checked,
+an adapter of the real shapes built without training (``--dry-train``; ``--steps N`` trains for
+real instead), saved, uploaded to the store with sha256 verification -> MLflow run + registered
+version + alias (SQLite) -> adapter index (batched). Then the same manifest again (all skipped).
+
+    python benchmarks/bench_scheduler.py --identities 1000          # the recorded run
+    python benchmarks/bench_scheduler.py --identities 50 --no-save  # a quick look
+
+Writes ``benchmarks/results/scheduler_cpu.json`` and ``.md`` (unless ``--no-save``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+for _k, _v in {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+LFW = REPO.parent / "shared" / "data" / "lfw128"
+RESULTS = REPO / "benchmarks" / "results"
+
+# DESIGN.md anchors (H200, SD-2.1-size UNet, bf16): 16 identities packed into one batch of 32
+# take 212.5 ms per personalization step; the paper's 500 steps.
+ANCHOR_STEP_S = 0.2125
+ANCHOR_PACK = 16
+ANCHOR_STEPS = 500
+
+
+def lfw_people(min_photos: int) -> list[tuple[str, list[str]]]:
+    people: dict[str, list[str]] = {}
+    with open(LFW / "index.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            people.setdefault(row["identity"], []).append(str(LFW / row["path"]))
+    return [(k, sorted(v)) for k, v in sorted(people.items()) if len(v) >= min_photos]
+
+
+def build_manifest(n: int, refs: int, path: Path) -> int:
+    """``n`` identities, each with ``refs`` photos of one lfw128 person (people are reused under
+    new identity names when ``n`` exceeds them: a person is a (tenant, identity) key)."""
+    from pipelines.manifest import write_manifest
+
+    people = lfw_people(refs)
+    rows = []
+    for i in range(n):
+        name, photos = people[i % len(people)]
+        rows += [
+            {"tenant": "bench", "identity": f"{name}-{i:05d}", "role": "ref", "uri": p}
+            for p in photos[:refs]
+        ]
+    write_manifest(rows, path)
+    return len(people)
+
+
+def queue_rpc_cost(n: int, pack: int) -> dict[str, float]:
+    """The queue actor alone (no registry): a worker's calls per identity, timed from here."""
+    import ray
+
+    from pipelines.scheduler import make_job_queue
+
+    jobs = [{"job_id": f"{i:06d}", "tenant": "t", "identity": f"p{i}", "job_key": f"k{i}",
+             "refs": []} for i in range(n)]
+    q = make_job_queue(jobs, None, report_interval_s=1e9)
+    wid = ray.get(q.register.remote(0, os.getpid(), "bench", "g"))
+    t0 = time.perf_counter()
+    done = 0
+    while done < n:
+        s = ray.get(q.sync.remote(wid, 0, pack, 1))
+        for job in s["jobs"]:
+            ray.get(q.handoff.remote(wid, job["job_id"], {"uri": "u", "sha256": "s", "meta": {}}))
+            done += 1
+    dt = time.perf_counter() - t0
+    ray.get(q.close.remote())
+    ray.kill(q)
+    return {"identities": n, "seconds": dt, "ms_per_identity": 1000 * dt / n}
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def mean(xs: list[float]) -> float:
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--identities", type=int, default=1000)
+    ap.add_argument("--refs", type=int, default=3, help="reference photos per identity")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--pack", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=0,
+                    help="0: --dry-train (no UNet); N > 0: real training steps on tiny")
+    ap.add_argument("--publish-threads", type=int, default=None)
+    ap.add_argument("--gpus", type=int, default=64, help="GPU count for the 100k extrapolation")
+    ap.add_argument("--state-dir", default=None, help="default: a fresh temporary directory")
+    ap.add_argument("--name", default="scheduler_cpu")
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args(argv)
+
+    import ray
+
+    from pipelines.run import run_manifest
+
+    dry = args.steps <= 0
+    tmp = Path(args.state_dir or tempfile.mkdtemp(prefix="pfstorer-bench-"))
+    if tmp.exists() and args.state_dir:
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    manifest = tmp / "manifest.parquet"
+    n_people = build_manifest(args.identities, args.refs, manifest)
+    print(f"manifest: {args.identities} identities x {args.refs} photos "
+          f"({n_people} distinct lfw128 people) -> {manifest}", flush=True)
+
+    t0 = time.perf_counter()
+    ray.init(num_cpus=max(2, args.workers), include_dashboard=False,
+             _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
+    ray_init_s = time.perf_counter() - t0
+
+    marks: dict[str, float] = {}
+
+    def on_progress(snap: dict) -> None:
+        now = time.perf_counter()
+        if snap["workers"] and "workers" not in marks:
+            marks["workers"] = now
+        settled = snap["done"] + snap["failed"]
+        if settled and "first_done" not in marks:
+            marks["first_done"] = now
+        if settled:
+            marks["last_progress"] = now
+            marks["last_settled"] = settled
+
+    common = dict(state_dir=tmp / "state", base="tiny", workers=args.workers,
+                  steps=max(args.steps, 1), pack=args.pack, dry_train=dry,
+                  publish_threads=args.publish_threads)
+    t_run = time.perf_counter()
+    s1 = run_manifest(str(manifest), on_progress=on_progress, report_interval_s=2.0, **common)
+    run_s = time.perf_counter() - t_run
+    t_again = time.perf_counter()
+    s2 = run_manifest(str(manifest), **common)
+    rerun_s = time.perf_counter() - t_again
+    rpc = queue_rpc_cost(min(args.identities, 1000), args.pack)
+    ray.shutdown()
+
+    done = s1.by_status("done")
+    n = len(done)
+    t = s1.timings
+    start = t_run + t["prepare_s"]
+    steady_n = marks.get("last_settled", n) - 1
+    steady_s = marks.get("last_progress", 0) - marks.get("first_done", 0)
+    steady_rate = steady_n / steady_s if steady_s > 0 and steady_n > 0 else float("nan")
+    pub = s1.publisher
+    upload = [o.upload_s for o in done if o.upload_s is not None]
+    work = [o.train_s for o in done if o.train_s is not None]
+    publish = [o.publish_s for o in done if o.publish_s is not None]
+    index_ms = 1000 * pub.get("index_s", 0.0) / max(pub.get("index_rows", 0), 1)
+    overhead_ms = (rpc["ms_per_identity"] + 1000 * mean(upload) + 1000 * mean(publish) + index_ms)
+    # the one-writer registry path is serial: its cost per identity bounds the whole run's rate
+    serial_ms = 1000 * mean(publish) + index_ms
+
+    gpu_s_per_id = ANCHOR_STEPS * ANCHOR_STEP_S / ANCHOR_PACK
+    ids = 100_000
+    compute_h = ids * gpu_s_per_id / args.gpus / 3600
+    cluster_rate = args.gpus / gpu_s_per_id  # identities/s the GPUs can train
+    registry_rate = 1000 / serial_ms if serial_ms > 0 else float("inf")
+    overhead_h = ids * overhead_ms / 1000 / 3600
+
+    result = {
+        "benchmark": "scheduler",
+        "machine": f"{platform.node()} ({os.cpu_count()} cores, shared), {platform.platform()}",
+        "load_average_at_end": os.getloadavg(),
+        "identities": args.identities,
+        "refs_per_identity": args.refs,
+        "workers": args.workers,
+        "pack": args.pack,
+        "mode": "dry-train (no UNet)" if dry else f"train {args.steps} steps on tiny",
+        "publish_threads": pub.get("publish_threads"),
+        "tracking": "MLflow on SQLite (local file)",
+        "done": s1.done, "failed": s1.failed, "worker_restarts": s1.worker_restarts,
+        "seconds": {
+            "ray_init": ray_init_s,
+            "validate": t["validate_s"],
+            "plan": t["plan_s"],
+            "train_and_publish": t["train_s"],
+            "group_start_until_first_worker": marks.get("workers", start) - start,
+            "first_to_last_done": steady_s,
+            "run_total": run_s,
+            "rerun_total": rerun_s,
+        },
+        "identities_per_s": {
+            "end_to_end": n / run_s,
+            "train_and_publish_phase": n / t["train_s"],
+            "steady_state": steady_rate,
+            "rerun_skip": args.identities / rerun_s,
+        },
+        "per_identity_ms": {
+            "queue_rpc": rpc["ms_per_identity"],
+            "worker_dry_job_mean": 1000 * mean(work),
+            "upload_verify_mean": 1000 * mean(upload),
+            "mlflow_run_and_register_mean": 1000 * mean(publish),
+            "mlflow_run_and_register_median": 1000 * median(publish),
+            "index_write_amortized": index_ms,
+            "scheduler_overhead_total": overhead_ms,
+            "serial_registry_path": serial_ms,
+            "validate": 1000 * t["validate_s"] / args.identities,
+        },
+        "publisher": pub,
+        "rerun": {"skipped": s2.skipped, "trained": s2.trained},
+        "extrapolation_100k": {
+            "gpus": args.gpus,
+            "gpu_s_per_identity": gpu_s_per_id,
+            "compute_hours": compute_h,
+            "cluster_identities_per_s": cluster_rate,
+            "registry_identities_per_s_one_writer": registry_rate,
+            "overhead_hours_if_serial": overhead_h,
+        },
+    }
+    verdict = (
+        f"100,000 identities at {ANCHOR_STEPS} steps: compute = {ANCHOR_STEPS} x "
+        f"{ANCHOR_STEP_S * 1000:.1f} ms / {ANCHOR_PACK} packed = {gpu_s_per_id:.2f} GPU-s per "
+        f"identity (DESIGN.md H200 anchor) -> {ids * gpu_s_per_id / 3600:,.0f} GPU-hours, "
+        f"{compute_h:.1f} h on {args.gpus} GPUs, which finish an identity every "
+        f"{1000 / cluster_rate:.0f} ms. The scheduler's measured overhead is "
+        f"{overhead_ms:.0f} ms per identity ({overhead_h:.1f} h for 100k if it were all serial); "
+        f"the queue and the uploads run in parallel with training, but registration through one "
+        f"SQLite writer is serial at {serial_ms:.0f} ms per identity, i.e. at most "
+        f"{registry_rate:.1f} identities/s"
+        + (
+            f" - below the {cluster_rate:.1f}/s the {args.gpus} GPUs produce, so at that scale the "
+            f"registry, not the GPUs, would set the pace ({ids * serial_ms / 1000 / 3600:.1f} h): "
+            f"use an MLflow server on Postgres with several publisher threads "
+            f"(`publish_threads`), which the queue actor supports."
+            if registry_rate < cluster_rate
+            else f" - above the {cluster_rate:.1f}/s the {args.gpus} GPUs produce, so the GPUs "
+            f"set the pace and the scheduler adds only its fixed start-up cost."
+        )
+    )
+    result["verdict"] = verdict
+
+    rows = [
+        ("identities (done / failed)", f"{s1.done} / {s1.failed}"),
+        ("workers x pack", f"{args.workers} x {args.pack} ({result['mode']})"),
+        ("validate", f"{t['validate_s']:.1f} s ({result['per_identity_ms']['validate']:.1f} ms/identity)"),
+        ("plan (job keys, registry lookups)", f"{t['plan_s']:.1f} s"),
+        ("Ray Train group start -> first worker", f"{result['seconds']['group_start_until_first_worker']:.1f} s"),
+        ("train + publish phase", f"{t['train_s']:.1f} s"),
+        ("run total", f"{run_s:.1f} s"),
+        ("identities/s end to end", f"{result['identities_per_s']['end_to_end']:.2f}"),
+        ("identities/s steady state", f"{steady_rate:.2f}"),
+        ("queue RPCs per identity", f"{rpc['ms_per_identity']:.1f} ms"),
+        ("worker: read photos + dry adapter", f"{1000 * mean(work):.1f} ms (mean)"),
+        ("worker: save + upload + sha256 verify", f"{1000 * mean(upload):.1f} ms (mean)"),
+        ("publisher: MLflow run + version + alias", f"{1000 * mean(publish):.0f} ms (mean), {1000 * median(publish):.0f} ms (median)"),
+        ("indexer: batched index write", f"{index_ms:.1f} ms/identity ({pub.get('index_writes')} writes)"),
+        ("scheduler overhead per identity", f"{overhead_ms:.0f} ms"),
+        ("rerun (all skipped)", f"{rerun_s:.1f} s, {result['identities_per_s']['rerun_skip']:.0f} identities/s, trained {s2.trained}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print()
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    print()
+    print(verdict)
+
+    if not args.no_save:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        md = [
+            f"# Scheduler benchmark: {args.identities} identities on {os.cpu_count()} shared CPU cores",
+            "",
+            f"`python benchmarks/bench_scheduler.py --identities {args.identities}"
+            f"{'' if dry else f' --steps {args.steps}'} --workers {args.workers} --pack {args.pack}`"
+            f" ({result['tracking']}, local store and index; load average at the end "
+            f"{result['load_average_at_end'][0]:.1f} on a machine shared with other work).",
+            "",
+            "| measure | value |",
+            "| --- | --- |",
+            *[f"| {k} | {v} |" for k, v in rows],
+            "",
+            verdict,
+            "",
+        ]
+        (RESULTS / f"{args.name}.md").write_text("\n".join(md))
+        print(f"\nwrote {RESULTS / (args.name + '.json')} and .md")
+    if not args.state_dir:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0 if s1.failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

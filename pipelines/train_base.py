@@ -1,0 +1,561 @@
+"""``pfstorer train-base``: train a restoration base model (paper section 3.3) with Ray Train.
+
+The way the paper trains its base, on our data:
+
+- **data**: one split of an ``index.csv`` (``identity,path,split``) such as ``../shared/data/lfw128``;
+  ``split=bench`` is refused and training stops if any training identity is also a bench identity
+  (the personalization benchmark must never have seen its people). Every photo is decoded **once**
+  into one ``uint8`` array ``[N,H,W,3]`` that is put in the Ray object store, so workers on one node
+  share it (10.5 k lfw128 photos = 500 MB; ``--limit`` takes a seeded subset);
+- **inputs**: a random square crop (no alignment) of a random photo, resized to the training crop,
+  and its LQ from :func:`pfstorer.degradations.synthesize_lq` (``light``/``heavy`` mixed, the clean
+  crop itself with ``p_HQ = 0.03``), drawn on the fly inside each worker from a generator seeded by
+  ``(seed, worker rank, step)`` — so a resumed run sees exactly the batches an uninterrupted one would;
+- **loss**: epsilon-prediction MSE at uniform random timesteps of the preset's noise schedule;
+  AdamW, linear warm-up then cosine decay to 10 %, gradient clipping, optional EMA of the weights
+  (what gets shipped), optional bf16 autocast on CUDA;
+- **Ray Train**: a :class:`ray.train.torch.TorchTrainer`; with several workers the model is wrapped
+  in DDP by :func:`ray.train.torch.prepare_model` (gloo on CPU, NCCL on GPU) and ``--batch-size`` is
+  the global batch, split evenly;
+- **checkpoints**: every ``--checkpoint-every`` steps rank 0 reports a checkpoint
+  (``config.json`` + ``model.safetensors`` of the raw weights, so ``load_base(ckpt)`` reads it;
+  ``ema.safetensors``; ``optimizer.pt``; ``state.json`` with the step and loss history) with
+  ``ray.train.report(..., checkpoint=Checkpoint.from_directory(...))`` to the store
+  (``--store``, default ``OUT/checkpoints``; any URL Ray Train accepts). ``--resume`` re-runs the
+  last run of that store under the same name, so Ray hands the latest checkpoint back and training
+  continues from its step, weights, optimizer state and loss history;
+- **output**: ``OUT/config.json`` + ``OUT/model.safetensors`` (``RestorationModel.save``; the EMA
+  weights when EMA is on), ``OUT/loss_curve.json`` (+ ``loss_curve.png`` when matplotlib is there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["TrainBaseConfig", "TrainBaseResult", "load_split", "register_cli", "train_base"]
+
+RUN_FILE = "train_run.json"  # in OUT: the store and run name of the last run (for --resume)
+
+
+class TrainBaseConfig(BaseModel):
+    """Everything that decides what a base-training run computes."""
+
+    model_config = ConfigDict(frozen=True)
+
+    base: str = Field("compact", description="preset to train")
+    steps: int = Field(1000, ge=1, description="total optimisation steps (including resumed ones)")
+    batch_size: int = Field(32, ge=1, description="global batch (split evenly across workers)")
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup: int | None = Field(None, ge=0, description="linear warm-up steps (default: 5 % of steps, <= 500)")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay ends at lr * this")
+    grad_clip: float = Field(1.0, gt=0)
+    ema: float = Field(0.0, ge=0, lt=1, description="EMA decay of the shipped weights (0: off; warm-up "
+                       "min(ema, (1 + n) / (10 + n)) over the n EMA updates of this run)")
+    loss_weighting: Literal["eps", "trunc-snr"] = Field(
+        "eps", description="eps: plain epsilon MSE (the paper); trunc-snr: epsilon MSE x max(1, 1/SNR(t)), "
+                           "Salimans & Ho's truncated-SNR weighting (x0 error where noise dominates)")
+    crop: int | None = Field(None, ge=8, description="training crop in pixels (default: the preset's tile)")
+    crop_scale: tuple[float, float] = Field((0.6, 1.0), description="crop side as a fraction of the short side")
+    levels: tuple[str, ...] = ("light", "heavy")
+    p_hq: float = Field(0.03, ge=0, le=1, description="probability of a clean LQ (paper: 0.03)")
+    seed: int = 0
+    workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    bf16: bool = Field(False, description="bf16 autocast (CUDA only)")
+    threads: int | None = Field(None, ge=1, description="torch threads per worker (default: Ray's)")
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    init: str | None = Field(None, description="start from these weights (a checkpoint folder) instead of random")
+
+
+class TrainBaseResult(BaseModel):
+    out: str
+    store: str
+    run_name: str
+    steps: int
+    resumed_from: int
+    final_loss: float
+    wall_s: float
+    samples_per_s: float
+    checkpoint: str | None
+    fingerprint: str
+
+
+# -- data --------------------------------------------------------------------------------------
+def _read_index(data: str) -> list[dict[str, str]]:
+    import fsspec
+
+    from pfstorer.errors import InputError
+
+    url = data.rstrip("/") + "/index.csv"
+    try:
+        with fsspec.open(url, "r", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except FileNotFoundError:
+        raise InputError(f"no index.csv in {data} (expected identity,path,split)") from None
+    if rows and not {"identity", "path", "split"} <= set(rows[0]):
+        raise InputError(f"{url} needs the columns identity,path,split; got {sorted(rows[0])}")
+    return rows
+
+
+def load_split(data: str, split: str = "train", limit: int | None = None, seed: int = 0) -> tuple[Any, list[str]]:
+    """Decode every photo of ``split`` once: ``(uint8 array [N,H,W,3], identities)``.
+
+    Refuses the bench split, and any split that shares an identity with it.
+    """
+    import fsspec
+    import numpy as np
+    from PIL import Image
+
+    from pfstorer.errors import InputError
+
+    if split == "bench":
+        raise InputError("refusing to train on split=bench: those people are the personalization benchmark")
+    rows = _read_index(data)
+    chosen = [r for r in rows if r["split"] == split]
+    if not chosen:
+        raise InputError(f"split {split!r} of {data} has no photos (splits: {sorted({r['split'] for r in rows})})")
+    bench = {r["identity"] for r in rows if r["split"] == "bench"}
+    leak = sorted({r["identity"] for r in chosen} & bench)
+    if leak:
+        raise InputError(f"split {split!r} shares {len(leak)} identities with bench (e.g. {leak[:3]}): refusing")
+    if limit is not None and limit < len(chosen):
+        pick = np.random.default_rng(seed).choice(len(chosen), size=limit, replace=False)
+        chosen = [chosen[i] for i in sorted(pick)]
+    base = data.rstrip("/")
+    arrays, size = [], None
+    for r in chosen:
+        with fsspec.open(f"{base}/{r['path']}", "rb") as fh:
+            img = Image.open(io.BytesIO(fh.read())).convert("RGB")
+        if size is None:
+            size = img.size
+        if img.size != size:  # one array: bring odd sizes to the first photo's size
+            img = img.resize(size, Image.BICUBIC)
+        arrays.append(np.asarray(img, dtype=np.uint8))
+    return np.stack(arrays), [r["identity"] for r in chosen]
+
+
+# -- the worker ----------------------------------------------------------------------------------
+class _Denoiser:
+    """nn.Module wrapper whose forward is ``denoise`` (DDP syncs gradients through forward)."""
+
+    @staticmethod
+    def build(model):
+        from torch import nn
+
+        class Denoiser(nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, z_t, t, lq):
+                return self.m.denoise(z_t, t, lq)
+
+        return Denoiser(model)
+
+
+def _lr_at(step: int, c: TrainBaseConfig) -> float:
+    warm = c.warmup if c.warmup is not None else min(500, c.steps // 20)
+    if step < warm:
+        return c.lr * (step + 1) / warm
+    frac = (step - warm) / max(1, c.steps - warm)
+    return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def _draw_batch(images, n: int, crop: int, c: TrainBaseConfig, rank: int, step: int):
+    """HQ crops and their LQ for one worker's step; randomness from (seed, rank, step) only."""
+    import numpy as np
+    import torch
+
+    from pfstorer.degradations import random_crop_resize, synthesize_lq
+
+    rng = np.random.default_rng([c.seed, rank, step])
+    hq, lq = [], []
+    for _ in range(n):
+        img = torch.from_numpy(np.array(images[int(rng.integers(len(images)))])).permute(2, 0, 1)
+        x = random_crop_resize(img.float() / 255.0, crop, rng, c.crop_scale)
+        hq.append(x)
+        lq.append(synthesize_lq(x, rng, levels=c.levels, p_hq=c.p_hq))
+    return torch.stack(hq), torch.stack(lq)
+
+
+def _save_checkpoint(d: Path, model, ema, opt, state: dict[str, Any]) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    model.invalidate_fingerprint()
+    model.save(d)
+    if ema is not None:
+        save_file({k: v.contiguous() for k, v in ema.items()}, d / "ema.safetensors")
+    torch.save(opt.state_dict(), d / "optimizer.pt")
+    (d / "state.json").write_text(json.dumps(state))
+
+
+def _export(model, ema: dict | None, d: Path) -> str:
+    """Write the shipped weights (EMA when on) as config.json + model.safetensors; fingerprint."""
+    import torch
+
+    if ema is None:
+        model.invalidate_fingerprint()
+        model.save(d)
+        return model.fingerprint
+    raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.load_state_dict({k: ema[k].to(v.dtype) for k, v in raw.items()})
+    model.invalidate_fingerprint()
+    model.save(d)
+    fp = model.fingerprint
+    with torch.no_grad():
+        model.load_state_dict(raw)
+    model.invalidate_fingerprint()
+    return fp
+
+
+def _train_loop(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import numpy as np
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    from pfstorer.model import load_base
+    from pfstorer.sampling import make_scheduler
+
+    c = TrainBaseConfig.model_validate(loop_config["config"])
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    images = ray.get(loop_config["images_ref"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+
+    torch.manual_seed(c.seed)
+    model = load_base(c.init) if c.init else load_base(c.base, random_weights=True)
+    model.requires_grad_(True)
+    if model.vae is not None:  # latent presets: the VAE is trained elsewhere; encode only
+        model.vae.requires_grad_(False)
+    model.train()
+    init_fp = model.fingerprint
+    crop = c.crop or model.config.sample_size
+    g = model.config.granularity
+    if crop % g:
+        raise ValueError(f"crop {crop} must be a multiple of {g} for preset {model.config.name}")
+    per_worker = c.batch_size // world
+
+    state: dict[str, Any] = {"step": 0, "losses": [], "resumed_from": 0, "wall_s": 0.0, "samples": 0}
+    ema = None
+    opt_state = None
+    ckpt = ray.train.get_checkpoint()
+    start_fp = init_fp
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            d = Path(d)
+            sd = load_file(str(d / "model.safetensors"))
+            model.load_state_dict(sd)
+            if (d / "ema.safetensors").exists() and c.ema > 0:
+                ema = load_file(str(d / "ema.safetensors"))
+            opt_state = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True)
+            state = json.loads((d / "state.json").read_text())
+        model.invalidate_fingerprint()
+        start_fp = model.fingerprint
+        state["resumed_from"] = state["step"]
+    state["start_fingerprint"] = start_fp
+    state["init_fingerprint"] = init_fp
+
+    net = ray.train.torch.prepare_model(_Denoiser.build(model))
+    model = (net.module if hasattr(net, "module") else net).m
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.99))
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    if c.ema > 0 and ema is None:
+        ema = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+    ac = make_scheduler(model, "ddpm").alphas_cumprod.to(device, torch.float32)
+    total_t = model.config.num_train_timesteps
+    use_bf16 = c.bf16 and device.type == "cuda"
+    if c.bf16 and not use_bf16 and rank == 0:
+        print("train-base: --bf16 ignored (bf16 autocast is used on CUDA only)", flush=True)
+
+    t0 = time.perf_counter()
+    wall0 = float(state.get("wall_s", 0.0))
+    window: list[float] = []
+    seen = 0
+    step = int(state["step"])
+    while step < c.steps:
+        hq, lq = _draw_batch(images, per_worker, crop, c, rank, step)
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([c.seed, rank, step, 1]).generate_state(1)[0]))
+        with torch.no_grad():
+            z0 = model.to_latent(hq.to(device))
+            lq_lat = model.to_latent(lq.to(device))
+        t = torch.randint(0, total_t, (per_worker,), generator=gen).to(device)
+        noise = torch.randn(z0.shape, generator=gen).to(device)
+        a = ac[t].view(-1, 1, 1, 1)
+        z_t = a.sqrt() * z0.float() + (1 - a).sqrt() * noise
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, c)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            eps = net(z_t.to(model.dtype), t, lq_lat)
+        per_row = (eps.float() - noise).pow(2).flatten(1).mean(1)
+        if c.loss_weighting == "trunc-snr":  # max(1, 1/SNR) = max(1, (1 - a) / a)
+            weight = ((1 - a) / a).clamp(min=1.0).view(-1)
+            loss = (per_row * weight).mean()
+        else:
+            loss = per_row.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+        opt.step()
+        if ema is not None:
+            n_ema = int(state.get("ema_updates", 0))
+            decay = min(c.ema, (1 + n_ema) / (10 + n_ema))
+            state["ema_updates"] = n_ema + 1
+            with torch.no_grad():
+                for k, v in model.state_dict().items():
+                    if v.is_floating_point():
+                        ema[k].mul_(decay).add_(v.detach().float().cpu(), alpha=1 - decay)
+        step += 1
+        seen += per_worker * world
+        lv = float(per_row.detach().mean())  # the curve is always the plain epsilon MSE
+        state["losses"].append(lv)
+        window.append(lv)
+        elapsed = time.perf_counter() - t0
+        state.update(step=step, wall_s=wall0 + elapsed, samples=int(state.get("samples", 0)) + per_worker * world)
+        if rank == 0 and (step % c.log_every == 0 or step == c.steps):
+            print(json.dumps({"step": step, "loss": round(sum(window) / len(window), 5), "lr": _lr_at(step - 1, c),
+                              "samples_per_s": round(seen / elapsed, 2), "wall_s": round(state["wall_s"], 1)}),
+                  flush=True)
+            window = []
+        last = step == c.steps
+        if step % c.checkpoint_every == 0 or last:
+            metrics = {"step": step, "loss": lv, "resumed_from": state["resumed_from"],
+                       "start_fingerprint": start_fp, "samples_per_s": seen / max(elapsed, 1e-9)}
+            if rank == 0:
+                with tempfile.TemporaryDirectory() as tmp:
+                    d = Path(tmp)
+                    _save_checkpoint(d, model, ema, opt, state)
+                    if last:
+                        exp = d / "export"
+                        metrics["fingerprint"] = _export(model, ema, exp)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                     checkpoint_dir_name=f"checkpoint_{step:08d}")
+            else:
+                ray.train.report(metrics, checkpoint=None)
+
+
+# -- the driver ----------------------------------------------------------------------------------
+def _plot(curve: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    import numpy as np
+
+    y = np.asarray(curve["loss"], dtype=float)
+    k = max(1, len(y) // 50)
+    smooth = np.convolve(y, np.ones(k) / k, mode="valid")
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(np.arange(1, len(y) + 1), y, lw=0.5, alpha=0.35, label="per step")
+    ax.plot(np.arange(k, len(y) + 1), smooth, lw=1.5, label=f"mean of {k}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("epsilon MSE")
+    ax.set_yscale("log")
+    ax.set_title(f"{curve['preset']} base training ({curve['device']})", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _device_name(use_gpu: bool) -> str:
+    if use_gpu:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                return torch.cuda.get_device_name(0)
+        except Exception:
+            pass
+    return f"CPU ({os.cpu_count()} cores visible), no GPU"
+
+
+def train_base(
+    *,
+    data: str,
+    out: str | Path,
+    config: TrainBaseConfig = TrainBaseConfig(),
+    split: str = "train",
+    limit: int | None = None,
+    store: str | None = None,
+    resume: bool = False,
+    verbose: bool = True,
+) -> TrainBaseResult:
+    """Train (or ``resume``) a base model; writes the final weights and the loss curve to ``out``."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pfstorer.errors import InputError
+    from pfstorer.presets import get_preset
+
+    get_preset(config.base)  # unknown preset: a clear error before anything starts
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_file = out / RUN_FILE
+    if resume:
+        if not run_file.exists():
+            raise InputError(f"--resume: no earlier run recorded in {run_file}")
+        prev = json.loads(run_file.read_text())
+        store, run_name = prev["store"], prev["run_name"]
+    else:
+        store = store or str((out / "checkpoints").resolve())
+        run_name = f"train-base-{config.base}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    if config.batch_size % config.workers:
+        raise InputError(f"--batch-size {config.batch_size} must be a multiple of --workers {config.workers}")
+
+    t0 = time.perf_counter()
+    images, identities = load_split(data, split, limit=limit, seed=config.seed)
+    if verbose:
+        print(f"train-base: {len(images)} photos of {len(set(identities))} people from {data} split={split} "
+              f"decoded in {time.perf_counter() - t0:.1f}s ({images.nbytes / 2**20:.0f} MiB)", file=sys.stderr)
+    run_file.write_text(json.dumps({"store": store, "run_name": run_name, "config": config.model_dump(mode="json"),
+                                    "data": data, "split": split, "limit": limit}, indent=2))
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=verbose)
+    images_ref = ray.put(images)
+    del images
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"config": config.model_dump(mode="json"), "images_ref": images_ref},
+        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=store,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=0),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    ckpt = result.checkpoint
+    if ckpt is None:
+        raise RuntimeError("training reported no checkpoint")
+    with ckpt.as_directory() as d:
+        d = Path(d)
+        state = json.loads((d / "state.json").read_text())
+        exp = d / "export"
+        if not exp.exists():  # resumed a run that had already finished: export its weights
+            from pfstorer.model import load_base
+
+            m = load_base(str(d))
+            fp = m.fingerprint
+            m.save(out)
+        else:
+            for name in ("config.json", "model.safetensors"):
+                (out / name).write_bytes((exp / name).read_bytes())
+            fp = result.metrics.get("fingerprint", "")
+    curve = {
+        "preset": config.base, "device": _device_name(config.use_gpu), "workers": config.workers,
+        "data": data, "split": split, "photos": len(identities), "people": len(set(identities)),
+        "steps": state["step"], "resumed_from": state["resumed_from"],
+        "start_fingerprint": state.get("start_fingerprint"), "init_fingerprint": state.get("init_fingerprint"),
+        "fingerprint": fp, "wall_s": state["wall_s"], "samples": state.get("samples"),
+        "config": config.model_dump(mode="json"), "loss": state["losses"],
+    }
+    (out / "loss_curve.json").write_text(json.dumps(curve))
+    _plot(curve, out / "loss_curve.png")
+    tail = state["losses"][-50:]
+    return TrainBaseResult(
+        out=str(out), store=store, run_name=run_name, steps=state["step"], resumed_from=state["resumed_from"],
+        final_loss=float(sum(tail) / len(tail)) if tail else float("nan"), wall_s=state["wall_s"],
+        samples_per_s=float(state.get("samples", 0)) / max(state["wall_s"], 1e-9),
+        checkpoint=ckpt.path, fingerprint=fp,
+    )
+
+
+# -- command line --------------------------------------------------------------------------------
+def _cmd(args: argparse.Namespace) -> int:
+    fields = {
+        "base": args.base, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+        "workers": args.workers, "use_gpu": args.use_gpu, "bf16": args.bf16, "checkpoint_every": args.checkpoint_every,
+        "init": args.init, "seed": args.seed, "loss_weighting": args.loss_weighting, "ema": args.ema, "crop": args.crop, "threads": args.threads,
+        "log_every": args.log_every, "weight_decay": args.weight_decay, "warmup": args.warmup,
+        "crop_scale": tuple(args.crop_scale), "keep_checkpoints": args.keep_checkpoints,
+    }
+    config = TrainBaseConfig(**{k: v for k, v in fields.items() if v is not None})
+    res = train_base(data=args.data, out=args.out, config=config, split=args.split, limit=args.limit,
+                     store=args.store, resume=args.resume, verbose=not args.quiet)
+    print(json.dumps(res.model_dump(), indent=2))
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "train-base", help="train a base restoration model (Ray Train)",
+        description="Train a base model of a preset on the photos of one split of an index.csv "
+                    "(identity,path,split): random crops, synthetic light/heavy degradations "
+                    "(clean input with p=0.03), epsilon-prediction loss. Ray Train TorchTrainer "
+                    "(DDP with several workers); checkpoints to --store; --resume continues. Writes "
+                    "OUT/config.json + model.safetensors (load with --base OUT) and OUT/loss_curve.json.",
+    )
+    p.add_argument("--base", default="compact", help="preset to train (default: compact)")
+    p.add_argument("--data", required=True, help="folder or URL holding index.csv and the photos")
+    p.add_argument("--split", default="train", help="split of index.csv to train on (bench is refused)")
+    p.add_argument("--limit", type=int, help="train on a seeded subset of this many photos")
+    p.add_argument("--steps", type=int, default=1000, help="total optimisation steps")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch size")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup", type=int, help="warm-up steps (default: 5%% of steps, at most 500)")
+    p.add_argument("--ema", type=float, help="EMA decay of the saved weights (default 0: off)")
+    p.add_argument("--loss-weighting", choices=["eps", "trunc-snr"],
+                   help="eps: plain epsilon MSE (paper, default); trunc-snr: x max(1, 1/SNR(t))")
+    p.add_argument("--crop", type=int, help="training crop size in pixels (default: the preset's tile)")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=(0.6, 1.0), metavar=("LO", "HI"),
+                   help="crop side as a fraction of the photo's short side")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder (weights, loss curve, run record)")
+    p.add_argument("--store", help="checkpoint store: folder or URL (default: OUT/checkpoints)")
+    p.add_argument("--resume", action="store_true", help="continue the last run recorded in OUT")
+    p.add_argument("--workers", type=int, default=1, help="data-parallel workers (DDP when > 1)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--threads", type=int, help="torch threads per worker")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="report a checkpoint every N steps")
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--init", help="initial weights: a checkpoint folder of the same preset")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.train_base")
+    register_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train-base", *(argv if argv is not None else sys.argv[1:])])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
