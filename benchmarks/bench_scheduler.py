@@ -250,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{registry_rate:.1f} identities/s"
         + (
             f" - below the {cluster_rate:.1f}/s the {args.gpus} GPUs produce, so at that scale the "
-            f"registry, not the GPUs, would set the pace ({ids * serial_ms / 1000 / 3600:.1f} h): "
-            f"use an MLflow server on Postgres with several publisher threads "
-            f"(`publish_threads`), which the queue actor supports."
+            f"registry, not the GPUs, would set the pace ({ids * serial_ms / 1000 / 3600:.1f} h). "
+            f"The remedy (not measured here): an MLflow server on Postgres, several publisher "
+            f"threads (`publish_threads`, which the queue actor has), a head node that is not "
+            f"shared, and fewer MLflow calls per registration (see pipelines/scheduler.py)."
             if registry_rate < cluster_rate
             else f" - above the {cluster_rate:.1f}/s the {args.gpus} GPUs produce, so the GPUs "
             f"set the pace and the scheduler adds only its fixed start-up cost."

@@ -291,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             "adapter_slots": args.slots, "base_only_every": args.base_every,
             "max_ongoing_requests": args.max_ongoing, "max_queued_requests": args.max_queued,
             "replicas": 1, "replica_cpus": args.replica_cpus, "torch_threads": ready.get("torch_threads"),
+            "max_seconds": args.max_seconds,
         },
         "setup_s": round(setup_s, 1),
         "deploy_s": round(deploy_s, 1),
@@ -347,8 +348,8 @@ def _markdown(r: dict[str, Any]) -> str:
         f"{c['people']} people in {c['tenants']} tenants, {c['adapter_slots']} device slots, one "
         f"Restorer replica ({c['replica_cpus']} CPU, {c['torch_threads']} torch thread), "
         f"max_ongoing={c['max_ongoing_requests']}, max_queued={c['max_queued_requests']}; "
-        f"{c['requests']} requests, {c['concurrency']} in flight, every {c['base_only_every']}th base-only; "
-        "HTTP to 127.0.0.1.",
+        f"{c['requests']} requests planned ({r['sent']} sent before the {c.get('max_seconds')} s bound), "
+        f"{c['concurrency']} in flight, every {c['base_only_every']}th base-only; HTTP to 127.0.0.1.",
         "",
         "| metric | value |",
         "| --- | --- |",

@@ -159,9 +159,11 @@ def worker(args: argparse.Namespace) -> dict:
     base_kb = meter.rss_kb()
     meter.reset()
     t1 = time.perf_counter()
+    cpu1 = time.process_time()
     out = restore(model, image, steps=args.steps, scale=args.scale, tile=args.tile, overlap=args.overlap,
                   tile_batch=args.tile_batch, color_fix=args.color_fix)
     seconds = time.perf_counter() - t1
+    cpu_seconds = time.process_time() - cpu1
     close("done")
     peak_kb = max(phases.values())
 
@@ -185,6 +187,9 @@ def worker(args: argparse.Namespace) -> dict:
         "unet_input_hw": sorted(state["tile_px"]),
         "seconds": round(seconds, 2),
         "seconds_per_megapixel": round(seconds / (oh * ow / 1e6), 2),
+        "cpu_seconds": round(cpu_seconds, 1),
+        "cpu_seconds_per_megapixel": round(cpu_seconds / (oh * ow / 1e6), 1),
+        "load_average_after": round(os.getloadavg()[0], 1),
         "load_seconds": round(load_s, 2),
         "baseline_rss_mb": mb(base_kb),
         "peak_total_mb": mb(peak_kb),
@@ -268,13 +273,13 @@ def _summary(rows: list[dict]) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-    head = ("| preset | input | output | tiles | time s | s/Mpx | peak total MB | peak above base MB | "
+    head = ("| preset | input | output | tiles | wall s | CPU s | CPU s/Mpx | peak total MB | peak above base MB | "
             "loop peak MB | tile working set MB | peak / image buffer |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['preset']} | {r['input_wh'][0]}x{r['input_wh'][1]} | {r['output_wh'][0]}x{r['output_wh'][1]} | "
-            f"{r['tiles']} | {r['seconds']} | {r['seconds_per_megapixel']} | {r['peak_total_mb']} | "
+            f"{r['tiles']} | {r['seconds']} | {r['cpu_seconds']} | {r['cpu_seconds_per_megapixel']} | {r['peak_total_mb']} | "
             f"{r['peak_above_baseline_mb']} | {r['phase_peak_above_baseline_mb'].get('denoising loop', 0)} | "
             f"{r['tile_working_set_mb']} | {r['peak_in_image_buffers']} |"
         )
@@ -289,7 +294,8 @@ def _markdown(doc: dict) -> str:
         f"Command: `{doc['command']}`  ",
         f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['memory_gib']} GiB, torch {mach['torch']} "
         f"({mach['torch_threads']} threads), Python {mach['python']}; load average at start "
-        f"{', '.join(f'{x:.1f}' for x in mach['load_average_at_start'])} (a shared machine: times are noisy).  ",
+        f"{', '.join(f'{x:.1f}' for x in mach['load_average_at_start'])} (a shared machine: wall times "
+        "depend on the other jobs; CPU seconds, the worker's user + system time, much less).  ",
         f"Settings: {doc['settings']['steps']} denoising step(s) (a step costs the same at every size per "
         f"pixel; memory does not depend on the step count), scale {doc['settings']['scale']}, "
         f"tile {doc['settings']['tile']} px, overlap {doc['settings']['overlap']} px, tile batch "
@@ -334,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", nargs="+", default=["tiny"], help="base presets (tiny, tiny-latent)")
     p.add_argument("--sizes", nargs="+", type=int, default=[512, 1024, 2048, 4096], help="long side of the input, px")
-    p.add_argument("--shape", choices=["square", "photo"], default="square")
+    p.add_argument("--shape", choices=["square", "photo"], default="photo",
+                   help="photo: the wild photo's 1024x707 aspect, long side = size; square: size x size")
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--tile", type=int, default=128)
@@ -344,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads in the worker (0: torch's default)")
     p.add_argument("--out", type=Path, default=RESULTS / "tiling_cpu.json")
     p.add_argument("--no-write", action="store_true", help="print the table only")
+    p.add_argument("--append", action="store_true",
+                   help="merge into an existing --out file (rows of the same preset and size are replaced)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -362,12 +371,19 @@ def main(argv: list[str] | None = None) -> int:
             r = _run_size(args, preset, size)
             rows.append(r)
             print(f"{preset:12s} {r['input_wh'][0]:5d}x{r['input_wh'][1]:<5d} tiles {r['tiles']:4d}  "
-                  f"{r['seconds']:8.1f} s  peak total {r['peak_total_mb']:8.1f} MB  above base "
+                  f"{r['seconds']:8.1f} s ({r['cpu_seconds']:.0f} CPU s)  peak total {r['peak_total_mb']:8.1f} MB  above base "
                   f"{r['peak_above_baseline_mb']:8.1f} MB  loop {r['phase_peak_above_baseline_mb'].get('denoising loop', 0):8.1f} MB  "
                   f"tile ws {r['tile_working_set_mb']:6.1f} MB", flush=True)
+    commands = [command.strip()]
+    if args.append and args.out.exists():
+        old = json.loads(args.out.read_text())
+        keep = [r for r in old["results"] if (r["preset"], r["size"]) not in {(x["preset"], x["size"]) for x in rows}]
+        rows = keep + rows
+        commands = old.get("commands", [old.get("command")]) + commands
     doc = {
         "benchmark": "tiled restore, peak memory and time vs image size, CPU",
-        "command": command.strip(),
+        "command": " && ".join(commands),
+        "commands": commands,
         "machine": machine,
         "settings": {k: getattr(args, k) for k in ("steps", "scale", "tile", "overlap", "tile_batch", "color_fix", "shape")}
         | {"malloc_env": MALLOC_ENV},

@@ -77,7 +77,6 @@ class Adapter:
     def load(cls, directory: str | os.PathLike, *, verify: bool = True) -> Adapter:
         """Read an adapter folder (local path or fsspec URL); verify the tensors' sha256."""
         import fsspec
-        from safetensors.torch import load
 
         fs, root = fsspec.core.url_to_fs(str(directory).rstrip("/"))
         try:
@@ -85,19 +84,32 @@ class Adapter:
             data = fs.cat_file(f"{root}/{TENSORS_FILE}")
         except FileNotFoundError:
             raise AdapterError(f"{directory} is not an adapter folder (needs {TENSORS_FILE} and {METADATA_FILE})") from None
+        return cls.from_bytes(data, meta_raw, source=str(directory), verify=verify)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, metadata: bytes | str | dict[str, Any], *, source: str = "adapter",
+                   verify: bool = True) -> Adapter:
+        """An adapter from the tensor file's bytes and its metadata (JSON text or dict).
+
+        The one place that parses adapters: the metadata is validated, the sha256 of ``data`` is
+        checked against it (``verify``), and only safetensors is parsed (never pickle).
+        """
+        from safetensors.torch import load
+
         try:
-            metadata = AdapterMetadata.model_validate_json(meta_raw)
+            meta = (AdapterMetadata.model_validate(metadata) if isinstance(metadata, dict)
+                    else AdapterMetadata.model_validate_json(metadata))
         except ValueError as exc:
-            raise AdapterError(f"{directory}/{METADATA_FILE} is not valid adapter metadata: {str(exc).splitlines()[0]}") from None
-        if metadata.format_version > FORMAT_VERSION:
-            raise AdapterError(f"adapter format {metadata.format_version} is newer than this pfstorer ({FORMAT_VERSION})")
-        if verify and sha256_bytes(data) != metadata.tensors_sha256:
-            raise AdapterError(f"{directory}: {TENSORS_FILE} does not match its sha256 (corrupt or tampered)")
+            raise AdapterError(f"{source}: invalid adapter metadata: {str(exc).splitlines()[0]}") from None
+        if meta.format_version > FORMAT_VERSION:
+            raise AdapterError(f"{source}: adapter format {meta.format_version} is newer than this pfstorer ({FORMAT_VERSION})")
+        if verify and sha256_bytes(data) != meta.tensors_sha256:
+            raise AdapterError(f"{source}: {TENSORS_FILE} does not match its sha256 (corrupt or tampered)")
         try:
             tensors = load(data)
         except Exception as exc:  # safetensors raises its own error types
-            raise AdapterError(f"{directory}/{TENSORS_FILE} is not a valid safetensors file: {exc}") from None
-        return cls(tensors, metadata)
+            raise AdapterError(f"{source}: {TENSORS_FILE} is not a valid safetensors file: {exc}") from None
+        return cls(tensors, meta)
 
     def check_base(self, model) -> None:
         """Refuse a base other than the one this adapter was trained on."""

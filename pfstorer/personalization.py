@@ -190,9 +190,12 @@ class AdapterSlots(nn.Module):
 
     @torch.no_grad()
     def clear(self, slot: int) -> None:
-        """Make ``slot`` the identity map (alpha = 0)."""
+        """Wipe ``slot``: every tensor zeroed, so it is the identity map (alpha = 0) and nothing
+        derived from a person's photos (cached reference keys/values) stays in memory."""
+        self.token[slot].zero_()
         for i in range(len(self.specs)):
-            self.buffer("alpha", i)[slot].zero_()
+            for name in INFERENCE_KEYS:
+                self.buffer(name, i)[slot].zero_()
 
 
 def _block_sides(model) -> list[int]:

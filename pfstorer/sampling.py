@@ -73,13 +73,25 @@ def _tiled_eps(
     weight: torch.Tensor,
     pb: PBRun | None,
     tile_batch: int,
+    buffers: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Noise prediction for the whole latent ``z`` from overlapping tiles, Gaussian-blended."""
+    """Noise prediction for the whole latent ``z`` from overlapping tiles, Gaussian-blended.
+
+    The float32 accumulator and weight sum live in ``buffers`` and are reused every step (the
+    weight sum never changes): no full-size temporaries per step, and bf16/fp16 models blend
+    without rounding the weights or underflowing where they are small.
+    """
     b = z.shape[0]
     if len(tiles) == 1:  # untiled: exactly one model call per batch, no blending arithmetic
         return model.denoise(z, t.expand(b), lq, pb)
-    eps = torch.zeros_like(z)
-    wsum = torch.zeros_like(z[:1, :1])
+    buffers = {} if buffers is None else buffers
+    if "wsum" not in buffers:
+        wsum = torch.zeros((1, 1, *z.shape[-2:]), device=z.device, dtype=torch.float32)
+        for y, x, h, w in tiles:
+            wsum[0, :, y : y + h, x : x + w] += weight
+        buffers["wsum"] = wsum
+        buffers["eps"] = torch.empty(z.shape, device=z.device, dtype=torch.float32)
+    eps = buffers["eps"].zero_()
     jobs = [(i, tile) for tile in tiles for i in range(b)]
     for start in range(0, len(jobs), tile_batch):
         chunk = jobs[start : start + tile_batch]
@@ -88,10 +100,8 @@ def _tiled_eps(
         rows = None if pb is None else pb.rows(pb.slots[[i for i, _ in chunk]])
         out = model.denoise(zc, t.expand(len(chunk)), lc, rows)
         for k, (i, (y, x, h, w)) in enumerate(chunk):
-            eps[i, :, y : y + h, x : x + w] += out[k] * weight
-    for y, x, h, w in tiles:
-        wsum[0, :, y : y + h, x : x + w] += weight
-    return eps / wsum
+            eps[i, :, y : y + h, x : x + w] += out[k].float() * weight
+    return eps.div_(buffers["wsum"]).to(z.dtype)
 
 
 @torch.no_grad()
@@ -143,7 +153,8 @@ def restore_batch(
     lq = model.to_latent(padded)
     f = cfg.vae_factor
     tiles = tile_grid(lq.shape[-2], lq.shape[-1], tile_px // f, overlap_px // f)
-    weight = gaussian_weights(tiles[0][2], tiles[0][3]).to(lq.device, lq.dtype)
+    weight = gaussian_weights(tiles[0][2], tiles[0][3]).to(lq.device)  # float32: blended in float32
+    del padded  # a padded copy (if any) is not needed past the encoder
 
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     z = torch.cat([torch.randn((1, *lq.shape[1:]), generator=gen) for gen in gens]).to(lq.device, lq.dtype)
@@ -160,10 +171,13 @@ def restore_batch(
         from tqdm.auto import tqdm
 
         timesteps = tqdm(timesteps, desc="restore", unit="step", leave=False)
+    buffers: dict[str, torch.Tensor] = {}
     for t in timesteps:
-        eps = _tiled_eps(model, z, lq, t.to(lq.device), tiles, weight, pb, tile_batch)
+        eps = _tiled_eps(model, z, lq, t.to(lq.device), tiles, weight, pb, tile_batch, buffers)
         z = sched.step(eps, t, z, generator=gens if sampler == "ddpm" else None).prev_sample
+    del eps, buffers, lq  # full-size buffers the decoder and the colour fix do not need
     out = model.from_latent(z)[..., :h, :w]
+    del z
     return apply_color_fix(out, lq_img, color_fix).float().cpu()
 
 

@@ -22,8 +22,8 @@ steps, scale, tile, colour fix, device and torch thread count: each actor uses
 ``max(1, floor(cpus_per_worker))`` threads). A ``seed`` column in the manifest sets per-photo
 seeds; otherwise every photo uses ``--seed``.
 
-:func:`load_verified_adapter` (index entry -> verified :class:`~pfstorer.adapter.Adapter`) is
-shared with ``serving``.
+Adapters come through :meth:`pipelines.registry.AdapterRegistry.load_adapter` (index entry ->
+sha256-verified :class:`~pfstorer.adapter.Adapter`), the same path ``serving`` uses.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ __all__ = [
     "BatchConfig",
     "BatchReport",
     "BatchRestorer",
-    "load_verified_adapter",
     "output_uri_for",
     "restore_manifest",
 ]
@@ -78,36 +77,6 @@ RESULTS_SCHEMA = pa.schema(
 # ---------------------------------------------------------------------------------------------
 # shared with serving
 # ---------------------------------------------------------------------------------------------
-
-
-def load_verified_adapter(registry: Any, entry: Any, model: Any) -> Any:
-    """The adapter an index entry points at, as a :class:`pfstorer.adapter.Adapter`.
-
-    The bytes are read into memory and their sha256 checked against the index row
-    (``registry.read``) before they are parsed; only safetensors is parsed. The JSON must name
-    the entry's tenant and identity, and the adapter must belong to ``model``'s base
-    (:class:`~pfstorer.errors.AdapterMismatchError` otherwise).
-    """
-    from safetensors.torch import load as load_safetensors
-
-    from pfstorer.adapter import FORMAT_VERSION, Adapter, AdapterMetadata
-
-    data, meta = registry.read(entry)
-    try:
-        metadata = AdapterMetadata.model_validate(meta)
-    except ValueError as exc:
-        raise AdapterError(f"adapter {entry.label} has invalid metadata: {str(exc).splitlines()[0]}") from None
-    if metadata.format_version > FORMAT_VERSION:
-        raise AdapterError(f"adapter {entry.label} has format {metadata.format_version}, newer than {FORMAT_VERSION}")
-    if metadata.identity != entry.identity or metadata.tenant not in (None, entry.tenant):
-        raise AdapterError(f"adapter file of {entry.label} belongs to another person")
-    try:
-        tensors = load_safetensors(data)
-    except Exception as exc:  # safetensors raises its own error types
-        raise AdapterError(f"adapter {entry.label} is not a valid safetensors file: {exc}") from None
-    adapter = Adapter(tensors, metadata)
-    adapter.check_base(model)
-    return adapter
 
 
 def output_uri_for(out_url: str, tenant: str, identity: str, uri: str) -> str:
@@ -198,7 +167,7 @@ class BatchRestorer:
             raise AdapterError(f"no adapter for {tenant}/{identity} in the index")
         adapter = self.cache.get(entry.sha256)
         if adapter is None:
-            adapter = load_verified_adapter(self.registry, entry, self.model)
+            adapter = self.registry.load_adapter(entry, self.model)
             self.cache[entry.sha256] = adapter
             while len(self.cache) > max(1, self.config.host_cache_adapters):
                 self.cache.popitem(last=False)

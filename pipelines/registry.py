@@ -1280,6 +1280,22 @@ class AdapterRegistry:
         """The adapter in memory, verified: ``(safetensors bytes, adapter.json dict)``."""
         return self.store.read_adapter(entry.uri, entry.sha256)
 
+    def load_adapter(self, entry: IndexEntry, model: Any) -> Any:
+        """The :class:`pfstorer.adapter.Adapter` an index entry points at, ready for ``model``.
+
+        Bytes are read into memory and checked against the index's sha256 before parsing (only
+        safetensors); the JSON must name the entry's tenant and identity; the adapter must belong
+        to ``model``'s base (:class:`~pfstorer.errors.AdapterMismatchError` otherwise).
+        """
+        from pfstorer.adapter import Adapter
+
+        data, meta = self.read(entry)
+        adapter = Adapter.from_bytes(data, meta, source=f"adapter {entry.label}")
+        if adapter.identity != entry.identity or adapter.metadata.tenant not in (None, entry.tenant):
+            raise AdapterError(f"adapter file of {entry.label} belongs to another person")
+        adapter.check_base(model)
+        return adapter
+
     # -- forget -------------------------------------------------------------------------------
     def forget(
         self, tenant: str, identity: str, *, cache_dir: str | os.PathLike[str] | None = None

@@ -434,7 +434,9 @@ class _Progress:
         if show:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc="personalize", unit="id", file=sys.stderr)
+            tty = sys.stderr.isatty()
+            self.bar = tqdm(total=total, desc="personalize", unit="id", file=sys.stderr,
+                            mininterval=0.5 if tty else 10.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pfstorer-progress", daemon=True)
         self.last: dict[str, Any] = {}

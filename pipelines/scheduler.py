@@ -97,7 +97,7 @@ class JobQueue:
         report_interval_s: float = 2.0,
         publish_threads: int | None = None,
         index_batch: int = 500,
-        index_interval_s: float = 1.0,
+        index_interval_s: float = 5.0,
     ) -> None:
         self._lock = threading.RLock()
         self.jobs: dict[str, dict[str, Any]] = {j["job_id"]: dict(j) for j in jobs}

@@ -53,7 +53,6 @@ __all__ = [
     "LoadStats",
     "ResidentAdapter",
     "SlotPool",
-    "wipe_slot",
 ]
 
 NOT_FOUND_MESSAGE = "unknown identity"
@@ -196,19 +195,6 @@ class HostAdapterCache:
 # ---------------------------------------------------------------------------------------------
 # device tier
 # ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def wipe_slot(slots: AdapterSlots, slot: int) -> None:
-    """Zero every tensor of ``slot`` (alpha too: the slot becomes the identity map).
-
-    ``AdapterSlots.clear`` only zeroes alpha; a forgotten person's cached reference keys/values
-    (derived from their photos) must not stay in device memory either.
-    """
-    slots.token[slot].zero_()
-    for i in range(len(slots.specs)):
-        for name in INFERENCE_KEYS:
-            slots.buffer(name, i)[slot].zero_()
 
 
 class SlotPool:

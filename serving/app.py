@@ -58,7 +58,6 @@ from serving.adapters import (
     LoadStats,
     ResidentAdapter,
     SlotPool,
-    wipe_slot,
 )
 from serving.auth import ApiKeys, extract_key
 
@@ -320,10 +319,9 @@ class Restorer:
 
     def _verified(self, entry: Any) -> tuple[Any, str]:
         """Host-RAM tier lookup; a miss reads the store (sha256-verified, safetensors only)."""
-        from pipelines.batch_restore import load_verified_adapter
 
         return self.host.get(
-            entry.sha256, entry.key, lambda: load_verified_adapter(self.registry, entry, self.model)
+            entry.sha256, entry.key, lambda: self.registry.load_adapter(entry, self.model)
         )
 
     def _record_slot_load(self, key: str, t0: float) -> None:
@@ -411,7 +409,7 @@ class Restorer:
                     resident = wrapper.models.pop(key, None)
                     if resident is None:
                         continue
-                    await self._torch_call(wipe_slot, self.slots, resident.slot)
+                    await self._torch_call(self.slots.clear, resident.slot)
                     resident.sha256 = resident.label = None
                     resident.release()
                     wiped += 1

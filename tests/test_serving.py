@@ -34,7 +34,6 @@ from serving.adapters import (
     HostAdapterCache,
     ResidentAdapter,
     SlotPool,
-    wipe_slot,
 )
 from serving.auth import ApiKeys, KeyFileError, extract_key, generate_key, hash_key
 
@@ -142,14 +141,14 @@ def test_host_cache_lru_and_discard() -> None:
         cache.get("s9", "t/z", lambda: (_ for _ in ()).throw(AdapterError("corrupt")))
 
 
-def test_wipe_slot_zeroes_everything() -> None:
+def test_clearing_a_slot_zeroes_everything() -> None:
     from pfstorer.model import load_base
     from pfstorer.personalization import AdapterSlots
 
     slots = AdapterSlots.for_model(load_base("tiny"), 2)
     for b in slots.buffers():
         b.fill_(1.0)
-    wipe_slot(slots, 1)
+    slots.clear(1)  # a forgotten person's cached reference keys/values must not stay on the device
     assert all(float(b[1].abs().sum()) == 0 and float(b[0].min()) == 1 for b in slots.buffers())
 
 
@@ -557,7 +556,7 @@ def test_more_people_than_slots_cycled(stack: Stack, client: Any) -> None:
     tenant = next(iter(stack.people))
     people = stack.people[tenant]  # 3 people, 2 device slots
     before: dict[str, int] = {}
-    for rnd in range(3):
+    for rnd in range(2):
         if rnd == 1:  # after a first round every adapter has been read from the store once
             before = stack.restore_handle().get_stats.remote().result()["adapters"]["counts"]
         for name in people:
@@ -569,7 +568,7 @@ def test_more_people_than_slots_cycled(stack: Stack, client: Any) -> None:
     stats = stack.restore_handle().get_stats.remote().result()
     counts = stats["adapters"]["counts"]
     loads = counts.get("load_from_host", 0) - before.get("load_from_host", 0)
-    assert loads >= 4  # cycling 3 people over 2 slots evicts every time ...
+    assert loads >= 3  # cycling 3 people over 2 slots evicts every time ...
     assert counts.get("store_read", 0) == before.get("store_read", 0)  # ... but reloads come from RAM
     assert stats["resident"] <= 2 and stats["free_slots"] == 2 - stats["resident"]
 

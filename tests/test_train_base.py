@@ -21,7 +21,7 @@ def _config(steps: int):
     from pipelines.train_base import TrainBaseConfig
 
     return TrainBaseConfig(base="tiny", steps=steps, batch_size=2, lr=1e-3, checkpoint_every=2, warmup=1,
-                           log_every=100, threads=1)
+                           log_every=100, threads=1, ema=0.9, loss_weighting="trunc-snr")
 
 
 @pytest.fixture(scope="module")
