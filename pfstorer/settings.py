@@ -38,10 +38,11 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from .config import PersonalizeConfig
+
 __all__ = [
     "AutoscalingSettings",
     "LimitsSettings",
-    "PersonalizeSettings",
     "ServeSettings",
     "Settings",
     "CONFIG_ENV",
@@ -58,36 +59,6 @@ _CONFIG_PATH: ContextVar[Path | None] = ContextVar("pfstorer_config_path", defau
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class PersonalizeSettings(_Section):
-    """Personalization of one identity (paper section 3.2 defaults)."""
-
-    steps: int = Field(500, ge=1, description="Optimisation steps per identity.")
-    batch_size: int = Field(2, ge=1, description="Training batch size per identity.")
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the adapter parameters.")
-    lambda_gen: float = Field(
-        0.1, ge=0, description="Weight of L_gen (LQ input replaced by a null input)."
-    )
-    lambda_pers: float = Field(
-        0.01, ge=0, description="Weight of L_pers (attention-map regulariser of the token)."
-    )
-    seed: int = Field(0, description="Seed for sampling noise, timesteps and degradations.")
-    min_references: int = Field(
-        3, ge=1, description="Fewer good reference photos than this: the person is quarantined."
-    )
-    max_references: int = Field(
-        20, ge=1, description="More reference photos than this: the extra rows are quarantined."
-    )
-
-    @model_validator(mode="after")
-    def _check_refs(self) -> PersonalizeSettings:
-        if self.min_references > self.max_references:
-            raise ValueError(
-                f"min_references ({self.min_references}) must be <= max_references "
-                f"({self.max_references})"
-            )
-        return self
 
 
 class AutoscalingSettings(_Section):
@@ -248,8 +219,8 @@ class Settings(BaseSettings):
     max_retries: int = Field(
         2, ge=-1, description="Ray Train FailureConfig.max_failures (-1: retry forever)."
     )
-    personalize: PersonalizeSettings = Field(
-        default_factory=PersonalizeSettings, description="Personalization of one identity."
+    personalize: PersonalizeConfig = Field(
+        default_factory=PersonalizeConfig, description="Personalization of one identity."
     )
     serve: ServeSettings = Field(default_factory=ServeSettings, description="Serving.")
     limits: LimitsSettings = Field(default_factory=LimitsSettings, description="Input limits.")

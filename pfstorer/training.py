@@ -23,32 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
-
 from .adapter import Adapter, AdapterMetadata
+from .config import PersonalizeConfig
 from .errors import ReferenceCountError
 from .model import RestorationModel, timestep_grid
 from .personalization import AdapterWeights, PBRun, block_specs, pers_loss, pool_reference
-
-
-class PersonalizeConfig(BaseModel):
-    """Training settings; part of every job key, so any change retrains."""
-
-    model_config = ConfigDict(frozen=True)
-
-    steps: int = Field(500, ge=0, description="optimisation steps (paper: 500)")
-    batch_size: int = Field(2, ge=1, description="LQ samples per identity per step")
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    lambda_gen: float = Field(0.1, ge=0, description="weight of the generative regulariser (paper: 0.1)")
-    lambda_pers: float = Field(5e-4, ge=0, description="weight of the token attention regulariser")
-    p_hq: float = Field(0.03, ge=0, le=1, description="probability of a clean input (paper: 0.03)")
-    levels: tuple[str, ...] = ("light", "heavy")
-    crop_scale: tuple[float, float] = (0.6, 1.0)
-    min_refs: int = 3
-    max_refs: int = 20
-    seed: int = 0
-    learn_alpha: bool = Field(True, description="False freezes alpha at 1: the 'Base + ViCo' ablation")
 
 
 @dataclass

@@ -65,8 +65,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     result = validate_manifest(
         table,
         limits=limits_from_settings(settings.limits),
-        min_refs=args.min_refs or settings.personalize.min_references,
-        max_refs=args.max_refs or settings.personalize.max_references,
+        min_refs=args.min_refs or settings.personalize.min_refs,
+        max_refs=args.max_refs or settings.personalize.max_refs,
         storage_options=opts or None,
     )
     summary = {"manifest": args.url, "rows": table.num_rows, "hash": manifest_hash(table)}

@@ -242,18 +242,6 @@ def _opts(settings: Any) -> dict[str, Any] | None:
     return dict(settings.storage_options) or None
 
 
-def personalize_config(settings: Any) -> Any:
-    """The :class:`PersonalizeConfig` of a run from ``settings.personalize``."""
-    from pfstorer.training import PersonalizeConfig
-
-    p = settings.personalize
-    return PersonalizeConfig(
-        steps=p.steps, batch_size=p.batch_size, lr=p.lr, lambda_gen=p.lambda_gen,
-        lambda_pers=p.lambda_pers, seed=p.seed, min_refs=p.min_references,
-        max_refs=p.max_references,
-    )
-
-
 def _registry(settings: Any) -> Any:
     from pipelines.registry import AdapterRegistry
 
@@ -330,8 +318,8 @@ def prepare_run(
     validation = validate_manifest(
         table,
         limits=limits_from_settings(settings.limits),
-        min_refs=settings.personalize.min_references,
-        max_refs=settings.personalize.max_references,
+        min_refs=settings.personalize.min_refs,
+        max_refs=settings.personalize.max_refs,
         storage_options=opts,
     )
     qurl = quarantine_out or str(
@@ -346,7 +334,7 @@ def prepare_run(
     fingerprint = base.fingerprint
     preset, licence = base.config.name, str(getattr(base.config, "license", ""))
     del base
-    config = personalize_config(settings)
+    config = settings.personalize
     key_config = config.model_dump(mode="json")
     if dry_train:
         key_config["dry_train"] = True

@@ -39,7 +39,7 @@ def test_defaults_are_local_and_embedded(tmp_path: Path) -> None:
     assert s.workers >= 1 and s.gpus_per_worker == 0 and s.max_retries >= 0
     p = s.personalize
     assert (p.steps, p.batch_size, p.lambda_gen) == (500, 2, 0.1)
-    assert (p.min_references, p.max_references) == (3, 20)
+    assert (p.min_refs, p.max_refs) == (3, 20)
     assert s.serve.host == "127.0.0.1" and s.serve.port == 8000
     assert s.serve.autoscaling is None and s.serve.max_queued_requests >= 1
     assert s.limits.min_image_side > 0
@@ -186,8 +186,8 @@ def test_invalid_values_give_clear_errors(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.delenv("PFSTORER_SERVE__PORT")
 
     with pytest.raises(ValidationError) as e:
-        Settings.load(personalize={"min_references": 10, "max_references": 5})
-    assert "min_references" in str(e.value)
+        Settings.load(personalize={"min_refs": 10, "max_refs": 5})
+    assert "min_refs" in str(e.value)
 
     with pytest.raises(ValidationError) as e:
         Settings.load(serve={"autoscaling": {"min_replicas": 4, "max_replicas": 2}})

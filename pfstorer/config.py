@@ -1,0 +1,31 @@
+"""Personalization settings: torch-free, so :mod:`pfstorer.settings` can hold them as they are."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class PersonalizeConfig(BaseModel):
+    """Training settings; part of every job key, so any change retrains."""
+
+    model_config = ConfigDict(frozen=True)
+
+    steps: int = Field(500, ge=0, description="optimisation steps (paper: 500)")
+    batch_size: int = Field(2, ge=1, description="LQ samples per identity per step")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lambda_gen: float = Field(0.1, ge=0, description="weight of the generative regulariser (paper: 0.1)")
+    lambda_pers: float = Field(5e-4, ge=0, description="weight of the token attention regulariser")
+    p_hq: float = Field(0.03, ge=0, le=1, description="probability of a clean input (paper: 0.03)")
+    levels: tuple[str, ...] = ("light", "heavy")
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    min_refs: int = Field(3, ge=1, description="fewer good reference photos: the person is quarantined")
+    max_refs: int = Field(20, ge=1, description="more reference photos: the extra ones are quarantined")
+    seed: int = 0
+    learn_alpha: bool = Field(True, description="False freezes alpha at 1: the 'Base + ViCo' ablation")
+
+    @model_validator(mode="after")
+    def _check_refs(self) -> PersonalizeConfig:
+        if self.min_refs > self.max_refs:
+            raise ValueError(f"min_refs ({self.min_refs}) must be <= max_refs ({self.max_refs})")
+        return self
