@@ -28,7 +28,6 @@ cuda --bf16``); the full fine-tune here is plain (no DreamBooth prior preservati
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import math
@@ -91,7 +90,11 @@ def full_finetune(model, refs: Sequence[torch.Tensor], *, steps: int, lr: float,
     from pfstorer.degradations import random_crop_resize, synthesize_lq
     from pfstorer.sampling import make_scheduler
 
-    m = copy.deepcopy(model)
+    from pfstorer.model import RestorationModel
+
+    # a fresh model, not copy.deepcopy: the SFT hooks are closures over their own model
+    m = RestorationModel(model.config).to(model.device, model.dtype)
+    m.load_state_dict(model.state_dict())
     m.requires_grad_(True)
     if m.vae is not None:
         m.vae.requires_grad_(False)

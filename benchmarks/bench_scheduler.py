@@ -27,19 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-for _k, _v in {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_k, _v)
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from pfstorer.settings import use_offline_env  # noqa: E402
+
+use_offline_env()
 LFW = REPO.parent / "shared" / "data" / "lfw128"
 RESULTS = REPO / "benchmarks" / "results"
 

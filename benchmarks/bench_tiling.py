@@ -328,11 +328,15 @@ READING = (
     "set, does not grow with the image. What grows is the pixel-space pipeline around them: every "
     "full-size float32 buffer (upscaled/padded input, LQ, the noisy image z, the noise-prediction "
     "accumulator and its weight sum, the scheduler's temporaries, the decoded image, the colour fix's "
-    "a-trous pyramids) costs 12 bytes per output pixel, 192 MiB at 4096x4096. The acceptance bound "
+    "a-trous pyramids) costs 12 bytes per output pixel, 133 MB at 4096x2828. The acceptance bound "
     "(< 1.5x from 1024 to 4096 px, 16x the pixels) therefore holds for the tile working set but cannot "
     "hold for the total peak of a pixel-space preset on CPU: even the input and output images alone grow "
-    "16x. For latent presets on a GPU (sd21) the device holds only latent-size buffers (48x smaller) "
-    "plus the tile working set; see benchmarks/gpu_check.py."
+    "16x. The JSON's phase_peak_above_baseline_mb shows where the peak sits: at 4096 px the wavelet "
+    "colour fix holds ~17 image-size buffers (its dilated depthwise conv2d runs through im2col on the "
+    "CPU), the denoising loop ~7 (image, LQ, z, the float32 noise accumulator and weight sum, and the "
+    "diffusers DDIM step's temporaries). For latent presets on a GPU (sd21) the device holds only "
+    "latent-size buffers (48x smaller than the RGB image) plus the tile working set; see "
+    "benchmarks/gpu_check.py."
 )
 
 

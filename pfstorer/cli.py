@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import PFStorerError
 
-DEFAULT_BASE = os.environ.get("PFSTORER_BASE", "tiny")
+DEFAULT_BASE = os.environ.get("PFSTORER_BASE", "compact")
 EXIT_USER_ERROR = 2
 
 

@@ -57,6 +57,26 @@ _SECRET_WORDS = ("secret", "password", "token", "key", "credential")
 _CONFIG_PATH: ContextVar[Path | None] = ContextVar("pfstorer_config_path", default=None)
 
 
+# Offline, private switches for every process we start (tests, benchmarks, demo): no usage
+# stats, no telemetry, no model hub, no cloud metadata service. The Makefile exports the same.
+OFFLINE_ENV: dict[str, str] = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "HF_HUB_OFFLINE": "1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def use_offline_env() -> None:
+    """Apply :data:`OFFLINE_ENV` where the environment does not already decide."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -185,7 +205,7 @@ class Settings(BaseSettings):
         default_factory=lambda: Path.cwd() / ".pfstorer-state",
         description="Local embedded state (SQLite MLflow, adapters, index); made absolute.",
     )
-    base: str = Field("tiny", min_length=1, description="Base model preset: tiny, compact, sd21.")
+    base: str = Field("compact", min_length=1, description="Base model preset (tiny, tiny-latent, compact, sd21) or checkpoint folder/URL.")
     base_weights: str | None = Field(
         None, description="Path or fsspec URL of the base weights (needed for sd21)."
     )

@@ -63,8 +63,10 @@ class SlotAdamW:
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         self.params = params
         self.lr, self.wd, self.betas, self.eps = lr, weight_decay, betas, eps
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params]
+        # moments and bias corrections in float32 whatever the parameters' dtype: in bf16,
+        # 0.999 rounds to 1.0, so 1 - b2**t was 0 and the first step wrote NaN into the adapter
+        self.m = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        self.v = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         self.t = torch.zeros(slots, dtype=torch.long)
 
     def reset(self, slot: int) -> None:
@@ -82,13 +84,14 @@ class SlotAdamW:
             if p.grad is None or not p.requires_grad:
                 continue
             i = idx.to(p.device)
-            t = self.t[idx].to(p.device, p.dtype).view(-1, *([1] * (p.dim() - 1)))
-            g = p.grad[i]
+            t = self.t[idx].to(p.device, torch.float32).view(-1, *([1] * (p.dim() - 1)))
+            g = p.grad[i].float()
             m[i] = b1 * m[i] + (1 - b1) * g
             v[i] = b2 * v[i] + (1 - b2) * g * g
             mhat = m[i] / (1 - b1**t)
             vhat = v[i] / (1 - b2**t)
-            p[i] = p[i] - self.lr * (mhat / (vhat.sqrt() + self.eps) + self.wd * p[i])
+            pf = p[i].float()
+            p[i] = (pf - self.lr * (mhat / (vhat.sqrt() + self.eps) + self.wd * pf)).to(p.dtype)
 
     def zero_grad(self) -> None:
         for p in self.params:

@@ -11,9 +11,14 @@ The way the paper trains its base, on our data:
   and its LQ from :func:`pfstorer.degradations.synthesize_lq` (``light``/``heavy`` mixed, the clean
   crop itself with ``p_HQ = 0.03``), drawn on the fly inside each worker from a generator seeded by
   ``(seed, worker rank, step)`` — so a resumed run sees exactly the batches an uninterrupted one would;
-- **loss**: epsilon-prediction MSE at uniform random timesteps of the preset's noise schedule;
+- **loss**: epsilon-prediction MSE at uniform random timesteps of the preset's noise schedule
+  (``--loss-weighting trunc-snr`` multiplies it by ``max(1, 1/SNR(t))``, Salimans & Ho's truncated
+  SNR weighting: the image-space error where noise dominates, which plain epsilon MSE nearly
+  ignores and sampling amplifies — it made the short CPU run of ``compact`` usable);
   AdamW, linear warm-up then cosine decay to 10 %, gradient clipping, optional EMA of the weights
-  (what gets shipped), optional bf16 autocast on CUDA;
+  (what gets shipped; warmed up), optional bf16 autocast on CUDA;
+- **throughput**: ``--loader-workers N`` synthesizes batches ahead in N processes per worker (a
+  DataLoader over step indices, so batches do not depend on N); a GPU needs several;
 - **Ray Train**: a :class:`ray.train.torch.TorchTrainer`; with several workers the model is wrapped
   in DDP by :func:`ray.train.torch.prepare_model` (gloo on CPU, NCCL on GPU) and ``--batch-size`` is
   the global batch, split evenly;
@@ -77,6 +82,8 @@ class TrainBaseConfig(BaseModel):
     use_gpu: bool = False
     bf16: bool = Field(False, description="bf16 autocast (CUDA only)")
     threads: int | None = Field(None, ge=1, description="torch threads per worker (default: Ray's)")
+    loader_workers: int = Field(0, ge=0, description="processes per worker that synthesize batches ahead "
+                                "(0: in the training process; a GPU needs several to keep up)")
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
@@ -194,6 +201,22 @@ def _draw_batch(images, n: int, crop: int, c: TrainBaseConfig, rank: int, step: 
     return torch.stack(hq), torch.stack(lq)
 
 
+class _StepBatches:
+    """Map-style dataset: item ``step`` is that step's (HQ, LQ) batch, so a DataLoader with worker
+    processes prefetches batches and the result does not depend on how many there are."""
+
+    def __init__(self, images, n: int, crop: int, c: TrainBaseConfig, rank: int, start: int) -> None:
+        self.images, self.n, self.crop, self.c, self.rank, self.start = images, n, crop, c, rank, start
+
+    def __len__(self) -> int:
+        return max(0, self.c.steps - self.start)
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(i)  # ends plain iteration (no DataLoader) at the last step
+        return _draw_batch(self.images, self.n, self.crop, self.c, self.rank, self.start + i)
+
+
 def _save_checkpoint(d: Path, model, ema, opt, state: dict[str, Any]) -> None:
     import torch
     from safetensors.torch import save_file
@@ -201,7 +224,7 @@ def _save_checkpoint(d: Path, model, ema, opt, state: dict[str, Any]) -> None:
     model.invalidate_fingerprint()
     model.save(d)
     if ema is not None:
-        save_file({k: v.contiguous() for k, v in ema.items()}, d / "ema.safetensors")
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, d / "ema.safetensors")
     torch.save(opt.state_dict(), d / "optimizer.pt")
     (d / "state.json").write_text(json.dumps(state))
 
@@ -216,7 +239,7 @@ def _export(model, ema: dict | None, d: Path) -> str:
         return model.fingerprint
     raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
-        model.load_state_dict({k: ema[k].to(v.dtype) for k, v in raw.items()})
+        model.load_state_dict({k: ema[k].to(v.device, v.dtype) for k, v in raw.items()})
     model.invalidate_fingerprint()
     model.save(d)
     fp = model.fingerprint
@@ -287,7 +310,9 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     if c.ema > 0 and ema is None:
-        ema = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+        ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}  # on the device
+    elif ema is not None:
+        ema = {k: v.to(device, torch.float32) for k, v in ema.items()}
     ac = make_scheduler(model, "ddpm").alphas_cumprod.to(device, torch.float32)
     total_t = model.config.num_train_timesteps
     use_bf16 = c.bf16 and device.type == "cuda"
@@ -299,8 +324,13 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     window: list[float] = []
     seen = 0
     step = int(state["step"])
-    while step < c.steps:
-        hq, lq = _draw_batch(images, per_worker, crop, c, rank, step)
+    batches = _StepBatches(images, per_worker, crop, c, rank, step)
+    if c.loader_workers > 0:
+        from torch.utils.data import DataLoader
+
+        batches = DataLoader(batches, batch_size=None, shuffle=False, num_workers=c.loader_workers,
+                             prefetch_factor=4, persistent_workers=False)
+    for hq, lq in batches:
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([c.seed, rank, step, 1]).generate_state(1)[0]))
         with torch.no_grad():
             z0 = model.to_latent(hq.to(device))
@@ -330,7 +360,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             with torch.no_grad():
                 for k, v in model.state_dict().items():
                     if v.is_floating_point():
-                        ema[k].mul_(decay).add_(v.detach().float().cpu(), alpha=1 - decay)
+                        ema[k].mul_(decay).add_(v.detach().float(), alpha=1 - decay)
         step += 1
         seen += per_worker * world
         lv = float(per_row.detach().mean())  # the curve is always the plain epsilon MSE
@@ -500,7 +530,7 @@ def _cmd(args: argparse.Namespace) -> int:
         "base": args.base, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
         "workers": args.workers, "use_gpu": args.use_gpu, "bf16": args.bf16, "checkpoint_every": args.checkpoint_every,
         "init": args.init, "seed": args.seed, "loss_weighting": args.loss_weighting, "ema": args.ema, "crop": args.crop, "threads": args.threads,
-        "log_every": args.log_every, "weight_decay": args.weight_decay, "warmup": args.warmup,
+        "log_every": args.log_every, "loader_workers": args.loader_workers, "weight_decay": args.weight_decay, "warmup": args.warmup,
         "crop_scale": tuple(args.crop_scale), "keep_checkpoints": args.keep_checkpoints,
     }
     config = TrainBaseConfig(**{k: v for k, v in fields.items() if v is not None})
@@ -542,6 +572,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     p.add_argument("--threads", type=int, help="torch threads per worker")
+    p.add_argument("--loader-workers", type=int,
+                   help="processes per worker synthesizing batches ahead (default 0; use several on a GPU)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="report a checkpoint every N steps")
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--log-every", type=int, default=10)

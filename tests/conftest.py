@@ -7,17 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from pfstorer.settings import use_offline_env  # noqa: E402
+
+use_offline_env()
 for _k, _v in {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "HF_HUB_OFFLINE": "1",
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "TOKENIZERS_PARALLELISM": "false",
     # Ray workers, Serve replicas and the test process share 2 cores: more threads each only spin.
     "OMP_NUM_THREADS": "1",
 }.items():

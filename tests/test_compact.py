@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PEOPLE = 3
-STEPS = 20
+STEPS = 10
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ def test_defaults_are_local_and_embedded(tmp_path: Path) -> None:
     s = Settings.load()
     state = tmp_path / ".pfstorer-state"
     assert s.state_dir == state and s.state_dir.is_absolute()
-    assert s.base == "tiny" and s.device == "auto" and s.base_weights is None
+    assert s.base == "compact" and s.device == "auto" and s.base_weights is None
     assert s.store_url == str(state / "adapters")
     assert s.index_url == str(state / "index.parquet")
     assert s.tracking_uri == f"sqlite:///{state}/mlflow.db"
