@@ -83,7 +83,7 @@ def case(lfw_bench: dict[str, list[Path]], tmp_path: Path) -> dict:
         (T, a, "ref", str(text)): ("image", "image is text, not a supported image type (accepted: JPEG, PNG, WEBP)"),
         (T, a, "ref", str(truncated)): ("image", "image is corrupt or truncated"),
         (T, b, "ref", str(tiny)): ("image", "image is 16x16, smaller than the minimum side of 64 px"),
-        (T, b, "ref", str(huge)): ("image", "image is 9000x9000 = 81.0 MP, over the limit of 16.8 MP"),
+        (T, b, "ref", str(huge)): ("image", "image is 9000x9000 = 81,000,000 pixels, over the limit of 16,777,216 pixels"),
         (T, c, "ref", dropped_dup): ("dedup", f"duplicate: same bytes as {kept_dup}"),
         (T, d, "restore", ph[d][0]): ("dedup", f"duplicate: same bytes as {ph[d][0]}"),
         (T, "../x", "ref", ph[a][6]): ("schema", "unsafe identity: '../x' is not a safe key"),
