@@ -328,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     problems: list[str] = []
     pers = check_personalization(model, meter, args, refs)
     for r in pers:
-        print(f"personalize x{r['identities']}: {r['seconds_per_step']:.4f} s/step, {r['samples_per_second']} samples/s, "
+        print(f"personalize x{r['identities']}: {r['seconds_per_step']:.4f} s/step (CPU data prep "
+              f"{r['cpu_data_seconds_per_step']:.4f}), {r['samples_per_second']} samples/s, "
               f"peak {r['peak_memory_gib']} GiB, losses finite {r['last_losses_finite']}", flush=True)
         if not r["last_losses_finite"]:
             problems.append(f"personalization losses not finite ({r['identities']} identities, {args.dtype})")

@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ADAPTER_JSON",
+    "adapter_tags",
     "ADAPTER_TENSORS",
     "PROD_ALIAS",
     "AdapterIndex",
@@ -228,6 +229,17 @@ def _join(*parts: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # artifact store
 # ---------------------------------------------------------------------------------------------
+
+
+def adapter_tags(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The lineage an adapter's own metadata gives its registered version (base, config, losses)."""
+    return {
+        "base_fingerprint": meta.get("base_fingerprint"),
+        "format_version": meta.get("format_version"),
+        "config": meta.get("config"),
+        "metrics": meta.get("final_losses"),
+        "steps": meta.get("steps"),
+    }
 
 
 def read_adapter_meta(local_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -1236,13 +1248,7 @@ class AdapterRegistry:
                 self.index.upsert([entry])  # a crash between register and index: repair
             return entry
         uri, sha = self.store.put_adapter(local_dir, tenant, identity, job_key)
-        tags: dict[str, Any] = {
-            "base_fingerprint": meta.get("base_fingerprint"),
-            "format_version": meta.get("format_version"),
-            "config": meta.get("config"),
-            "metrics": meta.get("final_losses"),
-            "steps": meta.get("steps"),
-        }
+        tags = adapter_tags(meta)
         tags.update(lineage or {})
         version = self.models.register(
             tenant, identity, uri, sha, tags, run_id=run_id, job_key=job_key

@@ -301,7 +301,7 @@ class JobQueue:
         """
         from datetime import UTC, datetime
 
-        from pipelines.registry import IndexEntry
+        from pipelines.registry import IndexEntry, adapter_tags
 
         reg = self._get_registry()
         job, res = self.jobs[job_id], self.results[job_id]
@@ -326,11 +326,7 @@ class JobQueue:
             tags={"pipeline_run": str(self.lineage.get("pipeline_run", ""))},
         )
         tags: dict[str, Any] = {
-            "base_fingerprint": meta.get("base_fingerprint"),
-            "format_version": meta.get("format_version"),
-            "config": meta.get("config"),
-            "metrics": meta.get("final_losses"),
-            "steps": meta.get("steps"),
+            **adapter_tags(meta),
             "ref_sha256s": sorted(r["sha256"] for r in job["refs"]),
             **self.lineage,
         }
