@@ -4,27 +4,17 @@ status=error with the reason and never stop the batch; outputs equal the offline
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
+from _torch import torch_threads
 from _services import unique_name
 
 STEPS = 2
 SEED = 5
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def test_output_uri_is_stable_and_unique() -> None:
@@ -52,7 +42,7 @@ def test_restore_batch_cli(ray_session, mlflow_local, lfw_bench, tmp_path: Path)
         artifact_location=mlflow_local.artifact_location,
     )
     people = [name for name, photos in lfw_bench.items() if len(photos) >= 7][:2]
-    with _threads(1):
+    with torch_threads(1):
         model = load_base("tiny")
         adapters = {}
         for i, name in enumerate(people):
@@ -97,6 +87,6 @@ def test_restore_batch_cli(ray_session, mlflow_local, lfw_bench, tmp_path: Path)
     for r in good:
         assert r["error"] is None and r["adapter"] == labels[r["identity"]] and r["seed"] == SEED
         assert Path(r["output_uri"]).is_file()
-        with _threads(1):
+        with torch_threads(1):
             ref = restore(model, load_image(r["uri"]), adapter=adapters[r["identity"]], seed=SEED, steps=STEPS)
         assert Path(r["output_uri"]).read_bytes() == encode_png(ref), r["uri"]

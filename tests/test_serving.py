@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import torch
+from _torch import torch_threads
 from _services import free_port, unique_name
 
 from pfstorer.errors import AdapterError
@@ -263,16 +264,6 @@ def _bomb_png(side: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + _chunk(b"IEND", b"")
 
 
-@contextlib.contextmanager
-def _threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 class Stack:
     """What the integration tests share: the served app, its people and offline references."""
 
@@ -302,7 +293,7 @@ class Stack:
         k = (tenant, identity, str(photo), seed)
         if k not in self._refs:
             adapter = self.adapters[(tenant, identity)] if identity else None
-            with _threads(1):
+            with torch_threads(1):
                 out = restore(self.model, load_image(photo), adapter=adapter, seed=seed, steps=STEPS, tile=TILE)
             self._refs[k] = encode_png(out)
         return self._refs[k]
@@ -339,12 +330,12 @@ def stack(ray_session, mlflow_local, lfw_bench, tmp_path_factory) -> Any:
         str(root / "store"), mlflow_local.tracking_uri, str(root / "index.parquet"),
         artifact_location=mlflow_local.artifact_location,
     )
-    with _threads(1):
+    with torch_threads(1):
         s.model = load_base("tiny")
     people = [name for name, photos in lfw_bench.items() if len(photos) >= 6][:6]
     tenants = [unique_name("acme"), unique_name("globex")]
     config = PersonalizeConfig(steps=2, lr=0.05)  # a few strong steps: people restore differently
-    with _threads(1):
+    with torch_threads(1):
         for i, name in enumerate(people):
             tenant = tenants[i // 3]
             refs = [load_image(p) for p in lfw_bench[name][:5]]
