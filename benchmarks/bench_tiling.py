@@ -114,7 +114,8 @@ def worker(args: argparse.Namespace) -> dict:
     load_s = time.perf_counter() - t0
     warm = torch.rand(3, model.config.sample_size, model.config.sample_size)
     restore(model, warm, steps=1, tile=args.tile, overlap=args.overlap, tile_batch=args.tile_batch)
-    image = _input_image(args.size, args.shape)
+    # uint8, as `pfstorer restore` reads photos: a float32 copy would cost 12 bytes per pixel
+    image = (_input_image(args.size, args.shape) * 255).round_().to(torch.uint8)
     gc.collect()
 
     meter = PeakMeter()
@@ -126,15 +127,15 @@ def worker(args: argparse.Namespace) -> dict:
         meter.reset()
         state["phase"] = phase_next
 
-    to_latent, from_latent, denoise = model.to_latent, model.from_latent, model.denoise
+    from_latent, denoise = model.from_latent, model.denoise
     real_color_fix = colorfix.color_fix
 
-    def to_latent_w(x):
-        out = to_latent(x)
-        close("denoising loop")
-        return out
+    def enter(phase: str) -> None:
+        if state["phase"] != phase:
+            close(phase)
 
     def denoise_w(z, t, lq, pb=None):
+        enter("denoising loop")
         phases[state["phase"]] = max(phases.get(state["phase"], 0), meter.peak_kb())
         meter.reset()
         before = meter.rss_kb()
@@ -147,13 +148,15 @@ def worker(args: argparse.Namespace) -> dict:
         return out
 
     def from_latent_w(z):
-        close("decode")
-        out = from_latent(z)
-        close("colour fix + output")
-        return out
+        enter("decode")
+        return from_latent(z)
 
-    model.to_latent, model.from_latent, model.denoise = to_latent_w, from_latent_w, denoise_w
-    colorfix.color_fix = real_color_fix  # restore_batch imports it at call time: measured in its phase
+    def color_fix_w(*a, **k):
+        enter("colour fix + output")
+        return real_color_fix(*a, **k)
+
+    model.from_latent, model.denoise = from_latent_w, denoise_w
+    colorfix.color_fix = color_fix_w  # restore_batch imports it at call time: measured in its phase
 
     gc.collect()
     base_kb = meter.rss_kb()

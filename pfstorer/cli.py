@@ -58,11 +58,14 @@ def cmd_personalize(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    import torch
+
     from .adapter import Adapter
     from .images import ImageLimits, load_image, save_image
     from .sampling import restore
 
-    image = load_image(args.input, limits=ImageLimits(max_pixels=args.max_pixels))
+    # uint8 end to end: a 4096 px photo costs 3 bytes a pixel, not 12, on the way in and out
+    image = load_image(args.input, limits=ImageLimits(max_pixels=args.max_pixels), dtype=torch.uint8)
     adapter = Adapter.load(args.adapter) if args.adapter else None
     model = _load_base(args)
     out = restore(model, image, adapter=adapter, seed=args.seed, scale=args.scale, steps=args.steps,

@@ -168,8 +168,10 @@ _CORRUPT = (
 )
 
 
-def decode_image(data: bytes, *, limits: ImageLimits = DEFAULT_LIMITS, name: str = "image") -> torch.Tensor:
-    """Decode untrusted bytes to ``[3, H, W]`` float32 RGB in [0, 1], checking limits first.
+def decode_image(
+    data: bytes, *, limits: ImageLimits = DEFAULT_LIMITS, name: str = "image", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Decode untrusted bytes to ``[3, H, W]`` RGB (float in [0, 1], or uint8), checking limits first.
 
     Order matters: byte size, then file type by magic bytes, then the header's pixel count, and
     only then are pixels decoded. EXIF orientation is applied (phones store rotated pixels);
@@ -212,17 +214,17 @@ def decode_image(data: bytes, *, limits: ImageLimits = DEFAULT_LIMITS, name: str
                 im = ImageOps.exif_transpose(im) or im
             except Exception:  # a broken EXIF block should not cost the user the photo
                 pass
-            return from_pil(im)
+            return from_pil(im, dtype)
 
 
 def load_image(
-    source: str | os.PathLike[str] | bytes, *, limits: ImageLimits = DEFAULT_LIMITS
+    source: str | os.PathLike[str] | bytes, *, limits: ImageLimits = DEFAULT_LIMITS, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Read and decode one image (path, fsspec URL or raw bytes) under ``limits``."""
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return decode_image(bytes(source), limits=limits, name="image")
+        return decode_image(bytes(source), limits=limits, name="image", dtype=dtype)
     name = os.fspath(source)
-    return decode_image(read_bytes(name, limits=limits), limits=limits, name=name)
+    return decode_image(read_bytes(name, limits=limits), limits=limits, name=name, dtype=dtype)
 
 
 def _rgb_array(im: Image.Image) -> np.ndarray:
@@ -249,10 +251,26 @@ def _rgb_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im)
 
 
-def from_pil(im: Image.Image) -> torch.Tensor:
-    """Pillow image (any mode) to ``[3, H, W]`` float32 in [0, 1]; no EXIF handling here."""
+def from_pil(im: Image.Image, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Pillow image (any mode) to ``[3, H, W]``: float in [0, 1], or uint8 (``dtype=torch.uint8``,
+    4x smaller: what large restores use); no EXIF handling here."""
     arr = np.require(_rgb_array(im), requirements=["C", "W"])
-    return torch.from_numpy(arr).permute(2, 0, 1).to(torch.float32).div_(255.0).contiguous()
+    chw = torch.from_numpy(arr).permute(2, 0, 1)
+    if dtype == torch.uint8:
+        return chw.contiguous()
+    return chw.to(dtype).div_(255.0).contiguous()
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [0,255] or float [0,1] pixels -> float32 [0,1]."""
+    y = x.to(torch.float32, copy=True)  # always a copy: callers update bands in place
+    return y.div_(255.0) if x.dtype == torch.uint8 else y
+
+
+def from_unit(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float [0,1] -> ``dtype`` (uint8: rounded to nearest), clamped."""
+    x = x.clamp(0, 1)
+    return x.mul_(255.0).round_().to(torch.uint8) if dtype == torch.uint8 else x.to(dtype)
 
 
 def _as_chw(img: torch.Tensor) -> torch.Tensor:
@@ -266,6 +284,8 @@ def _as_chw(img: torch.Tensor) -> torch.Tensor:
 
 
 def _to_uint8(img: torch.Tensor) -> np.ndarray:
+    if img.dtype == torch.uint8:
+        return np.ascontiguousarray(_as_chw(img).detach().cpu().permute(1, 2, 0).numpy())
     img = _as_chw(img).detach().to("cpu", torch.float32)
     img = torch.nan_to_num(img, nan=0.0)
     u8 = (img.clamp(0, 1) * 255).round().to(torch.uint8)

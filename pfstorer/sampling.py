@@ -9,7 +9,9 @@ output bit for bit. A batch may mix identities: each row has its own adapter slo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -17,9 +19,11 @@ import torch.nn.functional as F
 
 from .adapter import Adapter
 from .errors import InputError, TooLargeError
-from .model import RestorationModel, pad_to_multiple
+from .colorfix import BAND
+from .images import from_unit, to_unit
+from .model import RestorationModel
 from .personalization import AdapterSlots, PBRun
-from .tiling import gaussian_weights, tile_grid
+from .tiling import blend_rows, tile_grid
 
 Sampler = Literal["ddim", "ddpm"]
 ColorFix = Literal["wavelet", "adain", "none"]
@@ -45,63 +49,114 @@ def make_scheduler(model: RestorationModel, sampler: Sampler):
     raise InputError(f"unknown sampler {sampler!r}; use ddim or ddpm")
 
 
+@dataclass(frozen=True)
+class Update:
+    """One sampler step as a per-pixel linear map: ``x_prev = a * x_t + b * eps + c * noise``.
+
+    DDIM (eta = 0) and DDPM steps are linear in ``x_t`` and the predicted noise, so a row band of
+    the image can be stepped *in place* as soon as its blended noise is known (no full-size
+    temporaries, no scheduler state per call). The coefficients replicate diffusers'
+    ``DDIMScheduler.step`` / ``DDPMScheduler.step`` (checked in tests/test_sampling.py).
+    """
+
+    t: int
+    a: float
+    b: float
+    c: float
+
+
+def sampler_updates(model: RestorationModel, sampler: Sampler, steps: int) -> list[Update]:
+    """The ``steps`` updates of ``sampler``, first (noisiest) to last."""
+    sched = make_scheduler(model, sampler)
+    sched.set_timesteps(steps)
+    ac = sched.alphas_cumprod.double()
+    total = model.config.num_train_timesteps
+    ts = [int(t) for t in sched.timesteps]
+    out = []
+    for k, t in enumerate(ts):
+        a_t = float(ac[t])
+        if sampler == "ddim":
+            prev = t - total // steps
+            a_prev = float(ac[prev]) if prev >= 0 else float(sched.final_alpha_cumprod)
+            a = math.sqrt(a_prev / a_t)
+            b = math.sqrt(1 - a_prev) - math.sqrt(a_prev) * math.sqrt(1 - a_t) / math.sqrt(a_t)
+            out.append(Update(t, a, b, 0.0))
+        else:
+            prev = ts[k + 1] if k + 1 < len(ts) else -1
+            a_prev = float(ac[prev]) if prev >= 0 else 1.0
+            beta_t, beta_prev = 1 - a_t, 1 - a_prev
+            cur_beta = 1 - a_t / a_prev
+            c_x0 = math.sqrt(a_prev) * cur_beta / beta_t
+            c_xt = math.sqrt(a_t / a_prev) * beta_prev / beta_t
+            var = max(beta_prev / beta_t * cur_beta, 1e-20)
+            out.append(Update(t, c_x0 / math.sqrt(a_t) + c_xt, -c_x0 * math.sqrt(beta_t) / math.sqrt(a_t),
+                              math.sqrt(var) if t > 0 else 0.0))
+    return out
+
+
+def _row_noise(seed: int, step: int, y0: int, y1: int, shape: tuple[int, int]) -> torch.Tensor:
+    """DDPM noise for rows ``[y0, y1)``: one generator seed per (image seed, step, row), so the noise
+    of a pixel does not depend on how the image was cut into tiles or bands."""
+    g = torch.Generator("cpu")
+    rows = []
+    for y in range(y0, y1):
+        g.manual_seed(((int(seed) & 0xFFFFFFFF) << 32) | (step << 20) | y)
+        rows.append(torch.randn(shape, generator=g))
+    return torch.stack(rows, dim=1)  # [C, rows, W]
+
+
+def _cubic_rows(y0: int, y1: int, in_size: int, out_size: int) -> tuple[torch.Tensor, int, int]:
+    """Weights ``[y1 - y0, r1 - r0]`` of torch's bicubic upsampling (A = -0.75, half-pixel centres,
+    clamped borders) for output rows ``[y0, y1)``, and the input rows ``[r0, r1)`` they read."""
+    A = -0.75
+    ratio = in_size / out_size
+    src = [(y + 0.5) * ratio - 0.5 for y in range(y0, y1)]
+    r0 = max(0, math.floor(src[0]) - 1)
+    r1 = min(in_size, math.floor(src[-1]) + 3)
+    m = torch.zeros((y1 - y0, r1 - r0), dtype=torch.float32)
+    for k, s in enumerate(src):
+        base = math.floor(s)
+        t = s - base
+        w = [((A * (t + 1) - 5 * A) * (t + 1) + 8 * A) * (t + 1) - 4 * A,
+             ((A + 2) * t - (A + 3)) * t * t + 1,
+             ((A + 2) * (1 - t) - (A + 3)) * (1 - t) * (1 - t) + 1,
+             ((A * (2 - t) - 5 * A) * (2 - t) + 8 * A) * (2 - t) - 4 * A]
+        for j in range(4):
+            m[k, min(max(base - 1 + j, 0), in_size - 1) - r0] += w[j]
+    return m, r0, r1
+
+
 def upscale(image: torch.Tensor, scale: float) -> torch.Tensor:
-    """Resize [B,3,H,W] by ``scale`` (bicubic; antialiased when shrinking)."""
+    """Resize ``[B,3,H,W]`` (uint8, or float in [0,1]) by ``scale``, keeping its dtype.
+
+    Enlarging (super-resolution) is bicubic, computed in row bands (rows by a weight matrix,
+    columns by ``F.interpolate``) so a large output never exists as a float copy; shrinking is
+    antialiased bicubic on the whole image (the input is the larger of the two there).
+    """
     if scale == 1:
         return image
     h, w = image.shape[-2:]
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    return F.interpolate(image, size=size, mode="bicubic", align_corners=False, antialias=scale < 1).clamp(0, 1)
+    oh, ow = max(1, round(h * scale)), max(1, round(w * scale))
+    if scale < 1:
+        small = F.interpolate(to_unit(image), size=(oh, ow), mode="bicubic", align_corners=False, antialias=True)
+        return from_unit(small, image.dtype)
+    out = torch.empty((*image.shape[:2], oh, ow), dtype=image.dtype, device=image.device)
+    for y0 in range(0, oh, BAND):
+        y1 = min(oh, y0 + BAND)
+        m, r0, r1 = _cubic_rows(y0, y1, h, oh)
+        rows = torch.einsum("yr,bcrw->bcyw", m.to(image.device), to_unit(image[:, :, r0:r1]))
+        band = F.interpolate(rows, size=(y1 - y0, ow), mode="bicubic", align_corners=False)
+        out[:, :, y0:y1] = from_unit(band, image.dtype)
+    return out
 
 
-def _set_vae_tiling(model: RestorationModel, tile_px: int, overlap_px: int) -> None:
-    vae = model.vae
-    if vae is None:
-        return
-    vae.enable_tiling()
-    vae.tile_sample_min_size = tile_px
-    vae.tile_latent_min_size = tile_px // model.config.vae_factor
-    vae.tile_overlap_factor = overlap_px / tile_px
-
-
-def _tiled_eps(
-    model: RestorationModel,
-    z: torch.Tensor,
-    lq: torch.Tensor,
-    t: torch.Tensor,
-    tiles: list[tuple[int, int, int, int]],
-    weight: torch.Tensor,
-    pb: PBRun | None,
-    tile_batch: int,
-    buffers: dict[str, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Noise prediction for the whole latent ``z`` from overlapping tiles, Gaussian-blended.
-
-    The float32 accumulator and weight sum live in ``buffers`` and are reused every step (the
-    weight sum never changes): no full-size temporaries per step, and bf16/fp16 models blend
-    without rounding the weights or underflowing where they are small.
-    """
-    b = z.shape[0]
-    if len(tiles) == 1:  # untiled: exactly one model call per batch, no blending arithmetic
-        return model.denoise(z, t.expand(b), lq, pb)
-    buffers = {} if buffers is None else buffers
-    if "wsum" not in buffers:
-        wsum = torch.zeros((1, 1, *z.shape[-2:]), device=z.device, dtype=torch.float32)
-        for y, x, h, w in tiles:
-            wsum[0, :, y : y + h, x : x + w] += weight
-        buffers["wsum"] = wsum
-        buffers["eps"] = torch.empty(z.shape, device=z.device, dtype=torch.float32)
-    eps = buffers["eps"].zero_()
-    jobs = [(i, tile) for tile in tiles for i in range(b)]
-    for start in range(0, len(jobs), tile_batch):
-        chunk = jobs[start : start + tile_batch]
-        zc = torch.stack([z[i, :, y : y + h, x : x + w] for i, (y, x, h, w) in chunk])
-        lc = torch.stack([lq[i, :, y : y + h, x : x + w] for i, (y, x, h, w) in chunk])
-        rows = None if pb is None else pb.rows(pb.slots[[i for i, _ in chunk]])
-        out = model.denoise(zc, t.expand(len(chunk)), lc, rows)
-        for k, (i, (y, x, h, w)) in enumerate(chunk):
-            eps[i, :, y : y + h, x : x + w] += out[k].float() * weight
-    return eps.div_(buffers["wsum"]).to(z.dtype)
+def _pad_index(size: int, padded: int, reflect: bool, device: torch.device) -> torch.Tensor:
+    """Source index of each padded row/column: bottom/right padding by reflection (as
+    :func:`pfstorer.model.pad_to_multiple`), or by replication where the image is too small."""
+    idx = torch.arange(padded)
+    over = idx >= size
+    idx[over] = (2 * (size - 1) - idx[over]) if reflect else size - 1
+    return idx.to(device)
 
 
 @torch.no_grad()
@@ -121,9 +176,17 @@ def restore_batch(
     color_fix: ColorFix = "wavelet",
     progress: bool = False,
 ) -> torch.Tensor:
-    """Restore a batch [B,3,H,W] in [0,1]; row i uses adapter ``slots[i]`` and seed ``seeds[i]``.
+    """Restore a batch ``[B,3,H,W]`` (uint8, or float in [0,1]); row i uses adapter ``slots[i]`` and
+    seed ``seeds[i]``. The result has the input's dtype (float32 for float inputs), on the CPU.
 
     ``tile``/``overlap`` are in output pixels (defaults: the model's native size, 1/4 of it).
+
+    Memory: the networks only ever see tiles, and every full-size stage streams in row bands (the
+    upscale, the per-tile LQ crops and padding, the VAE encode/decode, the in-place sampler step
+    of :func:`pfstorer.tiling.blend_rows`, the colour fix). What grows with the image is the input,
+    the output and the sampler state ``z`` (float32: pixel presets 12 bytes/px, latent presets
+    1/48 of that, plus a float32 decoded image for the colour fix). Pass uint8 images for large
+    photos: float32 input and output cost 24 more bytes per pixel.
     """
     from .colorfix import color_fix as apply_color_fix
 
@@ -141,44 +204,103 @@ def restore_batch(
     if out_h * out_w > MAX_OUTPUT_PIXELS:
         raise TooLargeError(f"output would be {out_w}x{out_h} pixels, over the limit of {MAX_OUTPUT_PIXELS}")
     cfg = model.config
-    g = cfg.granularity
+    g, f = cfg.granularity, cfg.vae_factor
     tile_px = max(g, ((tile or cfg.sample_size) // g) * g)
     overlap_px = cfg.sample_size // 4 if overlap is None else overlap
     if not 0 <= overlap_px < tile_px:
         raise InputError(f"overlap must be in [0, tile) = [0, {tile_px}), got {overlap_px}")
+    dev = model.device
+    out_dtype = torch.uint8 if images.dtype == torch.uint8 else torch.float32
+    if images.dtype != torch.uint8:
+        images = images.float()
 
-    lq_img = upscale(images.to(model.device, model.dtype), scale)
-    padded, (h, w) = pad_to_multiple(lq_img, g)
-    _set_vae_tiling(model, tile_px, overlap_px)
-    lq = model.to_latent(padded)
-    f = cfg.vae_factor
-    tiles = tile_grid(lq.shape[-2], lq.shape[-1], tile_px // f, overlap_px // f)
-    weight = gaussian_weights(tiles[0][2], tiles[0][3]).to(lq.device)  # float32: blended in float32
-    del padded  # a padded copy (if any) is not needed past the encoder
+    lq = upscale(images.to(dev), scale)  # [B,3,h,w], the input's dtype
+    h, w = lq.shape[-2:]
+    hp, wp = -(-h // g) * g, -(-w // g) * g
+    reflect = hp - h < h and wp - w < w
+    rows_idx, cols_idx = _pad_index(h, hp, reflect, dev), _pad_index(w, wp, reflect, dev)
+
+    def lq_pixels(i: int, y: int, x: int, th: int, tw: int) -> torch.Tensor:
+        """LQ tile ``[3,th,tw]`` in [0,1] of the padded image, gathered from the unpadded one."""
+        crop = lq[i].index_select(1, rows_idx[y : y + th]).index_select(2, cols_idx[x : x + tw])
+        return to_unit(crop)
+
+    hz, wz = hp // f, wp // f
+    tiles = tile_grid(hz, wz, tile_px // f, overlap_px // f)
+    if model.vae is None:  # pixel space: the denoiser's LQ tile is the pixel tile, in [-1,1]
+
+        def lq_tile(i: int, y: int, x: int, th: int, tw: int) -> torch.Tensor:
+            return model.to_latent(lq_pixels(i, y, x, th, tw)[None])[0]
+
+    else:  # latent space: encode the LQ once, tile by tile, into a (small) latent
+        cond = torch.empty((b, cfg.latent_channels, hz, wz), device=dev, dtype=torch.float32)
+        ptiles = tile_grid(hp, wp, tile_px, overlap_px)
+
+        def encode(chunk: list) -> torch.Tensor:
+            return model.to_latent(torch.stack([lq_pixels(i, *t) for i, t in chunk]))
+
+        def keep(y0: int, y1: int, rows: torch.Tensor) -> None:
+            cond[:, :, y0:y1] = rows
+
+        blend_rows(ptiles, encode, keep, batch=b, channels=cfg.latent_channels, out_height=hz, out_width=wz,
+                   factor=1 / f, tile_batch=tile_batch, device=dev)
+
+        def lq_tile(i: int, y: int, x: int, th: int, tw: int) -> torch.Tensor:
+            return cond[i, :, y : y + th, x : x + tw].to(model.dtype)
 
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    z = torch.cat([torch.randn((1, *lq.shape[1:]), generator=gen) for gen in gens]).to(lq.device, lq.dtype)
-    sched = make_scheduler(model, sampler)
-    sched.set_timesteps(steps)
-    z = z * sched.init_noise_sigma
+    z = torch.empty((b, cfg.latent_channels, hz, wz), device=dev, dtype=torch.float32)
+    for i, gen in enumerate(gens):  # in place: the same numbers as torch.randn(shape, generator=gen)
+        if dev.type == "cpu":
+            z[i].normal_(generator=gen)
+        else:
+            z[i].copy_(torch.randn(z.shape[1:], generator=gen))
 
     pb = None
     if adapters is not None:
-        slot_t = torch.tensor(list(slots) if slots is not None else [0] * b, device=lq.device)
+        slot_t = torch.tensor(list(slots) if slots is not None else [0] * b, device=dev)
         pb = PBRun(adapters=adapters, slots=slot_t, prompt=model.prompt, ref_pool=cfg.adapter.ref_pool)
-    timesteps = sched.timesteps
+    updates = sampler_updates(model, sampler, steps)
     if progress:
         from tqdm.auto import tqdm
 
-        timesteps = tqdm(timesteps, desc="restore", unit="step", leave=False)
-    buffers: dict[str, torch.Tensor] = {}
-    for t in timesteps:
-        eps = _tiled_eps(model, z, lq, t.to(lq.device), tiles, weight, pb, tile_batch, buffers)
-        z = sched.step(eps, t, z, generator=gens if sampler == "ddpm" else None).prev_sample
-    del eps, buffers, lq  # full-size buffers the decoder and the colour fix do not need
-    out = model.from_latent(z)[..., :h, :w]
-    del z
-    return apply_color_fix(out, lq_img, color_fix).float().cpu()
+        updates = tqdm(updates, desc="restore", unit="step", leave=False)
+    for k, u in enumerate(updates):
+        t = torch.full((tile_batch,), u.t, device=dev, dtype=torch.long)
+
+        def predict(chunk: list) -> torch.Tensor:
+            zc = torch.stack([z[i, :, y : y + th, x : x + tw] for i, (y, x, th, tw) in chunk]).to(model.dtype)
+            lc = torch.stack([lq_tile(i, *tl) for i, tl in chunk])
+            rows = None if pb is None else pb.rows(pb.slots[[i for i, _ in chunk]])
+            return model.denoise(zc, t[: len(chunk)], lc, rows)
+
+        def step(y0: int, y1: int, eps: torch.Tensor, u: Update = u, k: int = k) -> None:
+            band = z[:, :, y0:y1]
+            band.mul_(u.a).add_(eps, alpha=u.b)
+            if u.c:
+                for i, s in enumerate(seeds):
+                    band[i].add_(_row_noise(s, k, y0, y1, (z.shape[1], wz)).to(dev), alpha=u.c)
+
+        blend_rows(tiles, predict, step, batch=b, channels=cfg.latent_channels, out_height=hz, out_width=wz,
+                   tile_batch=tile_batch, device=dev)
+
+    if model.vae is None:
+        restored = z.add_(1).div_(2).clamp_(0, 1)  # in place: z is the image now
+    else:
+        restored = torch.empty((b, 3, hp, wp), device=dev, dtype=torch.float32)
+
+        def decode(chunk: list) -> torch.Tensor:
+            return model.from_latent(torch.stack([z[i, :, y : y + th, x : x + tw] for i, (y, x, th, tw) in chunk]).to(model.dtype))
+
+        def put(y0: int, y1: int, rows: torch.Tensor) -> None:
+            restored[:, :, y0:y1] = rows
+
+        blend_rows(tiles, decode, put, batch=b, channels=3, out_height=hp, out_width=wp, factor=f,
+                   tile_batch=tile_batch, device=dev)
+        del z
+    out = torch.empty((b, 3, h, w), dtype=out_dtype, device=dev)
+    apply_color_fix(restored[..., :h, :w], lq, color_fix, out=out)
+    return out.cpu()
 
 
 def restore(

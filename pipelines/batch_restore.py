@@ -205,12 +205,14 @@ class BatchRestorer:
 
     def restore_one(self, tenant: str, identity: str, uri: str, seed: int) -> tuple[str, str]:
         """Restore one photo; return ``(output_uri, adapter label)``."""
+        import torch
+
         from pfstorer.images import decode_image, encode_png
         from pfstorer.sampling import restore_batch
 
         c = self.config
         entry, adapter = self._adapter(tenant, identity)
-        image = decode_image(self._read(uri), limits=self.limits, name=uri)
+        image = decode_image(self._read(uri), limits=self.limits, name=uri, dtype=torch.uint8)
         if self.current != entry.sha256:
             self.slots.load(0, adapter.tensors)
             self.current = entry.sha256

@@ -367,11 +367,10 @@ class Restorer:
     def _restore_sync(self, image_u8: torch.Tensor, slot: int | None, p: dict[str, Any]) -> torch.Tensor:
         from pfstorer.sampling import restore_batch
 
-        # uint8 -> float exactly as pfstorer.images.from_pil does: same bits as the offline CLI
-        image = image_u8.to(torch.float32).div_(255.0)
+        # uint8 in, uint8 out, as `pfstorer restore` does: the same bits as the offline CLI
         return restore_batch(
             self.model,
-            image.unsqueeze(0),
+            image_u8.unsqueeze(0),
             adapters=self.slots if slot is not None else None,
             slots=[slot if slot is not None else 0],
             seeds=[int(p["seed"])],

@@ -94,6 +94,26 @@ def astronaut_people(workdir: Path) -> list[Person]:
     return [Person("studio-a", "astronaut", views[:5], views[5], CREDITS["astronaut"])]
 
 
+def choose_people(photos: Path | None, state_dir: Path, tenants: tuple[str, str],
+                  shared: Path = SHARED_DATA) -> tuple[list[Person], bool]:
+    """The demo's people and whether this is a smoke run: ``--photos``, else the sample people of
+    ``../shared/data`` (demo, wild), else the astronaut fallback (then says so, loudly)."""
+    if photos is not None:
+        people = people_from_folders([(photos, f"photos from {photos}")], tenants)
+    elif shared.is_dir():
+        roots = [(shared / n, CREDITS[n]) for n in ("demo", "wild") if (shared / n).is_dir()]
+        people = people_from_folders(roots, tenants)
+    else:
+        people = []
+    if people:
+        return people, False
+    where = f"{photos} has no person folders with photos" if photos is not None else (
+        "../shared/data is not beside this checkout and no --photos given")
+    print(f"no photos found ({where}):\n"
+          "SMOKE RUN ONLY - one 'person' made of augmented views of scikit-image's astronaut photo.", flush=True)
+    return astronaut_people(state_dir / "photos"), True
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -151,21 +171,8 @@ def run_demo(
     if fresh and state_dir.exists():
         shutil.rmtree(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    smoke = False
     tenants = ("studio-a", "studio-b")
-    if photos is not None:
-        people = people_from_folders([(photos, f"photos from {photos}")], tenants)
-    elif SHARED_DATA.is_dir():
-        roots = [(SHARED_DATA / n, CREDITS[n]) for n in ("demo", "wild") if (SHARED_DATA / n).is_dir()]
-        people = people_from_folders(roots, tenants)
-    else:
-        people = []
-    if not people:
-        smoke = True
-        print("no photos found (../shared/data is not beside this checkout and no --photos given):\n"
-              "SMOKE RUN ONLY - one 'person' made of augmented views of scikit-image's astronaut photo.",
-              flush=True)
-        people = astronaut_people(state_dir / "photos")
+    people, smoke = choose_people(photos, state_dir, tenants)
     if base is None:
         base = "compact" if (WEIGHTS_DIR / "compact" / "model.safetensors").exists() else "tiny"
     if steps is None:  # CPU-sized: the paper's 500 steps take minutes per person on a GPU

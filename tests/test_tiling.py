@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 
 import pfstorer.model as pf_model
-import pfstorer.sampling as sampling
+import pfstorer.tiling as tiling
 from pfstorer.colorfix import color_fix
 from pfstorer.images import load_image
 from pfstorer.model import load_base, pad_to_multiple
-from pfstorer.sampling import make_scheduler, restore, upscale
+from pfstorer.sampling import make_scheduler, restore, sampler_updates, upscale
 from pfstorer.tiling import gaussian_weights, tile_grid, tile_starts
 
 
@@ -79,20 +79,14 @@ def _oracle(model, x0_fn):
 def _untiled_restore(model, image, *, seed, scale, steps, color_fix_method):
     """The plain sampling loop on the whole image: no tiles, no blending, no VAE tiling."""
     g = model.config.granularity
-    lq_img = upscale(image[None].to(model.device, model.dtype), scale)
+    lq_img = upscale(image[None], scale)
     padded, (h, w) = pad_to_multiple(lq_img, g)
-    if model.vae is not None:
-        model.vae.disable_tiling()
     with torch.no_grad():
         lq = model.to_latent(padded)
-        gen = torch.Generator("cpu").manual_seed(seed)
-        z = torch.randn((1, *lq.shape[1:]), generator=gen).to(lq.device, lq.dtype)
-        sched = make_scheduler(model, "ddim")
-        sched.set_timesteps(steps)
-        z = z * sched.init_noise_sigma
-        for t in sched.timesteps:
-            eps = model.denoise(z, t.to(lq.device).expand(1), lq)
-            z = sched.step(eps, t, z).prev_sample
+        z = torch.randn((1, *lq.shape[1:]), generator=torch.Generator("cpu").manual_seed(seed))
+        for u in sampler_updates(model, "ddim", steps):
+            eps = model.denoise(z, torch.tensor([u.t]), lq)
+            z = z.mul(u.a).add(eps, alpha=u.b)  # the update of sampler_updates
         out = model.from_latent(z)[..., :h, :w]
     return color_fix(out, lq_img, color_fix_method).float().cpu()[0]
 
@@ -231,10 +225,10 @@ def test_small_tiles_leave_no_seam_that_a_naive_stitch_leaves(tiny, photo, monke
     untiled = restore(tiny, lq, tile=512, **run)
     blended = restore(tiny, lq, tile=tile, overlap=overlap, **run)
     with monkeypatch.context() as m:  # the naive stitch: hard-edged tiles side by side
-        m.setattr(sampling, "gaussian_weights", lambda h, w, *a, **k: torch.ones(h, w))
+        m.setattr(tiling, "gaussian_weights", lambda h, w, *a, **k: torch.ones(h, w))
         naive = restore(tiny, lq, tile=tile, overlap=0, **run)
     with monkeypatch.context() as m:  # blending, but tile borders keep a quarter of the weight
-        m.setattr(sampling, "gaussian_weights", lambda h, w, *a, **k: gaussian_weights(h, w, sigma_ratio=0.3))
+        m.setattr(tiling, "gaussian_weights", lambda h, w, *a, **k: gaussian_weights(h, w, sigma_ratio=0.3))
         wide = restore(tiny, lq, tile=tile, overlap=overlap, **run)
 
     limits = (1.5, 1.15)
