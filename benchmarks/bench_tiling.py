@@ -303,7 +303,7 @@ def _markdown(doc: dict) -> str:
         f"pixel; memory does not depend on the step count), scale {doc['settings']['scale']}, "
         f"tile {doc['settings']['tile']} px, overlap {doc['settings']['overlap']} px, tile batch "
         f"{doc['settings']['tile_batch']}, colour fix {doc['settings']['color_fix']}, "
-        f"{doc['settings']['shape']}-shaped inputs (the wild photo resized).",
+        f"{doc['settings']['shape']}-shaped uint8 inputs (the wild photo resized), as ``pfstorer restore`` reads photos.",
         "",
         _table(rows),
         "",
@@ -328,18 +328,16 @@ def _markdown(doc: dict) -> str:
 
 READING = (
     "The networks only ever see tiles (``unet_input_hw``), so the memory they need, the tile working "
-    "set, does not grow with the image. What grows is the pixel-space pipeline around them: every "
-    "full-size float32 buffer (upscaled/padded input, LQ, the noisy image z, the noise-prediction "
-    "accumulator and its weight sum, the scheduler's temporaries, the decoded image, the colour fix's "
-    "a-trous pyramids) costs 12 bytes per output pixel, 133 MB at 4096x2828. The acceptance bound "
-    "(< 1.5x from 1024 to 4096 px, 16x the pixels) therefore holds for the tile working set but cannot "
-    "hold for the total peak of a pixel-space preset on CPU: even the input and output images alone grow "
-    "16x. The JSON's phase_peak_above_baseline_mb shows where the peak sits: at 4096 px the wavelet "
-    "colour fix holds ~17 image-size buffers (its dilated depthwise conv2d runs through im2col on the "
-    "CPU), the denoising loop ~7 (image, LQ, z, the float32 noise accumulator and weight sum, and the "
-    "diffusers DDIM step's temporaries). For latent presets on a GPU (sd21) the device holds only "
-    "latent-size buffers (48x smaller than the RGB image) plus the tile working set; see "
-    "benchmarks/gpu_check.py."
+    "set, does not grow with the image. Everything full-size streams in row bands "
+    "(``pfstorer.tiling.blend_rows``): the sampler step is applied in place to rows no later tile "
+    "touches, LQ tiles are gathered (with their padding) from the uint8 photo per tile, the latent "
+    "presets' VAE encodes and decodes tile by tile straight into the output buffer, and the colour fix "
+    "runs band by band (a 31-row halo for the wavelet) in place. What grows with the image is only the "
+    "uint8 input and output (3 bytes per pixel each) and the float32 sampler state z (12 bytes per pixel "
+    "for the pixel-space ``tiny``, 1 byte for ``tiny-latent``, 0.25 for ``sd21``). The process's peak therefore grows "
+    "far less than the pixel count; the phase peaks in the JSON show where it sits (for ``tiny`` the "
+    "denoising loop: z plus one batch of tiles). On a GPU with ``sd21`` (latent, 1/48 of the RGB size) "
+    "the device holds the latents and the tile working set only; see benchmarks/gpu_check.py."
 )
 
 

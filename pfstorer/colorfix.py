@@ -90,7 +90,7 @@ def color_fix(
 ) -> torch.Tensor:
     """Correct the colours of ``restored`` with ``source`` (the LQ input); ``[3,H,W]`` or
     ``[B,3,H,W]``, uint8 or float in [0,1], any size; the result is clamped to [0, 1] (or 0..255),
-    in ``restored``'s dtype or written into ``out``.
+    in ``restored``'s dtype or written into ``out`` (which may be ``restored`` itself: in place).
 
     Works through the image in row bands (with a halo of 2^levels - 1 rows for the wavelet, so the
     bands are exact): memory beyond the inputs and the output is one band, whatever the size. The
@@ -121,14 +121,16 @@ def color_fix(
         mr, ms = mr.to(r.device), ms.to(r.device)
         gain = (ss / (sr + _EPS)).to(r.device)
     halo = 2**LEVELS - 1 if method == "wavelet" else 0
+    carry = to_unit(r[:, :, :0])  # the original rows above this band: ``out`` may be ``restored``
     for y0 in range(0, h, BAND):
         y1 = min(h, y0 + BAND)
         a, b = max(0, y0 - halo), min(h, y1 + halo)
-        band = to_unit(r[:, :, a:b])
+        band = torch.cat([carry, to_unit(r[:, :, y0:b])], dim=2)  # rows [a, b), as they were
+        carry = band[:, :, max(0, y1 - halo) - a : y1 - a].clone()
         if method == "wavelet":
             src = to_unit(s[:, :, a:b].to(r.device))
             band += wavelet_lowpass(src - band)
         elif method == "adain":
             band = (band - mr) * gain + ms
-        dst[:, :, y0:y1] = from_unit(band[:, :, y0 - a : y0 - a + (y1 - y0)], dst.dtype)
+        dst[:, :, y0:y1] = from_unit(band[:, :, y0 - a : y1 - a], dst.dtype)
     return dst if batched else dst[0]

@@ -185,8 +185,10 @@ def restore_batch(
     upscale, the per-tile LQ crops and padding, the VAE encode/decode, the in-place sampler step
     of :func:`pfstorer.tiling.blend_rows`, the colour fix). What grows with the image is the input,
     the output and the sampler state ``z`` (float32: pixel presets 12 bytes/px, latent presets
-    1/48 of that, plus a float32 decoded image for the colour fix). Pass uint8 images for large
-    photos: float32 input and output cost 24 more bytes per pixel.
+    1/12 to 1/48 of that). Pass uint8 images for large photos: float32 input and output cost 24 more bytes
+    per pixel. Latent presets decode into the output buffer and colour-fix it in place, so with
+    uint8 photos the decoded image is rounded to 8 bits before the colour fix (at most a level or
+    two of difference from a float32 run).
     """
     from .colorfix import color_fix as apply_color_fix
 
@@ -234,7 +236,7 @@ def restore_batch(
 
     else:  # latent space: encode the LQ once, tile by tile, into a (small) latent
         cond = torch.empty((b, cfg.latent_channels, hz, wz), device=dev, dtype=torch.float32)
-        ptiles = tile_grid(hp, wp, tile_px, overlap_px)
+        ptiles = [(y * f, x * f, th * f, tw * f) for y, x, th, tw in tiles]  # the latent grid, in pixels
 
         def encode(chunk: list) -> torch.Tensor:
             return model.to_latent(torch.stack([lq_pixels(i, *t) for i, t in chunk]))
@@ -284,22 +286,24 @@ def restore_batch(
         blend_rows(tiles, predict, step, batch=b, channels=cfg.latent_channels, out_height=hz, out_width=wz,
                    tile_batch=tile_batch, device=dev)
 
+    out = torch.empty((b, 3, h, w), dtype=out_dtype, device=dev)
     if model.vae is None:
-        restored = z.add_(1).div_(2).clamp_(0, 1)  # in place: z is the image now
-    else:
-        restored = torch.empty((b, 3, hp, wp), device=dev, dtype=torch.float32)
+        restored = z.add_(1).div_(2).clamp_(0, 1)[..., :h, :w]  # in place: z is the image now
+    else:  # decode straight into the output buffer; the colour fix then runs on it in place
 
         def decode(chunk: list) -> torch.Tensor:
-            return model.from_latent(torch.stack([z[i, :, y : y + th, x : x + tw] for i, (y, x, th, tw) in chunk]).to(model.dtype))
+            zc = torch.stack([z[i, :, y : y + th, x : x + tw] for i, (y, x, th, tw) in chunk])
+            return model.from_latent(zc.to(model.dtype))
 
         def put(y0: int, y1: int, rows: torch.Tensor) -> None:
-            restored[:, :, y0:y1] = rows
+            if y0 < h:
+                out[:, :, y0 : min(y1, h)] = from_unit(rows[:, :, : min(y1, h) - y0, :w], out_dtype)
 
         blend_rows(tiles, decode, put, batch=b, channels=3, out_height=hp, out_width=wp, factor=f,
                    tile_batch=tile_batch, device=dev)
         del z
-    out = torch.empty((b, 3, h, w), dtype=out_dtype, device=dev)
-    apply_color_fix(restored[..., :h, :w], lq, color_fix, out=out)
+        restored = out
+    apply_color_fix(restored, lq, color_fix, out=out)
     return out.cpu()
 
 

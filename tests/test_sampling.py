@@ -91,6 +91,21 @@ def test_uint8_photo_restores_to_the_rounded_float_result(tiny):
     assert torch.equal(as_u8, (as_float.clamp(0, 1) * 255).round().to(torch.uint8))
 
 
+def test_latent_preset_decodes_uint8_into_the_output_within_a_level_or_two():
+    """Latent presets decode into the output buffer and colour-fix it in place: with uint8 photos
+    the decoded image is rounded once more than in float, nothing else differs."""
+    model = load_base("tiny-latent")
+    u8 = (torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(6)) * 255).round().to(torch.uint8)
+    for method in ("wavelet", "adain", "none"):
+        run = dict(seed=2, steps=2, tile=32, overlap=8, color_fix=method)
+        as_float = restore(model, u8.float() / 255, **run)
+        as_u8 = restore(model, u8, **run)
+        diff = (as_u8.float() - (as_float * 255).round()).abs()
+        assert diff.max() <= 2 and diff.mean() < 0.5, (method, diff.max())
+        if method == "none":
+            assert torch.equal(as_u8, (as_float * 255).round().to(torch.uint8))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
 def test_banded_upscale_matches_torch_bicubic(dtype):
     x = torch.rand(1, 3, 2 * BAND // 3 + 5, 21, generator=torch.Generator().manual_seed(4))  # x2: 3 bands
@@ -113,6 +128,8 @@ def test_banded_colour_fix_equals_the_whole_image_formula(method):
     h = 2 * BAND + 77  # three bands, the halo crossing both inner edges
     restored, source = torch.rand(2, 3, h, 50, generator=g), torch.rand(2, 3, h, 50, generator=g)
     out = color_fix(restored, source, method)
+    inplace = restored.clone()
+    assert torch.equal(color_fix(inplace, source, method, out=inplace), out)  # in place: the same
     if method == "wavelet":  # StableSR's formula on the whole image: high(restored) + low(source)
         def low(x):
             for i in range(LEVELS):
