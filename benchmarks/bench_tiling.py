@@ -38,6 +38,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 PHOTO = REPO.parent / "shared" / "data" / "wild" / "person1" / "img4.jpg"  # 1024x707
@@ -209,13 +212,7 @@ def worker(args: argparse.Namespace) -> dict:
 def _machine() -> dict:
     import torch
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            m = re.search(r"^model name\s*:\s*(.+)$", fh.read(), re.M)
-            cpu = m.group(1).strip() if m else cpu
-    except OSError:
-        pass
+    cpu = cpu_model()
     mem = None
     try:
         with open("/proc/meminfo") as fh:
