@@ -25,6 +25,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def lfw_people(lfw: Path, split: str | None = "bench") -> dict[str, list[Path]]:
+    """People of one split of an ``index.csv`` (``identity,path,split``; ``None``: every split),
+    sorted by name, each with their photos sorted by file name (the first ones are references)."""
+    import csv
+
+    people: dict[str, list[Path]] = {}
+    with open(lfw / "index.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            if split is None or row["split"] == split:
+                people.setdefault(row["identity"], []).append(lfw / row["path"])
+    return {k: sorted(v) for k, v in sorted(people.items())}
+
+
 def device_name(device: str) -> str:
     """The card (GPU) or the CPU, as results must name it."""
     import torch

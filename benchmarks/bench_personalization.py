@@ -29,7 +29,6 @@ plain (no DreamBooth prior preservation).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import re
@@ -45,6 +44,9 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import lfw_people  # noqa: E402
+
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "lfw128"
 RESULTS = REPO / "benchmarks" / "results"
 COLUMNS = [("psnr", "PSNR", 1.0), ("ssim", "SSIM", 1.0), ("st_lpips", "ST-LPIPS", 1.0), ("niqe", "NIQE", 1.0),
@@ -54,14 +56,8 @@ COLUMNS = [("psnr", "PSNR", 1.0), ("ssim", "SSIM", 1.0), ("st_lpips", "ST-LPIPS"
 # -- data ------------------------------------------------------------------------------------------
 def bench_people(data: Path, people: int | None, n_refs: int, max_test: int | None) -> list[dict[str, Any]]:
     """Bench people (sorted by name) with >= n_refs + 1 photos: references and test photos."""
-    by_person: dict[str, list[Path]] = {}
-    with open(data / "index.csv", newline="") as fh:
-        for row in csv.DictReader(fh):
-            if row["split"] == "bench":
-                by_person.setdefault(row["identity"], []).append(data / row["path"])
     out = []
-    for name in sorted(by_person):
-        photos = sorted(by_person[name])
+    for name, photos in lfw_people(data, "bench").items():
         if len(photos) <= n_refs:
             continue
         tests = photos[n_refs:] if max_test is None else photos[n_refs : n_refs + max_test]

@@ -16,7 +16,6 @@ Writes ``benchmarks/results/scheduler_cpu.json`` and ``.md`` (unless ``--no-save
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -29,6 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+import _common  # noqa: E402
 from pfstorer.settings import use_offline_env  # noqa: E402
 
 use_offline_env()
@@ -43,11 +44,7 @@ ANCHOR_STEPS = 500
 
 
 def lfw_people(min_photos: int) -> list[tuple[str, list[str]]]:
-    people: dict[str, list[str]] = {}
-    with open(LFW / "index.csv", newline="") as fh:
-        for row in csv.DictReader(fh):
-            people.setdefault(row["identity"], []).append(str(LFW / row["path"]))
-    return [(k, sorted(v)) for k, v in sorted(people.items()) if len(v) >= min_photos]
+    return [(k, [str(p) for p in v]) for k, v in _common.lfw_people(LFW, split=None).items() if len(v) >= min_photos]
 
 
 def build_manifest(n: int, refs: int, path: Path) -> int:

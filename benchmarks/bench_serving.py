@@ -49,6 +49,8 @@ for _k, _v in {
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import lfw_people  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results"
 
 
@@ -75,17 +77,6 @@ def _pct(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def _lfw_bench(data: Path) -> dict[str, list[Path]]:
-    import csv
-
-    people: dict[str, list[Path]] = {}
-    with open(data / "lfw128" / "index.csv", newline="") as fh:
-        for row in csv.DictReader(fh):
-            if row["split"] == "bench":
-                people.setdefault(row["identity"], []).append(data / "lfw128" / row["path"])
-    return {k: sorted(v) for k, v in sorted(people.items())}
-
-
 def setup_people(root: Path, n: int, tenants: list[str]) -> tuple[Any, dict[tuple[str, str], Path], Any]:
     """Personalize and publish ``n`` people; return (registry, photo per person, base model)."""
     import torch
@@ -96,7 +87,7 @@ def setup_people(root: Path, n: int, tenants: list[str]) -> tuple[Any, dict[tupl
     from pipelines.registry import AdapterRegistry
 
     torch.set_num_threads(1)
-    bench = _lfw_bench(REPO.parent / "shared" / "data")
+    bench = lfw_people(REPO.parent / "shared" / "data" / "lfw128")
     names = [k for k, v in bench.items() if len(v) >= 6][:n]
     registry = AdapterRegistry.from_urls(
         str(root / "store"), f"sqlite:///{root / 'mlflow.db'}", str(root / "index.parquet")
