@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pfstorer.errors import InputError
 from pfstorer.images import from_unit, to_unit
 
-__all__ = ["METHODS", "adain", "color_fix", "wavelet_decompose", "wavelet_lowpass"]
+__all__ = ["METHODS", "color_fix", "wavelet_decompose", "wavelet_lowpass"]
 
 METHODS = ("wavelet", "adain", "none")
 LEVELS = 5  # a-trous levels: dilations 1..16, a receptive radius of 31 px
@@ -57,13 +57,6 @@ def wavelet_decompose(x: torch.Tensor, levels: int = LEVELS) -> tuple[torch.Tens
     """Split ``[B,C,H,W]`` into (high, low) with ``high + low == x`` (up to float rounding)."""
     low = wavelet_lowpass(x, levels)
     return x - low, low
-
-
-def adain(restored: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """Give ``restored`` (``[B,C,H,W]``) the per-channel mean and std of ``source`` (no clamp)."""
-    mr, sr = _moments(restored)
-    ms, ss = _moments(source)
-    return (restored - mr) / (sr + _EPS) * ss + ms
 
 
 def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

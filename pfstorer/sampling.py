@@ -258,6 +258,9 @@ def restore_batch(
         else:
             z[i].copy_(torch.randn(z.shape[1:], generator=gen))
 
+    def z_tiles(chunk: list) -> torch.Tensor:
+        return torch.stack([z[i, :, y : y + th, x : x + tw] for i, (y, x, th, tw) in chunk]).to(model.dtype)
+
     pb = None
     if adapters is not None:
         slot_t = torch.tensor(list(slots) if slots is not None else [0] * b, device=dev)
@@ -271,7 +274,7 @@ def restore_batch(
         t = torch.full((tile_batch,), u.t, device=dev, dtype=torch.long)
 
         def predict(chunk: list) -> torch.Tensor:
-            zc = torch.stack([z[i, :, y : y + th, x : x + tw] for i, (y, x, th, tw) in chunk]).to(model.dtype)
+            zc = z_tiles(chunk)
             lc = torch.stack([lq_tile(i, *tl) for i, tl in chunk])
             rows = None if pb is None else pb.rows(pb.slots[[i for i, _ in chunk]])
             return model.denoise(zc, t[: len(chunk)], lc, rows)
@@ -292,8 +295,7 @@ def restore_batch(
     else:  # decode straight into the output buffer; the colour fix then runs on it in place
 
         def decode(chunk: list) -> torch.Tensor:
-            zc = torch.stack([z[i, :, y : y + th, x : x + tw] for i, (y, x, th, tw) in chunk])
-            return model.from_latent(zc.to(model.dtype))
+            return model.from_latent(z_tiles(chunk))
 
         def put(y0: int, y1: int, rows: torch.Tensor) -> None:
             if y0 < h:
