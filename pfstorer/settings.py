@@ -135,6 +135,42 @@ class ServeSettings(_Section):
     tile_size: int = Field(
         512, ge=64, description="Tile side in output pixels for tiled restoration of large images."
     )
+    tile_batch: int = Field(
+        8, ge=1, description="Tiles per denoiser forward pass (8, as `pfstorer restore`); the tiles "
+        "of every request in a batch share these passes."
+    )
+    max_batch_size: int = Field(
+        1,
+        ge=1,
+        description="Requests a replica restores together (@serve.batch; people may differ, each "
+        "row uses its own adapter). 1: every request alone, bit-identical to `pfstorer restore`; "
+        "above 1 a row may differ from its lone restore by float rounding (a level of 255 at most "
+        "in a few pixels). Must be <= max_ongoing_requests.",
+    )
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, le=10, description="How long a replica waits to fill a batch before running it."
+    )
+    compile: Literal["auto", "off", "default", "reduce-overhead"] = Field(
+        "auto",
+        description="torch.compile the denoiser once per replica: 'reduce-overhead' captures CUDA "
+        "graphs; 'auto' = reduce-overhead on CUDA, off on CPU. Adapter swaps never recompile; each "
+        "new tile-batch shape compiles once (the first requests of a replica are slow).",
+    )
+
+    @model_validator(mode="after")
+    def _check_batching(self) -> ServeSettings:
+        if self.max_batch_size > self.max_ongoing_requests:
+            raise ValueError(
+                f"max_batch_size ({self.max_batch_size}) must be <= max_ongoing_requests "
+                f"({self.max_ongoing_requests}): a replica only sees that many requests at once"
+            )
+        return self
+
+    def compile_mode(self, device: str) -> str | None:
+        """The torch.compile mode for a replica on ``device`` (None: eager)."""
+        if self.compile == "auto":
+            return "reduce-overhead" if device.startswith("cuda") else None
+        return None if self.compile == "off" else self.compile
 
     def deployment_options(self) -> dict[str, Any]:
         """Options for ``Restorer.options(**...)`` in Ray Serve (no Ray import here)."""

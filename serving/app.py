@@ -25,8 +25,10 @@ bad parameter values; 503 + ``Retry-After`` when the model's queue is full.
 
 Outputs are those of ``pfstorer restore`` bit for bit for the same image, adapter, seed, steps,
 scale, colour fix, ``--tile`` = ``serve.tile_size``, device and torch thread count (each replica
-uses ``max(1, floor(its CPUs))`` threads). Requests are never batched across rows because a
-batch of B > 1 is not bit-identical to a single restore (1e-5 differences on CPU).
+uses ``max(1, floor(its CPUs))`` threads) - with the default ``serve.max_batch_size`` of 1. Above
+1, ``@serve.batch`` gathers waiting requests, people mixed, into one ``restore_batch`` call
+(:mod:`serving.batching`); a row of a batch may then differ from its lone restore by float
+rounding (1e-5 before the 8-bit PNG), which is why batching is opt-in.
 
 ``build_app(args)`` is the import path of the Serve config (``serving.app:build_app``); ``args``
 are :class:`pfstorer.settings.Settings` overrides.
@@ -35,6 +37,8 @@ are :class:`pfstorer.settings.Settings` overrides.
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
+import dataclasses
 import logging
 import math
 import os
@@ -60,6 +64,7 @@ from serving.adapters import (
     SlotPool,
 )
 from serving.auth import ApiKeys, extract_key
+from serving.batching import batch_signature, plan_runs
 
 log = logging.getLogger("pfstorer.serving")
 
@@ -139,6 +144,8 @@ class Readiness(BaseModel):
     device: str | None = None
     adapter_slots: int | None = None
     torch_threads: int | None = None
+    max_batch_size: int | None = Field(None, description="Requests restored together (1: alone).")
+    compile: str | None = Field(None, description="torch.compile mode of the denoiser (None: eager).")
     busy: bool = False
 
 
@@ -220,6 +227,48 @@ def _error_response(exc: BaseException) -> JSONResponse:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(eq=False)
+class _Job:
+    """One request waiting in the replica's batch queue."""
+
+    key: str  # "tenant/identity", "" = base only
+    entry: Any  # its adapter index entry (None for base only)
+    image: torch.Tensor  # uint8 [3,H,W]
+    params: dict[str, Any]
+    since: float  # when the request reached the replica
+
+
+class BatchStats:
+    """What the batch queue formed: batches, runs (one ``restore_batch`` call each), rows."""
+
+    def __init__(self) -> None:
+        self.batches = self.runs = self.rows = self.mixed_runs = self.largest_run = 0
+
+    def record(self, keys: list[str], runs: list[list[int]]) -> None:
+        self.batches += 1
+        self.rows += len(keys)
+        self.runs += len(runs)
+        for run in runs:
+            self.largest_run = max(self.largest_run, len(run))
+            self.mixed_runs += len({keys[i] for i in run}) > 1
+
+    def summary(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+def _without_model_id() -> None:
+    """Clear the multiplexed model id of the current (copied) request context.
+
+    ``@serve.batch`` splits a batch by that id (Ray 2.60 ``_split_batch_by_model_id``), which
+    would keep every batch to one person; our jobs carry their person themselves. Private Ray
+    API (ray is pinned): ``test_serving`` checks that batches really mix people.
+    """
+    from ray.serve import context
+
+    current = context._get_serve_request_context()
+    context._serve_request_context.set(dataclasses.replace(current, multiplexed_model_id=""))
+
+
 def _assigned_cpus() -> float:
     try:
         import ray
@@ -235,6 +284,9 @@ class Restorer:
     Call it through a handle with ``.options(multiplexed_model_id="tenant/identity")`` (``""``:
     base only). The ingress resolves identities inside the caller's tenant before calling, so
     this deployment trusts the model id it is given (it is not routed to HTTP).
+
+    Device slots: ``serve.adapter_slots`` for people plus one that stays zero (alpha = 0: the
+    base model exactly), for base-only rows of a batch that also has people.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -250,8 +302,16 @@ class Restorer:
         self.device = "cuda" if want in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
         self.model = load_base(settings.base, weights=settings.base_weights, device=self.device)
         self.fingerprint = self.model.fingerprint  # computed once, here
-        self.slots = AdapterSlots.for_model(self.model, s.adapter_slots)
+        self.compile_mode = s.compile_mode(self.device)
+        if self.compile_mode is not None:  # compiled lazily, once per tile-batch shape
+            self.model.compile_denoiser(mode=self.compile_mode)
+        self.slots = AdapterSlots.for_model(self.model, s.adapter_slots + 1)
+        self.base_slot = s.adapter_slots  # never loaded: always zero
         self.pool = SlotPool(s.adapter_slots)
+        self.batching = s.max_batch_size > 1
+        self.batch_stats = BatchStats()
+        self._restore_batched.set_max_batch_size(s.max_batch_size)
+        self._restore_batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         self.stats = LoadStats()
         self.host = HostAdapterCache(s.host_cache_adapters, self.stats)
         self.registry = AdapterRegistry.from_urls(
@@ -364,22 +424,26 @@ class Restorer:
             return resident
         raise RuntimeError(f"could not keep an adapter slot for {key}")
 
-    def _restore_sync(self, image_u8: torch.Tensor, slot: int | None, p: dict[str, Any]) -> torch.Tensor:
+    def _restore_sync(
+        self, images_u8: list[torch.Tensor], slots: list[int] | None, seeds: list[int], p: dict[str, Any]
+    ) -> torch.Tensor:
+        """Rows of one shape and parameters; row i with device slot ``slots[i]`` (None: all base)."""
         from pfstorer.sampling import restore_batch
 
         # uint8 in, uint8 out, as `pfstorer restore` does: the same bits as the offline CLI
         return restore_batch(
             self.model,
-            image_u8.unsqueeze(0),
-            adapters=self.slots if slot is not None else None,
-            slots=[slot if slot is not None else 0],
-            seeds=[int(p["seed"])],
+            torch.stack(images_u8),
+            adapters=self.slots if slots is not None else None,
+            slots=slots,
+            seeds=seeds,
             scale=float(p["scale"]),
             steps=int(p["steps"]),
             sampler=p["sampler"],
             tile=self.settings.serve.tile_size,
+            tile_batch=self.settings.serve.tile_batch,
             color_fix=p["color_fix"],
-        )[0]
+        )
 
     # -- forgetting (lesson 8) ------------------------------------------------------------------
     def _ensure_sweeper(self) -> None:
@@ -417,38 +481,99 @@ class Restorer:
         self.forgotten["device"] += wiped
         return {"host": host, "device": wiped}
 
+    # -- batches --------------------------------------------------------------------------------
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0)  # sizes set per replica in __init__
+    async def _restore_batched(self, jobs: list[_Job]) -> list[dict[str, Any]]:
+        """Run a batch of requests as few ``restore_batch`` calls as :func:`plan_runs` allows.
+
+        Returns one dict per job (an ``"error"`` entry for a job that failed: its person's
+        adapter could not be loaded, say), so one bad request never fails the others.
+        """
+        keys = [j.key for j in jobs]
+        runs = plan_runs([(batch_signature(j.image.shape, j.params), j.key) for j in jobs], self.pool.size)
+        self.batch_stats.record(keys, runs)
+        results: list[dict[str, Any]] = [{} for _ in jobs]
+        for run in runs:
+            members = [jobs[i] for i in run]
+            try:
+                outs = await self._run(members)
+            except Exception as exc:
+                outs = [{"error": exc}] * len(members)
+            for i, out in zip(run, outs, strict=True):
+                results[i] = out
+        return results
+
+    async def _run(self, jobs: list[_Job]) -> list[dict[str, Any]]:
+        """Rows of one signature with at most ``adapter_slots`` people, in one call, holding
+        the turn from the first slot acquisition to the end (the slots stay pinned)."""
+        entries = {j.key: j.entry for j in jobs if j.key}  # the newest entry of each person
+        failed: dict[str, Exception] = {}
+        async with self.scheduler.turn(jobs[0].key):
+            t1 = time.perf_counter()
+            residents: dict[str, ResidentAdapter] = {}
+            for key, entry in entries.items():
+                try:
+                    residents[key] = await self._acquire(key, entry)
+                except Exception as exc:  # this person's rows fail, the others run
+                    failed[key] = exc
+            if any(r.released for r in residents.values()):
+                raise RuntimeError("an adapter slot was evicted while its batch was being formed")
+            rows = [j for j in jobs if j.key not in failed]
+            images = None
+            if rows:
+                slots = [residents[j.key].slot if j.key else self.base_slot for j in rows]
+                images = await self._torch_call(
+                    self._restore_sync,
+                    [j.image for j in rows],
+                    slots if residents else None,
+                    [int(j.params["seed"]) for j in rows],
+                    rows[0].params,
+                )
+            t2 = time.perf_counter()
+        row = iter(images if images is not None else ())
+        out: list[dict[str, Any]] = []
+        for j in jobs:
+            if j.key in failed:
+                out.append({"error": failed[j.key]})
+                continue
+            out.append({
+                "image": next(row),
+                "adapter": residents[j.key].label if j.key else "none",
+                "queue_s": t1 - j.since,
+                "compute_s": t2 - t1,
+            })  # fmt: skip
+        return out
+
+    async def _in_batch(self, job: _Job) -> dict[str, Any]:
+        """Queue ``job`` for the next batch, outside its multiplexed model id (people mix)."""
+        context = contextvars.copy_context()
+        context.run(_without_model_id)
+        task = asyncio.get_running_loop().create_task(self._restore_batched(job), context=context)
+        return await task
+
     # -- API ------------------------------------------------------------------------------------
     async def restore(self, image_u8: torch.Tensor, params: dict[str, Any]) -> dict[str, Any]:
         """Restore one image (uint8 ``[3,H,W]``) for the person of the multiplexed model id."""
         self._ensure_sweeper()
         self.requests += 1
         key = serve.get_multiplexed_model_id() or ""
-        t0 = time.perf_counter()
-        entry = None
+        job = _Job(key, None, image_u8, params, time.perf_counter())
         if key:
-            entry = await self._io_call(self._entry, key)
+            job.entry = await self._io_call(self._entry, key)
             tf = time.perf_counter()
-            _, source = await self._io_call(self._verified, entry)  # warm host RAM outside the turn
+            _, source = await self._io_call(self._verified, job.entry)  # warm host RAM outside the turn
             if source == "store":
                 self._fetched[key] = (source, (time.perf_counter() - tf) * 1e3)
-        async with self.scheduler.turn(key):
-            t1 = time.perf_counter()
-            slot, label = None, "none"
-            if key:
-                resident = await self._acquire(key, entry)
-                slot, label = resident.slot, resident.label
-            out = await self._torch_call(self._restore_sync, image_u8, slot, params)
-            t2 = time.perf_counter()
+        if self.batching:
+            result = await self._in_batch(job)
+        else:
+            (result,) = await self._run([job])
+        if "error" in result:
+            raise result["error"]
         from pfstorer.images import encode_png
 
-        png = await self._io_call(encode_png, out)
-        return {
-            "png": png,
-            "adapter": label,
-            "base": self.fingerprint,
-            "queue_s": t1 - t0,
-            "compute_s": t2 - t1,
-        }
+        png = await self._io_call(encode_png, result.pop("image"))
+        return {"png": png, "base": self.fingerprint, **result}
 
     async def ready(self) -> dict[str, Any]:
         """Model loaded (the constructor ran) and the adapter index readable."""
@@ -464,8 +589,10 @@ class Restorer:
             "base": self.fingerprint,
             "preset": self.model.config.name,
             "device": self.device,
-            "adapter_slots": self.slots.slots,
+            "adapter_slots": self.pool.size,
             "torch_threads": self.threads,
+            "max_batch_size": self.settings.serve.max_batch_size,
+            "compile": self.compile_mode,
         }
 
     async def get_stats(self) -> dict[str, Any]:
@@ -479,6 +606,7 @@ class Restorer:
             "host_cached": len(self.host),
             "host_cached_bytes": self.host.nbytes,
             "scheduler": {"granted": self.scheduler.granted, "reordered": self.scheduler.reordered},
+            "batches": self.batch_stats.summary(),
             "forgotten": dict(self.forgotten),
             "torch_threads": self.threads,
         }

@@ -205,6 +205,38 @@ def test_affinity_scheduler_no_starvation() -> None:
     assert order.index("t/cold") <= 3  # passed over at most max_skips times
 
 
+def test_plan_runs_pins_at_most_slots_people_per_run() -> None:
+    from serving.batching import batch_signature, plan_runs
+
+    a = batch_signature((3, 128, 128), {"scale": 1, "steps": 2, "sampler": "ddim", "color_fix": "wavelet"})
+    b = batch_signature((3, 128, 96), {"scale": 1, "steps": 2, "sampler": "ddim", "color_fix": "wavelet"})
+    c = batch_signature((3, 128, 128), {"scale": 1, "steps": 3, "sampler": "ddim", "color_fix": "wavelet"})
+    assert a != b and a != c  # size and steps shape the computation; seeds and people do not
+    items = [(a, "t/p"), (a, "t/q"), (a, ""), (b, "t/p"), (a, "t/r"), (a, "t/p"), (a, "u/s"), (a, "t/q"), (c, "")]
+    runs = plan_runs(items, max_people=2)
+    # p, q and the base row share a run; r does not fit (two people already), so it opens the
+    # next run, which s joins; later p and q go back to the first run; other sizes/steps run apart
+    assert runs == [[0, 1, 2, 5, 7], [3], [4, 6], [8]]
+    for run in runs:
+        assert len({items[i][0] for i in run}) == 1
+        assert len({items[i][1] for i in run} - {""}) <= 2
+    assert sorted(i for run in runs for i in run) == list(range(len(items)))  # nobody lost
+    assert plan_runs([(a, "t/p"), (a, "t/q")], max_people=1) == [[0], [1]]
+    with pytest.raises(ValueError):
+        plan_runs(items, max_people=0)
+
+
+def test_batching_settings() -> None:
+    from pfstorer.settings import ServeSettings
+
+    with pytest.raises(ValueError, match="max_batch_size"):
+        ServeSettings(max_batch_size=8, max_ongoing_requests=4)
+    s = ServeSettings(max_batch_size=4, max_ongoing_requests=4)
+    assert s.compile_mode("cuda") == "reduce-overhead" and s.compile_mode("cpu") is None
+    assert ServeSettings(compile="off").compile_mode("cuda") is None
+    assert ServeSettings(compile="default").compile_mode("cpu") == "default"
+
+
 def test_not_found_message_is_constant() -> None:
     assert str(AdapterNotFound("acme/bob")) == str(AdapterNotFound()) == NOT_FOUND_MESSAGE
     assert AdapterNotFound().status == 404
@@ -270,6 +302,7 @@ class Stack:
     def __init__(self) -> None:
         self.url = ""
         self.app_name = ""
+        self.batched_app = ""  # the same people behind a replica that batches across requests
         self.keys: dict[str, str] = {}  # tenant -> key
         self.people: dict[str, list[str]] = {}  # tenant -> identities
         self.photo: dict[tuple[str, str], Path] = {}
@@ -298,10 +331,10 @@ class Stack:
             self._refs[k] = encode_png(out)
         return self._refs[k]
 
-    def restore_handle(self) -> Any:
+    def restore_handle(self, app: str | None = None) -> Any:
         from ray import serve
 
-        return serve.get_deployment_handle("Restorer", app_name=self.app_name)
+        return serve.get_deployment_handle("Restorer", app_name=app or self.app_name)
 
 
 def _post(client: Any, stack: Stack, tenant: str | None, photo: Path | bytes, **fields: Any) -> Any:
@@ -369,51 +402,59 @@ def stack(ray_session, mlflow_local, lfw_bench, tmp_path_factory) -> Any:
         "tenants:\n" + "".join(f"  {t}:\n    - {hash_key(k)}\n" for t, k in s.keys.items())
     )
     port = free_port()
-    s.app_name = unique_name("pfstorer")
+    s.app_name, s.batched_app = unique_name("pfstorer"), unique_name("batched")
     s.url = f"http://127.0.0.1:{port}"
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app(
-        {
-            "base": "tiny",
-            "device": "cpu",
-            "state_dir": str(root / "state"),
-            "index_url": str(root / "index.parquet"),
-            "store_url": str(root / "store"),
-            "serve": {
-                "api_keys_file": str(keys_file),
-                "adapter_slots": 2,  # fewer than one tenant's 3 people: cycling evicts
-                "host_cache_adapters": 16,
-                "max_ongoing_requests": 2,
-                "max_queued_requests": 2,
-                "num_cpus": 0.5,
-                "tile_size": TILE,
-                "default_steps": STEPS,
-                "max_upload_bytes": 300_000,
-                "max_pixels": 512 * 512,
-            },
-        }
-    )
+
+    def app(**serve_overrides: Any) -> Any:
+        return build_app(
+            {
+                "base": "tiny",
+                "device": "cpu",
+                "state_dir": str(root / "state"),
+                "index_url": str(root / "index.parquet"),
+                "store_url": str(root / "store"),
+                "serve": {
+                    "api_keys_file": str(keys_file),
+                    "adapter_slots": 2,  # fewer than one tenant's 3 people: cycling evicts
+                    "host_cache_adapters": 16,
+                    "max_ongoing_requests": 2,
+                    "max_queued_requests": 2,
+                    "num_cpus": 0.5,
+                    "tile_size": TILE,
+                    "default_steps": STEPS,
+                    "max_upload_bytes": 300_000,
+                    "max_pixels": 512 * 512,
+                    **serve_overrides,
+                },
+            }
+        )
+
     t1 = time.perf_counter()
-    serve.run(app, name=s.app_name, route_prefix="/", blocking=False)
+    serve.run(app(), name=s.app_name, route_prefix="/", blocking=False)
+    serve.run(app(max_batch_size=4, max_ongoing_requests=8, max_queued_requests=8, batch_wait_timeout_s=1.0),
+              name=s.batched_app, route_prefix="/batched", blocking=False)  # fmt: skip
     with httpx.Client(base_url=s.url, timeout=60) as client:
         deadline = time.monotonic() + 180
-        while True:
-            try:
-                r = client.get("/readyz")
-                if r.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the app did not become ready"
-            time.sleep(0.5)
-    print(f"[serving] app ready in {time.perf_counter() - t1:.1f}s: {r.json()}")
+        for path in ("/readyz", "/batched/readyz"):
+            while True:
+                try:
+                    r = client.get(path)
+                    if r.status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, f"the app did not become ready ({path})"
+                time.sleep(0.5)
+    print(f"[serving] apps ready in {time.perf_counter() - t1:.1f}s: {r.json()}")
     try:
         yield s
     finally:
         if s.cli is not None and s.cli.poll() is None:
             s.cli.kill()
-        with contextlib.suppress(Exception):
-            serve.delete(s.app_name)
+        for name in (s.app_name, s.batched_app):
+            with contextlib.suppress(Exception):
+                serve.delete(name)
         with contextlib.suppress(Exception):
             serve.shutdown()
 
@@ -562,6 +603,45 @@ def test_more_people_than_slots_cycled(stack: Stack, client: Any) -> None:
     assert loads >= 3  # cycling 3 people over 2 slots evicts every time ...
     assert counts.get("store_read", 0) == before.get("store_read", 0)  # ... but reloads come from RAM
     assert stats["resident"] <= 2 and stats["free_slots"] == 2 - stats["resident"]
+
+
+@pytest.mark.integration
+def test_batches_mix_people_and_match_lone_restores(stack: Stack, client: Any) -> None:
+    from pfstorer.images import load_image
+
+    tenant_a, tenant_b = list(stack.people)
+    jobs = [(tenant_a, stack.people[tenant_a][0]), (tenant_a, stack.people[tenant_a][1]),
+            (tenant_a, None), (tenant_b, stack.people[tenant_b][0])]  # fmt: skip
+    photo = {job: stack.photo[(job[0], job[1] or stack.people[tenant_a][2])] for job in jobs}
+    handle = stack.restore_handle(stack.batched_app)
+    before = handle.get_stats.remote().result()["batches"]
+
+    def one(job: tuple[str, str | None]) -> Any:
+        tenant, name = job
+        form = {"identity": name} if name else {}
+        r = client.post("/batched/v1/restore", headers=stack.headers(tenant), data={**form, "seed": "400"},
+                        files={"image": ("p.jpg", photo[job].read_bytes())})  # fmt: skip
+        return job, r
+
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(one, jobs))
+    assert [r.status_code for _, r in results] == [200] * 4, [r.text for _, r in results]
+    after = handle.get_stats.remote().result()["batches"]
+    assert after["rows"] - before["rows"] == 4
+    # one batch mixed people: 3 people over 2 device slots need 2 runs, and no more than 4
+    assert after["mixed_runs"] > before["mixed_runs"] and after["largest_run"] >= 2, (before, after)
+    for (tenant, name), r in results:
+        assert r.headers["X-PFStorer-Adapter"] == (stack.labels[(tenant, name)] if name else "none")
+        got = load_image(r.content).mul(255).round()
+        ref = load_image(stack.reference(tenant, name, photo[(tenant, name)], 400)).mul(255).round()
+        diff = (got - ref).abs()
+        # a row of a batch differs from its lone restore by float rounding only
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, (name, diff.max(), (diff > 0).float().mean())
+    # ... while another person's adapter on the same photo is far more than rounding away
+    (ta, pa), (_, pb) = jobs[0], jobs[1]
+    other = load_image(stack.reference(ta, pb, photo[(ta, pa)], 400)).mul(255).round()
+    mine = load_image(stack.reference(ta, pa, photo[(ta, pa)], 400)).mul(255).round()
+    assert (other - mine).abs().max() > 2
 
 
 @pytest.mark.integration

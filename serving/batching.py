@@ -1,0 +1,58 @@
+"""Cross-request batches on a serving replica: which waiting requests can run as one batch.
+
+``@serve.batch`` hands the ``Restorer`` up to ``serve.max_batch_size`` requests at once. They
+can share one ``restore_batch`` call (one forward pass per tile batch, each row with its own
+person's adapter and seed) when they agree on everything that shapes the computation: image
+size, scale, steps, sampler and colour fix (:func:`batch_signature`). A run also needs every one
+of its people in a device slot at the same time, so it holds at most ``adapter_slots`` distinct
+people (base-only rows use a reserved zero slot and count for none).
+
+:func:`plan_runs` splits a batch into such runs, first fit in arrival order, so that requests of
+the same person land in the same run. Acquiring a run's people one after another through the
+multiplexed LRU cannot evict one of them for another: each is more recently used than every
+adapter outside the run, and the run has no more people than there are slots. That, and holding
+the replica's one turn from the first acquisition to the end of the run, is what pins the slots.
+
+Pure functions, no Ray: unit-tested alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+__all__ = ["batch_signature", "plan_runs"]
+
+
+def batch_signature(shape: Sequence[int], params: Mapping[str, Any]) -> tuple[Hashable, ...]:
+    """What two requests must share to run in one ``restore_batch`` call (seeds and people may differ)."""
+    return (
+        tuple(int(s) for s in shape[-2:]),
+        float(params["scale"]),
+        int(params["steps"]),
+        str(params["sampler"]),
+        str(params["color_fix"]),
+    )
+
+
+def plan_runs(items: Sequence[tuple[Hashable, str]], max_people: int) -> list[list[int]]:
+    """Split a batch of ``(signature, person_key)`` items into runs of item indices.
+
+    Items of one run share a signature and name at most ``max_people`` distinct non-empty person
+    keys (``""`` is the base model alone). Runs come in the order of their first item; items keep
+    their arrival order inside a run; an item joins the first open run of its signature that
+    already holds its person or still has room for one more.
+    """
+    if max_people < 1:
+        raise ValueError("max_people must be >= 1")
+    runs: list[tuple[Hashable, set[str], list[int]]] = []
+    for i, (sig, key) in enumerate(items):
+        for run_sig, people, members in runs:
+            if run_sig == sig and (not key or key in people or len(people) < max_people):
+                if key:
+                    people.add(key)
+                members.append(i)
+                break
+        else:
+            runs.append((sig, {key} if key else set(), [i]))
+    return [members for _, _, members in runs]
