@@ -1,8 +1,11 @@
 """Issue 8 benchmark: packed personalization, eager vs compiled restore, mixed-identity batches, swaps.
 
-GPU (the numbers that matter):  python benchmarks/bench_perf.py --base sd21 --device cuda --dtype bfloat16
+GPU (the numbers that matter):
+    python benchmarks/bench_perf.py --base sd21 --device cuda --dtype bfloat16 --compile-mode reduce-overhead
+    python benchmarks/bench_perf.py --base sd21 --device cuda --autocast-bf16 --gradient-checkpointing
 CPU smoke (CI-sized):           python benchmarks/bench_perf.py --base tiny --device cpu --quick
-Writes benchmarks/results/perf_<device>.json + .md; prints the table.
+Writes benchmarks/results/perf_<gpu|cpu>_<base>[_bf16][_ckpt].json + .md (naming the card and the
+command); prints the table. Peak memory (``peak_gib``) is measured on CUDA only.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, device_name, markdown_table, write_results  # noqa: E402
 
 from pfstorer.adapter import Adapter  # noqa: E402
+from pfstorer.config import TrainingSpeed  # noqa: E402
 from pfstorer.model import load_base  # noqa: E402
 from pfstorer.personalization import AdapterSlots  # noqa: E402
 from pfstorer.sampling import restore_batch  # noqa: E402
@@ -35,11 +39,21 @@ def fake_refs(n: int, size: int, seed: int) -> list[torch.Tensor]:
     return [torch.rand((3, size, size), generator=g) for _ in range(n)]
 
 
-def bench_personalization(model, device: str, packs: list[int], steps: int, full_steps: int) -> list[dict]:
+def peak_gib(device: str) -> float | str:
+    """Peak device memory since the last reset (CUDA only)."""
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else ""
+
+
+def bench_personalization(model, device: str, packs: list[int], steps: int, full_steps: int,
+                          speed: TrainingSpeed) -> list[dict]:
     rows = []
     size = model.config.sample_size
+    label = "".join([", bf16 autocast" if speed.autocast_bf16 else "",
+                     ", checkpointing" if speed.gradient_checkpointing else ""])
     for k in packs:
-        trainer = PackedTrainer(model, PersonalizeConfig(steps=steps + 1, lambda_pers=5e-4), capacity=k)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        trainer = PackedTrainer(model, PersonalizeConfig(steps=steps + 1, lambda_pers=5e-4), capacity=k, speed=speed)
         for i in range(k):
             trainer.add(PersonalizeJob(f"p{i}", fake_refs(3, size, i), seed=i))
         trainer.step()  # warm-up (allocations, kernels)
@@ -50,8 +64,9 @@ def bench_personalization(model, device: str, packs: list[int], steps: int, full
         sync(device)
         per_step = (time.perf_counter() - t0) / max(1, steps - 1)
         per_id = per_step * full_steps / k
-        rows.append({"work": f"personalize packed K={k}", "s_per_step": per_step,
-                     "s_per_identity_at_500": per_id, "identities_per_hour": 3600 / per_id})
+        rows.append({"work": f"personalize packed K={k}{label}", "s_per_step": per_step,
+                     "s_per_identity_at_500": per_id, "identities_per_hour": 3600 / per_id,
+                     "peak_gib": peak_gib(device)})
     return rows
 
 
@@ -116,22 +131,27 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quick", action="store_true", help="CI-sized: small packs, few steps")
     p.add_argument("--compile-mode", default=None, help="reduce-overhead (CUDA graphs) or default; none = skip")
+    p.add_argument("--autocast-bf16", action="store_true", help="personalization under bf16 autocast")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="personalization with checkpointing")
     args = p.parse_args()
+    speed = TrainingSpeed(autocast_bf16=args.autocast_bf16, gradient_checkpointing=args.gradient_checkpointing)
     dtype = getattr(torch, args.dtype)
     model = load_base(args.base, device=args.device, dtype=dtype, random_weights=args.base == "sd21")
     packs = [1, 2, 4] if args.quick else [1, 4, 8, 16]
     batches = [2, 4] if args.quick else [8, 32]
     steps = 3 if args.quick else 10
-    rows = bench_personalization(model, args.device, packs, steps, full_steps=500)
+    rows = bench_personalization(model, args.device, packs, steps, full_steps=500, speed=speed)
     rows += bench_restore(model, args.device, 5 if args.quick else 50, batches, args.compile_mode)
     rows += bench_swap(model)
     for r in rows:
-        for key in ("s_per_step", "s_per_identity_at_500", "identities_per_hour", "s_per_call", "images_per_s", "first_call_s"):
+        for key in ("s_per_step", "s_per_identity_at_500", "identities_per_hour", "peak_gib", "s_per_call",
+                    "images_per_s", "first_call_s"):
             r.setdefault(key, "")
     payload = {"device": device_name(args.device), "base": args.base, "dtype": args.dtype,
                "command": command_line(), "rows": rows}
     table = markdown_table(rows)
-    stem = f"perf_{'gpu' if args.device.startswith('cuda') else 'cpu'}_{args.base}"
+    flags = "".join(["_bf16" if args.autocast_bf16 else "", "_ckpt" if args.gradient_checkpointing else ""])
+    stem = f"perf_{'gpu' if args.device.startswith('cuda') else 'cpu'}_{args.base}{flags}"
     write_results(stem, payload, table)
     print(table)
 

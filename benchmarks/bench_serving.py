@@ -50,16 +50,7 @@ for _k, _v in {
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _common import lfw_people  # noqa: E402
-RESULTS = REPO / "benchmarks" / "results"
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+from _common import RESULTS, cpu_model, lfw_people  # noqa: E402
 
 
 def _free_port() -> int:
@@ -106,7 +97,6 @@ def setup_people(root: Path, n: int, tenants: list[str]) -> tuple[Any, dict[tupl
 def microbench_loads(registry: Any, model: Any, repeats: int) -> dict[str, Any]:
     """Cold (store -> verified -> slot) vs warm (host RAM -> slot) adapter loads, in process."""
     from pfstorer.personalization import AdapterSlots
-    from pipelines.batch_restore import load_verified_adapter
     from serving.adapters import HostAdapterCache
 
     entries = registry.index.list()
@@ -117,7 +107,7 @@ def microbench_loads(registry: Any, model: Any, repeats: int) -> dict[str, Any]:
         cache = HostAdapterCache(len(entries))
         for e in entries:
             t = time.perf_counter()
-            a, src = cache.get(e.sha256, e.key, lambda e=e: load_verified_adapter(registry, e, model))
+            a, src = cache.get(e.sha256, e.key, lambda e=e: registry.load_adapter(e, model))
             slots.load(0, a.tensors)
             cold.append((time.perf_counter() - t) * 1e3)
             assert src == "store"
@@ -186,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-ongoing", type=int, default=4)
     ap.add_argument("--max-queued", type=int, default=16)
     ap.add_argument("--replica-cpus", type=float, default=1.0)
+    ap.add_argument("--max-batch", type=int, default=1,
+                    help="serve.max_batch_size: requests restored together, people mixed (1: alone)")
+    ap.add_argument("--batch-wait", type=float, default=0.01, help="serve.batch_wait_timeout_s")
     ap.add_argument("--max-seconds", type=float, default=180.0, help="stop sending after this long")
     ap.add_argument("--micro-repeats", type=int, default=5)
     ap.add_argument("--out", default=str(RESULTS / "serving_cpu"), help="results path without extension")
@@ -225,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             "max_queued_requests": args.max_queued,
             "num_cpus": args.replica_cpus,
             "default_steps": args.steps,
+            "max_batch_size": args.max_batch,
+            "batch_wait_timeout_s": args.batch_wait,
         }
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -267,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "serving_cpu",
         "command": command,
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "note": "2-core VM shared with other engineers' jobs: absolute numbers are noisy",
             "load_average_before": [round(x, 2) for x in load_before],
@@ -281,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             "concurrency": args.concurrency, "people": len(photos), "tenants": len(tenants),
             "adapter_slots": args.slots, "base_only_every": args.base_every,
             "max_ongoing_requests": args.max_ongoing, "max_queued_requests": args.max_queued,
+            "max_batch_size": args.max_batch, "batch_wait_timeout_s": args.batch_wait,
             "replicas": 1, "replica_cpus": args.replica_cpus, "torch_threads": ready.get("torch_threads"),
             "max_seconds": args.max_seconds,
         },
@@ -306,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             "store_read_ms": adapters.get("store_read_ms"),
             "host_hit_ms": adapters.get("host_hit_ms"),
             "scheduler": stats.get("scheduler"),
+            "batches": stats.get("batches"),
         },
         "in_process_adapter_loads": micro,
         "total_s": round(time.perf_counter() - t_all, 1),
@@ -321,6 +318,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _ms(d: dict[str, Any] | None, key: str = "p50") -> str:
     return "-" if not d else f"{d[key]:.2f}"
+
+
+def _batches(b: dict[str, int] | None) -> str:
+    if not b or not b.get("batches"):
+        return "- (each request alone)"
+    return " / ".join(str(b[k]) for k in ("batches", "runs", "rows", "mixed_runs", "largest_run"))
 
 
 def _markdown(r: dict[str, Any]) -> str:
@@ -360,6 +363,8 @@ def _markdown(r: dict[str, Any]) -> str:
         f"| in-process: cold p50 / p95 ({mic['cold_store_ms']['n']} loads, {mic['adapter_bytes']} B adapters) | "
         f"{mic['cold_store_ms']['p50']:.2f} / {mic['cold_store_ms']['p95']:.2f} ms |",
         f"| in-process: warm p50 / p95 | {mic['warm_host_ms']['p50']:.3f} / {mic['warm_host_ms']['p95']:.3f} ms |",
+        f"| batches (max_batch_size {c['max_batch_size']}): batches / runs / rows / runs mixing people / largest run | "
+        f"{_batches(rep.get('batches'))} |",
         f"| scheduler turns / reordered by identity | {rep['scheduler']['granted']} / {rep['scheduler']['reordered']} |",
         f"| set-up (personalize + publish) / deploy | {r['setup_s']} s / {r['deploy_s']} s |",
         "",

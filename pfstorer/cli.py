@@ -37,7 +37,8 @@ def _load_base(args: argparse.Namespace):
 
 def cmd_personalize(args: argparse.Namespace) -> int:
     from .images import list_images, load_image
-    from .training import PersonalizeConfig, personalize
+    from .config import TrainingSpeed
+    from .training import PersonalizeConfig, PersonalizeJob, personalize_many
 
     paths = list_images(args.refs)
     config = PersonalizeConfig(steps=args.steps, seed=args.seed, lr=args.lr, lambda_gen=args.lambda_gen,
@@ -48,8 +49,9 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     check_references(refs, config)
     model = _load_base(args)
     identity = args.identity or Path(os.path.commonpath([os.path.abspath(p) for p in paths])).name or "person"
-    adapter = personalize(model, refs, identity=identity, config=config, tenant=args.tenant,
-                          reference_names=[Path(p).name for p in paths], progress=not args.quiet)
+    job = PersonalizeJob(identity, refs, config.seed, args.tenant, [Path(p).name for p in paths])
+    speed = TrainingSpeed(autocast_bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing)
+    (adapter,) = personalize_many(model, [job], config=config, capacity=1, speed=speed, progress=not args.quiet)
     out = adapter.save(args.out)
     losses = ", ".join(f"{k}={v:.4g}" for k, v in adapter.metadata.final_losses.items())
     print(f"adapter for {identity!r} ({len(refs)} references, {adapter.metadata.steps} steps) -> {out}")
@@ -126,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the adapter")
     p.add_argument("--lambda-gen", type=float, default=0.1, help="weight of the generative regulariser (paper: 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (same seed, same adapter)")
+    p.add_argument("--bf16", action="store_true", help="run the frozen base under bf16 autocast (GPU)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute UNet blocks in backward: less memory, slower")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_personalize)
 

@@ -29,3 +29,21 @@ class PersonalizeConfig(BaseModel):
         if self.min_refs > self.max_refs:
             raise ValueError(f"min_refs ({self.min_refs}) must be <= max_refs ({self.max_refs})")
         return self
+
+
+class TrainingSpeed(BaseModel):
+    """How personalization uses the hardware, not what it learns: kept out of job keys.
+
+    bf16 autocast changes float rounding only (the frozen base's matmuls and convolutions run in
+    bfloat16; adapters, optimizer state and losses stay float32); checkpointing changes nothing
+    but memory and time.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    autocast_bf16: bool = Field(
+        False, description="run the frozen base under bf16 autocast (GPUs with bf16: A100, H100)"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute UNet blocks in backward: less memory for large packs, ~30% slower"
+    )

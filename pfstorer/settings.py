@@ -38,7 +38,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from .config import PersonalizeConfig
+from .config import PersonalizeConfig, TrainingSpeed
 
 __all__ = [
     "AutoscalingSettings",
@@ -277,6 +277,10 @@ class Settings(BaseSettings):
     )
     personalize: PersonalizeConfig = Field(
         default_factory=PersonalizeConfig, description="Personalization of one identity."
+    )
+    train_speed: TrainingSpeed = Field(
+        default_factory=TrainingSpeed,
+        description="bf16 autocast and gradient checkpointing of personalization (not in job keys).",
     )
     serve: ServeSettings = Field(default_factory=ServeSettings, description="Serving.")
     limits: LimitsSettings = Field(default_factory=LimitsSettings, description="Input limits.")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from .adapter import Adapter, AdapterMetadata
-from .config import PersonalizeConfig
+from .config import PersonalizeConfig, TrainingSpeed
 from .errors import ReferenceCountError
 from .model import RestorationModel, timestep_grid
 from .personalization import AdapterWeights, PBRun, block_specs, pers_loss, pool_reference
@@ -112,12 +112,23 @@ class _Slot:
 
 
 class PackedTrainer:
-    """Trains up to ``capacity`` identities at once on one frozen base (capacity 1 = solo)."""
+    """Trains up to ``capacity`` identities at once on one frozen base (capacity 1 = solo).
 
-    def __init__(self, model: RestorationModel, config: PersonalizeConfig = PersonalizeConfig(), capacity: int = 1) -> None:
-        self.model = model.freeze()
+    ``speed`` (bf16 autocast, gradient checkpointing) changes how the hardware is used, not
+    the method: see :class:`~pfstorer.config.TrainingSpeed`.
+    """
+
+    def __init__(
+        self,
+        model: RestorationModel,
+        config: PersonalizeConfig = PersonalizeConfig(),
+        capacity: int = 1,
+        speed: TrainingSpeed = TrainingSpeed(),
+    ) -> None:
+        self.model = model.freeze().gradient_checkpointing(speed.gradient_checkpointing)
         self.config = config
         self.capacity = capacity
+        self.speed = speed
         self.weights = AdapterWeights(block_specs(model), model.config.cross_attention_dim, capacity).to(model.device, model.dtype)
         if not config.learn_alpha:
             for a in self.weights.alpha:
@@ -230,7 +241,8 @@ class PackedTrainer:
         maps: list = []
         pb = PBRun(self.weights, torch.tensor(slots, device=dev), m.prompt, m.config.adapter.ref_pool,
                    n_main=n_main, ref_rows=torch.tensor(ref_rows, device=dev) + n_main, maps=maps)
-        eps = m.denoise(x, t, lq, pb)[:n_main]
+        with torch.autocast(dev.type, torch.bfloat16, enabled=self.speed.autocast_bf16):
+            eps = m.denoise(x, t, lq, pb)[:n_main]
         per_row_pers = pers_loss(maps) if c.lambda_pers > 0 else torch.zeros(n_main, device=dev)
         total = torch.zeros((), device=dev)
         nk = len(active)
@@ -370,10 +382,11 @@ def personalize_many(
     *,
     config: PersonalizeConfig = PersonalizeConfig(),
     capacity: int = 4,
+    speed: TrainingSpeed = TrainingSpeed(),
     progress: bool = False,
 ) -> list[Adapter]:
     """Train several identities packed ``capacity`` at a time; adapters in the order of ``jobs``."""
-    trainer = PackedTrainer(model, config, capacity=max(1, min(capacity, len(jobs))))
+    trainer = PackedTrainer(model, config, capacity=max(1, min(capacity, len(jobs))), speed=speed)
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -603,6 +603,7 @@ def _train(
             "base_fingerprint": plan.base_fingerprint,
             "config": plan.config.model_dump(mode="json"),
             "pack": pack,
+            "train_speed": s.train_speed.model_dump(),
             "store_url": s.store_url,
             "storage_options": _opts(s),
             "limits": limits_from_settings(s.limits),

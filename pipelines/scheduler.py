@@ -514,7 +514,8 @@ class _Worker:
 
         from pfstorer.images import ImageLimits
         from pfstorer.model import load_base
-        from pfstorer.training import PackedTrainer, PersonalizeConfig
+        from pfstorer.config import TrainingSpeed
+        from pfstorer.training import PersonalizeConfig
         from pipelines.registry import ArtifactStore
 
         self.ray, self.train = ray, ray.train
@@ -549,8 +550,8 @@ class _Worker:
         self.load_s = time.perf_counter() - t0
         self.pconfig = PersonalizeConfig(**cfg["config"])
         self.pack = max(1, int(cfg.get("pack", 1)))
-        self._PackedTrainer = PackedTrainer
-        self.packed = PackedTrainer(self.model, self.pconfig, capacity=self.pack)
+        self.speed = TrainingSpeed(**cfg.get("train_speed", {}))
+        self.packed = self._trainer(self.pack)
         self.dry = bool(cfg.get("dry_train"))
         self.store = ArtifactStore(cfg["store_url"], cfg.get("storage_options"))
         self.storage_options = cfg.get("storage_options")
@@ -617,6 +618,11 @@ class _Worker:
         )
         return Adapter(tensors, meta)
 
+    def _trainer(self, capacity: int) -> Any:
+        from pfstorer.training import PackedTrainer
+
+        return PackedTrainer(self.model, self.pconfig, capacity=capacity, speed=self.speed)
+
     def _start(self, job: dict[str, Any]) -> None:
         job["_started"] = time.time()
         try:
@@ -624,7 +630,7 @@ class _Worker:
             if self.dry:
                 self._finish(self._dry_adapter(job, pj), job)
             elif job.get("solo"):
-                solo = self._PackedTrainer(self.model, self.pconfig, capacity=1)
+                solo = self._trainer(1)
                 for adapter in solo.run([pj]):
                     self._finish(adapter, job)
             else:
@@ -639,7 +645,7 @@ class _Worker:
         except Exception as exc:  # which person broke the batch is unknown: retry each alone
             jobs = list(self.inflight.values())
             self.inflight.clear()
-            self.packed = self._PackedTrainer(self.model, self.pconfig, capacity=self.pack)
+            self.packed = self._trainer(self.pack)
             for job in jobs:
                 self._fail(job, exc, solo=True)
             return
@@ -696,7 +702,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the personalization ``TorchTrainer`` (see module docstring).
 
     ``cfg``: ``queue`` (the :class:`JobQueue` actor), ``base``, ``base_weights``,
-    ``base_fingerprint``, ``config`` (PersonalizeConfig fields), ``pack``, ``store_url``,
+    ``base_fingerprint``, ``config`` (PersonalizeConfig fields), ``pack``, ``train_speed``
+    (TrainingSpeed fields), ``store_url``,
     ``storage_options``, ``limits`` (ImageLimits fields), ``use_gpu``, ``dry_train``.
     """
     try:

@@ -226,6 +226,9 @@ def test_rayservice_app_args_are_settings_overrides() -> None:
     (app,) = serve_config()["applications"]
     s = Settings.load(**app.get("args", {}))
     assert s.index_url.startswith("s3://")
+    # a replica only ever sees max_ongoing_requests at once: batches could never fill otherwise
+    (dep,) = [d for d in app["deployments"] if d["name"] == "Restorer"]
+    assert dep["max_ongoing_requests"] == s.serve.max_ongoing_requests >= s.serve.max_batch_size > 1
 
 
 def test_rayservice_serve_config_matches_ray_schema() -> None:
