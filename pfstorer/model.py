@@ -219,12 +219,18 @@ class RestorationModel(nn.Module):
         impl = self._compiled if self._compiled is not None else self._denoise
         return impl(z_t, t, lq, pb)
 
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
     def compile_denoiser(self, *, backend: str = "inductor", mode: str | None = None) -> RestorationModel:
         """Compile the whole denoiser (LQ encoder, UNet, SFT and personalization hooks) once.
 
         ``mode="reduce-overhead"`` captures CUDA graphs. Adapters live in fixed buffers
         (:class:`~pfstorer.personalization.AdapterSlots`) and rows pick theirs by index, so swapping
-        or mixing identities is an in-place copy that never triggers a recompilation.
+        or mixing identities is an in-place copy that never triggers a recompilation. Tiled
+        restores pad every tile batch to ``tile_batch`` rows when compiled, so one graph serves
+        each tile shape (photos smaller than a tile compile once per size).
         """
         self._compiled = torch.compile(self._denoise, backend=backend, mode=mode, dynamic=False)
         return self

@@ -274,10 +274,13 @@ def restore_batch(
         t = torch.full((tile_batch,), u.t, device=dev, dtype=torch.long)
 
         def predict(chunk: list) -> torch.Tensor:
+            n = len(chunk)
+            if model.compiled:  # every call the same batch size: one graph (CUDA graph) per tile shape
+                chunk = chunk + chunk[-1:] * (tile_batch - n)
             zc = z_tiles(chunk)
             lc = torch.stack([lq_tile(i, *tl) for i, tl in chunk])
             rows = None if pb is None else pb.rows(pb.slots[[i for i, _ in chunk]])
-            return model.denoise(zc, t[: len(chunk)], lc, rows)
+            return model.denoise(zc, t[: len(chunk)], lc, rows)[:n]
 
         def step(y0: int, y1: int, eps: torch.Tensor, u: Update = u, k: int = k) -> None:
             band = z[:, :, y0:y1]

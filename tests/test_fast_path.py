@@ -89,3 +89,18 @@ def test_bf16_autocast_runs_the_base_in_bf16_and_keeps_adapters_fp32(lfw_bench):
         alpha = max(float((b.tensors[k] - v).abs().max()) for k, v in a.tensors.items() if k.endswith("alpha"))
         rel = max(float((b.tensors[k] - v).norm() / v.norm()) for k, v in a.tensors.items() if not k.endswith("alpha"))
         assert 0 < rel < 5e-2 and alpha <= 2 * 2 * 1e-3, (rel, alpha)
+
+
+def test_compiled_restore_pads_tile_batches_to_one_graph(lfw_bench):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = load_base("tiny")
+    compiled = load_base("tiny").compile_denoiser(backend="eager")
+    img = load_image(lfw_bench[next(iter(lfw_bench))][5]).unsqueeze(0)  # 128 px: 3 x 3 tiles of 64
+    kw = dict(steps=2, color_fix="none", seeds=[3], tile=64, tile_batch=2)  # rows of 3 tiles: batches of 2, 1
+    ours = restore_batch(compiled, img, **kw)
+    assert counters["stats"]["unique_graphs"] == 1  # the batches of 1 were padded to 2: no second graph
+    torch.testing.assert_close(ours, restore_batch(eager, img, **kw), rtol=0, atol=1e-5)
