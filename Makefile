@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE=1
 export AWS_EC2_METADATA_DISABLED=true
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: install test test-fast demo bench clean help
+.PHONY: install test test-fast demo bench gpu-wheels clean help
 
 help:            ## list the targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*## /\t/'
@@ -43,6 +43,16 @@ demo: install    ## run the main job end to end on embedded defaults (see README
 
 bench: install   ## CPU benchmarks (tables printed, JSON in benchmarks/results/)
 	$(PY) benchmarks/bench_tiling.py
+
+# Wheels a GPU device machine (Python 3.12, torch preinstalled, no network) lacks; see
+# benchmarks/gpu_session.sh. Versions are those this project's .venv runs.
+GPU_WHEELS := diffusers==0.42.1 importlib_metadata==9.1.0 zipp==4.1.2 pydantic==2.14.4 \
+	pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	pydantic-settings==2.16.3 python-dotenv==1.2.4 typing_extensions==4.16.0
+gpu-wheels:      ## download the wheels benchmarks/gpu_session.sh needs on a GPU machine into .whl/
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
 
 clean:           ## remove the venv and local state
 	rm -rf $(VENV) .pfstorer-state
