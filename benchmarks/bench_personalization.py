@@ -162,6 +162,7 @@ def card_name(device: str) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from pfstorer.model import load_base
+    from pfstorer.config import TrainingSpeed
     from pfstorer.training import PersonalizeConfig, PersonalizeJob, personalize_many
 
     t_start = time.perf_counter()
@@ -185,7 +186,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for row, cfg in variants.items():
         t0 = time.perf_counter()
         jobs = [PersonalizeJob(p["identity"], refs[p["identity"]], seed=args.seed + i) for i, p in enumerate(people)]
-        got = personalize_many(model, jobs, config=cfg, capacity=args.capacity)
+        speed = TrainingSpeed(autocast_bf16=args.bf16 and model.device.type == "cuda")
+        got = personalize_many(model, jobs, config=cfg, capacity=args.capacity, speed=speed)
         adapters[row] = {a.identity: a for a in got}
         timings[f"personalize: {row}"] = time.perf_counter() - t0
         _log(f"personalized {len(people)} people ({row}) in {timings[f'personalize: {row}']:.0f} s")
@@ -251,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--capacity", type=int, default=16, help="identities personalized together (packed)")
     p.add_argument("--lambda-gen-sweep", action="store_true", help="add PFStorer rows at lambda_gen 0/0.1/0.5/1")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the fine-tune row (CUDA)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the adapters and the fine-tune row (CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
