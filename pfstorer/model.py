@@ -228,9 +228,9 @@ class RestorationModel(nn.Module):
 
         ``mode="reduce-overhead"`` captures CUDA graphs. Adapters live in fixed buffers
         (:class:`~pfstorer.personalization.AdapterSlots`) and rows pick theirs by index, so swapping
-        or mixing identities is an in-place copy that never triggers a recompilation. Tiled
-        restores pad every tile batch to ``tile_batch`` rows when compiled, so one graph serves
-        each tile shape (photos smaller than a tile compile once per size).
+        or mixing identities is an in-place copy that never triggers a recompilation. Compiled,
+        ``restore_batch`` pads every tile batch to ``tile_batch`` rows and photos smaller than a
+        tile to a whole tile, so one graph serves every photo.
         """
         self._compiled = torch.compile(self._denoise, backend=backend, mode=mode, dynamic=False)
         return self

@@ -174,12 +174,16 @@ def restore_batch(
     overlap: int | None = None,
     tile_batch: int = 8,
     color_fix: ColorFix = "wavelet",
+    pad_to_tile: bool | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Restore a batch ``[B,3,H,W]`` (uint8, or float in [0,1]); row i uses adapter ``slots[i]`` and
     seed ``seeds[i]``. The result has the input's dtype (float32 for float inputs), on the CPU.
 
     ``tile``/``overlap`` are in output pixels (defaults: the model's native size, 1/4 of it).
+    ``pad_to_tile`` pads a photo smaller than a tile up to a whole tile (cropped again at the end;
+    default: when the model is compiled, so photos of every size reuse one graph per tile shape;
+    the extra border context changes the result slightly against an unpadded restore).
 
     Memory: the networks only ever see tiles, and every full-size stage streams in row bands (the
     upscale, the per-tile LQ crops and padding, the VAE encode/decode, the in-place sampler step
@@ -219,6 +223,8 @@ def restore_batch(
     lq = upscale(images.to(dev), scale)  # [B,3,h,w], the input's dtype
     h, w = lq.shape[-2:]
     hp, wp = -(-h // g) * g, -(-w // g) * g
+    if model.compiled if pad_to_tile is None else pad_to_tile:
+        hp, wp = max(hp, tile_px), max(wp, tile_px)
     reflect = hp - h < h and wp - w < w
     rows_idx, cols_idx = _pad_index(h, hp, reflect, dev), _pad_index(w, wp, reflect, dev)
 

@@ -104,3 +104,21 @@ def test_compiled_restore_pads_tile_batches_to_one_graph(lfw_bench):
     ours = restore_batch(compiled, img, **kw)
     assert counters["stats"]["unique_graphs"] == 1  # the batches of 1 were padded to 2: no second graph
     torch.testing.assert_close(ours, restore_batch(eager, img, **kw), rtol=0, atol=1e-5)
+
+
+def test_compiled_restore_of_small_photos_of_any_size_reuses_one_graph():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = load_base("tiny")
+    compiled = load_base("tiny").compile_denoiser(backend="eager")
+    kw = dict(steps=1, color_fix="none", seeds=[0], tile=64)
+    for size in [(40, 48), (56, 60), (64, 33)]:  # each smaller than one 64 px tile
+        img = torch.rand((1, 3, *size), generator=torch.Generator().manual_seed(size[0]))
+        ours = restore_batch(compiled, img, **kw)  # padded up to one whole tile
+        assert ours.shape == img.shape
+        # the same restore as eager with the same padding (a batch of 8 rows vs 1: float rounding)
+        torch.testing.assert_close(ours, restore_batch(eager, img, pad_to_tile=True, **kw), rtol=0, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 1
