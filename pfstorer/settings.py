@@ -153,8 +153,8 @@ class ServeSettings(_Section):
     compile: Literal["auto", "off", "default", "reduce-overhead"] = Field(
         "auto",
         description="torch.compile the denoiser once per replica: 'reduce-overhead' captures CUDA "
-        "graphs; 'auto' = reduce-overhead on CUDA, off on CPU. Adapter swaps never recompile; each "
-        "new tile-batch shape compiles once (the first requests of a replica are slow).",
+        "graphs; 'auto' = reduce-overhead on CUDA, off on CPU. The first request of a replica "
+        "compiles (slow); adapter swaps, photo sizes and batch sizes never recompile after it.",
     )
 
     @model_validator(mode="after")

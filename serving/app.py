@@ -303,7 +303,7 @@ class Restorer:
         self.model = load_base(settings.base, weights=settings.base_weights, device=self.device)
         self.fingerprint = self.model.fingerprint  # computed once, here
         self.compile_mode = s.compile_mode(self.device)
-        if self.compile_mode is not None:  # compiled lazily, once per tile-batch shape
+        if self.compile_mode is not None:  # compiled on the first request; tiles padded to one shape
             self.model.compile_denoiser(mode=self.compile_mode)
         self.slots = AdapterSlots.for_model(self.model, s.adapter_slots + 1)
         self.base_slot = s.adapter_slots  # never loaded: always zero
