@@ -45,5 +45,5 @@ class TrainingSpeed(BaseModel):
         False, description="run the frozen base under bf16 autocast (GPUs with bf16: A100, H100)"
     )
     gradient_checkpointing: bool = Field(
-        False, description="recompute UNet blocks in backward: less memory for large packs, ~30% slower"
+        False, description="recompute UNet blocks in backward: less memory for large packs, one more forward per block"
     )
