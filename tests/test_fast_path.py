@@ -20,14 +20,19 @@ def adapters(lfw_bench):
                         config=PersonalizeConfig(steps=1, seed=i)) for i, n in enumerate(names)]
 
 
-def test_swapping_adapters_on_compiled_denoiser_never_recompiles(adapters, lfw_bench, monkeypatch):
+def _eager_and_compiled() -> tuple[dict, torch.nn.Module, torch.nn.Module]:
+    """dynamo's counters (reset), an eager tiny base and a compiled one (the eager backend: dynamo's
+    guards and graph counts are what these tests check, not the generated code)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    eager = load_base("tiny")
-    compiled = load_base("tiny").compile_denoiser(backend="eager")  # dynamo guards are what matter here
+    return counters, load_base("tiny"), load_base("tiny").compile_denoiser(backend="eager")
+
+
+def test_swapping_adapters_on_compiled_denoiser_never_recompiles(adapters, lfw_bench, monkeypatch):
+    counters, eager, compiled = _eager_and_compiled()
     slots_e, slots_c = AdapterSlots.for_model(eager, 2), AdapterSlots.for_model(compiled, 2)
     img = load_image(lfw_bench[next(iter(lfw_bench))][5])[:, 40:88, 40:88].unsqueeze(0).expand(2, -1, -1, -1)
     kw = dict(steps=2, color_fix="none", seeds=[1, 2])
@@ -92,13 +97,7 @@ def test_bf16_autocast_runs_the_base_in_bf16_and_keeps_adapters_fp32(lfw_bench):
 
 
 def test_compiled_restore_pads_tile_batches_to_one_graph(lfw_bench):
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
-    eager = load_base("tiny")
-    compiled = load_base("tiny").compile_denoiser(backend="eager")
+    counters, eager, compiled = _eager_and_compiled()
     img = load_image(lfw_bench[next(iter(lfw_bench))][5]).unsqueeze(0)  # 128 px: 3 x 3 tiles of 64
     kw = dict(steps=2, color_fix="none", seeds=[3], tile=64, tile_batch=2)  # rows of 3 tiles: batches of 2, 1
     ours = restore_batch(compiled, img, **kw)
@@ -107,13 +106,7 @@ def test_compiled_restore_pads_tile_batches_to_one_graph(lfw_bench):
 
 
 def test_compiled_restore_of_small_photos_of_any_size_reuses_one_graph():
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
-    eager = load_base("tiny")
-    compiled = load_base("tiny").compile_denoiser(backend="eager")
+    counters, eager, compiled = _eager_and_compiled()
     kw = dict(steps=1, color_fix="none", seeds=[0], tile=64)
     for size in [(40, 48), (56, 60), (64, 33)]:  # each smaller than one 64 px tile
         img = torch.rand((1, 3, *size), generator=torch.Generator().manual_seed(size[0]))
