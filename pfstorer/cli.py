@@ -41,8 +41,8 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     from .training import PersonalizeConfig, PersonalizeJob, personalize_many
 
     paths = list_images(args.refs)
-    config = PersonalizeConfig(steps=args.steps, seed=args.seed, lr=args.lr, lambda_gen=args.lambda_gen,
-                               batch_size=args.batch_size)
+    config = PersonalizeConfig(steps=args.steps, seed=args.seed, lr=args.lr, alpha_lr=args.alpha_lr,
+                               lambda_gen=args.lambda_gen, batch_size=args.batch_size)
     from .training import check_references
 
     refs = [load_image(p) for p in paths]
@@ -59,6 +59,15 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """--steps, --sampler, --t-start: unset, each comes from the base preset's sampling defaults."""
+    p.add_argument("--steps", type=int, help="denoising steps (default: the base's; compact: 2)")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], help="sampler (default: the base's; ddim)")
+    p.add_argument("--t-start", type=int, metavar="T",
+                   help="timestep sampling starts from: below 1000 the LQ diffused to T, 1000 pure noise "
+                        "(default: the base's; compact: 200)")
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
     import torch
 
@@ -71,7 +80,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     adapter = Adapter.load(args.adapter) if args.adapter else None
     model = _load_base(args)
     out = restore(model, image, adapter=adapter, seed=args.seed, scale=args.scale, steps=args.steps,
-                  sampler=args.sampler, tile=args.tile, overlap=args.overlap, color_fix=args.color_fix,
+                  sampler=args.sampler, t_start=args.t_start, tile=args.tile, overlap=args.overlap, color_fix=args.color_fix,
                   progress=not args.quiet)
     save_image(out, args.out)
     who = f"with adapter {adapter.identity!r}" if adapter else "with the base model only"
@@ -94,7 +103,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     if args.base is None:
         for name, cfg in PRESETS.items():
-            print(f"{name:12s} {cfg.space:6s} native {cfg.sample_size}px  licence: {cfg.license}")
+            s = cfg.sampling
+            start = "noise" if s.t_start >= cfg.num_train_timesteps else f"LQ at t={s.t_start}"
+            print(f"{name:12s} {cfg.space:6s} native {cfg.sample_size}px  {s.sampler} {s.steps} steps from {start}  "
+                  f"licence: {cfg.license}")
         return 0
     model = _load_base(args)
     n = sum(p.numel() for p in model.parameters())
@@ -125,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", help="tenant that owns this person (recorded in the metadata)")
     p.add_argument("--steps", type=int, default=500, help="optimisation steps (paper: 500; 0 = fresh adapter)")
     p.add_argument("--batch-size", type=int, default=2, help="LQ samples per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the adapter")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the adapter's projections and token")
+    p.add_argument("--alpha-lr", type=float, default=1e-2, help="learning rate of the gates alpha")
     p.add_argument("--lambda-gen", type=float, default=0.1, help="weight of the generative regulariser (paper: 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (same seed, same adapter)")
     p.add_argument("--bf16", action="store_true", help="run the frozen base under bf16 autocast (GPU)")
@@ -143,8 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="IMG", help="output image (.png or .jpg)")
     p.add_argument("--adapter", metavar="ADAPTER_DIR", help="the person's adapter (none: base model only)")
     p.add_argument("--scale", type=float, default=1.0, help="upscaling factor (e.g. 2, 4)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="sampler")
+    add_sampling_args(p)
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--tile", type=int, help="tile size in output pixels (default: the model's native size)")
     p.add_argument("--overlap", type=int, help="tile overlap in output pixels (default: a quarter tile)")

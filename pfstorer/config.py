@@ -13,6 +13,8 @@ class PersonalizeConfig(BaseModel):
     steps: int = Field(500, ge=0, description="optimisation steps (paper: 500)")
     batch_size: int = Field(2, ge=1, description="LQ samples per identity per step")
     lr: float = Field(1e-3, gt=0)
+    alpha_lr: float = Field(1e-2, gt=0, description="learning rate of the gates alpha: Adam moves a parameter by "
+                            "about its lr per step, so at 1e-3 the gates would stay below 0.04 after 40 steps")
     weight_decay: float = Field(0.0, ge=0)
     lambda_gen: float = Field(0.1, ge=0, description="weight of the generative regulariser (paper: 0.1)")
     lambda_pers: float = Field(5e-4, ge=0, description="weight of the token attention regulariser")

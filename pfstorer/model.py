@@ -103,13 +103,16 @@ class RestorationModel(nn.Module):
         from diffusers import UNet2DConditionModel
 
         self.config = config
-        lat = config.latent_channels
+        lat = config.latent_channels * config.unshuffle**2  # channels the UNet's stem sees
         self.unet = UNet2DConditionModel(
-            sample_size=config.sample_size // config.vae_factor,
+            sample_size=config.sample_size // config.unet_stride,
             in_channels=lat * (2 if config.concat_lq else 1),
             out_channels=lat,
             **config.unet,
         )
+        if config.prediction == "x0_residual":  # predicts x0 - LQ: zero at init, so x0_hat = LQ
+            nn.init.zeros_(self.unet.conv_out.weight)
+            nn.init.zeros_(self.unet.conv_out.bias)
         self.lq_encoder = TimeAwareLQEncoder(lat, config.lq_encoder_channels)
         self.prompt = nn.Parameter(torch.randn(config.prompt_tokens, config.cross_attention_dim) * 0.5)
         self.vae = None
@@ -120,7 +123,8 @@ class RestorationModel(nn.Module):
         # One SFT layer per UNet ResNet, in a fixed order.
         self._resnets = self._collect_resnets()
         self.sft = nn.ModuleList(
-            nn.Conv2d(config.lq_encoder_channels[level], 2 * ch, 3, padding=1) for _, level, ch in self._resnets
+            nn.Conv2d(config.lq_encoder_channels[level], 2 * ch, config.sft_kernel, padding=config.sft_kernel // 2)
+            for _, level, ch in self._resnets
         )
         for conv in self.sft:  # identity at init: the LQ encoder learns to steer the UNet
             nn.init.zeros_(conv.weight)
@@ -215,7 +219,9 @@ class RestorationModel(nn.Module):
     def denoise(
         self, z_t: torch.Tensor, t: torch.Tensor, lq: torch.Tensor, pb: PBRun | None = None
     ) -> torch.Tensor:
-        """Predict the noise of ``z_t`` at timesteps ``t`` (one per row) given the LQ latent."""
+        """The denoiser's prediction for ``z_t`` at timesteps ``t`` (one per row) given the LQ latent:
+        the noise (``prediction="epsilon"``) or the clean image (``"x0_residual"``), as
+        :meth:`target` says."""
         impl = self._compiled if self._compiled is not None else self._denoise
         return impl(z_t, t, lq, pb)
 
@@ -265,15 +271,24 @@ class RestorationModel(nn.Module):
         self.unet.enable_gradient_checkpointing(checkpointed)
         return self
 
+    def target(self, z0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What :meth:`denoise` is trained to output for ``z_t`` made from clean ``z0`` and ``noise``."""
+        return z0 if self.config.prediction == "x0_residual" else noise
+
     def _denoise(self, z_t: torch.Tensor, t: torch.Tensor, lq: torch.Tensor, pb: PBRun | None) -> torch.Tensor:
         if t.ndim == 0:
             t = t.expand(z_t.shape[0])
         t = t.to(z_t.device)
-        feats = self.lq_encoder(lq, t)
-        x = torch.cat([z_t, lq], dim=1) if self.config.concat_lq else z_t
+        r = self.config.unshuffle
+        lq_in = F.pixel_unshuffle(lq, r) if r > 1 else lq
+        feats = self.lq_encoder(lq_in, t)
+        x = F.pixel_unshuffle(z_t, r) if r > 1 else z_t
+        x = torch.cat([x, lq_in], dim=1) if self.config.concat_lq else x
         prompt = self.prompt.unsqueeze(0).expand(z_t.shape[0], -1, -1)
         with self.conditioned(feats, pb):
-            return self.unet(x, t, encoder_hidden_states=prompt, return_dict=False)[0]
+            out = self.unet(x, t, encoder_hidden_states=prompt, return_dict=False)[0]
+        out = F.pixel_shuffle(out, r) if r > 1 else out
+        return lq + out if self.config.prediction == "x0_residual" else out
 
     # -- identity of the base ----------------------------------------------------------------
     def freeze(self) -> RestorationModel:
@@ -285,27 +300,38 @@ class RestorationModel(nn.Module):
     def fingerprint(self) -> str:
         """sha256 of the architecture config and every weight: names a base for adapters."""
         if self._fingerprint is None:
-            h = hashlib.sha256(json.dumps(self.config.model_dump(mode="json"), sort_keys=True).encode())
-            for name, tensor in sorted(self.state_dict().items()):
-                h.update(name.encode())
-                h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:32]
+            self._fingerprint = _fingerprint(self.config, self.state_dict())
         return self._fingerprint
 
     def invalidate_fingerprint(self) -> None:
         """Call after changing weights (base training)."""
         self._fingerprint = None
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``config.json`` + ``model.safetensors``; ``load_base(directory)`` reads them back."""
+    def save(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors``; ``load_base(directory)`` reads them back.
+
+        ``dtype`` stores the floating-point weights rounded to it (``torch.float16`` halves the
+        file); the fingerprint in the header is then that of the rounded weights, which is what
+        loading them gives.
+        """
         from safetensors.torch import save_file
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.json").write_text(json.dumps(self.config.model_dump(mode="json"), indent=2))
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, d / "model.safetensors", metadata={"fingerprint": self.fingerprint})
+        tensors = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype)
+                   .contiguous() for k, v in self.state_dict().items()}
+        fp = self.fingerprint if dtype is None else _fingerprint(self.config, tensors)
+        save_file(tensors, d / "model.safetensors", metadata={"fingerprint": fp})
         return d
+
+
+def _fingerprint(config: BaseConfig, state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode())
+    for name, tensor in sorted(state.items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 def _random_model(config: BaseConfig) -> RestorationModel:

@@ -200,7 +200,7 @@ class AdapterSlots(nn.Module):
 
 def _block_sides(model) -> list[int]:
     """Spatial side (in latent pixels) of each transformer block at the native tile size."""
-    side = model.config.sample_size // model.config.vae_factor
+    side = model.config.sample_size // model.config.unet_stride
     return [side // 2**level for _, level, _ in model.transformer_blocks]
 
 
@@ -254,7 +254,8 @@ class PBRun:
         scores = torch.matmul(qh, _heads(tk, h).transpose(-1, -2)) / math.sqrt(spec.inner // h)
         probs = scores.softmax(-1)  # [n, h, HW, T+1]: explicit, L_pers reads the token's map
         if self.maps is not None:
-            self.maps.append((probs[..., -1].mean(1), probs[..., -2].mean(1)))
+            # the last prompt token's map is the target, not a variable: detached, as ViCo does
+            self.maps.append((probs[..., -1].mean(1), probs[..., -2].mean(1).detach()))
         txt = torch.matmul(probs, _heads(tv, h))
         img = F.scaled_dot_product_attention(qh, _heads(rk, h), _heads(rv, h))
         pb = torch.bmm(_merge(txt + img), to_out)  # [n, HW, C]

@@ -24,6 +24,18 @@ class AdapterShape(BaseModel):
     cache_refs: int = Field(5, description="references whose keys/values the adapter caches")
 
 
+class SamplingDefaults(BaseModel):
+    """How a preset restores when the caller names nothing: what ``restore``, the CLI, serving and
+    batch restore use. ``t_start`` below ``num_train_timesteps`` starts from the LQ diffused to
+    ``t_start`` (StableSR, SDEdit, DifFace); ``t_start = num_train_timesteps`` from pure noise."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    steps: int = Field(50, ge=1, description="denoising steps")
+    t_start: int = Field(1000, ge=1, description="timestep sampling starts from (1000: pure noise)")
+
+
 class BaseConfig(BaseModel):
     """Architecture of a restoration base model (StableSR-like: SFT-conditioned UNet)."""
 
@@ -34,6 +46,13 @@ class BaseConfig(BaseModel):
     sample_size: int = Field(description="native tile size in pixels")
     latent_channels: int = 3
     concat_lq: bool = Field(True, description="also feed the LQ latent as extra UNet input channels")
+    unshuffle: int = Field(1, ge=1, description="pixel-unshuffle factor of the UNet's stem (pixel presets): "
+                           "the UNet's first level runs at 1/unshuffle of the tile's side")
+    prediction: Literal["epsilon", "x0_residual"] = Field(
+        "epsilon", description="what the denoiser predicts: the noise (DDPM/StableSR), or the clean image "
+                               "as a residual on the LQ (zero-initialised output: an untrained model is the identity)")
+    sft_kernel: int = Field(3, description="kernel size of the SFT convolutions (1 or 3)")
+    sampling: SamplingDefaults = SamplingDefaults()
     unet: dict[str, Any]
     lq_encoder_channels: tuple[int, ...] = Field(description="time-aware LQ encoder width per UNet level")
     prompt_tokens: int = Field(description="length of the fixed base prompt embedding")
@@ -62,9 +81,19 @@ class BaseConfig(BaseModel):
         return 2 ** (len(self.vae["block_out_channels"]) - 1)
 
     @property
+    def unet_stride(self) -> int:
+        """Image pixels per cell of the UNet's first level (VAE factor x pixel-unshuffle factor)."""
+        return self.vae_factor * self.unshuffle
+
+    @property
     def granularity(self) -> int:
-        """Image sides must be a multiple of this many pixels (UNet downsampling x VAE factor)."""
-        return self.vae_factor * 2 ** (self.levels - 1)
+        """Image sides must be a multiple of this many pixels (UNet downsampling x stem stride)."""
+        return self.unet_stride * 2 ** (self.levels - 1)
+
+    @property
+    def train_t_max(self) -> int:
+        """Training timesteps are drawn from ``[0, train_t_max)``: the range the preset samples."""
+        return min(self.num_train_timesteps, self.sampling.t_start + 1)
 
 
 def _sd_vae(block_out: tuple[int, ...], latent: int = 4, groups: int = 32) -> dict[str, Any]:
@@ -119,16 +148,20 @@ PRESETS: dict[str, BaseConfig] = {
         adapter=AdapterShape(head_dim=16, ref_pool=4, cache_refs=5),
         license="random weights (no licence restrictions)",
     ),
-    # Our own small face restoration base (weights trained by `pfstorer train-base`; see
-    # pfstorer/weights/compact/MODEL_CARD.md). Sized so that 2 CPU cores could train it in half
-    # an hour (6.8 M parameters); the same structure at [64, 128, 192, 256] x 2 layers is what a
-    # GPU run should train (the model card gives the command).
+    # Our own small face restoration base, designed by its FLOPs for 2 CPU cores (weights trained
+    # by `pfstorer train-base`; see pfstorer/weights/compact/MODEL_CARD.md): a 4x pixel-unshuffle
+    # stem, attention only at 1/16 and 1/32 of the tile, 1x1 SFT convolutions, x0 predicted as a
+    # residual on the LQ, sampling from the LQ diffused to t = 200.
     "compact": BaseConfig(
         name="compact",
         space="pixel",
         sample_size=128,
+        unshuffle=4,
+        prediction="x0_residual",
+        sft_kernel=1,
+        sampling=SamplingDefaults(sampler="ddim", steps=2, t_start=200),
         unet={
-            "block_out_channels": [32, 64, 96, 128],
+            "block_out_channels": [64, 96, 128, 160],
             "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
             "layers_per_block": 1,
@@ -136,7 +169,7 @@ PRESETS: dict[str, BaseConfig] = {
             "attention_head_dim": 32,
             "norm_num_groups": 16,
         },
-        lq_encoder_channels=(16, 32, 48, 64),
+        lq_encoder_channels=(32, 48, 64, 64),
         prompt_tokens=8,
         adapter=AdapterShape(head_dim=32, ref_pool=8, cache_refs=5),
         license="weights: pfstorer model card (trained on LFW, research use)",

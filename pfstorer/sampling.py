@@ -2,8 +2,9 @@
 
 ``restore`` upsamples the input by ``scale`` (super-resolution = upsample, then restore), pads it to
 the model's granularity, encodes it (tiled VAE for latent presets), runs DDIM or DDPM from seeded
-noise with the noise predictions of overlapping tiles blended every step (:mod:`pfstorer.tiling`),
-decodes (tiled), crops and applies the colour fix once after stitching. The same seed gives the same
+noise, or from the LQ diffused to the preset's ``t_start`` (its sampling defaults), with the
+predictions of overlapping tiles blended every step (:mod:`pfstorer.tiling`), decodes (tiled),
+crops and applies the colour fix once after stitching. The same seed gives the same
 output bit for bit. A batch may mix identities: each row has its own adapter slot and seed.
 """
 
@@ -51,12 +52,14 @@ def make_scheduler(model: RestorationModel, sampler: Sampler):
 
 @dataclass(frozen=True)
 class Update:
-    """One sampler step as a per-pixel linear map: ``x_prev = a * x_t + b * eps + c * noise``.
+    """One sampler step as a per-pixel linear map: ``x_prev = a * x_t + b * pred + c * noise``.
 
-    DDIM (eta = 0) and DDPM steps are linear in ``x_t`` and the predicted noise, so a row band of
-    the image can be stepped *in place* as soon as its blended noise is known (no full-size
-    temporaries, no scheduler state per call). The coefficients replicate diffusers'
-    ``DDIMScheduler.step`` / ``DDPMScheduler.step`` (checked in tests/test_sampling.py).
+    ``pred`` is what the denoiser predicts (the noise, or the clean image for ``x0_residual``
+    presets). DDIM (eta = 0) and DDPM steps are linear in ``x_t`` and the prediction, so a row band
+    of the image can be stepped *in place* as soon as its blended prediction is known (no
+    full-size temporaries, no scheduler state per call). For noise-predicting presets the
+    coefficients replicate diffusers' ``DDIMScheduler.step`` / ``DDPMScheduler.step`` (checked in
+    tests/test_sampling.py).
     """
 
     t: int
@@ -65,32 +68,57 @@ class Update:
     c: float
 
 
-def sampler_updates(model: RestorationModel, sampler: Sampler, steps: int) -> list[Update]:
-    """The ``steps`` updates of ``sampler``, first (noisiest) to last."""
-    sched = make_scheduler(model, sampler)
-    sched.set_timesteps(steps)
-    ac = sched.alphas_cumprod.double()
+def sampling_timesteps(model: RestorationModel, sampler: Sampler, steps: int, t_start: int | None = None) -> list[int]:
+    """The timesteps visited, noisiest first: diffusers' trailing spacing from pure noise, or
+    ``steps`` evenly spaced ones from ``t_start`` down (``t_start`` below the schedule's length:
+    sampling starts from the LQ diffused to ``t_start``)."""
     total = model.config.num_train_timesteps
-    ts = [int(t) for t in sched.timesteps]
+    if t_start is None or t_start >= total:
+        sched = make_scheduler(model, sampler)
+        sched.set_timesteps(steps)
+        return [int(t) for t in sched.timesteps]
+    if not 1 <= steps <= t_start:
+        raise InputError(f"steps must be in [1, t_start] = [1, {t_start}], got {steps}")
+    return [round(t_start * (steps - k) / steps) for k in range(steps)]
+
+
+def sampler_updates(model: RestorationModel, sampler: Sampler, steps: int, t_start: int | None = None) -> list[Update]:
+    """The ``steps`` updates of ``sampler`` (from ``t_start``, see :func:`sampling_timesteps`)."""
+    sched = make_scheduler(model, sampler)
+    ac = sched.alphas_cumprod.double()
+    x0_pred = model.config.prediction == "x0_residual"
+    ts = sampling_timesteps(model, sampler, steps, t_start)
+    total = model.config.num_train_timesteps
+    # The last step lands on the clean image. diffusers' DDIM (set_alpha_to_one=False) stops at
+    # alphas_cumprod[0] instead; noise-predicting presets keep that, x0-predicting ones return x0.
+    final = 1.0 if x0_pred or sampler == "ddpm" else float(sched.final_alpha_cumprod)
+    from_noise = t_start is None or t_start >= total
     out = []
     for k, t in enumerate(ts):
         a_t = float(ac[t])
-        if sampler == "ddim":
-            prev = t - total // steps
-            a_prev = float(ac[prev]) if prev >= 0 else float(sched.final_alpha_cumprod)
-            a = math.sqrt(a_prev / a_t)
-            b = math.sqrt(1 - a_prev) - math.sqrt(a_prev) * math.sqrt(1 - a_t) / math.sqrt(a_t)
-            out.append(Update(t, a, b, 0.0))
+        if sampler == "ddim" and from_noise:
+            prev = t - total // steps  # diffusers' DDIM previous timestep
         else:
             prev = ts[k + 1] if k + 1 < len(ts) else -1
-            a_prev = float(ac[prev]) if prev >= 0 else 1.0
-            beta_t, beta_prev = 1 - a_t, 1 - a_prev
-            cur_beta = 1 - a_t / a_prev
-            c_x0 = math.sqrt(a_prev) * cur_beta / beta_t
-            c_xt = math.sqrt(a_t / a_prev) * beta_prev / beta_t
-            var = max(beta_prev / beta_t * cur_beta, 1e-20)
-            out.append(Update(t, c_x0 / math.sqrt(a_t) + c_xt, -c_x0 * math.sqrt(beta_t) / math.sqrt(a_t),
-                              math.sqrt(var) if t > 0 else 0.0))
+        a_prev = float(ac[prev]) if prev >= 0 else final
+        if sampler == "ddim":  # x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps
+            if x0_pred:
+                a = math.sqrt(1 - a_prev) / math.sqrt(1 - a_t)
+                out.append(Update(t, a, math.sqrt(a_prev) - a * math.sqrt(a_t), 0.0))
+            else:
+                a = math.sqrt(a_prev / a_t)
+                out.append(Update(t, a, math.sqrt(1 - a_prev) - math.sqrt(a_prev) * math.sqrt(1 - a_t) / math.sqrt(a_t),
+                                  0.0))
+            continue
+        beta_t, beta_prev = 1 - a_t, 1 - a_prev  # DDPM posterior: mean c_x0 x0 + c_xt x_t
+        cur_beta = 1 - a_t / a_prev
+        c_x0 = math.sqrt(a_prev) * cur_beta / beta_t
+        c_xt = math.sqrt(a_t / a_prev) * beta_prev / beta_t
+        c = math.sqrt(max(beta_prev / beta_t * cur_beta, 1e-20)) if prev >= 0 else 0.0
+        if x0_pred:
+            out.append(Update(t, c_xt, c_x0, c))
+        else:
+            out.append(Update(t, c_x0 / math.sqrt(a_t) + c_xt, -c_x0 * math.sqrt(beta_t) / math.sqrt(a_t), c))
     return out
 
 
@@ -168,8 +196,9 @@ def restore_batch(
     slots: Sequence[int] | None = None,
     seeds: Sequence[int] = (0,),
     scale: float = 1.0,
-    steps: int = 50,
-    sampler: Sampler = "ddim",
+    steps: int | None = None,
+    sampler: Sampler | None = None,
+    t_start: int | None = None,
     tile: int | None = None,
     overlap: int | None = None,
     tile_batch: int = 8,
@@ -179,6 +208,10 @@ def restore_batch(
 ) -> torch.Tensor:
     """Restore a batch ``[B,3,H,W]`` (uint8, or float in [0,1]); row i uses adapter ``slots[i]`` and
     seed ``seeds[i]``. The result has the input's dtype (float32 for float inputs), on the CPU.
+
+    ``steps``, ``sampler`` and ``t_start`` default to the preset's :class:`~pfstorer.presets.SamplingDefaults`;
+    ``t_start`` below the schedule's length starts from the LQ diffused to that timestep, at or
+    above it from pure noise.
 
     ``tile``/``overlap`` are in output pixels (defaults: the model's native size, 1/4 of it).
     ``pad_to_tile`` pads a photo smaller than a tile up to a whole tile (cropped again at the end;
@@ -198,8 +231,15 @@ def restore_batch(
 
     if images.ndim != 4 or images.shape[1] != 3:
         raise InputError(f"expected images of shape [B,3,H,W], got {tuple(images.shape)}")
+    defaults = model.config.sampling
+    steps = defaults.steps if steps is None else steps
+    sampler = defaults.sampler if sampler is None else sampler
+    t_start = defaults.t_start if t_start is None else t_start
     if steps < 1:
         raise InputError("steps must be >= 1")
+    if t_start < 1:
+        raise InputError(f"t_start must be >= 1, got {t_start}")
+    updates = sampler_updates(model, sampler, steps, t_start)  # checks steps against t_start
     if scale <= 0 or scale > 32:
         raise InputError(f"scale must be in (0, 32], got {scale}")
     b = images.shape[0]
@@ -264,6 +304,14 @@ def restore_batch(
         else:
             z[i].copy_(torch.randn(z.shape[1:], generator=gen))
 
+    if t_start < cfg.num_train_timesteps:  # start from the LQ diffused to t_start: z = sqrt(a) lq + sqrt(1-a) z
+        a_start = float(make_scheduler(model, sampler).alphas_cumprod[t_start])
+        z.mul_(math.sqrt(1 - a_start))
+        for y0 in range(0, hz, BAND):
+            y1 = min(hz, y0 + BAND)
+            for i in range(b):
+                z[i, :, y0:y1].add_(lq_tile(i, y0, 0, y1 - y0, wz).float(), alpha=math.sqrt(a_start))
+
     def z_tiles(chunk: list) -> torch.Tensor:
         return torch.stack([z[i, :, y : y + th, x : x + tw] for i, (y, x, th, tw) in chunk]).to(model.dtype)
 
@@ -271,7 +319,6 @@ def restore_batch(
     if adapters is not None:
         slot_t = torch.tensor(list(slots) if slots is not None else [0] * b, device=dev)
         pb = PBRun(adapters=adapters, slots=slot_t, prompt=model.prompt, ref_pool=cfg.adapter.ref_pool)
-    updates = sampler_updates(model, sampler, steps)
     if progress:
         from tqdm.auto import tqdm
 

@@ -131,9 +131,12 @@ class ServeSettings(_Section):
     max_pixels: int = Field(
         4096 * 4096, ge=1, description="Largest input width*height, checked before decoding."
     )
-    default_steps: int = Field(50, ge=1, description="Denoising steps when a request gives none.")
-    tile_size: int = Field(
-        512, ge=64, description="Tile side in output pixels for tiled restoration of large images."
+    default_steps: int | None = Field(
+        None, ge=1, description="Denoising steps when a request gives none (unset: the base preset's)."
+    )
+    tile_size: int | None = Field(
+        None, ge=16, description="Tile side in output pixels for tiled restoration of large images "
+        "(unset: the base preset's native tile, 128 px for compact)."
     )
     tile_batch: int = Field(
         8, ge=1, description="Tiles per denoiser forward pass (8, as `pfstorer restore`); the tiles "

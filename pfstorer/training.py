@@ -1,7 +1,8 @@
 """Personalization (paper section 3.2): train one adapter per identity on a frozen base.
 
 Loss per identity (eq. 5): ``L_diff + lambda_gen * L_gen + lambda_pers * L_pers``:
-- ``L_diff``: noise-prediction MSE with the LQ synthesized from a random reference crop (degradation
+- ``L_diff``: the diffusion loss (MSE to the preset's target: the noise, or the clean image for
+  ``x0_residual`` presets) with the LQ synthesized from a random reference crop (degradation
   pipeline, clean with probability p_HQ) and a reference photo in the same batch (eq. 2);
 - ``L_gen``: the same with the null LQ input, so the adapter must carry the identity (eq. 4);
 - ``L_pers``: ViCo's attention regulariser on the token ``*`` (:func:`pers_loss`).
@@ -59,10 +60,11 @@ def check_references(refs: Sequence[torch.Tensor], config: PersonalizeConfig) ->
 class SlotAdamW:
     """AdamW over tensors with a leading slot axis; each slot has its own step count."""
 
-    def __init__(self, params: list[torch.nn.Parameter], slots: int, lr: float, weight_decay: float,
+    def __init__(self, params: list[torch.nn.Parameter], slots: int, lr: float | list[float], weight_decay: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         self.params = params
-        self.lr, self.wd, self.betas, self.eps = lr, weight_decay, betas, eps
+        self.lrs = lr if isinstance(lr, list) else [lr] * len(params)  # one learning rate per tensor
+        self.wd, self.betas, self.eps = weight_decay, betas, eps
         # moments and bias corrections in float32 whatever the parameters' dtype: in bf16,
         # 0.999 rounds to 1.0, so 1 - b2**t was 0 and the first step wrote NaN into the adapter
         self.m = [torch.zeros_like(p, dtype=torch.float32) for p in params]
@@ -80,7 +82,7 @@ class SlotAdamW:
         b1, b2 = self.betas
         idx = torch.tensor(active)
         self.t[idx] += 1
-        for p, m, v in zip(self.params, self.m, self.v, strict=True):
+        for p, m, v, lr in zip(self.params, self.m, self.v, self.lrs, strict=True):
             if p.grad is None or not p.requires_grad:
                 continue
             i = idx.to(p.device)
@@ -91,7 +93,7 @@ class SlotAdamW:
             mhat = m[i] / (1 - b1**t)
             vhat = v[i] / (1 - b2**t)
             pf = p[i].float()
-            p[i] = (pf - self.lr * (mhat / (vhat.sqrt() + self.eps) + self.wd * pf)).to(p.dtype)
+            p[i] = (pf - lr * (mhat / (vhat.sqrt() + self.eps) + self.wd * pf)).to(p.dtype)
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -133,7 +135,10 @@ class PackedTrainer:
         if not config.learn_alpha:
             for a in self.weights.alpha:
                 a.requires_grad_(False)
-        self.opt = SlotAdamW(list(self.weights.parameters()), capacity, config.lr, config.weight_decay)
+        params = list(self.weights.parameters())
+        gates = {id(a) for a in self.weights.alpha}
+        lrs = [config.alpha_lr if id(p) in gates else config.lr for p in params]
+        self.opt = SlotAdamW(params, capacity, lrs, config.weight_decay)
         self.slots: dict[int, _Slot] = {}
 
     # -- slots -------------------------------------------------------------------------------
@@ -169,17 +174,19 @@ class PackedTrainer:
         c, size, b = self.config, self.model.config.sample_size, self.config.batch_size
         hq, lq, ref = [], [], []
         for _ in range(b):
-            img = slot.refs[int(slot.rng.integers(len(slot.refs)))]
-            crop = random_crop_resize(img, size, slot.rng, c.crop_scale)
+            i = int(slot.rng.integers(len(slot.refs)))
+            crop = random_crop_resize(slot.refs[i], size, slot.rng, c.crop_scale)
             hq.append(crop)
             lq.append(synthesize_lq(crop, slot.rng, levels=c.levels, p_hq=c.p_hq))
-            other = slot.refs[int(slot.rng.integers(len(slot.refs)))]
+            # the reference is another photo of the person: its own photo would teach copying
+            j = int(slot.rng.integers(max(1, len(slot.refs) - 1)))
+            other = slot.refs[j + (j >= i) if len(slot.refs) > 1 else i]
             ref.append(random_crop_resize(other, size, slot.rng, c.crop_scale))
         m = self.model
         with torch.no_grad():
             z0, lq_lat, ref_lat = (m.to_latent(torch.stack(x)) for x in (hq, lq, ref))
         shape = tuple(z0.shape)
-        total = m.config.num_train_timesteps
+        total = m.config.train_t_max  # the timesteps the preset samples
         out = {"z0": z0, "lq": lq_lat, "ref": ref_lat,
                "noise": torch.randn(shape, generator=slot.gen), "t": torch.randint(0, total, (b,), generator=slot.gen)}
         if c.lambda_gen > 0:
@@ -242,19 +249,19 @@ class PackedTrainer:
         pb = PBRun(self.weights, torch.tensor(slots, device=dev), m.prompt, m.config.adapter.ref_pool,
                    n_main=n_main, ref_rows=torch.tensor(ref_rows, device=dev) + n_main, maps=maps)
         with torch.autocast(dev.type, torch.bfloat16, enabled=self.speed.autocast_bf16):
-            eps = m.denoise(x, t, lq, pb)[:n_main]
+            pred = m.denoise(x, t, lq, pb)[:n_main]
         per_row_pers = pers_loss(maps) if c.lambda_pers > 0 else torch.zeros(n_main, device=dev)
         total = torch.zeros((), device=dev)
         nk = len(active)
         for j, k in enumerate(active):
             d = draws[k]
             rows = slice(j * b, (j + 1) * b)
-            l_diff = F.mse_loss(eps[rows].float(), d["noise"].to(dev).float())
+            l_diff = F.mse_loss(pred[rows].float(), m.target(d["z0"], d["noise"]).to(dev).float())
             parts = {"diff": l_diff}
             loss_k = l_diff
             if c.lambda_gen > 0:
                 grows = slice((nk + j) * b, (nk + j + 1) * b)
-                parts["gen"] = F.mse_loss(eps[grows].float(), d["noise_gen"].to(dev).float())
+                parts["gen"] = F.mse_loss(pred[grows].float(), m.target(d["z0"], d["noise_gen"]).to(dev).float())
                 loss_k = loss_k + c.lambda_gen * parts["gen"]
             if c.lambda_pers > 0:
                 prow = [i for i, s in enumerate(slots) if s == k]
@@ -286,7 +293,7 @@ class PackedTrainer:
         size = m.config.sample_size
         hq = center_square(refs[0], size)
         lq = degrade(hq, "heavy", 1234)
-        ts = torch.tensor(timestep_grid(4, m.config.num_train_timesteps))
+        ts = torch.tensor(timestep_grid(4, m.config.train_t_max))
         z0 = m.to_latent(hq.unsqueeze(0)).expand(len(ts), -1, -1, -1)
         lq_lat = m.to_latent(lq.unsqueeze(0)).expand(len(ts), -1, -1, -1)
         ref_lat = m.to_latent(center_square(refs[-1], size).unsqueeze(0)).expand(len(ts), -1, -1, -1)
@@ -296,8 +303,8 @@ class PackedTrainer:
                    n_main=n, ref_rows=torch.arange(n, 2 * n, device=m.device))
         x = torch.cat([self._noisy(z0, noise, ts), ref_lat])
         t = torch.cat([ts, torch.zeros(n, dtype=torch.long)]).to(m.device)
-        eps = m.denoise(x, t, torch.cat([lq_lat, ref_lat]), pb)[:n]
-        return float(F.mse_loss(eps.float(), noise.float()))
+        pred = m.denoise(x, t, torch.cat([lq_lat, ref_lat]), pb)[:n]
+        return float(F.mse_loss(pred.float(), m.target(z0, noise).float()))
 
     @torch.no_grad()
     def reference_tokens(self, refs: Sequence[torch.Tensor]) -> list[torch.Tensor]:

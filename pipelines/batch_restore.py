@@ -102,12 +102,13 @@ class BatchConfig:
     base: str = "tiny"
     weights: str | None = None
     device: str = "auto"
-    steps: int = 50
+    steps: int | None = None  # None: the base preset's sampling defaults
     seed: int = 0
     scale: float = 1.0
     tile: int | None = None
     overlap: int | None = None
-    sampler: str = "ddim"
+    sampler: str | None = None
+    t_start: int | None = None
     color_fix: str = "wavelet"
     threads: int = 1
     max_image_bytes: int = 20 * 1024 * 1024
@@ -218,7 +219,7 @@ class BatchRestorer:
             self.current = entry.sha256
         out = restore_batch(
             self.model, image.unsqueeze(0), adapters=self.slots, slots=[0], seeds=[seed],
-            scale=c.scale, steps=c.steps, sampler=c.sampler, tile=c.tile, overlap=c.overlap,
+            scale=c.scale, steps=c.steps, sampler=c.sampler, t_start=c.t_start, tile=c.tile, overlap=c.overlap,
             color_fix=c.color_fix,
         )[0]
         dest = output_uri_for(c.out_url, tenant, identity, uri)
@@ -321,12 +322,13 @@ def restore_manifest(
     base: str = "tiny",
     weights: str | None = None,
     device: str = "auto",
-    steps: int = 50,
+    steps: int | None = None,
     seed: int = 0,
     scale: float = 1.0,
     tile: int | None = None,
     overlap: int | None = None,
-    sampler: str = "ddim",
+    sampler: str | None = None,
+    t_start: int | None = None,
     color_fix: str = "wavelet",
     storage_options: Mapping[str, Any] | None = None,
     workers: int = 1,
@@ -356,7 +358,7 @@ def restore_manifest(
     else:
         config = BatchConfig(
             index_url=index_url, out_url=out_url, store_url=store_url, base=base, weights=weights, device=device,
-            steps=steps, seed=seed, scale=scale, tile=tile, overlap=overlap, sampler=sampler,
+            steps=steps, seed=seed, scale=scale, tile=tile, overlap=overlap, sampler=sampler, t_start=t_start,
             color_fix=color_fix, threads=max(1, int(cpus_per_worker)),
             max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
             min_image_side=min_image_side, storage_options=opts,

@@ -11,12 +11,19 @@ The way the paper trains its base, on our data:
   and its LQ from :func:`pfstorer.degradations.synthesize_lq` (``light``/``heavy`` mixed, the clean
   crop itself with ``p_HQ = 0.03``), drawn on the fly inside each worker from a generator seeded by
   ``(seed, worker rank, step)`` — so a resumed run sees exactly the batches an uninterrupted one would;
-- **loss**: epsilon-prediction MSE at uniform random timesteps of the preset's noise schedule
-  (``--loss-weighting trunc-snr`` multiplies it by ``max(1, 1/SNR(t))``, Salimans & Ho's truncated
-  SNR weighting: the image-space error where noise dominates, which plain epsilon MSE nearly
-  ignores and sampling amplifies — it made the short CPU run of ``compact`` usable);
+- **loss**: the distance (``--loss mse`` or ``l1``) of the denoiser's output to its target at
+  random timesteps of ``[0, train_t_max)``, the range the preset samples: the noise for epsilon
+  presets, the clean image for ``x0_residual`` ones. For presets that sample from the LQ diffused
+  to ``t_start``, a share ``--p-lq-start`` of the rows is drawn exactly so (the LQ, not the clean
+  image, diffused to ``t_start``), so the first sampling step is trained on what it will see.
+  ``--loss-weighting trunc-snr`` multiplies the per-row loss by ``max(1, 1/SNR(t))`` (Salimans &
+  Ho's truncated SNR weighting: for epsilon presets, the image-space error where noise dominates).
   AdamW, linear warm-up then cosine decay to 10 %, gradient clipping, optional EMA of the weights
   (what gets shipped; warmed up), optional bf16 autocast on CUDA;
+- **probe**: ``--holdout N`` keeps N photos (whole people) out of training; every
+  ``--probe-every`` steps their clean-image-estimate PSNR at fixed timesteps (fixed degradations
+  and noise; for LQ-started presets also from the LQ diffused to ``t_start``) is logged next to the
+  inputs' own PSNR and kept in the loss curve;
 - **throughput**: ``--loader-workers N`` synthesizes batches ahead in N processes per worker (a
   DataLoader over step indices, so batches do not depend on N); a GPU needs several;
 - **Ray Train**: a :class:`ray.train.torch.TorchTrainer`; with several workers the model is wrapped
@@ -30,7 +37,8 @@ The way the paper trains its base, on our data:
   last run of that store under the same name, so Ray hands the latest checkpoint back and training
   continues from its step, weights, optimizer state and loss history;
 - **output**: ``OUT/config.json`` + ``OUT/model.safetensors`` (``RestorationModel.save``; the EMA
-  weights when EMA is on), ``OUT/loss_curve.json`` (+ ``loss_curve.png`` when matplotlib is there).
+  weights when EMA is on), ``OUT/loss_curve.json`` with the probes (+ ``loss_curve.png`` when
+  matplotlib is there).
 """
 
 from __future__ import annotations
@@ -70,8 +78,14 @@ class TrainBaseConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0)
     ema: float = Field(0.0, ge=0, lt=1, description="EMA decay of the shipped weights (0: off; warm-up "
                        "min(ema, (1 + n) / (10 + n)) over the n EMA updates of this run)")
+    loss: Literal["mse", "l1"] = Field("mse", description="distance between prediction and target "
+                                       "(l1 for x0-predicting presets: sharper, higher PSNR)")
+    p_lq_start: float = Field(0.5, ge=0, le=1, description="share of rows drawn as sampling starts (the LQ "
+                              "diffused to the preset's t_start) for presets that start from the LQ")
+    holdout: int = Field(0, ge=0, description="photos of people held out of training for the probe")
+    probe_every: int = Field(250, ge=1, description="held-out clean-image-estimate PSNR every N steps")
     loss_weighting: Literal["eps", "trunc-snr"] = Field(
-        "eps", description="eps: plain epsilon MSE (the paper); trunc-snr: epsilon MSE x max(1, 1/SNR(t)), "
+        "eps", description="eps: unweighted (the paper's plain diffusion loss); trunc-snr: x max(1, 1/SNR(t)), "
                            "Salimans & Ho's truncated-SNR weighting (x0 error where noise dominates)")
     crop: int | None = Field(None, ge=8, description="training crop in pixels (default: the preset's tile)")
     crop_scale: tuple[float, float] = Field((0.6, 1.0), description="crop side as a fraction of the short side")
@@ -217,6 +231,92 @@ class _StepBatches:
         return _draw_batch(self.images, self.n, self.crop, self.c, self.rank, self.start + i)
 
 
+class _Probe:
+    """Clean-image-estimate PSNR on held-out photos at fixed timesteps (rank 0, between steps).
+
+    Each photo gets a fixed degradation (alternately ``heavy`` and ``light``) and fixed noise; the
+    estimate is the denoiser's x0 at ``t`` (noised HQ), and at ``t_start`` from the LQ diffused there
+    (where sampling starts, for presets that start from the LQ). The LQ's own PSNR is the baseline.
+    """
+
+    def __init__(self, ref: Any, model, c: TrainBaseConfig) -> None:
+        import numpy as np
+        import torch
+
+        from pfstorer.degradations import degrade
+
+        self.hq = None
+        if ref is None:
+            return
+        import ray
+
+        photos = ray.get(ref)
+        hq = torch.from_numpy(np.array(photos)).permute(0, 3, 1, 2).float() / 255.0
+        g = model.config.granularity
+        side = (min(hq.shape[-2:]) // g) * g
+        self.hq = hq[:, :, :side, :side].contiguous()
+        self.lq = torch.stack([degrade(x, ("heavy", "light")[i % 2], 7000 + i) for i, x in enumerate(self.hq)])
+        self.noise = torch.randn(self.hq.shape, generator=torch.Generator().manual_seed(c.seed + 99))
+        cfg = model.config
+        self.t_start = cfg.sampling.t_start if cfg.sampling.t_start < cfg.num_train_timesteps else None
+        self.ts = [int(cfg.train_t_max * f) for f in (0.1, 0.5, 0.9)]
+        from pfstorer.sampling import make_scheduler
+
+        self.ac = make_scheduler(model, "ddpm").alphas_cumprod.float()
+
+    @staticmethod
+    def _psnr(x, y) -> float:
+        import math
+
+        mse = float((x.clamp(0, 1) - y).pow(2).flatten(1).mean(1).clamp(min=1e-10).log10().mean())
+        return -10 * mse if math.isfinite(mse) else float("nan")
+
+    def measure(self, model, step: int) -> dict[str, Any]:
+        import torch
+
+        out: dict[str, Any] = {"step": step}
+        if self.hq is None:
+            return out
+        was_training = model.training
+        model.eval()
+        dev = model.device
+        with torch.no_grad():
+            z0, lq = model.to_latent(self.hq.to(dev)), model.to_latent(self.lq.to(dev))
+            noise = self.noise.to(dev)
+            cases = [(f"x0_psnr_t{t}", t, z0) for t in self.ts]
+            if self.t_start is not None:
+                cases.append((f"x0_psnr_lq_t{self.t_start}", self.t_start, lq))
+            for name, t, start in cases:
+                a = self.ac[t].to(dev)
+                z_t = a.sqrt() * start + (1 - a).sqrt() * noise
+                tt = torch.full((len(z0),), t, device=dev, dtype=torch.long)
+                pred = torch.cat([model.denoise(z_t[i:i + 8], tt[i:i + 8], lq[i:i + 8]) for i in range(0, len(z0), 8)])
+                x0 = pred if model.config.prediction == "x0_residual" else (z_t - (1 - a).sqrt() * pred) / a.sqrt()
+                est = model.from_latent(x0).cpu()
+                out[name + "_heavy"] = round(self._psnr(est[0::2], self.hq[0::2]), 3)
+                out[name + "_light"] = round(self._psnr(est[1::2], self.hq[1::2]), 3)
+            out["input_psnr_heavy"] = round(self._psnr(self.lq[0::2], self.hq[0::2]), 3)
+            out["input_psnr_light"] = round(self._psnr(self.lq[1::2], self.hq[1::2]), 3)
+        model.train(was_training)
+        return out
+
+
+def holdout_people(identities: Sequence[str], photos: int, seed: int = 0) -> list[int]:
+    """Indices of whole people, drawn in a seeded order, until at least ``photos`` photos are held out."""
+    import numpy as np
+
+    people = sorted(set(identities))
+    order = np.random.default_rng([seed, 17]).permutation(len(people))
+    chosen: set[str] = set()
+    count = 0
+    for k in order:
+        if count >= photos:
+            break
+        chosen.add(people[k])
+        count += sum(1 for i in identities if i == people[k])
+    return [i for i, ident in enumerate(identities) if ident in chosen]
+
+
 def _save_checkpoint(d: Path, model, ema, opt, state: dict[str, Any]) -> None:
     import torch
     from safetensors.torch import save_file
@@ -314,7 +414,11 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     elif ema is not None:
         ema = {k: v.to(device, torch.float32) for k, v in ema.items()}
     ac = make_scheduler(model, "ddpm").alphas_cumprod.to(device, torch.float32)
-    total_t = model.config.num_train_timesteps
+    t_max = model.config.train_t_max
+    t_start = model.config.sampling.t_start
+    # Rows drawn as sampling starts: the LQ diffused to t_start (only for presets that start there).
+    p_start = c.p_lq_start if t_start < model.config.num_train_timesteps else 0.0
+    probe = _Probe(loop_config.get("probe_ref"), model, c) if rank == 0 else None
     use_bf16 = c.bf16 and device.type == "cuda"
     if c.bf16 and not use_bf16 and rank == 0:
         print("train-base: --bf16 ignored (bf16 autocast is used on CUDA only)", flush=True)
@@ -335,15 +439,18 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         with torch.no_grad():
             z0 = model.to_latent(hq.to(device))
             lq_lat = model.to_latent(lq.to(device))
-        t = torch.randint(0, total_t, (per_worker,), generator=gen).to(device)
+        t = torch.randint(0, t_max, (per_worker,), generator=gen).to(device)
         noise = torch.randn(z0.shape, generator=gen).to(device)
+        start = (torch.rand(per_worker, generator=gen) < p_start).to(device)  # rows as sampling starts
+        t = torch.where(start, torch.full_like(t, t_start), t)
         a = ac[t].view(-1, 1, 1, 1)
-        z_t = a.sqrt() * z0.float() + (1 - a).sqrt() * noise
+        z_t = a.sqrt() * torch.where(start.view(-1, 1, 1, 1), lq_lat, z0).float() + (1 - a).sqrt() * noise
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, c)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            eps = net(z_t.to(model.dtype), t, lq_lat)
-        per_row = (eps.float() - noise).pow(2).flatten(1).mean(1)
+            pred = net(z_t.to(model.dtype), t, lq_lat)
+        err = pred.float() - model.target(z0.float(), noise)
+        per_row = (err.abs() if c.loss == "l1" else err.pow(2)).flatten(1).mean(1)
         if c.loss_weighting == "trunc-snr":  # max(1, 1/SNR) = max(1, (1 - a) / a)
             weight = ((1 - a) / a).clamp(min=1.0).view(-1)
             loss = (per_row * weight).mean()
@@ -363,8 +470,11 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                         ema[k].mul_(decay).add_(v.detach().float(), alpha=1 - decay)
         step += 1
         seen += per_worker * world
-        lv = float(per_row.detach().mean())  # the curve is always the plain epsilon MSE
+        lv = float(per_row.detach().mean())  # the curve is the unweighted loss
         state["losses"].append(lv)
+        if probe is not None and (step % c.probe_every == 0 or step == c.steps):
+            state.setdefault("probes", []).append(probe.measure(model, step))
+            print(json.dumps(state["probes"][-1]), flush=True)
         window.append(lv)
         elapsed = time.perf_counter() - t0
         state.update(step=step, wall_s=wall0 + elapsed, samples=int(state.get("samples", 0)) + per_worker * world)
@@ -392,6 +502,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
 
 # -- the driver ----------------------------------------------------------------------------------
 def _plot(curve: dict[str, Any], path: Path) -> bool:
+    """The loss per step and, when probed, the held-out PSNR of the clean-image estimates."""
     try:
         import matplotlib
 
@@ -401,17 +512,31 @@ def _plot(curve: dict[str, Any], path: Path) -> bool:
         return False
     import numpy as np
 
+    probes = [p for p in curve.get("probes", []) if len(p) > 1]
+    fig, axes = plt.subplots(1, 2 if probes else 1, figsize=(11 if probes else 6, 3.5), dpi=100, squeeze=False)
+    ax = axes[0][0]
     y = np.asarray(curve["loss"], dtype=float)
     k = max(1, len(y) // 50)
     smooth = np.convolve(y, np.ones(k) / k, mode="valid")
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(np.arange(1, len(y) + 1), y, lw=0.5, alpha=0.35, label="per step")
     ax.plot(np.arange(k, len(y) + 1), smooth, lw=1.5, label=f"mean of {k}")
     ax.set_xlabel("step")
-    ax.set_ylabel("epsilon MSE")
+    ax.set_ylabel(f"training loss ({curve['config'].get('loss', 'mse')})")
     ax.set_yscale("log")
     ax.set_title(f"{curve['preset']} base training ({curve['device']})", fontsize=9)
     ax.legend()
+    if probes:
+        ax = axes[0][1]
+        steps = [p["step"] for p in probes]
+        names = sorted({k for p in probes for k in p if k.startswith("x0_psnr")})
+        for name in names:
+            ax.plot(steps, [p.get(name, np.nan) for p in probes], marker=".", label=name.removeprefix("x0_psnr_"))
+        for level, style in (("heavy", ":"), ("light", "--")):
+            ax.axhline(probes[-1][f"input_psnr_{level}"], color="k", ls=style, lw=1, label=f"input ({level})")
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out PSNR of x0 estimate (dB)")
+        ax.set_title("clean-image estimate at fixed t (lq_t: from the diffused LQ)", fontsize=9)
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -473,11 +598,19 @@ def train_base(
                                     "data": data, "split": split, "limit": limit}, indent=2))
     if not ray.is_initialized():
         ray.init(include_dashboard=False, configure_logging=False, log_to_driver=verbose)
+    probe_ref = None
+    if config.holdout:
+        held = holdout_people(identities, config.holdout, config.seed)
+        keep = sorted(set(range(len(identities))) - set(held))
+        probe_ref = ray.put(images[held])
+        images, identities = images[keep], [identities[i] for i in keep]
+        if verbose:
+            print(f"train-base: {len(held)} photos of their own people held out for the probe", file=sys.stderr)
     images_ref = ray.put(images)
     del images
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "images_ref": images_ref},
+        train_loop_config={"config": config.model_dump(mode="json"), "images_ref": images_ref, "probe_ref": probe_ref},
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=store,
@@ -511,7 +644,7 @@ def train_base(
         "steps": state["step"], "resumed_from": state["resumed_from"],
         "start_fingerprint": state.get("start_fingerprint"), "init_fingerprint": state.get("init_fingerprint"),
         "fingerprint": fp, "wall_s": state["wall_s"], "samples": state.get("samples"),
-        "config": config.model_dump(mode="json"), "loss": state["losses"],
+        "config": config.model_dump(mode="json"), "loss": state["losses"], "probes": state.get("probes", []),
     }
     (out / "loss_curve.json").write_text(json.dumps(curve))
     _plot(curve, out / "loss_curve.png")
@@ -531,7 +664,8 @@ def _cmd(args: argparse.Namespace) -> int:
         "workers": args.workers, "use_gpu": args.use_gpu, "bf16": args.bf16, "checkpoint_every": args.checkpoint_every,
         "init": args.init, "seed": args.seed, "loss_weighting": args.loss_weighting, "ema": args.ema, "crop": args.crop, "threads": args.threads,
         "log_every": args.log_every, "loader_workers": args.loader_workers, "weight_decay": args.weight_decay, "warmup": args.warmup,
-        "crop_scale": tuple(args.crop_scale), "keep_checkpoints": args.keep_checkpoints,
+        "crop_scale": tuple(args.crop_scale), "keep_checkpoints": args.keep_checkpoints, "loss": args.loss,
+        "p_lq_start": args.p_lq_start, "holdout": args.holdout, "probe_every": args.probe_every,
     }
     config = TrainBaseConfig(**{k: v for k, v in fields.items() if v is not None})
     res = train_base(data=args.data, out=args.out, config=config, split=args.split, limit=args.limit,
@@ -545,7 +679,8 @@ def register_cli(subparsers: Any) -> None:
         "train-base", help="train a base restoration model (Ray Train)",
         description="Train a base model of a preset on the photos of one split of an index.csv "
                     "(identity,path,split): random crops, synthetic light/heavy degradations "
-                    "(clean input with p=0.03), epsilon-prediction loss. Ray Train TorchTrainer "
+                    "(clean input with p=0.03), the preset's diffusion loss (noise or x0 target) at the "
+                    "timesteps it samples; --holdout probes held-out PSNR. Ray Train TorchTrainer "
                     "(DDP with several workers); checkpoints to --store; --resume continues. Writes "
                     "OUT/config.json + model.safetensors (load with --base OUT) and OUT/loss_curve.json.",
     )
@@ -560,7 +695,13 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--warmup", type=int, help="warm-up steps (default: 5%% of steps, at most 500)")
     p.add_argument("--ema", type=float, help="EMA decay of the saved weights (default 0: off)")
     p.add_argument("--loss-weighting", choices=["eps", "trunc-snr"],
-                   help="eps: plain epsilon MSE (paper, default); trunc-snr: x max(1, 1/SNR(t))")
+                   help="eps: unweighted (the paper, default); trunc-snr: x max(1, 1/SNR(t))")
+    p.add_argument("--loss", choices=["mse", "l1"], help="distance to the target (default mse)")
+    p.add_argument("--p-lq-start", type=float,
+                   help="share of rows drawn as sampling starts, the LQ diffused to the preset's t_start (default 0.5)")
+    p.add_argument("--holdout", type=int,
+                   help="hold this many photos (whole people) out of training for the PSNR probe (default 0)")
+    p.add_argument("--probe-every", type=int, help="probe the held-out photos every N steps (default 250)")
     p.add_argument("--crop", type=int, help="training crop size in pixels (default: the preset's tile)")
     p.add_argument("--crop-scale", type=float, nargs=2, default=(0.6, 1.0), metavar=("LO", "HI"),
                    help="crop side as a fraction of the photo's short side")

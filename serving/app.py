@@ -107,13 +107,19 @@ class RestoreParams(BaseModel):
     )
     scale: float = Field(1.0, gt=0, le=MAX_SCALE, description="Upscaling factor (super-resolution).")
     steps: int | None = Field(
-        None, ge=1, le=MAX_STEPS, description="Denoising steps (default: the server's serve.default_steps)."
+        None, ge=1, le=MAX_STEPS,
+        description="Denoising steps (default: the server's serve.default_steps, else the base's).",
     )
     seed: int = Field(0, ge=0, le=2**63 - 1, description="Noise seed; the same seed gives the same PNG.")
     color_fix: Literal["wavelet", "adain", "none"] = Field(
         "wavelet", description="Match the input's colours after stitching the tiles."
     )
-    sampler: Literal["ddim", "ddpm"] = Field("ddim", description="Diffusion sampler.")
+    sampler: Literal["ddim", "ddpm"] | None = Field(None, description="Diffusion sampler (default: the base's).")
+    t_start: int | None = Field(
+        None, ge=1, le=MAX_STEPS,
+        description="Timestep sampling starts from: below the schedule's length (1000) the LQ diffused "
+        "to it, at 1000 pure noise (default: the base's).",
+    )
 
 
 class ErrorBody(BaseModel):
@@ -440,6 +446,7 @@ class Restorer:
             scale=float(p["scale"]),
             steps=int(p["steps"]),
             sampler=p["sampler"],
+            t_start=int(p["t_start"]),
             tile=self.settings.serve.tile_size,
             tile_batch=self.settings.serve.tile_batch,
             color_fix=p["color_fix"],
@@ -557,6 +564,10 @@ class Restorer:
         self._ensure_sweeper()
         self.requests += 1
         key = serve.get_multiplexed_model_id() or ""
+        defaults = self.model.config.sampling  # what the request leaves open, the base decides
+        params = {**params, "steps": params.get("steps") or defaults.steps,
+                  "sampler": params.get("sampler") or defaults.sampler,
+                  "t_start": params.get("t_start") or defaults.t_start}
         job = _Job(key, None, image_u8, params, time.perf_counter())
         if key:
             job.entry = await self._io_call(self._entry, key)
@@ -573,7 +584,7 @@ class Restorer:
         from pfstorer.images import encode_png
 
         png = await self._io_call(encode_png, result.pop("image"))
-        return {"png": png, "base": self.fingerprint, **result}
+        return {"png": png, "base": self.fingerprint, "steps": params["steps"], **result}
 
     async def ready(self) -> dict[str, Any]:
         """Model loaded (the constructor ran) and the adapter index readable."""
@@ -848,7 +859,7 @@ class Gateway:
                 ADAPTER_HEADER: result["adapter"],
                 BASE_HEADER: result["base"],
                 "X-PFStorer-Seed": str(params.seed),
-                "X-PFStorer-Steps": str(p["steps"]),
+                "X-PFStorer-Steps": str(result["steps"]),
                 "Server-Timing": f"queue;dur={result['queue_s'] * 1e3:.1f}, "
                 f"restore;dur={result['compute_s'] * 1e3:.1f}, total;dur={elapsed * 1e3:.1f}",
                 "Cache-Control": "no-store",

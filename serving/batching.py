@@ -31,6 +31,7 @@ def batch_signature(shape: Sequence[int], params: Mapping[str, Any]) -> tuple[Ha
         float(params["scale"]),
         int(params["steps"]),
         str(params["sampler"]),
+        int(params["t_start"]),
         str(params["color_fix"]),
     )
 

@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 from typing import Any
+from pfstorer.cli import add_sampling_args
 
 __all__ = ["register_cli"]
 
@@ -175,6 +176,7 @@ def _cmd_restore_batch(args: argparse.Namespace) -> int:
             tile=args.tile,
             overlap=args.overlap,
             sampler=args.sampler,
+            t_start=args.t_start,
             color_fix=args.color_fix,
             storage_options=opts or None,
             workers=args.workers or settings.workers,
@@ -250,12 +252,11 @@ def register_cli(subparsers: Any) -> None:
     b.add_argument("--base", help="base model preset or checkpoint (settings: base)")
     b.add_argument("--weights", help="checkpoint for the preset (sd21)")
     b.add_argument("--device", help="cpu, cuda or auto (settings: device)")
-    b.add_argument("--steps", type=int, default=50, help="denoising steps")
     b.add_argument("--seed", type=int, default=0, help="noise seed (a manifest 'seed' column wins)")
     b.add_argument("--scale", type=float, default=1.0, help="upscaling factor")
     b.add_argument("--tile", type=int, help="tile size in output pixels (default: the model's native size)")
     b.add_argument("--overlap", type=int, help="tile overlap in output pixels (default: a quarter tile)")
-    b.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    add_sampling_args(b)
     b.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default="wavelet")
     b.add_argument("--workers", type=int, help="Ray Data actors, one base model each (settings: workers)")
     b.add_argument("--cpus-per-worker", type=float, help="CPUs per actor (settings: cpus_per_worker)")

@@ -150,7 +150,7 @@ def run_demo(
     state_dir: Path = REPO / ".pfstorer-state" / "demo",
     base: str | None = None,
     steps: int | None = None,
-    restore_steps: int = 10,
+    restore_steps: int | None = None,
     max_side: int = 192,
     fresh: bool = True,
 ) -> Path:
@@ -202,12 +202,13 @@ def run_demo(
         serve.run(build_application(settings), name=APP_NAME, route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}"
         rows, row_labels, table = [], [], []
+        served_steps = restore_steps
         with httpx.Client(base_url=url, timeout=600) as client:
             for i, person in enumerate(people):
                 original, degraded = _degraded_pair(person.held_out, max_side, seed=100 + i)
                 outs = {}
                 for mode in ("base", "personalized"):
-                    form = {"steps": str(restore_steps), "seed": "0"}
+                    form = {"seed": "0"} if restore_steps is None else {"steps": str(restore_steps), "seed": "0"}
                     if mode == "personalized":
                         form["identity"] = person.identity
                     r = client.post("/v1/restore", data=form,
@@ -216,6 +217,7 @@ def run_demo(
                     if r.status_code != 200:
                         raise RuntimeError(f"restore of {person.identity} ({mode}) failed: {r.status_code} {r.text}")
                     outs[mode] = decode_image(r.content)
+                    served_steps = int(r.headers["X-PFStorer-Steps"])
                     outs[mode + "_adapter"] = r.headers.get("X-PFStorer-Adapter", "?")
                     print(f"  {person.tenant}/{person.identity}: {mode} restore over HTTP "
                           f"(adapter {outs[mode + '_adapter']})", flush=True)
@@ -228,7 +230,7 @@ def run_demo(
                 rows.append([degraded, outs["base"], outs["personalized"], original])
                 row_labels.append(f"{person.tenant}/{person.identity}")
                 table.append((person, outs["personalized_adapter"], metrics))
-        report = _write_report(state_dir / "report", rows, row_labels, table, base, steps, restore_steps,
+        report = _write_report(state_dir / "report", rows, row_labels, table, base, steps, served_steps,
                                smoke, time.perf_counter() - t_start, summary)
     finally:
         if own_ray:
@@ -264,7 +266,7 @@ def _write_report(out: Path, rows, row_labels, table, base: str, steps: int, res
                if base.startswith("tiny") else f"the shipped `{base}` weights (see pfstorer/weights/{base}/MODEL_CARD.md)")
     lines += [f"Base model: `{base}` - {weights}.",
               f"Personalization: {steps} steps per person on CPU (the paper uses 500 on a GPU); "
-              f"restoration: {restore_steps} DDIM steps, served over HTTP by Ray Serve on 127.0.0.1.",
+              f"restoration: {restore_steps} denoising steps, served over HTTP by Ray Serve on 127.0.0.1.",
               f"Run: {len(summary.by_status('done'))} trained, {len(summary.by_status('skipped'))} skipped, "
               f"{len(summary.by_status('failed'))} failed; whole demo {seconds:.0f} s.", "",
               "![input | base | personalized | original](report.png)", "",
@@ -297,7 +299,7 @@ def register_cli(subparsers: Any) -> None:
                                                "(default: ../shared/data/demo and ../shared/data/wild)")
     p.add_argument("--base", help="base preset (default: compact when its weights are shipped, else tiny)")
     p.add_argument("--steps", type=int, help="personalization steps per person (default 40 tiny / 5 compact: a 128 px step takes seconds on a CPU)")
-    p.add_argument("--restore-steps", type=int, default=10, help="denoising steps per restore")
+    p.add_argument("--restore-steps", type=int, help="denoising steps per restore (default: the base's)")
     p.add_argument("--max-side", type=int, default=192, help="held-out photos are shrunk to this long side")
     p.add_argument("--state-dir", type=Path, default=REPO / ".pfstorer-state" / "demo")
     p.add_argument("--keep", action="store_true", help="keep earlier demo state (reruns skip trained people)")

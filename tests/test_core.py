@@ -89,6 +89,20 @@ def test_fingerprint_depends_on_weights():
     assert a.fingerprint != b.fingerprint
 
 
+def test_base_saved_in_float16_loads_with_the_fingerprint_of_its_header(tmp_path):
+    from safetensors import safe_open
+
+    model = load_base("tiny")
+    full, half = model.save(tmp_path / "fp32"), model.save(tmp_path / "fp16", dtype=torch.float16)
+    size = lambda d: (d / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(half) < 0.6 * size(full)
+    loaded = load_base(str(half))
+    with safe_open(str(half / "model.safetensors"), "pt") as fh:
+        assert fh.metadata()["fingerprint"] == loaded.fingerprint  # of the rounded weights, as loaded
+    assert loaded.dtype == torch.float32 and loaded.fingerprint != model.fingerprint
+    assert load_base(str(full)).fingerprint == model.fingerprint
+
+
 def test_training_is_seeded(tiny, people):
     name, refs = next(iter(people.items()))
     cfg = PersonalizeConfig(steps=2, seed=11)

@@ -145,3 +145,77 @@ def test_banded_colour_fix_equals_the_whole_image_formula(method):
     assert torch.allclose(out, ref.clamp(0, 1), atol=1e-5)
     u8 = color_fix((restored * 255).round().to(torch.uint8), (source * 255).round().to(torch.uint8), method)
     assert u8.dtype == torch.uint8 and (u8.float() / 255 - out).abs().max() < 3 / 255
+
+
+# --- sampling from the LQ, x0-predicting presets ----------------------------------------------------
+@pytest.fixture(scope="module")
+def photo(shared_data):
+    """A real photo (wild/person1/img4.jpg), [3,H,W] in [0,1]."""
+    from pfstorer.images import load_image
+
+    return load_image(shared_data / "wild" / "person1" / "img4.jpg")
+
+
+def _as_u8(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    small = F.interpolate(img[None], size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0]
+    return small.clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def _tiny_with(**update):
+    from pfstorer.model import RestorationModel
+    from pfstorer.presets import get_preset
+
+    torch.manual_seed(0)
+    return RestorationModel(get_preset("tiny").model_copy(update=update)).freeze()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_x0_updates_are_the_ddim_step_and_the_ddpm_posterior(sampler):
+    from pfstorer.presets import SamplingDefaults
+
+    model = _tiny_with(prediction="x0_residual", sampling=SamplingDefaults(t_start=300, steps=3))
+    ups = sampler_updates(model, sampler, 3, 300)
+    assert [u.t for u in ups] == [300, 200, 100]
+    ac = make_scheduler(model, sampler).alphas_cumprod.double()
+    g = torch.Generator().manual_seed(0)
+    x, x0, noise = (torch.randn(4, generator=g, dtype=torch.float64) for _ in range(3))
+    for k, u in enumerate(ups):
+        a_t = ac[u.t]
+        a_prev = ac[ups[k + 1].t] if k + 1 < len(ups) else torch.tensor(1.0, dtype=torch.float64)
+        if sampler == "ddim":  # x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps(x_t, x0)
+            eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+            ref = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        else:  # the posterior q(x_prev | x_t, x0) and its standard deviation
+            beta = 1 - a_t / a_prev
+            ref = (a_prev.sqrt() * beta * x0 + (a_t / a_prev).sqrt() * (1 - a_prev) * x) / (1 - a_t)
+            ref = ref + ((1 - a_prev) / (1 - a_t) * beta).sqrt() * noise
+        ours = u.a * x + u.b * x0 + u.c * noise
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    assert ups[-1].a == 0 and ups[-1].b == 1 and ups[-1].c == 0  # the last step returns the x0 estimate
+
+
+def test_untrained_x0_residual_base_is_the_identity(photo):
+    """A zero-initialised output layer makes x0_hat = LQ: a fresh base can never make a photo worse."""
+    model = load_base("compact", random_weights=True)
+    img = _as_u8(photo, 128, 160)
+    out = restore(model, img, color_fix="none")
+    assert torch.equal(out, img)
+
+
+def test_restore_takes_the_preset_sampling_defaults(photo):
+    from pfstorer.presets import SamplingDefaults
+
+    model = _tiny_with(sampling=SamplingDefaults(sampler="ddim", steps=3, t_start=300))
+    img = _as_u8(photo, 32, 32)
+    default = restore(model, img, seed=1, color_fix="none")
+    assert torch.equal(default, restore(model, img, seed=1, color_fix="none", sampler="ddim", steps=3, t_start=300))
+    from_noise = restore(model, img, seed=1, color_fix="none", steps=3, t_start=1000)
+    assert not torch.equal(default, from_noise)  # pure noise is still there, as an option
+
+
+def test_lq_start_refuses_more_steps_than_timesteps(photo):
+    from pfstorer.errors import InputError
+
+    model = _tiny_with()
+    with pytest.raises(InputError, match="t_start"):
+        restore(model, _as_u8(photo, 32, 32), steps=20, t_start=10)

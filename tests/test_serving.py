@@ -208,10 +208,12 @@ def test_affinity_scheduler_no_starvation() -> None:
 def test_plan_runs_pins_at_most_slots_people_per_run() -> None:
     from serving.batching import batch_signature, plan_runs
 
-    a = batch_signature((3, 128, 128), {"scale": 1, "steps": 2, "sampler": "ddim", "color_fix": "wavelet"})
-    b = batch_signature((3, 128, 96), {"scale": 1, "steps": 2, "sampler": "ddim", "color_fix": "wavelet"})
-    c = batch_signature((3, 128, 128), {"scale": 1, "steps": 3, "sampler": "ddim", "color_fix": "wavelet"})
+    p = {"scale": 1, "steps": 2, "sampler": "ddim", "t_start": 200, "color_fix": "wavelet"}
+    a = batch_signature((3, 128, 128), p)
+    b = batch_signature((3, 128, 96), p)
+    c = batch_signature((3, 128, 128), {**p, "steps": 3})
     assert a != b and a != c  # size and steps shape the computation; seeds and people do not
+    assert a != batch_signature((3, 128, 128), {**p, "t_start": 1000})  # nor does where sampling starts
     items = [(a, "t/p"), (a, "t/q"), (a, ""), (b, "t/p"), (a, "t/r"), (a, "t/p"), (a, "u/s"), (a, "t/q"), (c, "")]
     runs = plan_runs(items, max_people=2)
     # p, q and the base row share a run; r does not fit (two people already), so it opens the

@@ -21,7 +21,7 @@ def _config(steps: int):
     from pipelines.train_base import TrainBaseConfig
 
     return TrainBaseConfig(base="tiny", steps=steps, batch_size=2, lr=1e-3, checkpoint_every=2, warmup=1,
-                           log_every=100, threads=1, ema=0.9, loss_weighting="trunc-snr")
+                           log_every=100, threads=1, ema=0.9, loss_weighting="trunc-snr", holdout=4, probe_every=2)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,9 @@ def runs(ray_session, shared_data: Path, tmp_path_factory):
     out = tmp_path_factory.mktemp("train_base")
     data = str(shared_data / "lfw128")
     first = train_base(data=data, out=out, config=_config(STEPS), limit=16, verbose=False)
+    from pipelines.train_base import holdout_people, load_split
+
+    held = holdout_people(load_split(data, "train", limit=16)[1], 4)
     first_curve = json.loads((out / "loss_curve.json").read_text())
     ckpt = Path(first.checkpoint)
     ckpt_files = sorted(p.name for p in ckpt.iterdir())
@@ -42,17 +45,38 @@ def runs(ray_session, shared_data: Path, tmp_path_factory):
     second = train_base(data=data, out=out, config=_config(RESUMED_STEPS), limit=16, resume=True, verbose=False)
     second_curve = json.loads((out / "loss_curve.json").read_text())
     return {"out": out, "first": first, "first_curve": first_curve, "ckpt_files": ckpt_files, "ckpt_fp": ckpt_fp,
-            "first_model_fp": first_model_fp, "reported": reported, "second": second, "second_curve": second_curve}
+            "first_model_fp": first_model_fp, "reported": reported, "second": second, "second_curve": second_curve,
+            "held": held}
 
 
 def test_training_records_loss_and_writes_checkpoints(runs):
     first, curve = runs["first"], runs["first_curve"]
     assert first.steps == STEPS and first.resumed_from == 0
     assert len(curve["loss"]) == STEPS and all(math.isfinite(v) and v > 0 for v in curve["loss"])
-    assert curve["split"] == "train" and curve["photos"] == 16
+    assert curve["split"] == "train" and curve["photos"] == 16 - len(runs["held"])  # held-out people left out
     assert {"config.json", "model.safetensors", "optimizer.pt", "state.json"} <= set(runs["ckpt_files"])
     assert runs["reported"] == ["checkpoint_00000002", "checkpoint_00000004"]  # every --checkpoint-every steps
     assert Path(first.checkpoint).name == "checkpoint_00000004"
+
+
+def test_held_out_photos_are_probed_at_fixed_timesteps(runs):
+    probes = runs["second_curve"]["probes"]
+    assert [p["step"] for p in probes] == [2, 4, 6]  # every probe_every steps, kept across the resume
+    for p in probes:
+        psnrs = {k: v for k, v in p.items() if "psnr" in k}
+        assert len(psnrs) == 8 and all(math.isfinite(v) for v in psnrs.values()), p  # 3 t's + input, 2 levels
+    # the degraded inputs are fixed, so their PSNR is the same at every probe
+    assert len({(p["input_psnr_heavy"], p["input_psnr_light"]) for p in probes}) == 1
+
+
+def test_holdout_takes_whole_people():
+    from pipelines.train_base import holdout_people
+
+    ids = ["a", "a", "b", "c", "c", "c", "d"]
+    held = holdout_people(ids, 3, seed=0)
+    people = {ids[i] for i in held}
+    assert len(held) >= 3 and held == [i for i, x in enumerate(ids) if x in people]  # every photo of each
+    assert holdout_people(ids, 3, seed=0) == held and holdout_people(ids, 0) == []
 
 
 def test_resume_continues_from_the_checkpoint(runs):
