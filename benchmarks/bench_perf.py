@@ -1,4 +1,4 @@
-"""Issue 8 benchmark: packed personalization, eager vs compiled restore, mixed-identity batches, swaps.
+"""Fast-path benchmark: packed personalization, eager vs compiled restore, mixed-identity batches, swaps.
 
 GPU (the numbers that matter):
     python benchmarks/bench_perf.py --base sd21 --device cuda --dtype bfloat16 --compile-mode reduce-overhead

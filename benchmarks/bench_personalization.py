@@ -1,4 +1,4 @@
-"""Personalization benchmark (issue 7 item 3; the paper's Table 2 and Fig. 9 on our data).
+"""Personalization benchmark (the paper's Table 2 and Fig. 9 on our data).
 
 On the lfw128 bench people (never trained on): each person's first ``--refs`` photos (sorted by
 file name) are the references, the rest are test photos, degraded ``light`` and/or ``heavy`` with
@@ -141,7 +141,7 @@ def summarize(rows: list[dict[str, float | None]]) -> dict[str, Any]:
     return out
 
 
-def _restore_all(model, lqs: list[torch.Tensor], adapter, seeds: list[int], steps: int) -> list[torch.Tensor]:
+def _restore_all(model, lqs: list[torch.Tensor], adapter, seeds: list[int], steps: int | None) -> list[torch.Tensor]:
     from pfstorer.sampling import restore
 
     return [restore(model, x, adapter=adapter, seed=s, steps=steps) for x, s in zip(lqs, seeds, strict=True)]
@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def to_markdown(report: dict[str, Any]) -> str:
     lines = [f"# Personalization benchmark ({report['base']} base)", "",
              f"Card: **{report['card']}**. {report['people']} bench people, {report['test_photos']} test photos, "
-             f"personalization {report['settings']['steps']} steps, {report['settings']['sample_steps']} DDIM steps. "
+             f"personalization {report['settings']['steps']} steps, {report['settings']['sample_steps'] or 'default'} sampling steps. "
              f"Wall time {report['wall_s']:.0f} s.", "", f"Command: `{report['command']}`", ""]
     arrows = {"psnr": "↑", "ssim": "↑", "st_lpips": "↓", "niqe": "↓", "lmse": "↓", "id_facenet": "↑"}
     for level, rows in report["results"].items():
@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-test", type=int, help="at most this many test photos per person")
     p.add_argument("--level", choices=["light", "heavy", "both"], default="both")
     p.add_argument("--steps", type=int, default=500, help="personalization / fine-tune steps (paper: 500)")
-    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps per restore")
+    p.add_argument("--sample-steps", type=int, help="denoising steps per restore (default: the base's)")
     p.add_argument("--ft-lr", type=float, default=1e-5, help="learning rate of the full fine-tune row")
     p.add_argument("--capacity", type=int, default=16, help="identities personalized together (packed)")
     p.add_argument("--lambda-gen-sweep", action="store_true", help="add PFStorer rows at lambda_gen 0/0.1/0.5/1")

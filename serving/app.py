@@ -111,6 +111,10 @@ class RestoreParams(BaseModel):
         description="Denoising steps (default: the server's serve.default_steps, else the base's).",
     )
     seed: int = Field(0, ge=0, le=2**63 - 1, description="Noise seed; the same seed gives the same PNG.")
+    strength: float = Field(
+        1.0, ge=0, le=1, description="How much of the person's adapter to apply (scales its gates alpha): "
+        "0 is the base model bit for bit, 1 the adapter as trained.",
+    )
     color_fix: Literal["wavelet", "adain", "none"] = Field(
         "wavelet", description="Match the input's colours after stitching the tiles."
     )
@@ -431,7 +435,8 @@ class Restorer:
         raise RuntimeError(f"could not keep an adapter slot for {key}")
 
     def _restore_sync(
-        self, images_u8: list[torch.Tensor], slots: list[int] | None, seeds: list[int], p: dict[str, Any]
+        self, images_u8: list[torch.Tensor], slots: list[int] | None, seeds: list[int], strengths: list[float],
+        p: dict[str, Any],
     ) -> torch.Tensor:
         """Rows of one shape and parameters; row i with device slot ``slots[i]`` (None: all base)."""
         from pfstorer.sampling import restore_batch
@@ -443,6 +448,7 @@ class Restorer:
             adapters=self.slots if slots is not None else None,
             slots=slots,
             seeds=seeds,
+            strength=strengths,
             scale=float(p["scale"]),
             steps=int(p["steps"]),
             sampler=p["sampler"],
@@ -452,7 +458,7 @@ class Restorer:
             color_fix=p["color_fix"],
         )
 
-    # -- forgetting (lesson 8) ------------------------------------------------------------------
+    # -- forgetting (faces are biometric data) ------------------------------------------------------------------
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
@@ -534,6 +540,7 @@ class Restorer:
                     [j.image for j in rows],
                     slots if residents else None,
                     [int(j.params["seed"]) for j in rows],
+                    [float(j.params.get("strength", 1.0)) for j in rows],
                     rows[0].params,
                 )
             t2 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Issue 2 acceptance from the command line: personalize, restore, degrade and their errors."""
+"""From the command line: personalize, restore, degrade and their errors."""
 
 from __future__ import annotations
 

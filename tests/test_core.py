@@ -1,4 +1,4 @@
-"""The model core (issue 2): personalization blocks, training, adapters, restore — Python API."""
+"""The model core: personalization blocks, training, adapters, restore — Python API."""
 
 from __future__ import annotations
 
@@ -50,6 +50,20 @@ def test_training_moves_alpha_and_changes_output(tiny, people, trained):
     assert max(float(v.abs().max()) for k, v in trained.tensors.items() if k.endswith("alpha")) > 0
     base = restore(tiny, refs[0], seed=5, **FAST)
     assert not torch.equal(base, restore(tiny, refs[0], adapter=trained, seed=5, **FAST))
+
+
+def test_strength_scales_the_adapter_from_the_base_to_the_adapter(tiny, people, trained):
+    from pfstorer.errors import InputError
+
+    img = next(iter(people.values()))[0]
+    base = restore(tiny, img, seed=5, **FAST)
+    full = restore(tiny, img, adapter=trained, seed=5, **FAST)
+    assert torch.equal(restore(tiny, img, adapter=trained, seed=5, strength=0.0, **FAST), base)  # bit for bit
+    assert torch.equal(restore(tiny, img, adapter=trained, seed=5, strength=1.0, **FAST), full)
+    half = restore(tiny, img, adapter=trained, seed=5, strength=0.5, **FAST)
+    assert not torch.equal(half, base) and not torch.equal(half, full)
+    with pytest.raises(InputError, match="strength"):
+        restore(tiny, img, adapter=trained, strength=1.5, **FAST)
 
 
 def test_adapter_needs_no_reference_photos_and_roundtrips(tiny, people, trained, tmp_path):
@@ -148,7 +162,7 @@ def test_latent_preset_personalizes_and_restores(people):
 
 
 def test_packed_training_equals_solo_training(tiny, people):
-    """Issue 8: K identities packed in one batch get the adapters they would get alone."""
+    """K identities packed in one batch get the adapters they would get alone."""
     cfg = PersonalizeConfig(steps=3, seed=0)
     jobs = [PersonalizeJob(n, refs[:4], seed=i + 1) for i, (n, refs) in enumerate(list(people.items())[:3])]
     packed = personalize_many(tiny, jobs, config=cfg, capacity=3)
@@ -170,7 +184,7 @@ def test_packed_slots_refill_as_people_finish(tiny, people):
 
 
 def test_mixed_identity_batch_equals_restoring_alone(tiny, people):
-    """Issue 8: one batch mixing people gives each the output it gets alone."""
+    """One batch mixing people gives each the output it gets alone."""
     names = list(people)[:3]
     adapters = [personalize(tiny, people[n][:3], identity=n, config=PersonalizeConfig(steps=2, seed=i))
                 for i, n in enumerate(names)]

@@ -1,4 +1,4 @@
-"""Issue 6: the demo's flow end to end with the tiny preset, as `make demo` runs it (a subprocess)."""
+"""The demo's flow end to end with the tiny preset, as `make demo` runs it (a subprocess)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def test_without_photos_the_demo_falls_back_to_a_labelled_astronaut_smoke_run(tm
     """No --photos content and no ../shared: one astronaut 'person' (5 references + a held-out
     view, all different), the run says SMOKE RUN ONLY, and so does the report. The pipeline after
     this choice is the one the end-to-end test above runs (``make demo`` with ../shared absent was
-    also run by hand: see the issue 6 note)."""
+    also run by hand)."""
     from serving.demo import _write_report, choose_people
 
     empty = tmp_path / "empty"

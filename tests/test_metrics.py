@@ -168,7 +168,7 @@ def _triplets(people: dict[str, list[Path]], n: int, seed: int) -> list[tuple[Pa
 
 @pytest.mark.eval
 def test_facenet_same_person_scores_higher_than_different_person(lfw_bench: dict[str, list[Path]]) -> None:
-    """Acceptance (issue 3): >= 90% of 200 seeded lfw128 bench triplets rank same > different."""
+    """>= 90% of 200 seeded lfw128 bench triplets rank same > different."""
     _needs("id_facenet")
     emb = M.IdentityEmbedder("facenet")
     cache: dict[Path, np.ndarray] = {}

@@ -327,7 +327,7 @@ def test_register_is_idempotent_by_job_key(mlflow_local: MlflowService):
 @pytest.mark.xfail(strict=False, reason=(
     "known race, seen ~1 run in 3 on SQLite: one of three concurrent register() calls for the same "
     "job key can raise instead of returning the surviving version; `pfstorer run` registers from "
-    "one publisher thread on SQLite, so the pipeline does not hit it (open bug, see issue 4 note)"))
+    "one publisher thread on SQLite, so the pipeline does not hit it (open bug)"))
 def test_racing_registrations_of_one_job_leave_one_version(mlflow_local: MlflowService):
     """A retried task beside a slow original: both register the same job key at once."""
     tenant = unique_name("acme")

@@ -1,4 +1,4 @@
-"""``pfstorer run``: manifest -> validate -> Ray Train worker group -> registry (issue 4).
+"""``pfstorer run``: manifest -> validate -> Ray Train worker group -> registry.
 
 Integration tests use one real Ray (``ray_session``), real MLflow (SQLite, and an ``mlflow
 server`` subprocess), moto's S3 server, the ``tiny`` base and 2 training steps. The queue's own

@@ -1,4 +1,4 @@
-"""Streaming restoration internals (issue 3, item 1: peak memory bounded by the tile size).
+"""Streaming restoration internals (peak memory bounded by the tile size) and the samplers.
 
 ``restore_batch`` never builds full-size temporaries: the sampler step runs in place on row
 bands (:func:`pfstorer.tiling.blend_rows`), the upscale and the colour fix work band by band, and

@@ -264,7 +264,7 @@ def test_openapi_documents_the_api() -> None:
     assert "image/png" in post["responses"]["200"]["content"]
     assert "Retry-After" in post["responses"]["503"]["headers"]
     form = post["requestBody"]["content"]["multipart/form-data"]["schema"]
-    assert {"image", "identity", "scale", "steps", "seed", "color_fix"} <= set(form["properties"])
+    assert {"image", "identity", "scale", "steps", "seed", "color_fix", "strength", "t_start"} <= set(form["properties"])
     assert {"/v1/identities", "/healthz", "/readyz"} <= set(spec["paths"])
     assert {"HTTPBearer", "APIKeyHeader"} <= set(spec["components"]["securitySchemes"])
 
@@ -512,6 +512,11 @@ def test_base_only_and_spoofed_multiplex_header(stack: Stack, client: Any) -> No
     spoof = f"{tenant_b}/{stack.people[tenant_b][0]}"
     r = _post(client, stack, tenant_a, photo, seed=7, headers={"serve_multiplexed_model_id": spoof})
     assert r.status_code == 200 and r.headers["X-PFStorer-Adapter"] == "none" and r.content == ref
+    # strength 0: the person's adapter is loaded and applied with its gates at 0, i.e. the base exactly
+    name = stack.people[tenant_a][0]
+    r = _post(client, stack, tenant_a, photo, seed=7, identity=name, strength=0)
+    assert r.status_code == 200 and r.headers["X-PFStorer-Adapter"] == stack.labels[(tenant_a, name)]
+    assert r.content == ref
 
 
 @pytest.mark.integration
@@ -580,7 +585,7 @@ def test_limits_and_bad_input_never_500(stack: Stack, client: Any) -> None:
     assert status(client.post("/v1/restore", headers=h, json={"image": "x"})) == 415
     # bad parameters, missing file
     for bad in ({"steps": 0}, {"steps": "many"}, {"scale": 100}, {"color_fix": "sepia"}, {"seed": -1},
-                {"colour_fix": "adain"}):
+                {"colour_fix": "adain"}, {"strength": 1.5}, {"t_start": 0}):
         assert status(_post(client, stack, tenant, photo, **bad)) == 422, bad
     assert status(client.post("/v1/restore", headers=h, data={"identity": "x"}, files={"other": ("a", b"b")})) == 422
 
@@ -688,7 +693,7 @@ def test_base_mismatch_and_forget(stack: Stack, client: Any) -> None:
     r = _post(client, stack, tenant, stack.photo[(tenant, name)], identity="Other_Base")
     assert r.status_code == 409 and "base" in r.json()["detail"], r.text
 
-    # forgetting a person (lesson 8): 404 afterwards, and the replica drops its copies
+    # forgetting a person (biometric data): 404 afterwards, and the replica drops its copies
     r = _post(client, stack, tenant, stack.photo[(tenant, name)], identity=name, seed=100)
     assert r.status_code == 200
     before = stack.restore_handle().get_stats.remote().result()["forgotten"]

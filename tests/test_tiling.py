@@ -1,4 +1,4 @@
-"""Tiled restoration (issue 3, item 1 and acceptance points 1-2).
+"""Tiled restoration: seams, tile sizes, every stage tiled.
 
 What is checked, and which bug each check catches:
 - the CLI turns a 1024x707 wild photo with ``--scale 2`` into a 2048x1414 PNG, placed right
