@@ -17,22 +17,25 @@ from pathlib import Path
 
 from .errors import PFStorerError
 
-DEFAULT_BASE = os.environ.get("PFSTORER_BASE", "compact")
 EXIT_USER_ERROR = 2
 
 
 def _add_base(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", default=DEFAULT_BASE,
-                   help="base model: a preset (tiny, tiny-latent, compact, sd21) or a checkpoint folder/URL "
-                        f"(default: {DEFAULT_BASE}, or $PFSTORER_BASE)")
-    p.add_argument("--weights", help="checkpoint folder/URL with model.safetensors for the preset (sd21)")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    p.add_argument("--base", help="base model: a preset (tiny, tiny-latent, compact, sd21) or a checkpoint "
+                                  "folder/URL (default: settings base, i.e. $PFSTORER_BASE or compact)")
+    p.add_argument("--weights", help="checkpoint folder/URL with model.safetensors for the preset "
+                                     "(sd21; default: settings base_weights)")
+    p.add_argument("--device", help="torch device: auto, cpu, cuda, cuda:1 (default: settings device, auto)")
 
 
 def _load_base(args: argparse.Namespace):
+    """The base named on the command line, else the one of :class:`~pfstorer.settings.Settings`
+    (config file, then ``PFSTORER_*`` environment): the same base as ``pfstorer serve`` and ``run``."""
     from .model import load_base
+    from .settings import Settings
 
-    return load_base(args.base, weights=args.weights, device=args.device)
+    s = Settings.load()
+    return load_base(args.base or s.base, weights=args.weights or s.base_weights, device=args.device or s.device)
 
 
 def cmd_personalize(args: argparse.Namespace) -> int:

@@ -357,6 +357,13 @@ def _read_checkpoint(location: str) -> tuple[BaseConfig | None, dict[str, torch.
     return config, load(fs.cat_file(f"{path}/model.safetensors"))
 
 
+def resolve_device(name: str | torch.device) -> str | torch.device:
+    """``auto`` is ``cuda`` where a GPU is visible, else ``cpu``; anything else as given."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def load_base(
     base: str = "tiny",
     *,
@@ -404,7 +411,7 @@ def load_base(
                 f"checkpoint does not match preset {config.name!r}: "
                 f"{len(missing)} missing, {len(unexpected)} unexpected tensors"
             )
-    return model.to(device=device, dtype=dtype).freeze()
+    return model.to(device=resolve_device(device), dtype=dtype).freeze()
 
 
 def timestep_grid(n: int, total: int) -> list[int]:

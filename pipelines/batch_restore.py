@@ -118,14 +118,6 @@ class BatchConfig:
     storage_options: dict[str, Any] | None = None
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 class BatchRestorer:
     """``map_batches`` callable: one base model per actor, adapters resolved through the index."""
 
@@ -139,7 +131,7 @@ class BatchRestorer:
 
         torch.set_num_threads(max(1, int(config.threads)))
         self.config = config
-        self.model = load_base(config.base, weights=config.weights, device=_device(config.device))
+        self.model = load_base(config.base, weights=config.weights, device=config.device)
         self.slots = AdapterSlots.for_model(self.model, 1)
         self.current: str | None = None  # sha256 of the adapter in slot 0
         opts = config.storage_options

@@ -55,6 +55,19 @@ def test_fresh_adapter_restores_bit_identical_png(person, tmp_path, capsys):
     assert (tmp_path / "base.png").read_bytes() == (tmp_path / "pers.png").read_bytes()
 
 
+def test_base_and_device_default_to_the_settings(person, tmp_path, capsys, monkeypatch):
+    """No --base/--device: the base of Settings (here $PFSTORER_BASE), as `pfstorer serve` would use."""
+    common = ["restore", "--input", person[5], "--steps", "2", "--seed", "4", "--quiet"]
+    assert run([*common, "--base", "tiny", "--device", "cpu", "--out", tmp_path / "named.png"], capsys)[0] == 0
+    monkeypatch.setenv("PFSTORER_BASE", "tiny")
+    monkeypatch.setenv("PFSTORER_DEVICE", "cpu")
+    assert run([*common, "--out", tmp_path / "settings.png"], capsys)[0] == 0
+    assert (tmp_path / "named.png").read_bytes() == (tmp_path / "settings.png").read_bytes()
+    monkeypatch.setenv("PFSTORER_BASE", "tiny-latent")  # really read: another base, another image
+    assert run([*common, "--out", tmp_path / "latent.png"], capsys)[0] == 0
+    assert (tmp_path / "latent.png").read_bytes() != (tmp_path / "named.png").read_bytes()
+
+
 def test_thirty_steps_learn_the_person(person, tmp_path, capsys):
     adapter = tmp_path / "adapter30"
     code, out, _ = run(["personalize", "--base", "tiny", "--refs", *person[:5], "--out", adapter,
