@@ -327,7 +327,8 @@ class RestorationModel(nn.Module):
 
 
 def _fingerprint(config: BaseConfig, state: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode())
+    """Architecture + weights; not the sampling defaults, which change no adapter's meaning."""
+    h = hashlib.sha256(json.dumps(config.model_dump(mode="json", exclude={"sampling"}), sort_keys=True).encode())
     for name, tensor in sorted(state.items()):
         h.update(name.encode())
         h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
@@ -387,7 +388,7 @@ def load_base(
         state = None
         if weights is not None:
             file_config, state = _read_checkpoint(weights)
-            if file_config is not None and file_config != config:
+            if file_config is not None and file_config.model_copy(update={"sampling": config.sampling}) != config:
                 raise InputError(f"weights at {weights} are for preset {file_config.name!r}, not {base!r}")
         elif base in ("compact",) and not random_weights:
             shipped = WEIGHTS_DIR / base

@@ -2,8 +2,9 @@
 
 A preset fixes everything that makes two bases interchangeable or not (and so enters the base
 fingerprint): the denoiser's UNet shape, pixel or latent space, the LQ encoder, the noise schedule
-and the personalization-block shapes. Weights come separately (random for ``tiny``, shipped for
-``compact``, user-supplied for ``sd21``).
+and the personalization-block shapes. Its sampling defaults ride along but are not part of the
+fingerprint: they change how a base is used, not what an adapter trained on it means. Weights come
+separately (random for ``tiny``, shipped for ``compact``, user-supplied for ``sd21``).
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ PRESETS: dict[str, BaseConfig] = {
     # Our own small face restoration base, designed by its FLOPs for 2 CPU cores (weights trained
     # by `pfstorer train-base`; see pfstorer/weights/compact/MODEL_CARD.md): a 4x pixel-unshuffle
     # stem, attention only at 1/16 and 1/32 of the tile, 1x1 SFT convolutions, x0 predicted as a
-    # residual on the LQ, sampling from the LQ diffused to t = 200.
+    # residual on the LQ, sampling from the LQ diffused to t = 200 in one DDIM step (measured better
+    # than 2 or 4 on every gate metric: benchmarks/results/base_compact_cpu_steps*.md).
     "compact": BaseConfig(
         name="compact",
         space="pixel",
@@ -159,7 +161,7 @@ PRESETS: dict[str, BaseConfig] = {
         unshuffle=4,
         prediction="x0_residual",
         sft_kernel=1,
-        sampling=SamplingDefaults(sampler="ddim", steps=2, t_start=200),
+        sampling=SamplingDefaults(sampler="ddim", steps=1, t_start=200),
         unet={
             "block_out_channels": [64, 96, 128, 160],
             "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],

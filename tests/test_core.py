@@ -103,6 +103,18 @@ def test_fingerprint_depends_on_weights():
     assert a.fingerprint != b.fingerprint
 
 
+def test_sampling_defaults_are_not_part_of_the_fingerprint(tmp_path):
+    from pfstorer.model import RestorationModel
+    from pfstorer.presets import SamplingDefaults
+
+    model = load_base("tiny")
+    other = RestorationModel(model.config.model_copy(update={"sampling": SamplingDefaults(steps=3, t_start=300)}))
+    other.load_state_dict(model.state_dict())
+    assert other.fingerprint == model.fingerprint  # adapters of one stay valid on the other
+    other.save(tmp_path / "ckpt")
+    assert load_base("tiny", weights=str(tmp_path / "ckpt")).fingerprint == model.fingerprint
+
+
 def test_base_saved_in_float16_loads_with_the_fingerprint_of_its_header(tmp_path):
     from safetensors import safe_open
 
