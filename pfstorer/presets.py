@@ -153,7 +153,9 @@ PRESETS: dict[str, BaseConfig] = {
     # by `pfstorer train-base`; see pfstorer/weights/compact/MODEL_CARD.md): a 4x pixel-unshuffle
     # stem, attention only at 1/16 and 1/32 of the tile, 1x1 SFT convolutions, x0 predicted as a
     # residual on the LQ, sampling from the LQ diffused to t = 200 in one DDIM step (measured better
-    # than 2 or 4 on every gate metric: benchmarks/results/base_compact_cpu_steps*.md).
+    # than 2 or 4 steps on PSNR, SSIM and ST-LPIPS: benchmarks/results/base_compact_cpu*.md).
+    # Cost: 2.10 GFLOP per 128 px tile forward, 1.55 GFLOP per 64 px training sample (forward +
+    # backward), 10.2 M parameters (benchmarks/results/base_speed_cpu.md).
     "compact": BaseConfig(
         name="compact",
         space="pixel",
