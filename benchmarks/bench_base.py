@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(rows)
     table += (f"\n\nID = FaceNet cosine x 100; ST-LPIPS is shift-tolerant LPIPS. {len(photos)} held-out photos of "
               f"{args.people} LFW bench people, degradation seeds 1000 + i, sampling seed {args.seed}; "
-              f"{sampling.sampler}, {sampling.steps} steps from t = {sampling.t_start}. "
+              f"{sampling.sampler}, {sampling.steps} step(s) from t = {sampling.t_start}. "
               f"Median compute per 128 px face: {per_face:.3f} s. All gates: {'pass' if passed else 'FAIL'}.")
     print(table)
     payload = {

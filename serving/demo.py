@@ -266,7 +266,7 @@ def _write_report(out: Path, rows, row_labels, table, base: str, steps: int, res
                if base.startswith("tiny") else f"the shipped `{base}` weights (see pfstorer/weights/{base}/MODEL_CARD.md)")
     lines += [f"Base model: `{base}` - {weights}.",
               f"Personalization: {steps} steps per person on CPU (the paper uses 500 on a GPU); "
-              f"restoration: {restore_steps} denoising steps, served over HTTP by Ray Serve on 127.0.0.1.",
+              f"restoration: {restore_steps} denoising step{'' if restore_steps == 1 else 's'}, served over HTTP by Ray Serve on 127.0.0.1.",
               f"Run: {len(summary.by_status('done'))} trained, {len(summary.by_status('skipped'))} skipped, "
               f"{len(summary.by_status('failed'))} failed; whole demo {seconds:.0f} s.", "",
               "![input | base | personalized | original](report.png)", "",
