@@ -266,10 +266,9 @@ class _Probe:
 
     @staticmethod
     def _psnr(x, y) -> float:
-        import math
-
-        mse = float((x.clamp(0, 1) - y).pow(2).flatten(1).mean(1).clamp(min=1e-10).log10().mean())
-        return -10 * mse if math.isfinite(mse) else float("nan")
+        """Mean over the images of each one's PSNR (dB; images in [0, 1])."""
+        per_image_mse = (x.clamp(0, 1) - y).pow(2).flatten(1).mean(1).clamp(min=1e-10)
+        return float(-10 * per_image_mse.log10().mean())
 
     def measure(self, model, step: int) -> dict[str, Any]:
         import torch
@@ -303,17 +302,19 @@ class _Probe:
 
 def holdout_people(identities: Sequence[str], photos: int, seed: int = 0) -> list[int]:
     """Indices of whole people, drawn in a seeded order, until at least ``photos`` photos are held out."""
+    from collections import Counter
+
     import numpy as np
 
-    people = sorted(set(identities))
-    order = np.random.default_rng([seed, 17]).permutation(len(people))
+    counts = Counter(identities)
+    people = sorted(counts)
     chosen: set[str] = set()
-    count = 0
-    for k in order:
-        if count >= photos:
+    held = 0
+    for k in np.random.default_rng([seed, 17]).permutation(len(people)):
+        if held >= photos:
             break
         chosen.add(people[k])
-        count += sum(1 for i in identities if i == people[k])
+        held += counts[people[k]]
     return [i for i, ident in enumerate(identities) if ident in chosen]
 
 
