@@ -326,7 +326,9 @@ def restore_batch(
     if adapters is not None:
         slot_t = torch.tensor(list(slots) if slots is not None else [0] * b, device=dev)
         pb = PBRun(adapters=adapters, slots=slot_t, prompt=model.prompt, ref_pool=cfg.adapter.ref_pool,
-                   strength=None if all(s == 1.0 for s in strengths) else torch.tensor(strengths, device=dev))
+                   # compiled: always a tensor (x 1.0 is exact), so every strength runs one graph
+                   strength=None if all(s == 1.0 for s in strengths) and not model.compiled
+                   else torch.tensor(strengths, device=dev))
     if progress:
         from tqdm.auto import tqdm
 

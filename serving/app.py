@@ -458,7 +458,7 @@ class Restorer:
             color_fix=p["color_fix"],
         )
 
-    # -- forgetting (faces are biometric data) ------------------------------------------------------------------
+    # -- forgetting (faces are biometric data) ---------------------------------------------------
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
