@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     model = load_base(args.base)
-    sampling = model.config.sampling.model_copy(update={k: v for k, v in (
-        ("steps", args.steps), ("t_start", args.t_start), ("sampler", args.sampler)) if v is not None})
+    sampling = model.config.sampling.override(sampler=args.sampler, steps=args.steps, t_start=args.t_start)
     photos = bench_photos(args.people, args.per_person)
     print(f"bench_base: {model.config.name} ({model.fingerprint[:12]}), {len(photos)} photos, "
           f"{sampling.sampler} {sampling.steps} steps from t={sampling.t_start}", file=sys.stderr)

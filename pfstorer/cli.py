@@ -86,7 +86,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     adapter = Adapter.load(args.adapter) if args.adapter else None
     model = _load_base(args)
     out = restore(model, image, adapter=adapter, seed=args.seed, scale=args.scale, steps=args.steps,
-                  sampler=args.sampler, t_start=args.t_start, strength=args.strength, tile=args.tile, overlap=args.overlap, color_fix=args.color_fix,
+                  sampler=args.sampler, t_start=args.t_start, strength=args.strength, tile=args.tile,
+                  overlap=args.overlap, color_fix=args.color_fix,
                   progress=not args.quiet)
     save_image(out, args.out)
     who = f"with adapter {adapter.identity!r}" if adapter else "with the base model only"

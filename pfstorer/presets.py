@@ -36,6 +36,12 @@ class SamplingDefaults(BaseModel):
     steps: int = Field(50, ge=1, description="denoising steps")
     t_start: int = Field(1000, ge=1, description="timestep sampling starts from (1000: pure noise)")
 
+    def override(self, *, sampler: str | None = None, steps: int | None = None,
+                 t_start: int | None = None) -> SamplingDefaults:
+        """These defaults with what a caller named (``None``: keep the default)."""
+        given = {"sampler": sampler, "steps": steps, "t_start": t_start}
+        return self.model_copy(update={k: v for k, v in given.items() if v is not None})
+
 
 class BaseConfig(BaseModel):
     """Architecture of a restoration base model (StableSR-like: SFT-conditioned UNet)."""

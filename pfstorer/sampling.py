@@ -235,10 +235,8 @@ def restore_batch(
 
     if images.ndim != 4 or images.shape[1] != 3:
         raise InputError(f"expected images of shape [B,3,H,W], got {tuple(images.shape)}")
-    defaults = model.config.sampling
-    steps = defaults.steps if steps is None else steps
-    sampler = defaults.sampler if sampler is None else sampler
-    t_start = defaults.t_start if t_start is None else t_start
+    chosen = model.config.sampling.override(sampler=sampler, steps=steps, t_start=t_start)
+    sampler, steps, t_start = chosen.sampler, chosen.steps, chosen.t_start
     if steps < 1:
         raise InputError("steps must be >= 1")
     if t_start < 1:

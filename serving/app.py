@@ -571,10 +571,10 @@ class Restorer:
         self._ensure_sweeper()
         self.requests += 1
         key = serve.get_multiplexed_model_id() or ""
-        defaults = self.model.config.sampling  # what the request leaves open, the base decides
-        params = {**params, "steps": params.get("steps") or defaults.steps,
-                  "sampler": params.get("sampler") or defaults.sampler,
-                  "t_start": params.get("t_start") or defaults.t_start}
+        # what the request leaves open, the base decides
+        chosen = self.model.config.sampling.override(
+            sampler=params.get("sampler"), steps=params.get("steps"), t_start=params.get("t_start"))
+        params = {**params, **chosen.model_dump()}
         job = _Job(key, None, image_u8, params, time.perf_counter())
         if key:
             job.entry = await self._io_call(self._entry, key)
