@@ -1,6 +1,10 @@
-"""``pfstorer`` command line: personalize, restore and degrade on one machine, plus the commands
-that other packages register (evaluate, manifests, runs on Ray, serving) through the
+"""``pfstorer`` command line: personalize, restore, degrade and evaluate on one machine, plus the
+commands that other packages register (manifests, runs on Ray, serving, the demo) through the
 ``pfstorer.cli`` entry-point group, so that ``pfstorer`` itself never imports Ray.
+
+Building the parser imports no torch, Ray or MLflow: each command's handler is imported when it
+runs (:func:`lazy`), so ``pfstorer --help`` answers at once. A command whose optional part is
+missing is still listed and says what to install.
 
 User errors print one line and exit with code 2; progress goes to stderr.
 """
@@ -11,13 +15,44 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from importlib import import_module
 from importlib.metadata import entry_points
 from pathlib import Path
 
 from .errors import PFStorerError
 
 EXIT_USER_ERROR = 2
+METRIC_NAMES = ("psnr", "ssim", "st_lpips", "id_facenet", "id_dlib", "lmse", "id_refs_facenet", "id_refs_dlib",
+                "niqe", "brisque")
+"""What ``pfstorer evaluate --metrics`` accepts (the keys of :data:`pfstorer.metrics.METRICS`)."""
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def lazy(target: str, extra: str | None = None) -> Handler:
+    """A handler ``"module:function"`` imported only when its command runs.
+
+    An ImportError then (an optional dependency missing) is a one-line error naming ``extra``.
+    """
+    module, _, name = target.partition(":")
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            fn = getattr(import_module(module), name)
+        except ImportError as exc:
+            hint = f"; install it with: pip install 'pfstorer[{extra}]'" if extra else ""
+            raise PFStorerError(f"this command needs {exc.name or exc}, which is not installed{hint}") from None
+        return int(fn(args) or 0)
+
+    return run
+
+
+def _unavailable(reason: str) -> Handler:
+    def run(args: argparse.Namespace) -> int:
+        raise PFStorerError(f"this command is not available: {reason}")
+
+    return run
 
 
 def _add_base(p: argparse.ArgumentParser) -> None:
@@ -78,18 +113,24 @@ def cmd_restore(args: argparse.Namespace) -> int:
     import torch
 
     from .adapter import Adapter
-    from .images import ImageLimits, load_image, save_image
+    from .images import ImageLimits, load_image, output_format, save_image
     from .sampling import restore
 
+    output_format(args.out)  # a name we cannot write is refused before any work
     # uint8 end to end: a 4096 px photo costs 3 bytes a pixel, not 12, on the way in and out
-    image = load_image(args.input, limits=ImageLimits(max_pixels=args.max_pixels), dtype=torch.uint8)
+    from .settings import Settings
+
+    limits = Settings.load().limits
+    max_pixels = args.max_pixels or limits.max_image_pixels
+    image = load_image(args.input, limits=ImageLimits(max_pixels=max_pixels, max_bytes=limits.max_image_bytes),
+                       dtype=torch.uint8)
     adapter = Adapter.load(args.adapter) if args.adapter else None
     model = _load_base(args)
     out = restore(model, image, adapter=adapter, seed=args.seed, scale=args.scale, steps=args.steps,
                   sampler=args.sampler, t_start=args.t_start, strength=args.strength, tile=args.tile,
                   overlap=args.overlap, color_fix=args.color_fix,
                   progress=not args.quiet)
-    save_image(out, args.out)
+    save_image(out, args.out, quality=args.quality)
     who = f"with adapter {adapter.identity!r}" if adapter else "with the base model only"
     print(f"restored {args.input} ({image.shape[2]}x{image.shape[1]}) {who} -> {args.out} ({out.shape[2]}x{out.shape[1]})")
     return 0
@@ -159,8 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Images of any size are restored in overlapping tiles; --scale upsamples "
                                    "first (super-resolution). The same seed gives the same PNG.")
     _add_base(p)
-    p.add_argument("--input", required=True, metavar="IMG", help="photo to restore (PNG, JPEG, WebP, BMP, TIFF)")
-    p.add_argument("--out", required=True, metavar="IMG", help="output image (.png or .jpg)")
+    p.add_argument("--input", required=True, metavar="IMG",
+                   help="photo to restore (PNG, JPEG, WebP, AVIF, BMP, TIFF; HEIC with the heic extra)")
+    p.add_argument("--out", required=True, metavar="IMG", help="output image: .png, .jpg/.jpeg or .webp")
+    p.add_argument("--quality", type=int, default=92, help="JPEG/WebP quality, 1..100")
     p.add_argument("--adapter", metavar="ADAPTER_DIR", help="the person's adapter (none: base model only)")
     p.add_argument("--strength", type=float, default=1.0,
                    help="how much of the adapter to apply, 0..1 (scales its gates alpha; 0 = the base model)")
@@ -171,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=int, help="tile overlap in output pixels (default: a quarter tile)")
     p.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default="wavelet",
                    help="match the input's colours after stitching")
-    p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="refuse larger inputs")
+    p.add_argument("--max-pixels", type=int,
+                   help="refuse larger inputs (default: settings limits.max_image_pixels, 4096 x 4096)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_restore)
 
@@ -192,13 +236,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_info)
 
+    _add_evaluate(sub)
     for ep in sorted(entry_points(group="pfstorer.cli"), key=lambda e: e.name):
         try:
             register = ep.load()
-        except ImportError:  # an optional part of the install is missing: its commands are absent
+        except ImportError as exc:  # an optional part of the install is missing: say so, do not hide it
+            reason = f"{ep.value} cannot be imported ({exc})"
+            sub.add_parser(ep.name, help=f"unavailable: {reason}").set_defaults(func=_unavailable(reason))
             continue
         register(sub)
     return parser
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score restored faces against ground truth (tables + comparison grid)",
+        description="Pair each restored image in --pred with the ground-truth image of the same name (extension "
+                    "ignored) in --gt, compute PSNR, SSIM, ST-LPIPS, identity cosine (FaceNet, dlib), landmark MSE, "
+                    "NIQE and BRISQUE, and write metrics.md, metrics.json, metrics.csv and grid.png to --out. "
+                    "Metrics whose optional model is not installed are reported as n/a with the reason.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--pred", required=True, metavar="DIR", help="folder of restored images")
+    p.add_argument("--gt", required=True, metavar="DIR", help="folder of ground-truth images, same file names")
+    p.add_argument("--refs", metavar="DIR", default=None,
+                   help="folder of reference photos of the person: adds ID-refs, the mean identity cosine to them")
+    p.add_argument("--input", metavar="DIR", default=None,
+                   help="folder of the degraded inputs, same file names: shown as the grid's first column")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to write the tables and grid.png")
+    p.add_argument("--metrics", default=None, metavar="LIST",
+                   help=f"comma-separated subset of: {', '.join(METRIC_NAMES)} (default: all the inputs allow)")
+    p.add_argument("--grid-rows", type=int, default=32, metavar="N", help="images shown in grid.png (0: no grid)")
+    p.set_defaults(func=lazy("pfstorer.evaluate:run_cli", extra="eval"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,9 @@ class PersonalizeConfig(BaseModel):
     lambda_gen: float = Field(0.1, ge=0, description="weight of the generative regulariser (paper: 0.1)")
     lambda_pers: float = Field(5e-4, ge=0, description="weight of the token attention regulariser")
     p_hq: float = Field(0.03, ge=0, le=1, description="probability of a clean input (paper: 0.03)")
+    p_lq_start: float = Field(0.0, ge=0, le=1, description="share of L_diff rows drawn as sampling starts: the LQ "
+                              "diffused to the preset's t_start, as restore begins (presets that start from the LQ)")
+    loss: str = Field("mse", pattern="^(mse|l1)$", description="distance of L_diff and L_gen to the preset's target")
     levels: tuple[str, ...] = ("light", "heavy")
     crop_scale: tuple[float, float] = (0.6, 1.0)
     min_refs: int = Field(3, ge=1, description="fewer good reference photos: the person is quarantined")

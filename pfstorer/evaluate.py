@@ -353,7 +353,8 @@ def evaluate_folders(
 
 
 # --- CLI ------------------------------------------------------------------------------------------
-def _run(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
+    """``pfstorer evaluate``: score the folders, print the means, write the reports."""
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     report = evaluate_folders(
         args.pred,
@@ -372,47 +373,3 @@ def _run(args: argparse.Namespace) -> int:
     for path in report.files.values():
         print(f"wrote {path}")
     return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    """Add ``pfstorer evaluate`` to an argparse sub-parser collection."""
-    from pfstorer.metrics import METRICS
-
-    p = subparsers.add_parser(
-        "evaluate",
-        help="score restored faces against ground truth (tables + comparison grid)",
-        description=(
-            "Pair each restored image in --pred with the ground-truth image of the same name (extension "
-            "ignored) in --gt, compute PSNR, SSIM, ST-LPIPS, identity cosine (FaceNet, dlib), landmark MSE, "
-            "NIQE and BRISQUE, and write metrics.md, metrics.json, metrics.csv and grid.png to --out. "
-            "Metrics whose optional model is not installed are reported as n/a with the reason."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--pred", required=True, metavar="DIR", help="folder of restored images")
-    p.add_argument(
-        "--gt", required=True, metavar="DIR", help="folder of ground-truth images, same file names"
-    )
-    p.add_argument(
-        "--refs",
-        metavar="DIR",
-        default=None,
-        help="folder of reference photos of the person: adds ID-refs, the mean identity cosine to them",
-    )
-    p.add_argument(
-        "--input",
-        metavar="DIR",
-        default=None,
-        help="folder of the degraded inputs, same file names: shown as the grid's first column",
-    )
-    p.add_argument("--out", required=True, metavar="DIR", help="where to write the tables and grid.png")
-    p.add_argument(
-        "--metrics",
-        default=None,
-        metavar="LIST",
-        help=f"comma-separated subset of: {', '.join(METRICS)} (default: all the inputs allow)",
-    )
-    p.add_argument(
-        "--grid-rows", type=int, default=32, metavar="N", help="images shown in grid.png (0: no grid)"
-    )
-    p.set_defaults(func=_run)

@@ -6,6 +6,11 @@ is decoded (a 50 KB PNG can declare 50000x50000 pixels and ask for 7.5 GB), only
 formats is handed to Pillow at all, and every refusal is a one-line :class:`~pfstorer.errors.
 PFStorerError` that the serving layer maps to 413/415/400.
 
+Colour: a photo with an embedded ICC profile (Display P3 from phones, Adobe RGB from cameras) is
+converted to sRGB on decode, so the model and every output work in sRGB; outputs carry no profile,
+which viewers read as sRGB. HEIC/HEIF (the iPhone default) needs the optional ``heic`` extra
+(``pillow-heif``); AVIF is decoded by Pillow itself where it was built with libavif.
+
 Convention everywhere in pfstorer: an image is a float32 tensor ``[3, H, W]`` (RGB, values in
 [0, 1]); batched code uses ``[B, 3, H, W]``. Sizes are given as ``(height, width)`` like torch.
 """
@@ -35,7 +40,11 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageLimits",
     "decode_image",
+    "encode_image",
     "encode_png",
+    "output_format",
+    "probe_image",
+    "to_srgb",
     "from_pil",
     "list_images",
     "load_image",
@@ -46,8 +55,41 @@ __all__ = [
 ]
 
 MiB = 1024 * 1024
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
-_PIL_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "TIFF"})
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".heif"})
+_PIL_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "TIFF", "AVIF", "HEIF"})
+OUTPUT_FORMATS: dict[str, str] = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+"""Output file extension -> format (what :func:`save_image` and the HTTP API write)."""
+MEDIA_TYPES: dict[str, str] = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+HEIC_EXTRA = "pip install 'pfstorer[heic]'"
+
+
+def _heif_available() -> bool:
+    """Register pillow-heif's opener if the ``heic`` extra is installed (once)."""
+    global _HEIF
+    if _HEIF is None:
+        try:
+            from pillow_heif import register_heif_opener
+        except ImportError:
+            _HEIF = False
+        else:
+            register_heif_opener()
+            _HEIF = True
+    return _HEIF
+
+
+_HEIF: bool | None = None
+
+
+def _decodable(formats: frozenset[str]) -> frozenset[str]:
+    """The formats of ``formats`` this installation can decode (AVIF and HEIF depend on it)."""
+    from PIL import features
+
+    out = set(formats)
+    if "AVIF" in out and not features.check("avif"):
+        out.discard("AVIF")
+    if "HEIF" in out and not _heif_available():
+        out.discard("HEIF")
+    return frozenset(out)
 
 
 class ImageLimits(BaseModel):
@@ -168,6 +210,49 @@ _CORRUPT = (
 )
 
 
+def _open(data: bytes, limits: ImageLimits, name: str) -> Image.Image:
+    """Open (header only) after the byte-size and file-type checks, then check the pixel count."""
+    if len(data) > limits.max_bytes:
+        raise TooLargeError(
+            f"{name} is {len(data) / MiB:.1f} MiB, over the limit of {limits.max_bytes / MiB:.1f} MiB"
+        )
+    formats = _decodable(limits.formats)
+    allowed = ", ".join(sorted(formats))
+    kind = _sniff(data)
+    if kind == "HEIC":
+        kind = "HEIF"
+    if kind == "HEIF" and "HEIF" in limits.formats and "HEIF" not in formats:
+        raise UnsupportedMediaError(f"{name} is HEIC/HEIF, which needs the optional extra: {HEIC_EXTRA}")
+    if kind not in formats:
+        raise UnsupportedMediaError(f"{name} is {kind}, not a supported image type (accepted: {allowed})")
+    try:
+        im = Image.open(io.BytesIO(data), formats=sorted(formats))
+    except Image.DecompressionBombError:
+        raise TooLargeError(f"{name} declares too many pixels to decode safely") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{name} is corrupt or truncated (unreadable {kind} header)") from None
+    except _CORRUPT:
+        raise InputError(f"{name} is corrupt or truncated") from None
+    w, h = im.size
+    if w * h > limits.max_pixels:
+        im.close()
+        raise TooLargeError(f"{name} is {w}x{h} = {w * h:,} pixels, over the limit of {limits.max_pixels:,} pixels")
+    if min(w, h) < limits.min_side:
+        im.close()
+        raise InputError(f"{name} is {w}x{h}, smaller than the minimum side of {limits.min_side} px")
+    return im
+
+
+def probe_image(data: bytes, *, limits: ImageLimits = DEFAULT_LIMITS, name: str = "image") -> tuple[int, int]:
+    """``(height, width)`` from the header, with every check :func:`decode_image` makes before it
+    decodes pixels: what a front end needs to refuse a request without decoding the photo."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _open(data, limits, name) as im:
+            w, h = im.size
+    return h, w
+
+
 def decode_image(
     data: bytes, *, limits: ImageLimits = DEFAULT_LIMITS, name: str = "image", dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
@@ -175,35 +260,12 @@ def decode_image(
 
     Order matters: byte size, then file type by magic bytes, then the header's pixel count, and
     only then are pixels decoded. EXIF orientation is applied (phones store rotated pixels);
-    alpha is composited on white; palette, grey, CMYK and 16-bit images become 8-bit RGB.
+    an ICC profile is converted to sRGB; alpha is composited on white; palette, grey, CMYK and
+    16-bit images become 8-bit RGB.
     """
-    if len(data) > limits.max_bytes:
-        raise TooLargeError(
-            f"{name} is {len(data) / MiB:.1f} MiB, over the limit of {limits.max_bytes / MiB:.1f} MiB"
-        )
-    allowed = ", ".join(sorted(limits.formats))
-    kind = _sniff(data)
-    if kind not in limits.formats:
-        raise UnsupportedMediaError(f"{name} is {kind}, not a supported image type (accepted: {allowed})")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            im = Image.open(io.BytesIO(data), formats=sorted(limits.formats))
-        except Image.DecompressionBombError:
-            raise TooLargeError(f"{name} declares too many pixels to decode safely") from None
-        except UnidentifiedImageError:
-            raise InputError(f"{name} is corrupt or truncated (unreadable {kind} header)") from None
-        except _CORRUPT:
-            raise InputError(f"{name} is corrupt or truncated") from None
-        with im:
-            w, h = im.size
-            if w * h > limits.max_pixels:
-                raise TooLargeError(
-                    f"{name} is {w}x{h} = {w * h:,} pixels, "
-                    f"over the limit of {limits.max_pixels:,} pixels"
-                )
-            if min(w, h) < limits.min_side:
-                raise InputError(f"{name} is {w}x{h}, smaller than the minimum side of {limits.min_side} px")
+        with _open(data, limits, name) as im:
             try:
                 im.load()
             except Image.DecompressionBombError:
@@ -214,7 +276,50 @@ def decode_image(
                 im = ImageOps.exif_transpose(im) or im
             except Exception:  # a broken EXIF block should not cost the user the photo
                 pass
-            return from_pil(im, dtype)
+            return from_pil(to_srgb(im), dtype)
+
+
+def _srgb_profile():
+    global _SRGB
+    if _SRGB is None:
+        from PIL import ImageCms
+
+        _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+    return _SRGB
+
+
+_SRGB = None
+
+
+def to_srgb(im: Image.Image) -> Image.Image:
+    """Convert a photo with an embedded ICC profile to sRGB (relative colorimetric), dropping the
+    profile; a photo without one, or tagged sRGB, is returned as it is.
+
+    Wide-gamut photos (Display P3, Adobe RGB) otherwise look washed out or shifted once their
+    profile is lost, which every output of pfstorer would do. A profile LittleCMS cannot read is
+    ignored: a broken tag should not cost the user the photo.
+    """
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in ("RGB", "RGBA", "CMYK", "L", "LA"):
+        return im
+    from PIL import ImageCms
+
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if "srgb" in (ImageCms.getProfileDescription(src) or "").lower().replace(" ", ""):
+            return im
+        alpha = im.getchannel("A") if im.mode in ("RGBA", "LA") else None
+        base = im.convert({"RGBA": "RGB", "LA": "L"}.get(im.mode, im.mode))
+        out = ImageCms.profileToProfile(base, src, _srgb_profile(), renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
+                                        outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return im
+    if out is None:
+        return im
+    if alpha is not None:
+        out.putalpha(alpha)
+    out.info.pop("icc_profile", None)
+    return out
 
 
 def load_image(
@@ -299,31 +404,44 @@ def to_pil(img: torch.Tensor) -> Image.Image:
 
 def encode_png(img: torch.Tensor) -> bytes:
     """Lossless PNG bytes, identical for identical tensors (no timestamps or metadata)."""
+    return encode_image(img, "PNG")
+
+
+OutputFormat = Literal["PNG", "JPEG", "WEBP"]
+DEFAULT_QUALITY = 92
+
+
+def encode_image(img: torch.Tensor, fmt: OutputFormat = "PNG", quality: int = DEFAULT_QUALITY) -> bytes:
+    """PNG (lossless; ``quality`` unused), JPEG (4:4:4 chroma) or WebP bytes, without metadata:
+    identical tensors give identical bytes. ``quality`` in [1, 100]."""
+    if not 1 <= quality <= 100:
+        raise InputError(f"quality must be in [1, 100], got {quality}")
     buf = io.BytesIO()
-    to_pil(img).save(buf, format="PNG", compress_level=6, optimize=False)
-    return buf.getvalue()
-
-
-def _encode(img: torch.Tensor, fmt: Literal["PNG", "JPEG"]) -> bytes:
+    im = to_pil(img)
     if fmt == "PNG":
-        return encode_png(img)
-    buf = io.BytesIO()
-    to_pil(img).save(buf, format="JPEG", quality=95, subsampling=0)
+        im.save(buf, format="PNG", compress_level=6, optimize=False)
+    elif fmt == "JPEG":
+        im.save(buf, format="JPEG", quality=quality, subsampling=0)
+    elif fmt == "WEBP":
+        im.save(buf, format="WEBP", quality=quality, method=4)
+    else:
+        raise InputError(f"cannot write {fmt}; output formats: PNG, JPEG, WEBP")
     return buf.getvalue()
 
 
-def save_image(img: torch.Tensor, dest: str | os.PathLike[str]) -> None:
-    """Write PNG or JPEG (chosen by extension) to a path or fsspec URL, creating local folders."""
+def output_format(dest: str | os.PathLike[str]) -> OutputFormat:
+    """The output format a file name asks for, by extension (a clear error otherwise)."""
     dst = os.fspath(dest)
-    ext = os.path.splitext(dst)[1].lower()
-    fmt: Literal["PNG", "JPEG"]
-    if ext == ".png":
-        fmt = "PNG"
-    elif ext in (".jpg", ".jpeg"):
-        fmt = "JPEG"
-    else:
-        raise InputError(f"{dst}: cannot tell the output format; use a .png, .jpg or .jpeg name")
-    data = _encode(img, fmt)
+    fmt = OUTPUT_FORMATS.get(os.path.splitext(dst)[1].lower())
+    if fmt is None:
+        raise InputError(f"{dst}: cannot tell the output format; use a .png, .jpg, .jpeg or .webp name")
+    return fmt  # type: ignore[return-value]
+
+
+def save_image(img: torch.Tensor, dest: str | os.PathLike[str], quality: int = DEFAULT_QUALITY) -> None:
+    """Write PNG, JPEG or WebP (chosen by extension) to a path or fsspec URL, creating local folders."""
+    dst = os.fspath(dest)
+    data = encode_image(img, output_format(dst), quality)
     if _is_url(dst):
         fs, path = fsspec.core.url_to_fs(dst)
     else:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .adapter import Adapter
 from .errors import InputError, TooLargeError
+from .deadline import Deadline
 from .colorfix import BAND
 from .images import from_unit, to_unit
 from .model import RestorationModel
@@ -206,6 +207,7 @@ def restore_batch(
     color_fix: ColorFix = "wavelet",
     pad_to_tile: bool | None = None,
     progress: bool = False,
+    deadline: Deadline | None = None,
 ) -> torch.Tensor:
     """Restore a batch ``[B,3,H,W]`` (uint8, or float in [0,1]); row i uses adapter ``slots[i]`` and
     seed ``seeds[i]``. The result has the input's dtype (float32 for float inputs), on the CPU.
@@ -216,6 +218,10 @@ def restore_batch(
     ``steps``, ``sampler`` and ``t_start`` default to the preset's :class:`~pfstorer.presets.SamplingDefaults`;
     ``t_start`` below the schedule's length starts from the LQ diffused to that timestep, at or
     above it from pure noise.
+
+    ``deadline`` is checked before every batch of tiles that goes through a network: past it, or
+    once cancelled, the restore stops with :class:`~pfstorer.deadline.DeadlineExceededError` or
+    :class:`~pfstorer.deadline.CancelledError`.
 
     ``tile``/``overlap`` are in output pixels (defaults: the model's native size, 1/4 of it).
     ``pad_to_tile`` pads a photo smaller than a tile up to a whole tile (cropped again at the end;
@@ -258,6 +264,7 @@ def restore_batch(
     if not 0 <= overlap_px < tile_px:
         raise InputError(f"overlap must be in [0, tile) = [0, {tile_px}), got {overlap_px}")
     dev = model.device
+    check = deadline.check if deadline is not None else (lambda: None)
     out_dtype = torch.uint8 if images.dtype == torch.uint8 else torch.float32
     if images.dtype != torch.uint8:
         images = images.float()
@@ -287,6 +294,7 @@ def restore_batch(
         ptiles = [(y * f, x * f, th * f, tw * f) for y, x, th, tw in tiles]  # the latent grid, in pixels
 
         def encode(chunk: list) -> torch.Tensor:
+            check()
             return model.to_latent(torch.stack([lq_pixels(i, *t) for i, t in chunk]))
 
         def keep(y0: int, y1: int, rows: torch.Tensor) -> None:
@@ -335,6 +343,7 @@ def restore_batch(
         t = torch.full((tile_batch,), u.t, device=dev, dtype=torch.long)
 
         def predict(chunk: list) -> torch.Tensor:
+            check()
             n = len(chunk)
             if model.compiled:  # every call the same batch size: one graph (CUDA graph) per tile shape
                 chunk = chunk + chunk[-1:] * (tile_batch - n)
@@ -359,6 +368,7 @@ def restore_batch(
     else:  # decode straight into the output buffer; the colour fix then runs on it in place
 
         def decode(chunk: list) -> torch.Tensor:
+            check()
             return model.from_latent(z_tiles(chunk))
 
         def put(y0: int, y1: int, rows: torch.Tensor) -> None:

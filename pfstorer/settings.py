@@ -134,6 +134,24 @@ class ServeSettings(_Section):
     default_steps: int | None = Field(
         None, ge=1, description="Denoising steps when a request gives none (unset: the base preset's)."
     )
+    max_pixel_steps: int = Field(
+        4096 * 4096 * 4, ge=1, description="Compute budget of one request: output width*height times "
+        "denoising steps (413 above; the default allows a 16 MP output at 4 steps).",
+    )
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="Deadline of one restore, from its arrival at the Gateway: past it the "
+        "work stops between tile batches and the answer is 503.",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Time a client has to send its whole request body (408 after it).",
+    )
+    max_tenant_requests: int = Field(
+        8, ge=1, description="Restores one tenant may have in flight per Gateway replica (429 + "
+        "Retry-After above), so one tenant cannot take every model slot.",
+    )
+    output_quality: int = Field(
+        92, ge=1, le=100, description="JPEG/WebP quality when a request asks for a lossy format and gives none.",
+    )
     tile_size: int | None = Field(
         None, ge=16, description="Tile side in output pixels for tiled restoration of large images "
         "(unset: the base preset's native tile, 128 px for compact)."

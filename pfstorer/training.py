@@ -187,8 +187,12 @@ class PackedTrainer:
             z0, lq_lat, ref_lat = (m.to_latent(torch.stack(x)) for x in (hq, lq, ref))
         shape = tuple(z0.shape)
         total = m.config.train_t_max  # the timesteps the preset samples
-        out = {"z0": z0, "lq": lq_lat, "ref": ref_lat,
-               "noise": torch.randn(shape, generator=slot.gen), "t": torch.randint(0, total, (b,), generator=slot.gen)}
+        t = torch.randint(0, total, (b,), generator=slot.gen)
+        t_start = m.config.sampling.t_start
+        p_start = c.p_lq_start if t_start < m.config.num_train_timesteps else 0.0
+        start = torch.rand(b, generator=slot.gen) < p_start  # rows as restore starts: from the diffused LQ
+        out = {"z0": z0, "lq": lq_lat, "ref": ref_lat, "noise": torch.randn(shape, generator=slot.gen),
+               "t": torch.where(start, torch.full_like(t, t_start), t), "start": start}
         if c.lambda_gen > 0:
             out["noise_gen"] = torch.randn(shape, generator=slot.gen)
             out["t_gen"] = torch.randint(0, total, (b,), generator=slot.gen)
@@ -230,7 +234,8 @@ class PackedTrainer:
             for j, k in enumerate(active):
                 d = draws[k]
                 if g == 0:
-                    xs.append(self._noisy(d["z0"], d["noise"], d["t"]))
+                    src = torch.where(d["start"].view(-1, 1, 1, 1), d["lq"], d["z0"])
+                    xs.append(self._noisy(src, d["noise"], d["t"]))
                     ts.append(d["t"])
                     lqs.append(d["lq"])
                 else:
@@ -253,15 +258,16 @@ class PackedTrainer:
         per_row_pers = pers_loss(maps) if c.lambda_pers > 0 else torch.zeros(n_main, device=dev)
         total = torch.zeros((), device=dev)
         nk = len(active)
+        dist = F.l1_loss if c.loss == "l1" else F.mse_loss
         for j, k in enumerate(active):
             d = draws[k]
             rows = slice(j * b, (j + 1) * b)
-            l_diff = F.mse_loss(pred[rows].float(), m.target(d["z0"], d["noise"]).to(dev).float())
+            l_diff = dist(pred[rows].float(), m.target(d["z0"], d["noise"]).to(dev).float())
             parts = {"diff": l_diff}
             loss_k = l_diff
             if c.lambda_gen > 0:
                 grows = slice((nk + j) * b, (nk + j + 1) * b)
-                parts["gen"] = F.mse_loss(pred[grows].float(), m.target(d["z0"], d["noise_gen"]).to(dev).float())
+                parts["gen"] = dist(pred[grows].float(), m.target(d["z0"], d["noise_gen"]).to(dev).float())
                 loss_k = loss_k + c.lambda_gen * parts["gen"]
             if c.lambda_pers > 0:
                 prow = [i for i, s in enumerate(slots) if s == k]

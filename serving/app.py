@@ -13,15 +13,23 @@
 Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``):
 
 - ``POST /v1/restore`` - multipart ``image`` + form fields ``identity`` (none: base model only),
-  ``scale``, ``steps``, ``seed``, ``color_fix``, ``sampler``; answers ``image/png`` with headers
+  ``scale``, ``steps``, ``seed``, ``strength``, ``color_fix``, ``sampler``, ``format``, ``quality``;
+  answers PNG, JPEG or WebP (``format``, else ``Accept``) with headers
   ``X-PFStorer-Adapter: tenant/identity@version`` (or ``none``) and ``X-PFStorer-Base``.
 - ``GET /v1/identities`` - the caller's tenant's people with an adapter.
 - ``GET /healthz`` (liveness), ``GET /readyz`` (model loaded and adapter index readable).
 
 Errors are JSON ``{"detail": "..."}``: 401 no/unknown key; 404 unknown identity (also another
-tenant's - the same body); 409 adapter trained on another base; 413 body or pixels over the
-limits (checked before reading/decoding), 415 not an image, 400 corrupt image or bad form; 422
-bad parameter values; 503 + ``Retry-After`` when the model's queue is full.
+tenant's - the same body); 408 body not sent within ``serve.body_timeout_s``; 409 adapter
+trained on another base; 413 body or pixels over the limits (checked before reading/decoding) or
+output pixels x steps over ``serve.max_pixel_steps``; 415 not an image; 400 corrupt image or bad
+form; 422 bad parameter values; 429 + ``Retry-After`` when the tenant already has
+``serve.max_tenant_requests`` in flight; 503 + ``Retry-After`` when the model's queue is full or
+the adapter index is unreadable, 503 when a restore ran past ``serve.request_timeout_s`` (the work
+is stopped between tile batches). A client that hangs up cancels its restore (logged, 499).
+
+The Gateway reads only the photo's header (limits, budget); the encoded bytes cross to the model
+replica, which decodes them straight to uint8 (ICC profiles converted to sRGB).
 
 Outputs are those of ``pfstorer restore`` bit for bit for the same image, adapter, seed, steps,
 scale, colour fix, ``--tile`` = ``serve.tile_size``, device and torch thread count (each replica
@@ -37,8 +45,10 @@ are :class:`pfstorer.settings.Settings` overrides.
 import asyncio
 import concurrent.futures
 import contextlib
+import collections
 import contextvars
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -52,7 +62,8 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
-from pfstorer.errors import AdapterMismatchError, PFStorerError
+from pfstorer.deadline import CancelledError, Deadline, DeadlineExceededError
+from pfstorer.errors import AdapterMismatchError, PFStorerError, TooLargeError
 from pfstorer.settings import Settings
 from serving.adapters import (
     NOT_FOUND_MESSAGE,
@@ -85,6 +96,7 @@ SWEEP_INTERVAL_S = float(os.environ.get("PFSTORER_SERVING_SWEEP_S", "5.0"))
 """How often a replica drops adapters that left the index from host RAM and device slots."""
 MAX_STEPS = 1000
 MAX_SCALE = 8.0
+CLIENT_GONE = 499  # "client closed request": logged, never a 5xx
 ADAPTER_HEADER = "X-PFStorer-Adapter"
 BASE_HEADER = "X-PFStorer-Base"
 
@@ -123,6 +135,12 @@ class RestoreParams(BaseModel):
         None, ge=1, le=MAX_STEPS,
         description="Timestep sampling starts from: below the schedule's length (1000) the LQ diffused "
         "to it, at 1000 pure noise (default: the base's).",
+    )
+    format: Literal["png", "jpeg", "webp"] | None = Field(
+        None, description="Output format (default: from the Accept header, else png).",
+    )
+    quality: int | None = Field(
+        None, ge=1, le=100, description="JPEG/WebP quality (default: the server's serve.output_quality).",
     )
 
 
@@ -164,7 +182,7 @@ def _restore_form_schema() -> dict[str, Any]:
         "image": {
             "type": "string",
             "format": "binary",
-            "description": "The photo (PNG, JPEG, WebP, BMP or TIFF).",
+            "description": "The photo (PNG, JPEG, WebP, AVIF, BMP or TIFF; HEIC with the heic extra).",
         }
     }
     for name, spec in RestoreParams.model_json_schema()["properties"].items():
@@ -218,6 +236,13 @@ def _not_found() -> JSONResponse:
     return _json_error(404, NOT_FOUND_MESSAGE)
 
 
+def check_budget(out_pixels: int, steps: int, limit: int) -> None:
+    """Refuse a restore whose output pixels x denoising steps exceed ``limit`` (413)."""
+    if out_pixels * steps > limit:
+        raise TooLargeError(f"{out_pixels:,} output pixels x {steps} steps = {out_pixels * steps:,} is over the "
+                            f"compute budget of {limit:,} pixel-steps per request (serve.max_pixel_steps)")
+
+
 def _unwrap(exc: BaseException) -> BaseException:
     """The user's exception behind a Ray task error (``RayTaskError(cause)``)."""
     cause = getattr(exc, "cause", None)
@@ -246,6 +271,7 @@ class _Job:
     image: torch.Tensor  # uint8 [3,H,W]
     params: dict[str, Any]
     since: float  # when the request reached the replica
+    deadline: Deadline = dataclasses.field(default_factory=Deadline)
 
 
 class BatchStats:
@@ -300,6 +326,7 @@ class Restorer:
     """
 
     def __init__(self, settings: Settings) -> None:
+        from pfstorer.images import ImageLimits
         from pfstorer.model import load_base
         from pfstorer.personalization import AdapterSlots
         from pipelines.registry import AdapterRegistry
@@ -338,6 +365,8 @@ class Restorer:
         self._sweeper: asyncio.Task[None] | None = None
         self._fetched: dict[str, tuple[str, float]] = {}  # key -> (source, ms) of this turn's read
         self.requests = 0
+        self.stopped = {"deadline": 0, "cancelled": 0}  # restores stopped before their end
+        self.limits = ImageLimits(max_bytes=s.max_upload_bytes, max_pixels=s.max_pixels)
         self.forgotten = {"host": 0, "device": 0}  # adapters dropped because they left the index
 
         async def load_resident(model_id: str) -> ResidentAdapter:
@@ -352,13 +381,16 @@ class Restorer:
     async def _io_call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
-    async def _torch_call(self, fn: Any, *args: Any) -> Any:
-        """Run on the model thread; if the request is cancelled, still wait for it to finish so
-        the next holder of the turn never overlaps it."""
+    async def _torch_call(self, fn: Any, *args: Any, deadline: Deadline | None = None) -> Any:
+        """Run on the model thread; if the request is cancelled, cancel ``deadline`` (the work
+        stops at its next tile batch) and still wait for it to finish, so the next holder of the
+        turn never overlaps it."""
         fut = asyncio.get_running_loop().run_in_executor(self._torch, fn, *args)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
+            if deadline is not None:
+                deadline.cancel()
             with contextlib.suppress(BaseException):
                 await fut
             raise
@@ -436,7 +468,7 @@ class Restorer:
 
     def _restore_sync(
         self, images_u8: list[torch.Tensor], slots: list[int] | None, seeds: list[int], strengths: list[float],
-        p: dict[str, Any],
+        p: dict[str, Any], deadline: Deadline,
     ) -> torch.Tensor:
         """Rows of one shape and parameters; row i with device slot ``slots[i]`` (None: all base)."""
         from pfstorer.sampling import restore_batch
@@ -456,6 +488,7 @@ class Restorer:
             tile=self.settings.serve.tile_size,
             tile_batch=self.settings.serve.tile_batch,
             color_fix=p["color_fix"],
+            deadline=deadline,
         )
 
     # -- forgetting (faces are biometric data) ---------------------------------------------------
@@ -535,14 +568,21 @@ class Restorer:
             images = None
             if rows:
                 slots = [residents[j.key].slot if j.key else self.base_slot for j in rows]
-                images = await self._torch_call(
-                    self._restore_sync,
-                    [j.image for j in rows],
-                    slots if residents else None,
-                    [int(j.params["seed"]) for j in rows],
-                    [float(j.params.get("strength", 1.0)) for j in rows],
-                    rows[0].params,
-                )
+                deadline = Deadline.any_of([j.deadline for j in rows])
+                try:
+                    images = await self._torch_call(
+                        self._restore_sync,
+                        [j.image for j in rows],
+                        slots if residents else None,
+                        [int(j.params["seed"]) for j in rows],
+                        [float(j.params.get("strength", 1.0)) for j in rows],
+                        rows[0].params,
+                        deadline,
+                        deadline=deadline,
+                    )
+                except (DeadlineExceededError, CancelledError) as exc:
+                    self.stopped["cancelled" if isinstance(exc, CancelledError) else "deadline"] += 1
+                    raise
             t2 = time.perf_counter()
         row = iter(images if images is not None else ())
         out: list[dict[str, Any]] = []
@@ -566,32 +606,51 @@ class Restorer:
         return await task
 
     # -- API ------------------------------------------------------------------------------------
-    async def restore(self, image_u8: torch.Tensor, params: dict[str, Any]) -> dict[str, Any]:
-        """Restore one image (uint8 ``[3,H,W]``) for the person of the multiplexed model id."""
+    async def restore(self, data: bytes, params: dict[str, Any]) -> dict[str, Any]:
+        """Restore one photo (its encoded bytes) for the person of the multiplexed model id.
+
+        ``params["deadline_s"]``: seconds left for the work (the Gateway's request deadline);
+        ``format``/``quality``: the output encoding. Returns the encoded image and timings.
+        """
+        from pfstorer.images import decode_image
+
         self._ensure_sweeper()
         self.requests += 1
+        deadline = Deadline(params.get("deadline_s"))
         key = serve.get_multiplexed_model_id() or ""
+        # straight to uint8 in an I/O thread: the photo crossed the object store encoded
+        image_u8 = await self._io_call(functools.partial(decode_image, data, limits=self.limits, dtype=torch.uint8))
         # what the request leaves open, the base decides
         chosen = self.model.config.sampling.override(
             sampler=params.get("sampler"), steps=params.get("steps"), t_start=params.get("t_start"))
         params = {**params, **chosen.model_dump()}
-        job = _Job(key, None, image_u8, params, time.perf_counter())
+        h, w = image_u8.shape[-2:]
+        check_budget(round(h * params["scale"]) * round(w * params["scale"]), chosen.steps,
+                     self.settings.serve.max_pixel_steps)
+        job = _Job(key, None, image_u8, params, time.perf_counter(), deadline)
         if key:
             job.entry = await self._io_call(self._entry, key)
             tf = time.perf_counter()
             _, source = await self._io_call(self._verified, job.entry)  # warm host RAM outside the turn
             if source == "store":
                 self._fetched[key] = (source, (time.perf_counter() - tf) * 1e3)
-        if self.batching:
-            result = await self._in_batch(job)
-        else:
-            (result,) = await self._run([job])
+        try:
+            if self.batching:
+                result = await self._in_batch(job)
+            else:
+                (result,) = await self._run([job])
+        except asyncio.CancelledError:  # the caller went away: its share of the work stops
+            deadline.cancel()
+            raise
         if "error" in result:
             raise result["error"]
-        from pfstorer.images import encode_png
+        from pfstorer.images import MEDIA_TYPES, encode_image
 
-        png = await self._io_call(encode_png, result.pop("image"))
-        return {"png": png, "base": self.fingerprint, "steps": params["steps"], **result}
+        fmt = str(params.get("format") or "png").upper()
+        quality = int(params.get("quality") or self.settings.serve.output_quality)
+        body = await self._io_call(encode_image, result.pop("image"), fmt, quality)
+        return {"body": body, "media_type": MEDIA_TYPES[fmt], "base": self.fingerprint, "steps": params["steps"],
+                **result}
 
     async def ready(self) -> dict[str, Any]:
         """Model loaded (the constructor ran) and the adapter index readable."""
@@ -626,6 +685,7 @@ class Restorer:
             "scheduler": {"granted": self.scheduler.granted, "reordered": self.scheduler.reordered},
             "batches": self.batch_stats.summary(),
             "forgotten": dict(self.forgotten),
+            "stopped": dict(self.stopped),
             "torch_threads": self.threads,
         }
 
@@ -633,6 +693,27 @@ class Restorer:
 # ---------------------------------------------------------------------------------------------
 # the ingress
 # ---------------------------------------------------------------------------------------------
+
+
+_ACCEPTED = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
+
+
+def _negotiate(accept: str | None) -> str:
+    """png, jpeg or webp from an ``Accept`` header (highest q first, then order); png otherwise."""
+    best, best_q = "png", 0.0
+    for part in (accept or "").split(","):
+        media, *opts = (x.strip() for x in part.split(";"))
+        q = 1.0
+        for o in opts:
+            if o.startswith("q="):
+                try:
+                    q = float(o[2:])
+                except ValueError:
+                    q = 0.0
+        fmt = _ACCEPTED.get(media.lower())
+        if fmt is not None and q > best_q:
+            best, best_q = fmt, q
+    return best
 
 
 async def _once(data: bytes):  # an async byte stream for the multipart parser
@@ -660,6 +741,11 @@ class Gateway:
         s = settings.serve
         self.limits = ImageLimits(max_bytes=s.max_upload_bytes, max_pixels=s.max_pixels)
         self._latency_s = 1.0  # moving average of restore latency, for Retry-After
+        self._inflight: collections.Counter[str] = collections.Counter()  # restores per tenant
+        from pfstorer.presets import PRESETS
+
+        preset = PRESETS.get(settings.base)  # a checkpoint base: the replica checks the budget itself
+        self._preset_steps = preset.sampling.steps if preset is not None else 1
 
     # -- helpers ----------------------------------------------------------------------------
     def _tenant(self, request: Request) -> str | None:
@@ -677,6 +763,10 @@ class Gateway:
         return _json_error(503, f"overloaded: too many requests queued; retry in {ra} s", {"Retry-After": ra})
 
     async def _read_body(self, request: Request) -> bytes | JSONResponse:
+        """The body, within ``serve.max_upload_bytes`` and ``serve.body_timeout_s`` (408 after it:
+        a stalled upload must not hold a request slot forever)."""
+        from starlette.requests import ClientDisconnect
+
         limit = self.settings.serve.max_upload_bytes
         declared = request.headers.get("content-length")
         if declared is not None:
@@ -687,11 +777,34 @@ class Gateway:
             if n > limit:  # refused before reading a byte
                 return _json_error(413, f"request body is {n} bytes, over the limit of {limit}")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:  # chunked or lying uploads: stop reading
-                return _json_error(413, f"request body is over the limit of {limit} bytes")
+        timeout = self.settings.serve.body_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limit:  # chunked or lying uploads: stop reading
+                        return _json_error(413, f"request body is over the limit of {limit} bytes")
+        except TimeoutError:
+            return _json_error(408, f"the request body did not arrive within {timeout:g} s", {"Connection": "close"})
+        except ClientDisconnect:
+            log.info("client disconnected during upload")
+            return _json_error(CLIENT_GONE, "client disconnected during upload")
         return bytes(body)
+
+    def _admit(self, tenant: str) -> JSONResponse | None:
+        """Count the tenant's request in, or 429 if it already has its share in flight."""
+        cap = self.settings.serve.max_tenant_requests
+        if self._inflight[tenant] >= cap:
+            ra = self._retry_after()
+            return _json_error(429, f"too many requests in flight for this tenant (limit {cap}); retry in {ra} s",
+                               {"Retry-After": ra})
+        self._inflight[tenant] += 1
+        return None
+
+    def _release(self, tenant: str) -> None:
+        self._inflight[tenant] -= 1
+        if self._inflight[tenant] <= 0:
+            del self._inflight[tenant]
 
     # -- endpoints ------------------------------------------------------------------------------
     @api.get("/healthz", tags=["health"], response_model=Health, summary="Liveness")
@@ -759,8 +872,9 @@ class Gateway:
         openapi_extra=_restore_form_schema(),
         responses={
             200: {
-                "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-                "description": "The restored image (PNG).",
+                "content": {m: {"schema": {"type": "string", "format": "binary"}}
+                            for m in ("image/png", "image/jpeg", "image/webp")},
+                "description": "The restored image: PNG, JPEG or WebP (the `format` field, else `Accept`).",
                 "headers": {
                     ADAPTER_HEADER: {
                         "description": "Adapter used: tenant/identity@version, or none.",
@@ -772,30 +886,48 @@ class Gateway:
             400: _err(400, "Corrupt image or malformed form."),
             401: _err(401, "Missing or unknown API key."),
             404: _err(404, "Unknown identity (also: another tenant's)."),
+            408: _err(408, "The request body did not arrive within serve.body_timeout_s."),
             409: _err(409, "The adapter was trained on a different base model."),
-            413: _err(413, "Body or image over the size/pixel limits (refused before decoding)."),
-            415: _err(415, "Not a supported image type, or not multipart/form-data."),
+            413: _err(413, "Body or image over the size/pixel limits (refused before decoding), or output "
+                      "pixels x steps over the compute budget (serve.max_pixel_steps)."),
+            415: _err(415, "Not a supported image type (HEIC needs the heic extra), or not multipart/form-data."),
             422: _err(422, "Invalid parameter values or adapter."),
+            429: {
+                "model": ErrorBody,
+                "description": "This tenant already has serve.max_tenant_requests restores in flight.",
+                "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+            },
             503: {
                 "model": ErrorBody,
-                "description": "Overloaded: retry after the Retry-After header's seconds.",
+                "description": "Overloaded, the adapter index unreadable, or the restore ran past its "
+                "deadline (serve.request_timeout_s) and was stopped.",
                 "headers": {"Retry-After": {"schema": {"type": "integer"}}},
             },
         },
     )
     async def restore(self, request: Request) -> Response:
         """Restore one photo. With ``identity``, the person's adapter (of the caller's tenant)
-        is used; without, the base model alone. Images of any size are restored in tiles."""
-        from pfstorer.images import decode_image
+        is used; without, the base model alone. Images of any size are restored in tiles, within
+        the server's compute budget and deadline."""
+        tenant = self._tenant(request)  # before reading the body
+        if tenant is None:
+            return self._unauthorized()
+        refused = self._admit(tenant)
+        if refused is not None:
+            return refused
+        try:
+            return await self._restore(request, tenant, time.monotonic())
+        finally:
+            self._release(tenant)
+
+    async def _restore(self, request: Request, tenant: str, arrived: float) -> Response:
+        from pfstorer.images import probe_image
         from pfstorer.sampling import MAX_OUTPUT_PIXELS
         from pipelines.registry import is_safe_key, model_key
         from ray.serve.exceptions import BackPressureError
         from starlette.datastructures import UploadFile
         from starlette.formparsers import MultiPartException, MultiPartParser
 
-        tenant = self._tenant(request)  # before reading the body
-        if tenant is None:
-            return self._unauthorized()
         if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
             return _json_error(415, "send multipart/form-data with an 'image' file field")
         body = await self._read_body(request)
@@ -825,23 +957,39 @@ class Gateway:
         if params.identity:
             if not is_safe_key(params.identity):
                 return _not_found()
-            entry = await asyncio.to_thread(self.registry.resolve, tenant, params.identity)
+            try:
+                entry = await asyncio.to_thread(self.registry.resolve, tenant, params.identity)
+            except Exception as exc:  # a damaged or missing index file: the server's problem, for now
+                log.warning("adapter index unreadable: %s", exc)
+                return _json_error(503, "the adapter index is not readable right now; retry later",
+                                   {"Retry-After": self._retry_after()})
             if entry is None:  # nonexistent or another tenant's: the same answer
                 return _not_found()
             key = model_key(tenant, params.identity)
-        try:
-            image = await asyncio.to_thread(decode_image, data, limits=self.limits, name="image")
+        try:  # the header only: the photo crosses to the model encoded, and is decoded there
+            h, w = await asyncio.to_thread(probe_image, data, limits=self.limits, name="image")
         except PFStorerError as exc:
             return _error_response(exc)
-        h, w = image.shape[-2:]
-        if round(h * params.scale) * round(w * params.scale) > MAX_OUTPUT_PIXELS:
+        s = self.settings.serve
+        out_px = round(h * params.scale) * round(w * params.scale)
+        if out_px > MAX_OUTPUT_PIXELS:
             return _json_error(413, f"output of {w}x{h} at scale {params.scale} would be too large")
-        image_u8 = image.mul(255).round_().to(torch.uint8)  # exact: decoded pixels are k/255
-        p = params.model_dump()
-        p["steps"] = params.steps or self.settings.serve.default_steps
-        t0 = time.perf_counter()
         try:
-            result = await self.restorer.options(multiplexed_model_id=key).restore.remote(image_u8, p)
+            check_budget(out_px, params.steps or s.default_steps or self._preset_steps, s.max_pixel_steps)
+        except PFStorerError as exc:
+            return _error_response(exc)
+        p = params.model_dump()
+        p["steps"] = params.steps or s.default_steps
+        p["format"] = params.format or _negotiate(request.headers.get("accept"))
+        p["deadline_s"] = max(0.0, s.request_timeout_s - (time.monotonic() - arrived))
+        t0 = time.perf_counter()
+        response = self.restorer.options(multiplexed_model_id=key).restore.remote(data, p)
+        try:
+            result = await response
+        except asyncio.CancelledError:  # the client hung up: stop the model's work too
+            response.cancel()
+            log.info("client disconnected; restore cancelled")
+            raise
         except BackPressureError:
             return self._overloaded()
         except Exception as exc:
@@ -850,8 +998,10 @@ class Gateway:
                 return self._overloaded()
             if isinstance(cause, PFStorerError):
                 return _error_response(cause)
-            from ray.serve.exceptions import DeploymentUnavailableError
+            from ray.serve.exceptions import DeploymentUnavailableError, RequestCancelledError
 
+            if isinstance(cause, RequestCancelledError):
+                return _json_error(CLIENT_GONE, "request cancelled")
             if isinstance(cause, DeploymentUnavailableError):
                 ra = self._retry_after()
                 return _json_error(503, "model unavailable", {"Retry-After": ra})
@@ -860,8 +1010,8 @@ class Gateway:
         elapsed = time.perf_counter() - t0
         self._latency_s = 0.8 * self._latency_s + 0.2 * elapsed
         return Response(
-            content=result["png"],
-            media_type="image/png",
+            content=result["body"],
+            media_type=result["media_type"],
             headers={
                 ADAPTER_HEADER: result["adapter"],
                 BASE_HEADER: result["base"],
@@ -870,6 +1020,7 @@ class Gateway:
                 "Server-Timing": f"queue;dur={result['queue_s'] * 1e3:.1f}, "
                 f"restore;dur={result['compute_s'] * 1e3:.1f}, total;dur={elapsed * 1e3:.1f}",
                 "Cache-Control": "no-store",
+                "Vary": "Accept",
             },
         )
 

@@ -1,4 +1,4 @@
-"""``pfstorer serve`` and ``pfstorer restore-batch`` (registered through the ``pfstorer.cli``
+"""``pfstorer serve``, ``pfstorer restore-batch`` and ``pfstorer demo`` (registered through the ``pfstorer.cli``
 entry-point group by :func:`register_cli`).
 
 ``pfstorer serve --base tiny --index URL --port 8000 --api-keys keys.yaml`` runs the HTTP API on
@@ -19,7 +19,9 @@ import argparse
 import json
 import sys
 from typing import Any
-from pfstorer.cli import add_sampling_args
+from pathlib import Path
+
+from pfstorer.cli import add_sampling_args, lazy
 
 __all__ = ["register_cli"]
 
@@ -210,7 +212,7 @@ def _cmd_restore_batch(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: Any) -> None:
-    """Add ``serve`` and ``restore-batch`` to pfstorer's sub-commands."""
+    """Add ``serve``, ``restore-batch`` and ``demo`` to pfstorer's sub-commands."""
     p = subparsers.add_parser(
         "serve",
         help="run the multi-tenant HTTP API (Ray Serve) until Ctrl-C",
@@ -268,3 +270,19 @@ def register_cli(subparsers: Any) -> None:
     b.add_argument("--config", metavar="FILE", help="pfstorer settings file (YAML/TOML)")
     b.add_argument("--json", action="store_true", help="print the summary as JSON")
     b.set_defaults(func=_cmd_restore_batch)
+
+    d = subparsers.add_parser(
+        "demo", help="run the whole job end to end on embedded defaults (make demo)",
+        description="Personalize every person of a photo folder on a local Ray (Ray Train), register the "
+                    "adapters in MLflow (SQLite), serve them with Ray Serve on 127.0.0.1, restore a degraded "
+                    "held-out photo of each person over HTTP with and without their adapter, and write a "
+                    "report (input | base | personalized | original + metrics) under .pfstorer-state/demo/report.")
+    d.add_argument("--photos", type=Path, help="folder with one sub-folder of photos per person "
+                                               "(default: ../shared/data/demo and ../shared/data/wild)")
+    d.add_argument("--base", help="base preset (default: compact when its weights are shipped, else tiny)")
+    d.add_argument("--steps", type=int, help="personalization steps per person (default: see docs/personalization.md)")
+    d.add_argument("--restore-steps", type=int, help="denoising steps per restore (default: the base's)")
+    d.add_argument("--max-side", type=int, default=192, help="held-out photos are shrunk to this long side")
+    d.add_argument("--state-dir", type=Path, help="where the demo keeps its state (default: .pfstorer-state/demo)")
+    d.add_argument("--keep", action="store_true", help="keep earlier demo state (reruns skip trained people)")
+    d.set_defaults(func=lazy("serving.demo:run_cli"))

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_STATE = REPO / ".pfstorer-state" / "demo"
 SHARED_DATA = REPO.parent / "shared" / "data"
 CREDITS = {
     "demo": "Lisa DeBruine, webmorphR.stim (CC BY 4.0)",
@@ -147,7 +148,7 @@ def _degraded_pair(photo: Path, max_side: int, seed: int) -> tuple[torch.Tensor,
 def run_demo(
     photos: Path | None = None,
     *,
-    state_dir: Path = REPO / ".pfstorer-state" / "demo",
+    state_dir: Path = DEFAULT_STATE,
     base: str | None = None,
     steps: int | None = None,
     restore_steps: int | None = None,
@@ -288,21 +289,8 @@ def _write_report(out: Path, rows, row_labels, table, base: str, steps: int, res
     return path
 
 
-def register_cli(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "demo", help="run the whole job end to end on embedded defaults (make demo)",
-        description="Personalize every person of a photo folder on a local Ray (Ray Train), register the "
-                    "adapters in MLflow (SQLite), serve them with Ray Serve on 127.0.0.1, restore a degraded "
-                    "held-out photo of each person over HTTP with and without their adapter, and write a "
-                    "report (input | base | personalized | original + metrics) under .pfstorer-state/demo/report.")
-    p.add_argument("--photos", type=Path, help="folder with one sub-folder of photos per person "
-                                               "(default: ../shared/data/demo and ../shared/data/wild)")
-    p.add_argument("--base", help="base preset (default: compact when its weights are shipped, else tiny)")
-    p.add_argument("--steps", type=int, help="personalization steps per person (default 40 tiny / 5 compact: a 128 px step takes seconds on a CPU)")
-    p.add_argument("--restore-steps", type=int, help="denoising steps per restore (default: the base's)")
-    p.add_argument("--max-side", type=int, default=192, help="held-out photos are shrunk to this long side")
-    p.add_argument("--state-dir", type=Path, default=REPO / ".pfstorer-state" / "demo")
-    p.add_argument("--keep", action="store_true", help="keep earlier demo state (reruns skip trained people)")
-    p.set_defaults(func=lambda a: (run_demo(a.photos, state_dir=a.state_dir, base=a.base, steps=a.steps,
-                                            restore_steps=a.restore_steps, max_side=a.max_side,
-                                            fresh=not a.keep), 0)[1])
+def run_cli(args: Any) -> int:
+    """``pfstorer demo`` (the parser is in :mod:`serving.cli`)."""
+    run_demo(args.photos, state_dir=args.state_dir or DEFAULT_STATE, base=args.base, steps=args.steps,
+             restore_steps=args.restore_steps, max_side=args.max_side, fresh=not args.keep)
+    return 0

@@ -13,6 +13,7 @@ from PIL import Image
 
 from pfstorer.adapter import Adapter
 from pfstorer.cli import build_parser, main
+from pfstorer.errors import PFStorerError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,3 +144,29 @@ def test_console_script_prints_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_listing_commands_imports_no_heavy_library():
+    # `pfstorer --help` must answer at once: handlers are imported when their command runs
+    code = ("import sys; from pfstorer.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'scipy', 'pyarrow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
+def test_a_command_with_a_missing_part_says_what_to_install(capsys):
+    import argparse
+
+    from pfstorer.cli import lazy
+
+    handler = lazy("pfstorer_no_such_module:main", extra="eval")
+    with pytest.raises(PFStorerError, match=r"pfstorer\[eval\]"):
+        handler(argparse.Namespace())
+
+
+def test_restore_writes_webp_and_refuses_unknown_names_before_work(person, tmp_path, capsys):
+    code, out, _ = run(["restore", "--base", "tiny", "--input", person[0], "--out", tmp_path / "r.webp",
+                        "--quality", "70", "--quiet"], capsys)
+    assert code == 0 and (tmp_path / "r.webp").read_bytes()[:4] == b"RIFF"
+    code, _, err = run(["restore", "--base", "tiny", "--input", person[0], "--out", tmp_path / "r.gif"], capsys)
+    assert code == 2 and ".webp" in err and not (tmp_path / "r.gif").exists()

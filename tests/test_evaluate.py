@@ -15,7 +15,8 @@ from PIL import Image
 
 import pfstorer.metrics as M
 from pfstorer.errors import InputError
-from pfstorer.evaluate import GRID_HEADER, GRID_PAD, evaluate_folders, make_grid, register_cli
+from pfstorer.cli import METRIC_NAMES, build_parser
+from pfstorer.evaluate import GRID_HEADER, GRID_PAD, evaluate_folders, make_grid
 
 
 def _save(img: torch.Tensor | np.ndarray, path: Path) -> None:
@@ -124,8 +125,10 @@ def test_make_grid_size_and_validation() -> None:
 
 
 def test_cli_subcommand_runs_and_explains_itself(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    parser = argparse.ArgumentParser(prog="pfstorer")
-    register_cli(parser.add_subparsers(dest="command"))
+    from pfstorer.metrics import METRICS
+
+    assert set(METRIC_NAMES) == set(METRICS)  # the help lists exactly the metrics there are
+    parser = build_parser()
     with pytest.raises(SystemExit):
         parser.parse_args(["evaluate", "--help"])
     helptext = capsys.readouterr().out

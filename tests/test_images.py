@@ -286,7 +286,7 @@ def test_resize_antialias_clamp_and_batch() -> None:
 
 def test_limits_model() -> None:
     assert DEFAULT_LIMITS.max_bytes == 32 * 1024 * 1024 and DEFAULT_LIMITS.max_pixels == 4096 * 4096
-    assert DEFAULT_LIMITS.formats == {"PNG", "JPEG", "WEBP", "BMP", "TIFF"}
+    assert DEFAULT_LIMITS.formats == {"PNG", "JPEG", "WEBP", "BMP", "TIFF", "AVIF", "HEIF"}
     with pytest.raises(Exception):
         DEFAULT_LIMITS.max_bytes = 1  # type: ignore[misc]  # frozen
     with pytest.raises(ValueError):
@@ -299,3 +299,81 @@ def test_real_photo(lfw_bench: dict[str, list[Path]]) -> None:
     assert img.shape == (3, 128, 128) and 0 <= img.min() and img.max() <= 1
     assert torch.equal(load_image(path.read_bytes()), img)
     assert torch.equal(load_image(f"file://{path}"), img)
+
+
+# -- colour management and formats ----------------------------------------------------------------
+def _tagged(fmt: str, icc: bytes, rgb: tuple[int, int, int] = (100, 150, 200)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), rgb).save(buf, format=fmt, icc_profile=icc, **({"quality": 100} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def test_wide_gamut_photos_are_converted_to_srgb() -> None:
+    from PIL import ImageCms
+
+    from _icc import wide_gamut_profile
+
+    icc = wide_gamut_profile()
+    # what LittleCMS makes of the colour, independently of decode_image
+    src = Image.new("RGB", (1, 1), (100, 150, 200))
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+    want = ImageCms.profileToProfile(src, ImageCms.ImageCmsProfile(io.BytesIO(icc)), srgb,
+                                     renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC).getpixel((0, 0))
+    assert max(abs(a - b) for a, b in zip(want, (100, 150, 200))) >= 10  # the profile matters
+    got = decode_image(_tagged("PNG", icc), dtype=torch.uint8)[:, 0, 0].tolist()
+    assert got == list(want)
+    jpeg = decode_image(_tagged("JPEG", icc), dtype=torch.uint8)[:, 0, 0].tolist()
+    assert max(abs(a - b) for a, b in zip(jpeg, want)) <= 2  # JPEG rounding only
+    # an sRGB-tagged photo keeps its values bit for bit; an untagged one too
+    assert decode_image(_tagged("PNG", srgb.tobytes()), dtype=torch.uint8)[:, 0, 0].tolist() == [100, 150, 200]
+    # a damaged profile is ignored, not fatal
+    assert decode_image(_tagged("PNG", b"not a profile" * 20), dtype=torch.uint8)[:, 0, 0].tolist() == [100, 150, 200]
+
+
+def test_avif_decodes_and_heic_names_its_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import features
+
+    import pfstorer.images as images
+
+    if features.check("avif"):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 32), (200, 10, 10)).save(buf, format="AVIF", quality=100)
+        got = decode_image(buf.getvalue(), dtype=torch.uint8)
+        assert got.shape == (3, 32, 40) and abs(int(got[0, 5, 5]) - 200) <= 4
+    # an ISO-BMFF 'heic' file without pillow-heif: 415 that says what to install
+    heic = struct.pack(">I", 24) + b"ftypheic" + b"\0" * 4 + b"mif1heic" + b"\0" * 64
+    monkeypatch.setattr(images, "_HEIF", False)
+    with pytest.raises(UnsupportedMediaError, match=r"pfstorer\[heic\]") as info:
+        decode_image(heic)
+    assert info.value.status == 415
+
+
+@pytest.mark.parametrize("ext, magic", [(".png", b"\x89PNG"), (".jpg", b"\xff\xd8\xff"), (".jpeg", b"\xff\xd8\xff"),
+                                        (".webp", b"RIFF")])
+def test_output_format_by_extension_with_quality(tmp_path: Path, ext: str, magic: bytes) -> None:
+    from pfstorer.images import encode_image, output_format
+
+    ramp = torch.linspace(0, 1, 48)
+    img = torch.stack([ramp[None, :].expand(48, 48), ramp[:, None].expand(48, 48), 1 - ramp[None, :].expand(48, 48)])
+    img = img + 0.05 * torch.rand(3, 48, 48, generator=torch.Generator().manual_seed(5))
+    img = img.clamp(0, 1)
+    dest = tmp_path / f"out{ext}"
+    save_image(img, dest, quality=80)
+    data = dest.read_bytes()
+    assert data.startswith(magic) and data == encode_image(img, output_format(dest), 80)
+    assert (load_image(dest) - img).abs().mean() < 0.03
+    if ext != ".png":  # quality changes the bytes of lossy formats only
+        assert len(encode_image(img, output_format(dest), 20)) < len(data)
+    with pytest.raises(InputError, match="quality"):
+        encode_image(img, "JPEG", 0)
+
+
+def test_probe_image_checks_like_decode_without_decoding() -> None:
+    from pfstorer.images import probe_image
+
+    data = _png_bytes(Image.new("RGB", (50, 30)))
+    assert probe_image(data) == (30, 50)
+    with pytest.raises(TooLargeError):
+        probe_image(data, limits=ImageLimits(max_pixels=1000))
+    with pytest.raises(UnsupportedMediaError):
+        probe_image(b"GIF89a" + b"\0" * 100)

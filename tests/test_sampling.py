@@ -219,3 +219,51 @@ def test_lq_start_refuses_more_steps_than_timesteps(photo):
     model = _tiny_with()
     with pytest.raises(InputError, match="t_start"):
         restore(model, _as_u8(photo, 32, 32), steps=20, t_start=10)
+
+
+class _CountingDeadline:
+    """A deadline that lets ``allowed`` tile batches through, then cancels (counts the checks)."""
+
+    def __init__(self, allowed: int) -> None:
+        from pfstorer.deadline import Deadline
+
+        self.inner, self.allowed, self.checks = Deadline(), allowed, 0
+
+    def check(self) -> None:
+        self.checks += 1
+        if self.checks > self.allowed:
+            self.inner.cancel()
+        self.inner.check()
+
+
+def test_a_deadline_stops_a_restore_within_one_tile_batch(tiny, monkeypatch):
+    from pfstorer.deadline import CancelledError, Deadline, DeadlineExceededError
+
+    image = torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = tiny.denoise
+    monkeypatch.setattr(tiny, "denoise", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with pytest.raises(DeadlineExceededError, match="deadline"):
+        restore(tiny, image, steps=50, tile=32, tile_batch=2, deadline=Deadline(0.0))
+    assert calls == []  # past its deadline before the first tile: no work at all
+    counting = _CountingDeadline(allowed=3)
+    with pytest.raises(CancelledError):
+        restore(tiny, image, steps=50, tile=32, tile_batch=2, deadline=counting)
+    assert len(calls) == 3  # stopped at the 4th tile batch of 50 steps x 9 tiles / 2
+    # a deadline that is never reached changes nothing
+    calls.clear()
+    a = restore(tiny, image, steps=2, tile=32, deadline=Deadline(3600))
+    assert torch.equal(a, restore(tiny, image, steps=2, tile=32))
+
+
+def test_a_shared_deadline_runs_while_any_caller_wants_it():
+    from pfstorer.deadline import CancelledError, Deadline
+
+    a, b = Deadline(), Deadline()
+    both = Deadline.any_of([a, b])
+    a.cancel()
+    both.check()  # b still waits for the result
+    b.cancel()
+    with pytest.raises(CancelledError):
+        both.check()
+    assert Deadline.any_of([a]) is a

@@ -427,6 +427,7 @@ def stack(ray_session, mlflow_local, lfw_bench, tmp_path_factory) -> Any:
                     "default_steps": STEPS,
                     "max_upload_bytes": 300_000,
                     "max_pixels": 512 * 512,
+                    "max_tenant_requests": 64,  # the queue's back-pressure is tested here, not the tenant cap
                     **serve_overrides,
                 },
             }

@@ -1,0 +1,250 @@
+"""Abuse and fuzz suite over real HTTP against ``pfstorer serve`` on 127.0.0.1 (the ``tiny`` base).
+
+One client must not be able to take the API down: malformed requests get a clear 4xx, never a
+500 or a hang; stalled uploads time out (408) without blocking anyone else; a restore over the
+compute budget is refused (413); a long restore stops at its deadline (503) or when its client
+hangs up; one tenant flooding gets 429 while another tenant is served; an unreadable adapter index
+is a 503. After all of it, a valid request of another tenant still succeeds promptly.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _services import free_port
+
+from serving.auth import generate_key, hash_key
+
+pytestmark = pytest.mark.integration
+
+BODY_TIMEOUT_S = 2.0
+REQUEST_TIMEOUT_S = 12.0
+TENANT_CAP = 2
+LONG_STEPS = 30  # a 256 px photo at 30 steps on the tiny base: about a minute of one core
+BUDGET = 256 * 256 * 40
+
+
+def _png(side: int, colour: tuple[int, int, int] = (120, 90, 60)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    im = Image.new("RGB", (side, side), colour)
+    for x in range(0, side, 8):  # some structure, so restores are not trivial
+        im.putpixel((x, x), (255, 255, 255))
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Server:
+    def __init__(self, url: str, keys: dict[str, str], index: Path, proc: subprocess.Popen) -> None:
+        self.url, self.keys, self.index, self.proc = url, keys, index, proc
+
+    def headers(self, tenant: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[tenant]}"}
+
+    def post(self, tenant: str | None, data: bytes, timeout: float = 60, headers: dict | None = None, **form: Any) -> Any:
+        import httpx
+
+        h = self.headers(tenant) if tenant else {}
+        h.update(headers or {})
+        return httpx.post(f"{self.url}/v1/restore", headers=h, files={"image": ("p.png", data)},
+                          data={k: str(v) for k, v in form.items()}, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Any:
+    import httpx
+
+    root = tmp_path_factory.mktemp("abuse")
+    keys = {"acme": generate_key(), "globex": generate_key()}
+    (root / "keys.yaml").write_text("tenants:\n" + "".join(f"  {t}:\n    - {hash_key(k)}\n" for t, k in keys.items()))
+    port = free_port()
+    (root / "settings.yaml").write_text(f"""
+base: tiny
+device: cpu
+state_dir: {root / "state"}
+index_url: {root / "index.parquet"}
+store_url: {root / "store"}
+serve:
+  host: 127.0.0.1
+  port: {port}
+  api_keys_file: {root / "keys.yaml"}
+  num_cpus: 1
+  max_ongoing_requests: 4
+  max_queued_requests: 8
+  max_upload_bytes: 1000000
+  max_pixels: 1048576
+  max_pixel_steps: {BUDGET}
+  request_timeout_s: {REQUEST_TIMEOUT_S}
+  body_timeout_s: {BODY_TIMEOUT_S}
+  max_tenant_requests: {TENANT_CAP}
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PFSTORER_SERVING_INDEX_MAX_AGE_S": "0.5"}
+    log = open(root / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "pfstorer.cli", "serve", "--config", str(root / "settings.yaml")],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, (root / "serve.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "pfstorer serve did not become ready"
+        time.sleep(0.5)
+    try:
+        yield Server(url, keys, root / "index.parquet", proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def _prompt(server: Server, tenant: str = "globex", within: float = 15.0) -> float:
+    """A small valid restore of ``tenant`` succeeds within ``within`` seconds; returns the time."""
+    t0 = time.monotonic()
+    r = server.post(tenant, _png(64), timeout=within, steps=2)
+    took = time.monotonic() - t0
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+    assert took < within
+    return took
+
+
+def _json_status(r: Any) -> int:
+    assert r.status_code < 500 or r.status_code == 503, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json"), r.text
+    assert r.json()["detail"], r.text
+    return r.status_code
+
+
+def test_malformed_requests_get_a_clear_4xx(server: Server) -> None:
+    import httpx
+
+    cases: list[tuple[Any, set[int]]] = [
+        (lambda: server.post(None, _png(64)), {401}),
+        (lambda: server.post("acme", _png(64), headers={"Authorization": "Bearer nope"}), {401}),
+        (lambda: server.post("acme", b"plain text " * 20), {415}),
+        (lambda: server.post("acme", _png(64)[:60]), {400, 415}),
+        (lambda: server.post("acme", b"\x00\x00\x00\x18ftypheic" + b"\0" * 200), {415}),
+        (lambda: server.post("acme", _png(64), identity="../../etc/passwd"), {404}),
+        (lambda: server.post("acme", _png(64), identity="ünïcödé/x"), {404}),
+        (lambda: server.post("acme", _png(64), steps="many"), {422}),
+        (lambda: server.post("acme", _png(64), format="gif"), {422}),
+        (lambda: server.post("acme", _png(64), quality=0), {422}),
+        (lambda: server.post("acme", _png(64), strength=2), {422}),
+        (lambda: server.post("acme", os.urandom(1_200_000)), {413}),
+        (lambda: httpx.post(f"{server.url}/v1/restore", headers=server.headers("acme"), json={}), {415}),
+    ]
+    for i, (make, expected) in enumerate(cases):
+        r = make()
+        assert r.status_code in expected, (i, expected, r.status_code, r.text)
+        _json_status(r)
+    heic = server.post("acme", b"\x00\x00\x00\x18ftypheic" + b"\0" * 200)
+    assert "pfstorer[heic]" in heic.json()["detail"]
+    _prompt(server)
+
+
+def test_output_formats_by_field_and_accept(server: Server) -> None:
+    r = server.post("acme", _png(64), steps=1, format="webp", quality=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/webp" and r.content[:4] == b"RIFF"
+    r = server.post("acme", _png(64), steps=1, headers={"Accept": "image/avif, image/jpeg;q=0.9, image/png;q=0.5"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg" and r.content[:3] == b"\xff\xd8\xff"
+    r = server.post("acme", _png(64), steps=1, headers={"Accept": "*/*"})
+    assert r.headers["content-type"] == "image/png"
+
+
+def test_compute_budget_is_refused_up_front(server: Server) -> None:
+    t0 = time.monotonic()
+    r = server.post("acme", _png(512), steps=50)  # 512 x 512 x 50 pixel-steps
+    assert _json_status(r) == 413 and "compute budget" in r.json()["detail"] and f"{BUDGET:,}" in r.json()["detail"]
+    assert time.monotonic() - t0 < 5  # refused from the header, no work done
+    _prompt(server)
+
+
+def test_stalled_uploads_time_out_without_blocking_others(server: Server) -> None:
+    port = int(server.url.rsplit(":", 1)[1])
+    socks = []
+    head = (f"POST /v1/restore HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {server.keys['acme']}\r\n"
+            "Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: 500000\r\n\r\n--xyz\r\n").encode()
+    for _ in range(12):  # far more than the tenant's share: the rest are refused at once
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.sendall(head)
+        socks.append(s)
+    try:
+        took = _prompt(server, "globex", within=BODY_TIMEOUT_S + 8)
+        codes = []
+        for s in socks:
+            status = s.recv(4096).split(b"\r\n", 1)[0]
+            codes.append(int(status.split()[1]))
+        assert set(codes) <= {408, 429} and codes.count(408) >= 1, codes
+        assert codes.count(408) <= TENANT_CAP, codes
+    finally:
+        for s in socks:
+            s.close()
+    r = __import__("httpx").get(f"{server.url}/healthz", timeout=5)
+    assert r.status_code == 200
+    assert took < BODY_TIMEOUT_S + 8
+
+
+def test_one_tenant_flooding_gets_429_and_others_are_served(server: Server) -> None:
+    photo = _png(128)
+
+    def flood(i: int) -> Any:
+        return server.post("acme", photo, steps=6, seed=i)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(flood, i) for i in range(8)]
+        time.sleep(0.5)
+        _prompt(server, "globex", within=30)
+        results = [f.result() for f in futures]
+    codes = [r.status_code for r in results]
+    assert set(codes) <= {200, 429} and codes.count(429) >= 1 and codes.count(200) >= 1, codes
+    for r in results:
+        if r.status_code == 429:
+            assert int(r.headers["Retry-After"]) >= 1 and "tenant" in r.json()["detail"]
+
+
+def test_a_long_restore_stops_at_its_deadline(server: Server) -> None:
+    t0 = time.monotonic()
+    r = server.post("acme", _png(256), steps=LONG_STEPS, timeout=120)
+    took = time.monotonic() - t0
+    assert _json_status(r) == 503 and "deadline" in r.json()["detail"], r.text
+    assert took < REQUEST_TIMEOUT_S + 10, took  # not the minute the whole restore takes
+    _prompt(server)
+
+
+def test_an_abandoned_restore_is_cancelled(server: Server) -> None:
+    import httpx
+
+    with pytest.raises(httpx.TimeoutException):
+        server.post("acme", _png(256), steps=LONG_STEPS, timeout=1.5)
+    # the model thread is free long before the abandoned request's own deadline would free it
+    took = _prompt(server, "globex", within=REQUEST_TIMEOUT_S - 2)
+    assert took < REQUEST_TIMEOUT_S - 2
+
+
+def test_an_unreadable_index_is_a_503(server: Server) -> None:
+    server.index.write_bytes(b"PAR1" + os.urandom(64))  # a truncated Parquet file
+    try:
+        time.sleep(1.0)  # the index is re-checked every 0.5 s here
+        r = server.post("acme", _png(64), identity="someone", steps=1)
+        assert _json_status(r) == 503 and "index" in r.json()["detail"], r.text
+        assert int(r.headers["Retry-After"]) >= 1
+        _prompt(server)  # base-only restores need no index
+    finally:
+        server.index.unlink()
