@@ -81,13 +81,13 @@ def degraded_tests(person_index: int, tests: Sequence[Path], level: str) -> list
 
 
 # -- the full fine-tune row ------------------------------------------------------------------------
-def full_finetune(model, refs: Sequence[torch.Tensor], *, steps: int, lr: float, batch_size: int, seed: int,
+def full_finetune(model, refs: Sequence[torch.Tensor], *, steps: int, lr: float, config, seed: int,
                   bf16: bool = False):
-    """A copy of ``model`` with every weight trained on the references (diffusion loss, no adapters)."""
+    """A copy of ``model`` with every weight trained on the references: the L_diff rows of
+    personalization (same crops, degradations, timesteps, starts and distance), no adapters."""
     from pfstorer.degradations import random_crop_resize, synthesize_lq
-    from pfstorer.sampling import make_scheduler
-
     from pfstorer.model import RestorationModel
+    from pfstorer.sampling import make_scheduler
 
     # a fresh model, not copy.deepcopy: the SFT hooks are closures over their own model
     m = RestorationModel(model.config).to(model.device, model.dtype)
@@ -101,22 +101,28 @@ def full_finetune(model, refs: Sequence[torch.Tensor], *, steps: int, lr: float,
     ac = make_scheduler(m, "ddpm").alphas_cumprod.to(m.device, torch.float32)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
-    size = m.config.sample_size
+    size, b = m.config.sample_size, config.batch_size
+    t_start = m.config.sampling.t_start
+    p_start = config.p_lq_start if t_start < m.config.num_train_timesteps else 0.0
+    dist = F.l1_loss if config.loss == "l1" else F.mse_loss
     use_bf16 = bf16 and m.device.type == "cuda"
     for _ in range(steps):
         hq, lq = [], []
-        for _ in range(batch_size):
-            crop = random_crop_resize(refs[int(rng.integers(len(refs)))], size, rng, (0.6, 1.0))
+        for _ in range(b):
+            crop = random_crop_resize(refs[int(rng.integers(len(refs)))], size, rng, config.crop_scale)
             hq.append(crop)
-            lq.append(synthesize_lq(crop, rng))
+            lq.append(synthesize_lq(crop, rng, levels=config.levels, p_hq=config.p_hq))
         with torch.no_grad():
             z0, lq_lat = m.to_latent(torch.stack(hq)), m.to_latent(torch.stack(lq))
-        t = torch.randint(0, m.config.num_train_timesteps, (batch_size,), generator=gen).to(m.device)
+        t = torch.randint(0, m.config.train_t_max, (b,), generator=gen)
+        start = torch.rand(b, generator=gen) < p_start
+        t = torch.where(start, torch.full_like(t, t_start), t).to(m.device)
         noise = torch.randn(z0.shape, generator=gen).to(m.device)
         a = ac[t].view(-1, 1, 1, 1)
+        src = torch.where(start.view(-1, 1, 1, 1).to(m.device), lq_lat, z0)
         with torch.autocast(m.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            eps = m.denoise((a.sqrt() * z0.float() + (1 - a).sqrt() * noise).to(m.dtype), t, lq_lat)
-        loss = F.mse_loss(eps.float(), noise)
+            pred = m.denoise((a.sqrt() * src.float() + (1 - a).sqrt() * noise).to(m.dtype), t, lq_lat)
+        loss = dist(pred.float(), m.target(z0.float(), noise))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -204,8 +210,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             outs = _restore_all(model, lqs, None, seeds, args.sample_steps)
             per_row["Base"] += [score(x, g) for x, g in zip(outs, gts, strict=True)]
             t0 = time.perf_counter()
-            ft = full_finetune(model, refs[p["identity"]], steps=args.steps, lr=args.ft_lr, batch_size=2,
-                               seed=args.seed + i, bf16=args.bf16)
+            ft = full_finetune(model, refs[p["identity"]], steps=args.steps, lr=args.ft_lr,
+                               config=variants["PFStorer"], seed=args.seed + i, bf16=args.bf16)
             timings["full fine-tune"] = timings.get("full fine-tune", 0.0) + time.perf_counter() - t0
             outs = _restore_all(ft, lqs, None, seeds, args.sample_steps)
             per_row["Base + full fine-tune"] += [score(x, g) for x, g in zip(outs, gts, strict=True)]

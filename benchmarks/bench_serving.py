@@ -75,7 +75,7 @@ def setup_people(root: Path, n: int, tenants: list[str]) -> tuple[Any, dict[tupl
     from pfstorer.images import load_image
     from pfstorer.model import load_base
     from pfstorer.training import PersonalizeConfig, personalize
-    from pipelines.registry import AdapterRegistry
+    from registry import AdapterRegistry
 
     torch.set_num_threads(1)
     bench = lfw_people(REPO.parent / "shared" / "data" / "lfw128")

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from importlib import import_module
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 from .errors import PFStorerError
 
@@ -46,6 +47,19 @@ def lazy(target: str, extra: str | None = None) -> Handler:
         return int(fn(args) or 0)
 
     return run
+
+
+def json_option(text: str | None, what: str) -> dict[str, Any] | None:
+    """A ``--...-options '{"k": v}'`` value: a JSON object, or a one-line error naming the option."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise PFStorerError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise PFStorerError(f"{what} must be a JSON object")
+    return value
 
 
 def _unavailable(reason: str) -> Handler:
@@ -78,9 +92,13 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     from .config import TrainingSpeed
     from .training import PersonalizeConfig, PersonalizeJob, personalize_many
 
+    from .settings import Settings
+
     paths = list_images(args.refs)
-    config = PersonalizeConfig(steps=args.steps, seed=args.seed, lr=args.lr, alpha_lr=args.alpha_lr,
-                               lambda_gen=args.lambda_gen, batch_size=args.batch_size)
+    given = {"steps": args.steps, "seed": args.seed, "lr": args.lr, "alpha_lr": args.alpha_lr,
+             "lambda_gen": args.lambda_gen, "batch_size": args.batch_size}
+    base_config = Settings.load().personalize  # what `pfstorer run` would use: one source of defaults
+    config = PersonalizeConfig(**(base_config.model_dump() | {k: v for k, v in given.items() if v is not None}))
     from .training import check_references
 
     refs = [load_image(p) for p in paths]
@@ -159,11 +177,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     model = _load_base(args)
     n = sum(p.numel() for p in model.parameters())
     print(json.dumps({"preset": model.config.name, "fingerprint": model.fingerprint, "parameters": n,
-                      "personalization_blocks": len(model.transformer_blocks)}, indent=2))
+                      "personalization_blocks": len(model.pb_blocks)}, indent=2))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import PersonalizeConfig
+
     parser = argparse.ArgumentParser(
         prog="pfstorer",
         description="Personalized face restoration (PFStorer, CVPR 2024): learn a small adapter per person "
@@ -183,12 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="ADAPTER_DIR", help="folder to write the adapter to")
     p.add_argument("--identity", help="name of the person (default: the references' folder name)")
     p.add_argument("--tenant", help="tenant that owns this person (recorded in the metadata)")
-    p.add_argument("--steps", type=int, default=500, help="optimisation steps (paper: 500; 0 = fresh adapter)")
-    p.add_argument("--batch-size", type=int, default=2, help="LQ samples per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the adapter's projections and token")
-    p.add_argument("--alpha-lr", type=float, default=1e-2, help="learning rate of the gates alpha")
-    p.add_argument("--lambda-gen", type=float, default=0.1, help="weight of the generative regulariser (paper: 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (same seed, same adapter)")
+    d = PersonalizeConfig()
+    note = "default: settings personalize."
+    p.add_argument("--steps", type=int, help=f"optimisation steps (paper: 500; 0 = fresh adapter; {note}steps, {d.steps})")
+    p.add_argument("--batch-size", type=int, help=f"LQ samples per step ({note}batch_size, {d.batch_size})")
+    p.add_argument("--lr", type=float, help=f"learning rate of the adapter's projections and token ({note}lr, {d.lr:g})")
+    p.add_argument("--alpha-lr", type=float, help=f"learning rate of the gates alpha ({note}alpha_lr, {d.alpha_lr:g})")
+    p.add_argument("--lambda-gen", type=float,
+                   help=f"weight of the generative regulariser (paper: 0.1; {note}lambda_gen, {d.lambda_gen:g})")
+    p.add_argument("--seed", type=int, help=f"seed of every random choice (same seed, same adapter; {note}seed, {d.seed})")
     p.add_argument("--bf16", action="store_true", help="run the frozen base under bf16 autocast (GPU)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute UNet blocks in backward: less memory, slower")

@@ -130,10 +130,17 @@ class RestorationModel(nn.Module):
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
         self.transformer_blocks = self._collect_transformers()
+        # where personalization blocks attach: after every transformer block, then after the
+        # decoder ResNets of config.adapter.resnet_levels (their SFT applied first)
+        n = config.levels
+        self.pb_blocks = self.transformer_blocks + [
+            (r, n - 1 - i, r.out_channels) for i, block in enumerate(self.unet.up_blocks)
+            if n - 1 - i in config.adapter.resnet_levels for r in block.resnets
+        ]
         self._cond: _Conditioning | None = None
         for i, (module, level, _) in enumerate(self._resnets):
             module.register_forward_hook(self._sft_hook(i, level))
-        for i, (module, _level, _ch) in enumerate(self.transformer_blocks):
+        for i, (module, _level, _ch) in enumerate(self.pb_blocks):
             module.register_forward_hook(self._pb_hook(i))
         self._fingerprint: str | None = None
         self._compiled = None
@@ -175,6 +182,8 @@ class RestorationModel(nn.Module):
             cond = self._cond
             if cond is None or cond.pb is None:
                 return out
+            if isinstance(out, torch.Tensor):  # a ResNet
+                return cond.pb.apply(index, out)
             sample = out[0] if isinstance(out, tuple) else out.sample
             sample = cond.pb.apply(index, sample)
             return (sample, *out[1:]) if isinstance(out, tuple) else type(out)(sample=sample)
@@ -328,7 +337,10 @@ class RestorationModel(nn.Module):
 
 def _fingerprint(config: BaseConfig, state: dict[str, torch.Tensor]) -> str:
     """Architecture + weights; not the sampling defaults, which change no adapter's meaning."""
-    h = hashlib.sha256(json.dumps(config.model_dump(mode="json", exclude={"sampling"}), sort_keys=True).encode())
+    described = config.model_dump(mode="json", exclude={"sampling"})
+    if not described["adapter"]["resnet_levels"]:  # bases without ResNet blocks keep their fingerprint
+        del described["adapter"]["resnet_levels"]
+    h = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
     for name, tensor in sorted(state.items()):
         h.update(name.encode())
         h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())

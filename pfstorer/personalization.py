@@ -51,7 +51,7 @@ def block_specs(model) -> list[BlockSpec]:
     """Shapes of the personalization block after each transformer block of ``model``."""
     shape = model.config.adapter
     specs = []
-    for _, _, ch in model.transformer_blocks:
+    for _, _, ch in model.pb_blocks:
         inner = max(shape.head_dim, int(round(ch * shape.inner_ratio / shape.head_dim)) * shape.head_dim)
         specs.append(BlockSpec(ch, inner, inner // shape.head_dim))
     return specs
@@ -201,7 +201,7 @@ class AdapterSlots(nn.Module):
 def _block_sides(model) -> list[int]:
     """Spatial side (in latent pixels) of each transformer block at the native tile size."""
     side = model.config.sample_size // model.config.unet_stride
-    return [side // 2**level for _, level, _ in model.transformer_blocks]
+    return [side // 2**level for _, level, _ in model.pb_blocks]
 
 
 @dataclass

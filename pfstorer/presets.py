@@ -23,6 +23,11 @@ class AdapterShape(BaseModel):
     inner_ratio: float = Field(1.0, description="attention width as a fraction of the block's channels")
     ref_pool: int = Field(8, description="reference features are pooled to ref_pool x ref_pool tokens")
     cache_refs: int = Field(5, description="references whose keys/values the adapter caches")
+    resnet_levels: tuple[int, ...] = Field(
+        (), description="UNet levels (0: the finest) whose decoder ResNets also get a personalization block. "
+        "The paper's blocks follow every transformer block; a base designed by its FLOPs has transformer "
+        "blocks only at coarse levels, while the detail that carries identity is formed at the fine ones.",
+    )
 
 
 class SamplingDefaults(BaseModel):

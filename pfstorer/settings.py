@@ -149,6 +149,12 @@ class ServeSettings(_Section):
         8, ge=1, description="Restores one tenant may have in flight per Gateway replica (429 + "
         "Retry-After above), so one tenant cannot take every model slot.",
     )
+    index_max_age_s: float = Field(
+        2.0, gt=0, description="How stale the adapter index may be on the request path (seconds between change checks).",
+    )
+    sweep_interval_s: float = Field(
+        5.0, gt=0, description="How often a replica drops adapters that left the index from host RAM and device slots.",
+    )
     output_quality: int = Field(
         92, ge=1, le=100, description="JPEG/WebP quality when a request asks for a lossy format and gives none.",
     )

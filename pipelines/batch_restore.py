@@ -22,7 +22,7 @@ steps, scale, tile, colour fix, device and torch thread count: each actor uses
 ``max(1, floor(cpus_per_worker))`` threads). A ``seed`` column in the manifest sets per-photo
 seeds; otherwise every photo uses ``--seed``.
 
-Adapters come through :meth:`pipelines.registry.AdapterRegistry.load_adapter` (index entry ->
+Adapters come through :meth:`registry.AdapterRegistry.load_adapter` (index entry ->
 sha256-verified :class:`~pfstorer.adapter.Adapter`), the same path ``serving`` uses.
 """
 
@@ -127,7 +127,7 @@ class BatchRestorer:
         from pfstorer.images import ImageLimits
         from pfstorer.model import load_base
         from pfstorer.personalization import AdapterSlots
-        from pipelines.registry import AdapterIndex, ArtifactStore, AdapterRegistry
+        from registry import AdapterIndex, ArtifactStore, AdapterRegistry
 
         torch.set_num_threads(max(1, int(config.threads)))
         self.config = config
@@ -151,7 +151,7 @@ class BatchRestorer:
 
     # -- one row ----------------------------------------------------------------------------
     def _adapter(self, tenant: str, identity: str) -> tuple[Any, Any]:
-        from pipelines.registry import check_key
+        from registry import check_key
 
         check_key(tenant, "tenant")
         check_key(identity)
@@ -168,7 +168,7 @@ class BatchRestorer:
         return entry, adapter
 
     def _read(self, uri: str) -> bytes:
-        from pipelines.registry import url_to_fs
+        from registry import url_to_fs
 
         fs, path = url_to_fs(uri, self.config.storage_options)
         try:
@@ -189,7 +189,7 @@ class BatchRestorer:
         return data
 
     def _write(self, uri: str, data: bytes) -> None:
-        from pipelines.registry import is_local_url, url_to_fs
+        from registry import is_local_url, url_to_fs
 
         fs, path = url_to_fs(uri, self.config.storage_options)
         if is_local_url(uri):
@@ -295,7 +295,7 @@ def _restore_rows(table: pa.Table) -> pa.Table:
 
 
 def write_results(table: pa.Table, url: str, storage_options: Mapping[str, Any] | None) -> None:
-    from pipelines.registry import is_local_url, url_to_fs
+    from registry import is_local_url, url_to_fs
 
     fs, path = url_to_fs(url, storage_options)
     if is_local_url(url):

@@ -1,4 +1,8 @@
-"""``pfstorer manifest validate|from-folders`` and ``pfstorer forget``.
+"""``pfstorer manifest validate|from-folders``, ``pfstorer forget`` and ``pfstorer restore-batch``.
+
+``pfstorer restore-batch --manifest URL --out URL [--index URL] [--base PRESET]`` restores every
+``role=restore`` row of a manifest with Ray Data and writes ``{out}/images/...`` PNGs and
+``{out}/results.parquet``.
 
 ``pfstorer.cli`` calls :func:`register_cli` with its sub-parsers; each handler takes the parsed
 namespace and returns the exit code (0 ok, 2 a user error such as an unreadable manifest).
@@ -18,6 +22,8 @@ import json
 import sys
 from typing import Any
 
+from pfstorer.cli import add_sampling_args, json_option
+
 __all__ = ["main", "register_cli"]
 
 
@@ -25,7 +31,7 @@ def _storage_options(
     args: argparse.Namespace, url: str, base: dict[str, Any] | None = None
 ) -> dict[str, Any] | None:
     """Options for one URL: ``base`` (settings) or the environment, plus --s3-endpoint-url."""
-    from pipelines.registry import default_storage_options, is_local_url
+    from registry import default_storage_options, is_local_url
 
     if is_local_url(url):
         return None
@@ -129,7 +135,7 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
 
 def _cmd_forget(args: argparse.Namespace) -> int:
     from pfstorer.errors import PFStorerError
-    from pipelines.registry import AdapterRegistry
+    from registry import AdapterRegistry
 
     try:
         settings = _settings(
@@ -175,8 +181,76 @@ def _cmd_forget(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------
+# restore-batch
+# ---------------------------------------------------------------------------------------------
+
+
+def _cmd_restore_batch(args: argparse.Namespace) -> int:
+    from pfstorer.errors import PFStorerError
+    from pfstorer.settings import Settings
+    from pipelines.batch_restore import restore_manifest
+    from pipelines.run import ensure_ray
+
+    settings = Settings.load(
+        args.config,
+        base=args.base,
+        base_weights=args.weights,
+        index_url=args.index,
+        storage_options=json_option(args.store_options, "--store-options"),
+        ray_address=args.ray_address,
+    )
+    opts = dict(settings.storage_options)
+    if args.s3_endpoint_url:
+        opts["endpoint_url"] = args.s3_endpoint_url
+    started = ensure_ray(settings)
+    try:
+        report = restore_manifest(
+            args.manifest,
+            args.out,
+            index_url=settings.index_url,
+            store_url=settings.store_url,
+            base=settings.base,
+            weights=settings.base_weights,
+            device=args.device or settings.device,
+            steps=args.steps,
+            seed=args.seed,
+            scale=args.scale,
+            tile=args.tile,
+            overlap=args.overlap,
+            sampler=args.sampler,
+            t_start=args.t_start,
+            color_fix=args.color_fix,
+            storage_options=opts or None,
+            workers=args.workers or settings.workers,
+            cpus_per_worker=args.cpus_per_worker if args.cpus_per_worker is not None else settings.cpus_per_worker,
+            gpus_per_worker=settings.gpus_per_worker,
+            batch_size=args.batch_size,
+            max_image_bytes=settings.limits.max_image_bytes,
+            max_image_pixels=settings.limits.max_image_pixels,
+            min_image_side=args.min_side,
+        )
+    except PFStorerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    if args.json:
+        print(json.dumps(report.summary(), indent=2))
+    else:
+        print(f"restored {report.ok} of {report.rows} photos ({report.errors} errors) "
+              f"in {report.elapsed_s:.1f} s; results: {report.results_uri}")
+        errors = [r for r in report.table.to_pylist() if r["status"] == "error"]
+        for row in errors[:20]:
+            print(f"  error  {row['tenant']}/{row['identity']}  {row['uri']}: {row['error']}")
+    return 0
+
+
 def register_cli(subparsers: Any) -> None:
-    """Add ``manifest validate``, ``manifest from-folders`` and ``forget`` to ``subparsers``."""
+    """Add ``manifest validate``, ``manifest from-folders``, ``forget`` and ``restore-batch`` to ``subparsers``."""
     manifest = subparsers.add_parser("manifest", help="check and build photo manifests")
     msub = manifest.add_subparsers(dest="manifest_command", metavar="COMMAND", required=True)
 
@@ -226,6 +300,37 @@ def register_cli(subparsers: Any) -> None:
     )
     _add_endpoint(g)
     g.set_defaults(func=_cmd_forget)
+
+    b = subparsers.add_parser(
+        "restore-batch",
+        help="restore every role=restore photo of a manifest with Ray Data",
+        description="Restore the manifest's role=restore photos, each with its person's adapter "
+                    "(resolved through the adapter index). Writes OUT/images/... PNGs and "
+                    "OUT/results.parquet (tenant, identity, uri, output_uri, adapter, status, error); "
+                    "a bad row gets status=error and never stops the batch.",
+    )
+    b.add_argument("--manifest", required=True, metavar="URL", help="Parquet manifest (file or dataset)")
+    b.add_argument("--out", required=True, metavar="URL", help="output folder/prefix (any fsspec URL)")
+    b.add_argument("--index", metavar="URL", help="adapter index (settings: index_url)")
+    b.add_argument("--base", help="base model preset or checkpoint (settings: base)")
+    b.add_argument("--weights", help="checkpoint for the preset (sd21)")
+    b.add_argument("--device", help="cpu, cuda or auto (settings: device)")
+    b.add_argument("--seed", type=int, default=0, help="noise seed (a manifest 'seed' column wins)")
+    b.add_argument("--scale", type=float, default=1.0, help="upscaling factor")
+    b.add_argument("--tile", type=int, help="tile size in output pixels (default: the model's native size)")
+    b.add_argument("--overlap", type=int, help="tile overlap in output pixels (default: a quarter tile)")
+    add_sampling_args(b)
+    b.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default="wavelet")
+    b.add_argument("--workers", type=int, help="Ray Data actors, one base model each (settings: workers)")
+    b.add_argument("--cpus-per-worker", type=float, help="CPUs per actor (settings: cpus_per_worker)")
+    b.add_argument("--batch-size", type=int, default=4, help="rows per map_batches call")
+    b.add_argument("--min-side", type=int, default=16, help="refuse photos with a shorter side")
+    b.add_argument("--store-options", metavar="JSON", help="fsspec options for s3:// URLs")
+    b.add_argument("--s3-endpoint-url", metavar="URL", help="S3 endpoint (MinIO, moto...)")
+    b.add_argument("--ray-address", help="join this Ray cluster (default: start one here)")
+    b.add_argument("--config", metavar="FILE", help="pfstorer settings file (YAML/TOML)")
+    b.add_argument("--json", action="store_true", help="print the summary as JSON")
+    b.set_defaults(func=_cmd_restore_batch)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pfstorer.errors import PFStorerError
-from pipelines.registry import is_local_url, is_safe_key, url_to_fs
+from registry import is_local_url, is_safe_key, url_to_fs
 
 __all__ = [
     "IMAGE_EXTENSIONS",

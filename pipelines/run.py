@@ -243,7 +243,7 @@ def _opts(settings: Any) -> dict[str, Any] | None:
 
 
 def _registry(settings: Any) -> Any:
-    from pipelines.registry import AdapterRegistry
+    from registry import AdapterRegistry
 
     return AdapterRegistry.from_urls(**_registry_kwargs(settings))
 
@@ -266,7 +266,7 @@ def _registry_kwargs(settings: Any) -> dict[str, Any]:
 def _registered_models(registry: Any, tenants: set[str]) -> set[str]:
     """Names of the registered models of these tenants: one paged search per tenant, so a first
     run of a big manifest does not look every person up on its own."""
-    from pipelines.registry import MODEL_PREFIX
+    from registry import MODEL_PREFIX
 
     names: set[str] = set()
     client = registry.models.client
@@ -302,7 +302,7 @@ def prepare_run(
     """
     from pfstorer.model import load_base
     from pipelines.manifest import manifest_hash, read_manifest
-    from pipelines.registry import IndexEntry, model_name
+    from registry import IndexEntry, model_name
     from pipelines.validate import limits_from_settings, validate_manifest, write_quarantine
 
     t_start = time.perf_counter()
@@ -466,7 +466,7 @@ class _Progress:
             self._poll()
 
 
-def _ensure_ray(settings: Any) -> bool:
+def ensure_ray(settings: Any) -> bool:
     """Connect to ``settings.ray_address`` or start a local Ray on 127.0.0.1; True if started."""
     import ray
 
@@ -559,7 +559,7 @@ def _train(
     from pipelines.validate import limits_from_settings
 
     s = plan.settings
-    started_ray = _ensure_ray(s)
+    started_ray = ensure_ray(s)
     if job_retries is None:
         job_retries = min(max(s.max_retries, 0), 3)
     try:

@@ -78,7 +78,7 @@ class JobQueue:
 
     ``jobs``: dicts with ``job_id``, ``tenant``, ``identity``, ``job_key``, ``refs`` (list of
     ``{"uri", "sha256"}``). ``registry``: keyword arguments of
-    :meth:`pipelines.registry.AdapterRegistry.from_urls` (``None``: no publishing, adapters are
+    :meth:`registry.AdapterRegistry.from_urls` (``None``: no publishing, adapters are
     marked done when handed off - for tests of the queue alone). ``lineage``: tags added to every
     registered version; ``params``: logged on every job's MLflow run. ``publish_threads``: MLflow
     writers (default 1 for a SQLite tracking URI, whose writes serialize anyway, else 4); the
@@ -284,7 +284,7 @@ class JobQueue:
     def _get_registry(self) -> Any:
         with self._registry_lock:
             if self._registry is None:
-                from pipelines.registry import AdapterRegistry
+                from registry import AdapterRegistry
 
                 kw = dict(self._registry_kwargs or {})
                 self._registry = AdapterRegistry.from_urls(
@@ -301,7 +301,7 @@ class JobQueue:
         """
         from datetime import UTC, datetime
 
-        from pipelines.registry import IndexEntry, adapter_tags
+        from registry import IndexEntry, adapter_tags
 
         reg = self._get_registry()
         job, res = self.jobs[job_id], self.results[job_id]
@@ -493,7 +493,7 @@ def make_job_queue(jobs: list[dict[str, Any]], registry: Mapping[str, Any] | Non
 
 def _read_photo(uri: str, sha256: str, storage_options: Mapping[str, Any] | None, limits: Any):
     from pfstorer.images import decode_image
-    from pipelines.registry import is_local_url, url_to_fs
+    from registry import is_local_url, url_to_fs
 
     fs, path = url_to_fs(uri, None if is_local_url(uri) else storage_options)
     with fs.open(path, "rb") as fh:
@@ -516,7 +516,7 @@ class _Worker:
         from pfstorer.model import load_base
         from pfstorer.config import TrainingSpeed
         from pfstorer.training import PersonalizeConfig
-        from pipelines.registry import ArtifactStore
+        from registry import ArtifactStore
 
         self.ray, self.train = ray, ray.train
         self.cfg = cfg

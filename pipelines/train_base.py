@@ -357,7 +357,6 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    import torch.nn.functional as F
     from safetensors.torch import load_file
 
     from pfstorer.model import load_base

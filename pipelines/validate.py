@@ -3,7 +3,7 @@
 Checks, in stages (the ``stage`` column of a quarantine row names the one that failed):
 
 ``schema``  required fields present and non-empty, ``role`` is ``ref``/``restore``, tenant and
-            identity are safe keys (see :func:`pipelines.registry.is_safe_key`).
+            identity are safe keys (see :func:`registry.is_safe_key`).
 ``read``    the ``uri`` can be opened and read.
 ``image``   a decodable image of an accepted format, not over the byte or pixel limits (checked
             from the header, before decoding), sides at least ``min_side``, not truncated.
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
 import re
 from collections import defaultdict
@@ -34,8 +33,8 @@ from pydantic import ValidationError
 
 from pfstorer.errors import PFStorerError
 from pipelines.manifest import REQUIRED_COLUMNS, ManifestRow, _as_string_columns
-from pipelines.registry import job_key as _job_key
-from pipelines.registry import url_to_fs
+from registry import job_key as _job_key
+from registry import url_to_fs
 
 from pfstorer.images import ImageLimits, decode_image
 
@@ -155,7 +154,7 @@ class IdentityJob:
         return [r["uri"] for r in self.refs]
 
     def job_key(self, base_fingerprint: str, config: Mapping[str, Any]) -> str:
-        """:func:`pipelines.registry.job_key` of this person's references."""
+        """:func:`registry.job_key` of this person's references."""
         return _job_key(self.ref_sha256s, base_fingerprint, config)
 
 

@@ -2,7 +2,7 @@
 
 Three tiers, each a cache of the one below:
 
-1. **store** (any fsspec URL): reached through the adapter index (``pipelines.registry``), read
+1. **store** (any fsspec URL): reached through the adapter index (``registry``), read
    into memory and sha256-verified against the index row before anything is parsed; only
    ``adapter.safetensors`` is parsed (no pickle), and its JSON must name the same tenant, identity
    and base fingerprint (``AdapterMismatchError`` otherwise).
@@ -41,7 +41,6 @@ import torch
 
 from pfstorer.adapter import Adapter
 from pfstorer.errors import PFStorerError
-from pfstorer.personalization import INFERENCE_KEYS, AdapterSlots
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,6 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 import time
 from typing import Any, Literal
 
@@ -90,10 +89,6 @@ __all__ = [
 ]
 
 APP_NAME = "pfstorer"
-INDEX_MAX_AGE_S = float(os.environ.get("PFSTORER_SERVING_INDEX_MAX_AGE_S", "2.0"))
-"""How stale the adapter index may be on the request path (seconds between change checks)."""
-SWEEP_INTERVAL_S = float(os.environ.get("PFSTORER_SERVING_SWEEP_S", "5.0"))
-"""How often a replica drops adapters that left the index from host RAM and device slots."""
 MAX_STEPS = 1000
 MAX_SCALE = 8.0
 CLIENT_GONE = 499  # "client closed request": logged, never a 5xx
@@ -329,7 +324,7 @@ class Restorer:
         from pfstorer.images import ImageLimits
         from pfstorer.model import load_base
         from pfstorer.personalization import AdapterSlots
-        from pipelines.registry import AdapterRegistry
+        from registry import AdapterRegistry
 
         self.settings = settings
         s = settings.serve
@@ -356,7 +351,7 @@ class Restorer:
             None,  # read-only: MLflow stays off the request path
             settings.index_url,
             storage_options=settings.storage_options or None,
-            index_max_age_s=INDEX_MAX_AGE_S,
+            index_max_age_s=settings.serve.index_max_age_s,
         )
         self.scheduler = AffinityScheduler(self._is_resident, max_skips=max(4, 2 * s.adapter_slots))
         # every touch of the model or the slots happens on this one thread, in order
@@ -403,7 +398,7 @@ class Restorer:
         return wrapper is not None and key in wrapper.models
 
     def _entry(self, key: str) -> Any:
-        from pipelines.registry import parse_model_key
+        from registry import parse_model_key
 
         try:
             tenant, identity = parse_model_key(key)
@@ -498,7 +493,7 @@ class Restorer:
 
     async def _sweep_forever(self) -> None:
         while True:
-            await asyncio.sleep(SWEEP_INTERVAL_S)
+            await asyncio.sleep(self.settings.serve.sweep_interval_s)
             try:
                 await self.sweep()
             except Exception:
@@ -506,7 +501,7 @@ class Restorer:
 
     async def sweep(self) -> dict[str, int]:
         """Drop adapters whose person left the index (forgotten) from host RAM and device slots
-        (slot tensors zeroed); returns counts. Runs every SWEEP_INTERVAL_S on each replica."""
+        (slot tensors zeroed); returns counts. Runs every ``serve.sweep_interval_s`` on each replica."""
         entries = await self._io_call(self.registry.index.list)
         current = {e.key: e.sha256 for e in entries}
         host = self.host.discard(lambda key, sha: current.get(key) == sha)
@@ -726,7 +721,7 @@ class Gateway:
 
     def __init__(self, restorer: Any, settings: Settings) -> None:
         from pfstorer.images import ImageLimits
-        from pipelines.registry import AdapterRegistry
+        from registry import AdapterRegistry
 
         self.restorer = restorer
         self.settings = settings
@@ -736,7 +731,7 @@ class Gateway:
             None,
             settings.index_url,
             storage_options=settings.storage_options or None,
-            index_max_age_s=INDEX_MAX_AGE_S,
+            index_max_age_s=settings.serve.index_max_age_s,
         )
         s = settings.serve
         self.limits = ImageLimits(max_bytes=s.max_upload_bytes, max_pixels=s.max_pixels)
@@ -923,7 +918,7 @@ class Gateway:
     async def _restore(self, request: Request, tenant: str, arrived: float) -> Response:
         from pfstorer.images import probe_image
         from pfstorer.sampling import MAX_OUTPUT_PIXELS
-        from pipelines.registry import is_safe_key, model_key
+        from registry import is_safe_key, model_key
         from ray.serve.exceptions import BackPressureError
         from starlette.datastructures import UploadFile
         from starlette.formparsers import MultiPartException, MultiPartParser

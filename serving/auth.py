@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 
 from pfstorer.errors import PFStorerError
+from registry.keys import TENANT_KEY_RE
 
 __all__ = [
     "API_KEYS_ENV",
@@ -54,7 +55,6 @@ __all__ = [
 
 API_KEYS_ENV = "PFSTORER_API_KEYS"
 _HASH_RE = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
-_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # = pipelines.registry tenant keys
 MIN_KEY_LENGTH = 16
 
 
@@ -91,7 +91,7 @@ def _parse_document(doc: Any, where: str) -> dict[str, str]:
         raise KeyFileError(f"{where}: expected a mapping with a 'tenants' mapping (tenant -> hashes)")
     out: dict[str, str] = {}
     for tenant, hashes in doc["tenants"].items():
-        if not isinstance(tenant, str) or not _TENANT_RE.match(tenant):
+        if not isinstance(tenant, str) or not TENANT_KEY_RE.match(tenant):
             raise KeyFileError(f"{where}: tenant {tenant!r} is not a safe tenant key")
         if isinstance(hashes, str):
             hashes = [hashes]

@@ -34,7 +34,7 @@ def test_restore_batch_cli(ray_session, mlflow_local, lfw_bench, tmp_path: Path)
     from pfstorer.sampling import restore
     from pfstorer.training import PersonalizeConfig, personalize
     from pipelines.manifest import write_manifest
-    from pipelines.registry import AdapterRegistry
+    from registry import AdapterRegistry
 
     tenant = unique_name("acme")
     registry = AdapterRegistry.from_urls(

@@ -69,3 +69,32 @@ def test_compact_passes_the_base_gates_on_bench_photos(compact, lfw_bench: dict[
     msg = f"{level}: input {inp} -> restored {res}; gates {checks}"
     print(msg)
     assert all(ok for _, ok in checks), msg
+
+
+@pytest.mark.parametrize("p_lq_start", [0.0, 1.0])
+def test_personalization_rows_can_start_where_restore_starts(compact, lfw_bench, monkeypatch, p_lq_start):
+    # p_lq_start = 1: every L_diff row is what restore feeds the base (the LQ diffused to t_start)
+    import torch
+
+    from pfstorer.images import load_image
+    from pfstorer.training import PackedTrainer, PersonalizeConfig, PersonalizeJob
+
+    refs = [load_image(p) for p in next(iter(lfw_bench.values()))[:3]]
+    cfg = PersonalizeConfig(steps=1, batch_size=2, p_lq_start=p_lq_start, loss="l1", lambda_gen=0.1)
+    trainer = PackedTrainer(compact, cfg, capacity=1)
+    trainer.add(PersonalizeJob("p", refs, seed=0))
+    seen = []
+    real = compact.denoise
+    monkeypatch.setattr(compact, "denoise", lambda x, t, lq, pb=None: seen.append((x, t, lq)) or real(x, t, lq, pb))
+    trainer.step()
+    x, t, lq = seen[0]
+    main = t[:2]  # the L_diff rows; then the L_gen rows, then the reference rows (t = 0)
+    t_start = compact.config.sampling.t_start
+    if p_lq_start:
+        assert main.tolist() == [t_start, t_start]
+        a = float(trainer._alphas_cumprod()[t_start])
+        noise = (x[:2] - a**0.5 * lq[:2]) / (1 - a) ** 0.5  # x_t = sqrt(a) LQ + sqrt(1 - a) noise
+        assert abs(float(noise.std()) - 1.0) < 0.1
+    else:
+        assert bool((main < compact.config.train_t_max).all())
+    assert t[4:].tolist() == [0, 0]

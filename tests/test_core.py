@@ -220,3 +220,23 @@ def test_adapter_swap_is_in_place(tiny, people, trained):
     bad["blocks.0.ref_k"] = bad["blocks.0.ref_k"][:-1]
     with pytest.raises(AdapterError, match="shape"):
         slots.load(0, bad)
+
+
+def test_resnet_levels_add_personalization_blocks_that_start_as_the_identity(tiny, people):
+    from pfstorer.model import RestorationModel
+
+    shape = tiny.config.adapter.model_copy(update={"resnet_levels": (0,)})
+    m = RestorationModel(tiny.config.model_copy(update={"adapter": shape}))
+    m.load_state_dict(tiny.state_dict())
+    m.freeze()
+    extra = len(m.pb_blocks) - len(m.transformer_blocks)
+    assert extra == len(m.unet.up_blocks[-1].resnets) > 0  # the finest decoder level's ResNets
+    assert m.fingerprint != tiny.fingerprint  # adapters of one layout never load on the other
+    name, refs = next(iter(people.items()))
+    photo = refs[0]
+    fresh = personalize(m, refs, identity=name, config=PersonalizeConfig(steps=0))
+    assert torch.equal(restore(m, photo, adapter=fresh, **FAST), restore(m, photo, **FAST))
+    trained = personalize(m, refs, identity=name, config=PersonalizeConfig(steps=3, lr=0.05, alpha_lr=0.05))
+    n = len(m.pb_blocks)
+    assert all(float(trained.tensors[f"blocks.{i}.alpha"].abs().max()) > 0 for i in range(n))
+    assert not torch.equal(restore(m, photo, adapter=trained, **FAST), restore(m, photo, **FAST))

@@ -53,7 +53,7 @@ def test_without_photos_the_demo_falls_back_to_a_labelled_astronaut_smoke_run(tm
     view, all different), the run says SMOKE RUN ONLY, and so does the report. The pipeline after
     this choice is the one the end-to-end test above runs (``make demo`` with ../shared absent was
     also run by hand)."""
-    from serving.demo import _write_report, choose_people
+    from demo.run import _write_report, choose_people
 
     empty = tmp_path / "empty"
     empty.mkdir()

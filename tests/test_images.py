@@ -340,6 +340,14 @@ def test_avif_decodes_and_heic_names_its_extra(monkeypatch: pytest.MonkeyPatch) 
         Image.new("RGB", (40, 32), (200, 10, 10)).save(buf, format="AVIF", quality=100)
         got = decode_image(buf.getvalue(), dtype=torch.uint8)
         assert got.shape == (3, 32, 40) and abs(int(got[0, 5, 5]) - 200) <= 4
+    pytest.importorskip("pillow_heif")  # the dev extra installs it
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(buf, format="HEIF", quality=95)
+    got = decode_image(buf.getvalue(), dtype=torch.uint8)
+    assert got.shape == (3, 48, 64) and max(abs(int(a) - b) for a, b in zip(got[:, 5, 5], (10, 200, 30))) <= 4
     # an ISO-BMFF 'heic' file without pillow-heif: 415 that says what to install
     heic = struct.pack(">I", 24) + b"ftypheic" + b"\0" * 4 + b"mif1heic" + b"\0" * 64
     monkeypatch.setattr(images, "_HEIF", False)

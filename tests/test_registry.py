@@ -13,7 +13,7 @@ from _services import MlflowService, unique_name
 from safetensors.numpy import save_file
 
 from pfstorer.errors import AdapterError, PFStorerError
-from pipelines.registry import (
+from registry import (
     AdapterIndex,
     AdapterRegistry,
     ArtifactStore,
@@ -402,7 +402,7 @@ def test_serving_path_never_imports_mlflow(tmp_path: Path):
     AdapterIndex(tmp_path / "index.parquet").upsert([IndexEntry("acme", "bob", 1, uri, sha)])
     code = (
         "import sys\n"
-        "from pipelines.registry import AdapterRegistry\n"
+        "from registry import AdapterRegistry\n"
         f"reg = AdapterRegistry.from_urls({str(tmp_path / 'store')!r}, None, "
         f"{str(tmp_path / 'index.parquet')!r})\n"
         "entry = reg.resolve('acme', 'bob')\n"
@@ -437,7 +437,7 @@ def test_from_settings_reads_environment(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_local_defaults_layout(tmp_path: Path):
-    from pipelines.registry import local_defaults
+    from registry import local_defaults
 
     urls = local_defaults(tmp_path / "state")
     assert urls["tracking_uri"] == f"sqlite:///{tmp_path / 'state' / 'mlflow.db'}"

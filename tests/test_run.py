@@ -19,7 +19,7 @@ import pytest
 from _services import unique_name
 
 from pipelines.manifest import write_manifest
-from pipelines.registry import AdapterRegistry
+from registry import AdapterRegistry
 from pipelines.scheduler import DONE, FAILED, LEASED, PENDING, PUBLISHING, JobQueue
 
 STEPS = 2

@@ -355,7 +355,7 @@ def stack(ray_session, mlflow_local, lfw_bench, tmp_path_factory) -> Any:
     from pfstorer.model import load_base
     from pfstorer.images import load_image
     from pfstorer.training import PersonalizeConfig, personalize
-    from pipelines.registry import AdapterRegistry
+    from registry import AdapterRegistry
     from serving.app import build_app
 
     t0 = time.perf_counter()

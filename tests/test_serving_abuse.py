@@ -88,8 +88,9 @@ serve:
   request_timeout_s: {REQUEST_TIMEOUT_S}
   body_timeout_s: {BODY_TIMEOUT_S}
   max_tenant_requests: {TENANT_CAP}
+  index_max_age_s: 0.5
 """)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PFSTORER_SERVING_INDEX_MAX_AGE_S": "0.5"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = open(root / "serve.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "pfstorer.cli", "serve", "--config", str(root / "settings.yaml")],
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

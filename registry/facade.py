@@ -1,0 +1,244 @@
+""":class:`AdapterRegistry`: store, registry and index behind one object (publish, resolve, fetch, forget)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pfstorer.errors import AdapterError, PFStorerError
+from registry.keys import ADAPTER_JSON, ADAPTER_TENSORS, DEFAULT_STATE_DIR, check_key, is_safe_key, sha256_file
+from registry.artifacts import ArtifactStore, adapter_tags, read_adapter_meta
+from registry.index import AdapterIndex, IndexEntry
+from registry.models import ModelRegistry, ModelVersionInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class ForgetReport:
+    """What ``forget`` removed for one person."""
+
+    tenant: str
+    identity: str
+    index_removed: bool
+    model_deleted: bool
+    versions_deleted: int
+    runs_deleted: int
+    files_deleted: int
+    runs_purged: int = 0  # runs also removed from the database (direct SQL stores only)
+
+    @property
+    def runs_pending_gc(self) -> int:
+        """Soft-deleted runs (behind an MLflow server) that ``mlflow gc`` there will purge."""
+        return max(self.runs_deleted - self.runs_purged, 0)
+
+    @property
+    def found_anything(self) -> bool:
+        return bool(
+            self.index_removed
+            or self.model_deleted
+            or self.runs_deleted
+            or self.runs_purged
+            or self.files_deleted
+        )
+
+
+def local_defaults(state_dir: str | os.PathLike[str] = DEFAULT_STATE_DIR) -> dict[str, str]:
+    """Local single-machine URLs under ``state_dir``: store, SQLite tracking URI, index (the
+    same layout :class:`pfstorer.settings.Settings` derives from its ``state_dir``)."""
+    root = Path(state_dir).expanduser().resolve()
+    return {
+        "store_url": str(root / "adapters"),
+        "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+        "index_url": str(root / "index.parquet"),
+    }
+
+
+class AdapterRegistry:
+    """Store + registry + index as one: what pipelines publish and serving resolves."""
+
+    def __init__(self, store: ArtifactStore, index: AdapterIndex, models: ModelRegistry | None):
+        self.store = store
+        self.index = index
+        self._models = models
+
+    @property
+    def models(self) -> ModelRegistry:
+        if self._models is None:
+            raise PFStorerError("this AdapterRegistry was built without an MLflow tracking URI")
+        return self._models
+
+    @classmethod
+    def from_urls(
+        cls,
+        store_url: str,
+        tracking_uri: str | None,
+        index_url: str,
+        *,
+        registry_uri: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        artifact_location: str | None = None,
+        index_max_age_s: float = 0.0,
+    ) -> AdapterRegistry:
+        """Build from three URLs. ``tracking_uri=None`` gives a read-only (serving) registry
+        that never imports MLflow: ``resolve`` and ``fetch`` work, ``publish``/``forget`` do not."""
+        store = ArtifactStore(store_url, storage_options)
+        index = AdapterIndex(index_url, storage_options, max_age_s=index_max_age_s)
+        models = (
+            ModelRegistry(tracking_uri, registry_uri, artifact_location=artifact_location)
+            if tracking_uri
+            else None
+        )
+        return cls(store, index, models)
+
+    @classmethod
+    def from_settings(cls, settings: Any = None, **kwargs: Any) -> AdapterRegistry:
+        """From a :class:`pfstorer.settings.Settings` (default: ``Settings.load()``, i.e.
+        ``PFSTORER_*`` environment, config file, then local defaults under ``state_dir``):
+        ``store_url``, ``tracking_uri``, ``index_url``, ``registry_uri``, ``storage_options``."""
+        if settings is None:
+            from pfstorer.settings import Settings
+
+            settings = Settings.load()
+        return cls.from_urls(
+            settings.store_url,
+            settings.tracking_uri,
+            settings.index_url,
+            registry_uri=settings.registry_uri,
+            storage_options=settings.storage_options or None,
+            **kwargs,
+        )
+
+    def __repr__(self) -> str:
+        return f"AdapterRegistry({self.store!r}, {self.index!r}, {self._models!r})"
+
+    # -- publish ------------------------------------------------------------------------------
+    def _entry_of(self, tenant: str, identity: str, v: ModelVersionInfo) -> IndexEntry:
+        return IndexEntry(
+            tenant=tenant,
+            identity=identity,
+            version=v.version,
+            uri=v.tags.get("artifact_uri") or v.source,
+            sha256=v.tags["sha256"],
+            base_fingerprint=v.tags.get("base_fingerprint"),
+            job_key=v.tags.get("job_key"),
+            updated_at=datetime.now(UTC),
+        )
+
+    def publish(
+        self,
+        local_dir: str | os.PathLike[str],
+        tenant: str,
+        identity: str,
+        job_key: str,
+        lineage: Mapping[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+    ) -> IndexEntry:
+        """Store, verify, register and index one adapter; idempotent by ``job_key``.
+
+        If a version with this job key is registered already, nothing is stored or registered
+        (the index is repaired if a crash left it behind) and that version's entry is returned.
+        Otherwise: upload to a temporary key -> sha256 verified -> moved into place ->
+        registered in MLflow (lineage tags, alias ``prod``) -> index row upserted. A failure at
+        any step before registration leaves no version behind.
+        """
+        check_key(tenant, "tenant")
+        check_key(identity)
+        meta = read_adapter_meta(local_dir)
+        for field, want in (("identity", identity), ("tenant", tenant)):
+            if meta.get(field) not in (None, want):
+                raise AdapterError(
+                    f"adapter in {local_dir} belongs to {field} {meta.get(field)!r}, not {want!r}"
+                )
+        existing = self.models.find_version(tenant, identity, job_key)
+        if existing is not None:
+            entry = self._entry_of(tenant, identity, existing)
+            current = self.index.get(tenant, identity)
+            if current is not None and current.version == entry.version:
+                return current
+            if current is None or current.version < entry.version:
+                self.index.upsert([entry])  # a crash between register and index: repair
+            return entry
+        uri, sha = self.store.put_adapter(local_dir, tenant, identity, job_key)
+        tags = adapter_tags(meta)
+        tags.update(lineage or {})
+        version = self.models.register(
+            tenant, identity, uri, sha, tags, run_id=run_id, job_key=job_key
+        )
+        entry = IndexEntry(
+            tenant=tenant,
+            identity=identity,
+            version=version,
+            uri=uri,
+            sha256=sha,
+            base_fingerprint=meta.get("base_fingerprint"),
+            job_key=job_key,
+            updated_at=datetime.now(UTC),
+        )
+        self.index.upsert([entry])
+        return entry
+
+    # -- read ---------------------------------------------------------------------------------
+    def resolve(self, tenant: str, identity: str) -> IndexEntry | None:
+        """The person's current adapter from the index (no MLflow call), or None."""
+        if not (is_safe_key(tenant, "tenant") and is_safe_key(identity)):
+            return None
+        return self.index.get(tenant, identity)
+
+    def fetch(self, entry: IndexEntry, cache_dir: str | os.PathLike[str]) -> Path:
+        """Local directory of a verified copy of the adapter (cached by sha256)."""
+        dest = Path(cache_dir) / entry.tenant / entry.identity / entry.sha256
+        if (dest / ADAPTER_JSON).is_file() and (dest / ADAPTER_TENSORS).is_file():
+            if sha256_file(dest / ADAPTER_TENSORS) == entry.sha256:
+                return dest
+            shutil.rmtree(dest, ignore_errors=True)
+        return self.store.fetch_adapter(entry.uri, dest, entry.sha256)
+
+    def read(self, entry: IndexEntry) -> tuple[bytes, dict[str, Any]]:
+        """The adapter in memory, verified: ``(safetensors bytes, adapter.json dict)``."""
+        return self.store.read_adapter(entry.uri, entry.sha256)
+
+    def load_adapter(self, entry: IndexEntry, model: Any) -> Any:
+        """The :class:`pfstorer.adapter.Adapter` an index entry points at, ready for ``model``.
+
+        Bytes are read into memory and checked against the index's sha256 before parsing (only
+        safetensors); the JSON must name the entry's tenant and identity; the adapter must belong
+        to ``model``'s base (:class:`~pfstorer.errors.AdapterMismatchError` otherwise).
+        """
+        from pfstorer.adapter import Adapter
+
+        data, meta = self.read(entry)
+        adapter = Adapter.from_bytes(data, meta, source=f"adapter {entry.label}")
+        if adapter.identity != entry.identity or adapter.metadata.tenant not in (None, entry.tenant):
+            raise AdapterError(f"adapter file of {entry.label} belongs to another person")
+        adapter.check_base(model)
+        return adapter
+
+    # -- forget -------------------------------------------------------------------------------
+    def forget(
+        self, tenant: str, identity: str, *, cache_dir: str | os.PathLike[str] | None = None
+    ) -> ForgetReport:
+        """Remove every trace of a person: index row first (serving stops resolving it), then
+        the registered model with its versions and job runs, then the stored files (and a local
+        fetch cache, if given). Safe to repeat."""
+        check_key(tenant, "tenant")
+        check_key(identity)
+        index_removed = self.index.remove(tenant, identity)
+        deleted = self.models.delete(tenant, identity)
+        files = self.store.delete_identity(tenant, identity)
+        if cache_dir is not None:
+            shutil.rmtree(Path(cache_dir) / tenant / identity, ignore_errors=True)
+        return ForgetReport(
+            tenant=tenant,
+            identity=identity,
+            index_removed=index_removed,
+            model_deleted=bool(deleted["model_deleted"]),
+            versions_deleted=int(deleted["versions"]),
+            runs_deleted=int(deleted["runs"]),
+            files_deleted=files,
+            runs_purged=int(deleted["runs_purged"]),
+        )

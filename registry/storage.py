@@ -1,0 +1,59 @@
+"""fsspec helpers: one way to turn a URL (local path, file://, s3://, memory://) into a filesystem."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+
+
+_LOCAL_PROTOCOLS = {"file", "local"}
+
+
+def default_storage_options(url: str) -> dict[str, Any]:
+    """Storage options from the environment for ``url``.
+
+    For ``s3://`` URLs: an endpoint from ``PFSTORER_S3_ENDPOINT_URL``, ``MLFLOW_S3_ENDPOINT_URL``
+    or ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` (e.g. a MinIO or moto server). Credentials come
+    from the usual AWS variables through s3fs/botocore. Other protocols: none.
+    """
+    if fsspec.utils.get_protocol(url) in ("s3", "s3a"):
+        for var in (
+            "PFSTORER_S3_ENDPOINT_URL",
+            "MLFLOW_S3_ENDPOINT_URL",
+            "AWS_ENDPOINT_URL_S3",
+            "AWS_ENDPOINT_URL",
+        ):
+            if os.environ.get(var):
+                return {"endpoint_url": os.environ[var]}
+    return {}
+
+
+def is_local_url(url: str) -> bool:
+    return fsspec.utils.get_protocol(str(url)) in _LOCAL_PROTOCOLS
+
+
+def url_to_fs(
+    url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path) for a URL; ``storage_options`` apply to remote protocols only.
+
+    ``None`` means :func:`default_storage_options`.
+    """
+    url = os.fspath(url)
+    if is_local_url(url):
+        return fsspec.core.url_to_fs(url)
+    opts = default_storage_options(url) if storage_options is None else dict(storage_options)
+    return fsspec.core.url_to_fs(url, **opts)
+
+
+def invalidate(fs: fsspec.AbstractFileSystem, path: str | None = None) -> None:
+    with contextlib.suppress(Exception):
+        fs.invalidate_cache(path)
+
+
+def join_url(*parts: str) -> str:
+    return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts) if p)
