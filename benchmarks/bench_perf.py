@@ -53,9 +53,9 @@ def bench_personalization(model, device: str, packs: list[int], steps: int, full
     for k in packs:
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        trainer = PackedTrainer(model, PersonalizeConfig(steps=steps + 1, lambda_pers=5e-4), capacity=k, speed=speed)
+        trainer = PackedTrainer(model, PersonalizeConfig(steps=steps + 1), capacity=k, speed=speed)
         for i in range(k):
-            trainer.add(PersonalizeJob(f"p{i}", fake_refs(3, size, i), seed=i))
+            trainer.add(PersonalizeJob(f"p{i}", fake_refs(5, size, i), seed=i))
         trainer.step()  # warm-up (allocations, kernels)
         sync(device)
         t0 = time.perf_counter()
@@ -65,7 +65,7 @@ def bench_personalization(model, device: str, packs: list[int], steps: int, full
         per_step = (time.perf_counter() - t0) / max(1, steps - 1)
         per_id = per_step * full_steps / k
         rows.append({"work": f"personalize packed K={k}{label}", "s_per_step": per_step,
-                     "s_per_identity_at_500": per_id, "identities_per_hour": 3600 / per_id,
+                     f"s_per_identity_at_{full_steps}": per_id, "identities_per_hour": 3600 / per_id,
                      "peak_gib": peak_gib(device)})
     return rows
 
@@ -130,6 +130,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quick", action="store_true", help="CI-sized: small packs, few steps")
+    p.add_argument("--packs", default="1,4,8,16", help="identities per pack to measure (comma-separated)")
     p.add_argument("--compile-mode", default=None, help="reduce-overhead (CUDA graphs) or default; none = skip")
     p.add_argument("--autocast-bf16", action="store_true", help="personalization under bf16 autocast")
     p.add_argument("--gradient-checkpointing", action="store_true", help="personalization with checkpointing")
@@ -137,14 +138,15 @@ def main() -> None:
     speed = TrainingSpeed(autocast_bf16=args.autocast_bf16, gradient_checkpointing=args.gradient_checkpointing)
     dtype = getattr(torch, args.dtype)
     model = load_base(args.base, device=args.device, dtype=dtype, random_weights=args.base == "sd21")
-    packs = [1, 2, 4] if args.quick else [1, 4, 8, 16]
+    packs = [1, 2, 4] if args.quick else [int(k) for k in args.packs.split(",")]
     batches = [2, 4] if args.quick else [8, 32]
     steps = 3 if args.quick else 10
-    rows = bench_personalization(model, args.device, packs, steps, full_steps=500, speed=speed)
+    full = PersonalizeConfig().steps  # the default config's steps
+    rows = bench_personalization(model, args.device, packs, steps, full_steps=full, speed=speed)
     rows += bench_restore(model, args.device, 5 if args.quick else 50, batches, args.compile_mode)
     rows += bench_swap(model)
     for r in rows:
-        for key in ("s_per_step", "s_per_identity_at_500", "identities_per_hour", "peak_gib", "s_per_call",
+        for key in ("s_per_step", f"s_per_identity_at_{full}", "identities_per_hour", "peak_gib", "s_per_call",
                     "images_per_s", "first_call_s"):
             r.setdefault(key, "")
     payload = {"device": device_name(args.device), "base": args.base, "dtype": args.dtype,

@@ -6,24 +6,25 @@ fixed seeds. Rows:
 
 - **Input**: the degraded photo itself;
 - **Base**: the frozen base model alone;
-- **Base + full fine-tune**: every base weight trained on the references with the same diffusion
-  loss and steps, no adapters (the paper's DreamBooth row);
+- **Base + full fine-tune**: every base weight trained on the references with PFStorer's L_diff
+  (same crops, degradations, timesteps and distance) and steps, no adapters (the paper's
+  DreamBooth row, without prior preservation);
 - **Base + adapters, no alpha**: personalization blocks with alpha fixed at 1
   (``PersonalizeConfig(learn_alpha=False)``; the paper's ViCo row);
 - **PFStorer**: personalization blocks with the learnable alpha (``PersonalizeConfig()``).
 
-Columns: PSNR, SSIM, ST-LPIPS, NIQE, LMSE, ID (FaceNet cosine x 100), each the mean over test
-photos (``None`` where a metric could not be computed, counted in ``n``). ``--lambda-gen-sweep``
-adds PFStorer rows at lambda_gen in {0, 0.1, 0.5, 1} (Fig. 9; run it with ``--level heavy``).
+Columns: PSNR, SSIM, ST-LPIPS, NIQE, LMSE, ID (FaceNet cosine x 100), ID dlib (x 100), each the mean over test
+photos (``None`` where a metric could not be computed, counted in ``n``), then the gate:
+PFStorer's ID gain over Base (heavy: >= 5, light: >= 0) at a PSNR at most 0.3 dB below Base's.
 
-Writes ``benchmarks/results/personalization_<level>_<card>.md`` and ``.json`` naming the card,
-the command and every setting. Example (CPU smoke run)::
+``--lambda-gen-sweep`` replaces the Table 2 rows by PFStorer at lambda_gen in {0, 0.1, 0.5, 1}
+(the paper's Fig. 9) and draws ``lambda_gen_<level>.png`` (input | base | each lambda_gen |
+original) and ``lambda_gen_<level>_plot.png`` (ID and PSNR against lambda_gen).
 
-    python benchmarks/bench_personalization.py --base compact --people 2 --steps 20 --level heavy
+Writes ``benchmarks/results/personalization_<level>_<base>_<card>[_sweep].md`` and ``.json``
+naming the card, the command and every setting. Example (CPU smoke run)::
 
-Status: run on CPU only (2 people, 40 steps: docs/personalization.md); item 3's acceptance needs
-the 100-person run on a GPU (``--people 100 --device cuda --bf16``). The full fine-tune here is
-plain (no DreamBooth prior preservation).
+    python benchmarks/bench_personalization.py --people 2 --steps 20 --max-test 2 --level heavy
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from _common import lfw_people  # noqa: E402
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "lfw128"
 RESULTS = REPO / "benchmarks" / "results"
 COLUMNS = [("psnr", "PSNR", 1.0), ("ssim", "SSIM", 1.0), ("st_lpips", "ST-LPIPS", 1.0), ("niqe", "NIQE", 1.0),
-           ("lmse", "LMSE", 1.0), ("id_facenet", "ID", 100.0)]
+           ("lmse", "LMSE", 1.0), ("id_facenet", "ID", 100.0), ("id_dlib", "ID dlib", 100.0)]
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -88,6 +89,7 @@ def full_finetune(model, refs: Sequence[torch.Tensor], *, steps: int, lr: float,
     from pfstorer.degradations import random_crop_resize, synthesize_lq
     from pfstorer.model import RestorationModel
     from pfstorer.sampling import make_scheduler
+    from pfstorer.training import loss_fn
 
     # a fresh model, not copy.deepcopy: the SFT hooks are closures over their own model
     m = RestorationModel(model.config).to(model.device, model.dtype)
@@ -104,7 +106,7 @@ def full_finetune(model, refs: Sequence[torch.Tensor], *, steps: int, lr: float,
     size, b = m.config.sample_size, config.batch_size
     t_start = m.config.sampling.t_start
     p_start = config.p_lq_start if t_start < m.config.num_train_timesteps else 0.0
-    dist = F.l1_loss if config.loss == "l1" else F.mse_loss
+    dist = loss_fn(config, m)
     use_bf16 = bf16 and m.device.type == "cuda"
     for _ in range(steps):
         hq, lq = [], []
@@ -180,16 +182,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     refs = {p["identity"]: [load_image(r) for r in p["refs"]] for p in people}
 
-    variants: dict[str, PersonalizeConfig] = {
-        "Base + adapters, no alpha": PersonalizeConfig(steps=args.steps, learn_alpha=False, seed=args.seed),
-        "PFStorer": PersonalizeConfig(steps=args.steps, seed=args.seed),
-    }
-    if args.lambda_gen_sweep:
+    if args.steps is None:
+        args.steps = PersonalizeConfig().steps
+    variants: dict[str, PersonalizeConfig] = {"PFStorer": PersonalizeConfig(steps=args.steps, seed=args.seed)}
+    if args.lambda_gen_sweep:  # Fig. 9: PFStorer at each lambda_gen (the default's row is PFStorer's)
         for lg in (0.0, 0.1, 0.5, 1.0):
             variants[f"PFStorer, lambda_gen={lg:g}"] = PersonalizeConfig(steps=args.steps, lambda_gen=lg, seed=args.seed)
+    else:  # Table 2
+        variants["Base + adapters, no alpha"] = PersonalizeConfig(steps=args.steps, learn_alpha=False, seed=args.seed)
     timings: dict[str, float] = {}
     adapters: dict[str, dict[str, Any]] = {}
     for row, cfg in variants.items():
+        same = next((r for r in adapters if variants[r] == cfg), None)
+        if same is not None:  # the same config twice (the sweep's default lambda_gen): the same adapters
+            adapters[row] = adapters[same]
+            continue
         t0 = time.perf_counter()
         jobs = [PersonalizeJob(p["identity"], refs[p["identity"]], seed=args.seed + i) for i, p in enumerate(people)]
         speed = TrainingSpeed(autocast_bf16=args.bf16 and model.device.type == "cuda")
@@ -199,8 +206,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _log(f"personalized {len(people)} people ({row}) in {timings[f'personalize: {row}']:.0f} s")
 
     results: dict[str, Any] = {}
+    fine_tuned: dict[str, Any] = {}
+    sweep_rows = [row for row in variants if row.startswith("PFStorer, lambda_gen")]
+    figures: dict[str, list[list[torch.Tensor]]] = {level: [] for level in levels}
     for level in levels:
-        per_row: dict[str, list[dict[str, float | None]]] = {"Input": [], "Base": [], "Base + full fine-tune": []}
+        per_row: dict[str, list[dict[str, float | None]]] = {"Input": [], "Base": []}
+        if not args.lambda_gen_sweep:
+            per_row["Base + full fine-tune"] = []
         per_row.update({row: [] for row in variants})
         for i, p in enumerate(people):
             pairs = degraded_tests(i, p["tests"], level)
@@ -209,19 +221,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             per_row["Input"] += [score(x, g) for x, g in zip(lqs, gts, strict=True)]
             outs = _restore_all(model, lqs, None, seeds, args.sample_steps)
             per_row["Base"] += [score(x, g) for x, g in zip(outs, gts, strict=True)]
-            t0 = time.perf_counter()
-            ft = full_finetune(model, refs[p["identity"]], steps=args.steps, lr=args.ft_lr,
-                               config=variants["PFStorer"], seed=args.seed + i, bf16=args.bf16)
-            timings["full fine-tune"] = timings.get("full fine-tune", 0.0) + time.perf_counter() - t0
-            outs = _restore_all(ft, lqs, None, seeds, args.sample_steps)
-            per_row["Base + full fine-tune"] += [score(x, g) for x, g in zip(outs, gts, strict=True)]
-            del ft
+            if "Base + full fine-tune" in per_row:
+                t0 = time.perf_counter()
+                ft = fine_tuned.get(p["identity"])
+                if ft is None:  # trained once, scored at every level
+                    ft = fine_tuned[p["identity"]] = full_finetune(
+                        model, refs[p["identity"]], steps=args.steps, lr=args.ft_lr, config=variants["PFStorer"],
+                        seed=args.seed + i, bf16=args.bf16)
+                timings["full fine-tune"] = timings.get("full fine-tune", 0.0) + time.perf_counter() - t0
+                outs = _restore_all(ft, lqs, None, seeds, args.sample_steps)
+                per_row["Base + full fine-tune"] += [score(x, g) for x, g in zip(outs, gts, strict=True)]
+            swept: dict[str, list[torch.Tensor]] = {}
             for row in variants:
                 outs = _restore_all(model, lqs, adapters[row][p["identity"]], seeds, args.sample_steps)
                 per_row[row] += [score(x, g) for x, g in zip(outs, gts, strict=True)]
+                swept[row] = outs
+            if sweep_rows and len(figures[level]) < args.figure_rows:  # Fig. 9: the first test photo
+                base_out = _restore_all(model, lqs[:1], None, seeds[:1], args.sample_steps)[0]
+                figures[level].append([lqs[0], base_out] + [swept[r][0] for r in sweep_rows] + [gts[0]])
             _log(f"{level}: person {i + 1}/{len(people)} restored and scored")
         results[level] = {row: summarize(v) for row, v in per_row.items()}
+        results[level]["gate"] = gate(level, results[level])
+    report_figures = {}
+    for level, rows in figures.items():
+        if rows:
+            report_figures[level] = _save_sweep_figures(args.out, level, rows, sweep_rows, results[level])
     return {
+        "figures": report_figures,
         "card": card_name(args.device), "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "base": args.base, "base_fingerprint": model.fingerprint, "people": len(people),
         "test_photos": sum(len(p["tests"]) for p in people), "settings": vars(args) | {"data": str(args.data)},
@@ -229,19 +255,75 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+GATES = {"heavy": 5.0, "light": 0.0}  # PFStorer ID over Base; PSNR at most 0.3 dB below Base
+
+
+def gate(level: str, rows: dict[str, Any]) -> dict[str, Any]:
+    """The acceptance gate of one level: PFStorer against Base."""
+    pf, base = rows["PFStorer"], rows["Base"]
+    d_id, d_psnr = pf["id_facenet"] - base["id_facenet"], pf["psnr"] - base["psnr"]
+    return {"id_gain": d_id, "psnr_change": d_psnr, "id_gain_needed": GATES[level],
+            "passed": bool(d_id >= GATES[level] and d_psnr >= -0.3)}
+
+
+def _save_sweep_figures(out: Path, level: str, rows: list[list[torch.Tensor]], sweep_rows: list[str],
+                        summary: dict[str, Any]) -> dict[str, str]:
+    """The paper's Fig. 9 (input | base | PFStorer at each lambda_gen | original) and a plot of
+    ID and PSNR against lambda_gen; returns their file names."""
+    from pfstorer.evaluate import make_grid
+    from pfstorer.images import save_image
+
+    out.mkdir(parents=True, exist_ok=True)
+    lambdas = [float(r.rsplit("=", 1)[1]) for r in sweep_rows]
+    labels = ["input", "base"] + [f"lambda_gen {lg:g}" for lg in lambdas] + ["original"]
+    grid = out / f"lambda_gen_{level}.png"
+    save_image(make_grid(rows, labels), grid)
+    files = {"grid": grid.name}
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the eval extra is not installed: the grid and the table still are
+        return files
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ids = [summary[r]["id_facenet"] for r in sweep_rows]
+    ax.plot(lambdas, ids, "o-", color="tab:blue", label="ID (FaceNet x100)")
+    ax.axhline(summary["Base"]["id_facenet"], color="tab:blue", ls=":", label="Base ID")
+    ax.set_xlabel("lambda_gen")
+    ax.set_ylabel("ID", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(lambdas, [summary[r]["psnr"] for r in sweep_rows], "s-", color="tab:red", label="PSNR")
+    ax2.axhline(summary["Base"]["psnr"], color="tab:red", ls=":")
+    ax2.set_ylabel("PSNR (dB)", color="tab:red")
+    ax.set_title(f"{level}: identity and fidelity against lambda_gen")
+    fig.tight_layout()
+    plot = out / f"lambda_gen_{level}_plot.png"
+    fig.savefig(plot, dpi=120)
+    plt.close(fig)
+    files["plot"] = plot.name
+    return files
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     lines = [f"# Personalization benchmark ({report['base']} base)", "",
              f"Card: **{report['card']}**. {report['people']} bench people, {report['test_photos']} test photos, "
              f"personalization {report['settings']['steps']} steps, {report['settings']['sample_steps'] or 'default'} sampling steps. "
              f"Wall time {report['wall_s']:.0f} s.", "", f"Command: `{report['command']}`", ""]
-    arrows = {"psnr": "↑", "ssim": "↑", "st_lpips": "↓", "niqe": "↓", "lmse": "↓", "id_facenet": "↑"}
+    arrows = {"psnr": "↑", "ssim": "↑", "st_lpips": "↓", "niqe": "↓", "lmse": "↓", "id_facenet": "↑", "id_dlib": "↑"}
     for level, rows in report["results"].items():
         lines += [f"## {level}", "", "| method | " + " | ".join(f"{lab} {arrows[n]}" for n, lab, _ in COLUMNS) + " |",
                   "| --- |" + " --- |" * len(COLUMNS)]
         for row, s in rows.items():
+            if row == "gate":
+                continue
             cells = ["—" if s[n] is None else f"{s[n]:.4g}" for n, _, _ in COLUMNS]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
-        lines.append("")
+        g = rows["gate"]
+        lines += ["", f"Gate ({level}: PFStorer ID >= Base + {g['id_gain_needed']:g}, PSNR >= Base - 0.3 dB): "
+                  f"ID {g['id_gain']:+.2f}, PSNR {g['psnr_change']:+.2f} dB: **{'pass' if g['passed'] else 'fail'}**", ""]
+        for kind, name in report.get("figures", {}).get(level, {}).items():
+            lines += [f"![{level} lambda_gen {kind}]({name})", ""]
     return "\n".join(lines)
 
 
@@ -253,11 +335,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--refs", type=int, default=5, help="references per person (paper: 5)")
     p.add_argument("--max-test", type=int, help="at most this many test photos per person")
     p.add_argument("--level", choices=["light", "heavy", "both"], default="both")
-    p.add_argument("--steps", type=int, default=500, help="personalization / fine-tune steps (paper: 500)")
+    p.add_argument("--steps", type=int, help="personalization / fine-tune steps (default: PersonalizeConfig's; paper: 500)")
     p.add_argument("--sample-steps", type=int, help="denoising steps per restore (default: the base's)")
     p.add_argument("--ft-lr", type=float, default=1e-5, help="learning rate of the full fine-tune row")
     p.add_argument("--capacity", type=int, default=16, help="identities personalized together (packed)")
-    p.add_argument("--lambda-gen-sweep", action="store_true", help="add PFStorer rows at lambda_gen 0/0.1/0.5/1")
+    p.add_argument("--lambda-gen-sweep", action="store_true",
+                   help="PFStorer at lambda_gen 0/0.1/0.5/1 instead of the Table 2 rows, with the Fig. 9 figures")
+    p.add_argument("--figure-rows", type=int, default=6, help="people shown in the lambda_gen figure (Fig. 9)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the adapters and the fine-tune row (CUDA)")
     p.add_argument("--seed", type=int, default=0)
@@ -266,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", report["card"].lower()).strip("-")
-    stem = args.out / f"personalization_{args.level}_{args.base}_{slug}"
+    stem = args.out / f"personalization_{args.level}_{args.base}_{slug}{'_sweep' if args.lambda_gen_sweep else ''}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
     stem.with_suffix(".md").write_text(to_markdown(report))
     print(to_markdown(report))

@@ -176,8 +176,8 @@ def run_demo(
     people, smoke = choose_people(photos, state_dir, tenants)
     if base is None:
         base = "compact" if (WEIGHTS_DIR / "compact" / "model.safetensors").exists() else "tiny"
-    if steps is None:  # CPU-sized: the paper's 500 steps take minutes per person on a GPU
-        steps = 40 if base.startswith("tiny") else 5
+    if steps is None:  # CPU-sized: 3 people in a few minutes on 2 cores (docs/personalization.md)
+        steps = 40 if base.startswith("tiny") else 150
     print(f"demo: {len(people)} people over {len({p.tenant for p in people})} tenant(s), base {base!r}, "
           f"{steps} personalization steps (paper: 500; fewer on CPU)", flush=True)
 
@@ -186,7 +186,7 @@ def run_demo(
     keyfile.write_text("tenants:\n" + "".join(f"  {t}:\n    - {hash_key(k)}\n" for t, k in keys.items()))
     port = _free_port()
     settings = Settings.load(state_dir=state_dir, base=base, workers=1, cpus_per_worker=2,
-                             personalize={"steps": steps, "batch_size": 1},
+                             personalize={"steps": steps},
                              serve={"host": "127.0.0.1", "port": port, "api_keys_file": str(keyfile),
                                     "num_cpus": 0.5, "max_ongoing_requests": 2, "max_queued_requests": 8})
     manifest = _write_manifest(people, state_dir / "manifest.parquet")
@@ -230,7 +230,8 @@ def run_demo(
                            for m, img in (("input", degraded), ("base", outs["base"]), ("personalized", outs["personalized"]))}
                 rows.append([degraded, outs["base"], outs["personalized"], original])
                 row_labels.append(f"{person.tenant}/{person.identity}")
-                table.append((person, outs["personalized_adapter"], metrics))
+                changed = float((outs["personalized"] - outs["base"]).abs().mean()) * 255  # 8-bit levels
+                table.append((person, outs["personalized_adapter"], metrics, changed))
         report = _write_report(state_dir / "report", rows, row_labels, table, base, steps, served_steps,
                                smoke, time.perf_counter() - t_start, summary)
     finally:
@@ -249,6 +250,29 @@ def _fmt(result: Any) -> str:
     if result is None or result.value is None:
         return "n/a"
     return f"{result.value:.3f}" if abs(result.value) < 100 else f"{result.value:.1f}"
+
+
+def _adapter_effect(table) -> list[str]:
+    """What each person's adapter changed against the base: pixels, PSNR and ID, in numbers."""
+    def delta(metrics: dict, name: str) -> float | None:
+        a, b = metrics["personalized"].get(name), metrics["base"].get(name)
+        return None if a is None or b is None or a.value is None or b.value is None else a.value - b.value
+
+    lines = ["## What the adapters changed", "",
+             "| person | mean change of the output (8-bit levels) | PSNR personalized - base (dB) | "
+             "ID personalized - base (FaceNet cos x 100) |", "| --- | --- | --- | --- |"]
+    ids, psnrs = [], []
+    for person, _, metrics, changed in table:
+        d_psnr, d_id = delta(metrics, "psnr"), delta(metrics, "id_facenet")
+        psnrs += [d_psnr] if d_psnr is not None else []
+        ids += [d_id * 100] if d_id is not None else []
+        lines.append(f"| {person.tenant}/{person.identity} | {changed:.2f} | "
+                     f"{'n/a' if d_psnr is None else f'{d_psnr:+.2f}'} | {'n/a' if d_id is None else f'{d_id * 100:+.1f}'} |")
+    if ids:
+        lines += ["", f"Mean over {len(ids)} people: ID {sum(ids) / len(ids):+.1f} points, PSNR "
+                  f"{sum(psnrs) / max(1, len(psnrs)):+.2f} dB. One photo per person: read these as an example, "
+                  "the benchmark (docs/personalization.md) as the measurement."]
+    return lines + [""]
 
 
 def _write_report(out: Path, rows, row_labels, table, base: str, steps: int, restore_steps: int,
@@ -273,16 +297,18 @@ def _write_report(out: Path, rows, row_labels, table, base: str, steps: int, res
               "![input | base | personalized | original](report.png)", "",
               "| person | image | PSNR | SSIM | ID (FaceNet cos) | NIQE |", "| --- | --- | --- | --- | --- | --- |"]
     backends: dict[str, str] = {}
-    for person, adapter, metrics in table:
+    for person, adapter, metrics, _ in table:
         for m, label in (("input", "input (degraded)"), ("base", "base"), ("personalized", f"personalized ({adapter})")):
             cells = [_fmt(metrics[m].get(name)) for name in METRICS]
             lines.append(f"| {person.tenant}/{person.identity} | {label} | " + " | ".join(cells) + " |")
             backends.update({n: r.backend for n, r in metrics[m].items() if r is not None and r.value is not None})
     lines += ["", "PSNR, SSIM and ID (FaceNet cosine of the face in the image and in the original) against the "
               "original; NIQE is no-reference (lower is better). Backends: "
-              + "; ".join(f"{n}: {b}" for n, b in sorted(backends.items())) + ".", "", "## Credits", ""]
-    for credit in sorted({p.credit for p, _, _ in table}):
-        who = ", ".join(p.identity for p, _, _ in table if p.credit == credit)
+              + "; ".join(f"{n}: {b}" for n, b in sorted(backends.items())) + ".", ""]
+    lines += _adapter_effect(table)
+    lines += ["## Credits", ""]
+    for credit in sorted({p.credit for p, _, _, _ in table}):
+        who = ", ".join(p.identity for p, _, _, _ in table if p.credit == credit)
         lines.append(f"- {who}: {credit}")
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
@@ -290,7 +316,7 @@ def _write_report(out: Path, rows, row_labels, table, base: str, steps: int, res
 
 
 def run_cli(args: Any) -> int:
-    """``pfstorer demo`` (the parser is in :mod:`serving.cli`)."""
+    """``pfstorer demo`` (the parser is in :mod:`demo.cli`)."""
     run_demo(args.photos, state_dir=args.state_dir or DEFAULT_STATE, base=args.base, steps=args.steps,
              restore_steps=args.restore_steps, max_side=args.max_side, fresh=not args.keep)
     return 0

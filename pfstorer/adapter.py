@@ -8,41 +8,17 @@ bytes; loading verifies it, and loading onto a base with another fingerprint fai
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field
 
+from .adapter_meta import FORMAT_VERSION, METADATA_FILE, TENSORS_FILE, AdapterMetadata, sha256_bytes
 from .errors import AdapterError, AdapterMismatchError
 
-FORMAT_VERSION = 1
-TENSORS_FILE = "adapter.safetensors"
-METADATA_FILE = "adapter.json"
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-class AdapterMetadata(BaseModel):
-    format_version: int = FORMAT_VERSION
-    identity: str
-    tenant: str | None = None
-    base_fingerprint: str
-    base_preset: str
-    config: dict[str, Any] = Field(default_factory=dict)
-    steps: int = 0
-    final_losses: dict[str, float] = Field(default_factory=dict)
-    loss_curve: list[float] = Field(default_factory=list)
-    references: list[str] = Field(default_factory=list, description="names/hashes of the references used")
-    tensors_sha256: str = ""
-    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    pfstorer_version: str = "0.1.0"
+__all__ = ["FORMAT_VERSION", "METADATA_FILE", "TENSORS_FILE", "Adapter", "AdapterMetadata", "sha256_bytes"]
 
 
 class Adapter:

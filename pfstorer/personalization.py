@@ -208,19 +208,18 @@ def _block_sides(model) -> list[int]:
 class PBRun:
     """What the personalization hooks need for one UNet call.
 
-    Rows ``[0, n_main)`` of the batch are personalized, row r with adapter ``slots[r]``. In training,
-    ``ref_rows[r]`` names the batch row holding the reference photo of row r (rows past ``n_main``
-    are references run through the untouched base). With ``capture`` set, each block's raw output
-    is kept (building the reference cache). With ``maps`` a list, the token/last-prompt-token
-    attention maps are collected for L_pers.
+    Row r of the batch is personalized with adapter ``slots[r]``. In training, ``ref_tokens[i]``
+    holds each row's reference tokens at block i (``[n, P, C]``: the frozen base's pooled features
+    of one reference photo, see :func:`reference_features`). With ``capture`` set, each block's raw
+    output is kept (building the reference features). With ``maps`` a list, the
+    token/last-prompt-token attention maps are collected for L_pers.
     """
 
     adapters: AdapterWeights | AdapterSlots
     slots: torch.Tensor
     prompt: torch.Tensor
     ref_pool: int
-    n_main: int | None = None
-    ref_rows: torch.Tensor | None = None
+    ref_tokens: list[torch.Tensor] | None = None
     capture: dict[int, torch.Tensor] | None = None
     maps: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     strength: torch.Tensor | None = None  # per row, scales alpha at inference (None: 1)
@@ -228,14 +227,14 @@ class PBRun:
     def rows(self, index: list[int]) -> PBRun:
         """The same run for a batch made of rows ``index`` of this one (tiles of several images)."""
         return replace(self, slots=self.slots[index],
-                       strength=None if self.strength is None else self.strength[index])
+                       strength=None if self.strength is None else self.strength[index],
+                       ref_tokens=None if self.ref_tokens is None else [r[index] for r in self.ref_tokens])
 
     def apply(self, block: int, sample: torch.Tensor) -> torch.Tensor:
         if self.capture is not None:
             self.capture[block] = sample.detach()
             return sample
-        n = sample.shape[0] if self.n_main is None else self.n_main
-        main = sample[:n]
+        main = sample
         a = self.adapters
         spec = a.specs[block]
         slots = self.slots
@@ -243,8 +242,7 @@ class PBRun:
         if isinstance(a, AdapterWeights):
             q = torch.bmm(x, a.to_q[block][slots])
             tk, tv = a.text_kv(block, slots, self.prompt)
-            ref = pool_reference(sample[self.ref_rows].detach(), self.ref_pool)
-            rk, rv = a.image_kv(block, slots, ref)
+            rk, rv = a.image_kv(block, slots, self.ref_tokens[block].to(q.dtype))
             to_out, alpha = a.to_out[block][slots], a.alpha[block][slots]
         else:
             q = torch.bmm(x, a.buffer("to_q", block)[slots])
@@ -264,8 +262,7 @@ class PBRun:
         img = F.scaled_dot_product_attention(qh, _heads(rk, h), _heads(rv, h))
         pb = torch.bmm(_merge(txt + img), to_out)  # [n, HW, C]
         pb = pb.transpose(1, 2).reshape(main.shape)
-        out = main + alpha[:, :, None, None] * pb
-        return out if n == sample.shape[0] else torch.cat([out, sample[n:]], dim=0)
+        return main + alpha[:, :, None, None] * pb
 
 
 def pers_loss(maps: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

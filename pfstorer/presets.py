@@ -186,7 +186,9 @@ PRESETS: dict[str, BaseConfig] = {
         },
         lq_encoder_channels=(32, 48, 64, 64),
         prompt_tokens=8,
-        adapter=AdapterShape(head_dim=32, ref_pool=8, cache_refs=5),
+        # blocks after the two level-1 decoder ResNets too (1/8 of the tile, 16 x 16 tokens): the
+        # transformer blocks sit at 1/16 and 1/32 only, too coarse to carry identity (docs/model.md)
+        adapter=AdapterShape(head_dim=32, ref_pool=16, cache_refs=5, resnet_levels=(1,)),
         license="weights: pfstorer model card (trained on LFW, research use)",
     ),
     # Stable Diffusion 2.1-base UNet + StableSR-style SFT / time-aware encoder, latent space.

@@ -104,6 +104,7 @@ class SlotAdamW:
 class _Slot:
     job: PersonalizeJob
     refs: list[torch.Tensor]
+    ref_tokens: list[torch.Tensor]  # per block: [n_refs, P, C], the frozen base's reference features
     rng: np.random.Generator
     gen: torch.Generator
     step: int = 0
@@ -158,7 +159,7 @@ class PackedTrainer:
         self.opt.reset(k)
         size = self.model.config.sample_size
         refs = [_limit_side(r.float(), 2 * size) for r in job.references]
-        self.slots[k] = _Slot(job, refs, np.random.default_rng(seed), gen)
+        self.slots[k] = _Slot(job, refs, self.reference_features(refs), np.random.default_rng(seed), gen)
         self.slots[k].probe_start = self.probe_loss(k)
         return k
 
@@ -173,25 +174,26 @@ class PackedTrainer:
 
         c, size, b = self.config, self.model.config.sample_size, self.config.batch_size
         hq, lq, ref = [], [], []
+        n = len(slot.refs)
         for _ in range(b):
-            i = int(slot.rng.integers(len(slot.refs)))
+            i = int(slot.rng.integers(n))
             crop = random_crop_resize(slot.refs[i], size, slot.rng, c.crop_scale)
             hq.append(crop)
             lq.append(synthesize_lq(crop, slot.rng, levels=c.levels, p_hq=c.p_hq))
             # the reference is another photo of the person: its own photo would teach copying
-            j = int(slot.rng.integers(max(1, len(slot.refs) - 1)))
-            other = slot.refs[j + (j >= i) if len(slot.refs) > 1 else i]
-            ref.append(random_crop_resize(other, size, slot.rng, c.crop_scale))
+            j = int(slot.rng.integers(max(1, n - 1)))
+            ref.append(j + (j >= i) if n > 1 else i)
         m = self.model
         with torch.no_grad():
-            z0, lq_lat, ref_lat = (m.to_latent(torch.stack(x)) for x in (hq, lq, ref))
+            z0, lq_lat = (m.to_latent(torch.stack(x)) for x in (hq, lq))
+        ref_idx = torch.tensor(ref)  # which reference's features each row attends to
         shape = tuple(z0.shape)
         total = m.config.train_t_max  # the timesteps the preset samples
         t = torch.randint(0, total, (b,), generator=slot.gen)
         t_start = m.config.sampling.t_start
         p_start = c.p_lq_start if t_start < m.config.num_train_timesteps else 0.0
         start = torch.rand(b, generator=slot.gen) < p_start  # rows as restore starts: from the diffused LQ
-        out = {"z0": z0, "lq": lq_lat, "ref": ref_lat, "noise": torch.randn(shape, generator=slot.gen),
+        out = {"z0": z0, "lq": lq_lat, "ref": ref_idx, "noise": torch.randn(shape, generator=slot.gen),
                "t": torch.where(start, torch.full_like(t, t_start), t), "start": start}
         if c.lambda_gen > 0:
             out["noise_gen"] = torch.randn(shape, generator=slot.gen)
@@ -228,7 +230,7 @@ class PackedTrainer:
         draws = {k: self._draw(self.slots[k]) for k in active}
         b = c.batch_size
         dev = m.device
-        xs, ts, lqs, slots, ref_rows, refs = [], [], [], [], [], []
+        xs, ts, lqs, slots, refs = [], [], [], [], []
         n_groups = 2 if c.lambda_gen > 0 else 1
         for g in range(n_groups):
             for j, k in enumerate(active):
@@ -243,22 +245,19 @@ class PackedTrainer:
                     ts.append(d["t_gen"])
                     lqs.append(m.null_lq(d["lq"]))
                 slots += [k] * b
-                ref_rows += [j * b + i for i in range(b)]
+                refs.append((k, d["ref"]))
         n_main = len(slots)
-        for k in active:
-            refs.append(draws[k]["ref"])
-        x = torch.cat(xs + refs)
-        t = torch.cat(ts + [torch.zeros(b * len(active), dtype=torch.long)]).to(dev)
-        lq = torch.cat(lqs + refs)
+        x, t, lq = torch.cat(xs), torch.cat(ts).to(dev), torch.cat(lqs)
+        ref_tokens = [torch.cat([self.slots[k].ref_tokens[i][idx] for k, idx in refs]) for i in range(len(self.weights.specs))]
         maps: list = []
         pb = PBRun(self.weights, torch.tensor(slots, device=dev), m.prompt, m.config.adapter.ref_pool,
-                   n_main=n_main, ref_rows=torch.tensor(ref_rows, device=dev) + n_main, maps=maps)
+                   ref_tokens=ref_tokens, maps=maps)
         with torch.autocast(dev.type, torch.bfloat16, enabled=self.speed.autocast_bf16):
-            pred = m.denoise(x, t, lq, pb)[:n_main]
+            pred = m.denoise(x, t, lq, pb)
         per_row_pers = pers_loss(maps) if c.lambda_pers > 0 else torch.zeros(n_main, device=dev)
         total = torch.zeros((), device=dev)
         nk = len(active)
-        dist = F.l1_loss if c.loss == "l1" else F.mse_loss
+        dist = loss_fn(c, m)
         for j, k in enumerate(active):
             d = draws[k]
             rows = slice(j * b, (j + 1) * b)
@@ -302,33 +301,38 @@ class PackedTrainer:
         ts = torch.tensor(timestep_grid(4, m.config.train_t_max))
         z0 = m.to_latent(hq.unsqueeze(0)).expand(len(ts), -1, -1, -1)
         lq_lat = m.to_latent(lq.unsqueeze(0)).expand(len(ts), -1, -1, -1)
-        ref_lat = m.to_latent(center_square(refs[-1], size).unsqueeze(0)).expand(len(ts), -1, -1, -1)
         noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(1234)).to(z0)
         n = len(ts)
+        ref_tokens = [r[-1:].expand(n, -1, -1) for r in slot.ref_tokens]  # the last reference
         pb = PBRun(self.weights, torch.full((n,), k, device=m.device), m.prompt, m.config.adapter.ref_pool,
-                   n_main=n, ref_rows=torch.arange(n, 2 * n, device=m.device))
-        x = torch.cat([self._noisy(z0, noise, ts), ref_lat])
-        t = torch.cat([ts, torch.zeros(n, dtype=torch.long)]).to(m.device)
-        pred = m.denoise(x, t, torch.cat([lq_lat, ref_lat]), pb)[:n]
+                   ref_tokens=ref_tokens)
+        pred = m.denoise(self._noisy(z0, noise, ts), ts.to(m.device), lq_lat, pb)
         return float(F.mse_loss(pred.float(), m.target(z0, noise).float()))
 
     @torch.no_grad()
-    def reference_tokens(self, refs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Frozen-base features of the cached references at every block, pooled: [M, C] per block."""
+    def reference_features(self, refs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The frozen base's features of each reference at every block, pooled: ``[n_refs, P, C]``
+        per block. Computed once per identity (centre square at the native size, t = 0, the
+        reference as its own LQ): training attends to them, and the adapter caches them."""
         m = self.model
         shape = m.config.adapter
-        chosen = [refs[i % len(refs)] for i in range(shape.cache_refs)]
-        lat = m.to_latent(torch.stack([center_square(r, m.config.sample_size) for r in chosen]))
+        lat = m.to_latent(torch.stack([center_square(r, m.config.sample_size) for r in refs]))
         capture: dict[int, torch.Tensor] = {}
-        pb = PBRun(self.weights, torch.zeros(len(chosen), dtype=torch.long), m.prompt, shape.ref_pool, capture=capture)
-        m.denoise(lat, torch.zeros(len(chosen), dtype=torch.long, device=m.device), lat, pb)
-        return [pool_reference(capture[i], shape.ref_pool).flatten(0, 1) for i in range(len(capture))]
+        pb = PBRun(self.weights, torch.zeros(len(refs), dtype=torch.long), m.prompt, shape.ref_pool, capture=capture)
+        m.denoise(lat, torch.zeros(len(refs), dtype=torch.long, device=m.device), lat, pb)
+        return [pool_reference(capture[i], shape.ref_pool) for i in range(len(capture))]
+
+    def reference_tokens(self, slot: _Slot) -> list[torch.Tensor]:
+        """The cached references' tokens of an identity, per block ``[cache_refs * P, C]``."""
+        n = len(slot.refs)
+        chosen = torch.tensor([i % n for i in range(self.model.config.adapter.cache_refs)])
+        return [r[chosen].flatten(0, 1) for r in slot.ref_tokens]
 
     def _finish(self, k: int) -> Adapter:
         m, c = self.model, self.config
         probe_end = self.probe_loss(k)
         slot = self.slots.pop(k)
-        tensors = self.weights.export_slot(k, m.prompt, self.reference_tokens(slot.refs))
+        tensors = self.weights.export_slot(k, m.prompt, self.reference_tokens(slot))
         tail = slot.curve[-10:]
         losses = {**slot.parts, "total_last10": float(np.mean(tail)) if tail else float("nan"),
                   "probe_start": slot.probe_start, "probe_end": probe_end,
@@ -359,6 +363,14 @@ class PackedTrainer:
             yield from self.step()
             if progress is not None and n:
                 progress(n)
+
+
+def loss_fn(config: PersonalizeConfig, model: RestorationModel) -> Callable[..., torch.Tensor]:
+    """The distance of L_diff and L_gen: ``config.loss``, ``auto`` choosing by the base's prediction."""
+    loss = config.loss
+    if loss == "auto":
+        loss = "l1" if model.config.prediction == "x0_residual" else "mse"
+    return F.l1_loss if loss == "l1" else F.mse_loss
 
 
 def _limit_side(img: torch.Tensor, max_short: int) -> torch.Tensor:

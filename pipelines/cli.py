@@ -148,13 +148,7 @@ def _cmd_forget(args: argparse.Namespace) -> int:
         opts = dict(settings.storage_options)
         if args.s3_endpoint_url:
             opts["endpoint_url"] = args.s3_endpoint_url
-        registry = AdapterRegistry.from_urls(
-            settings.store_url,
-            settings.tracking_uri,
-            settings.index_url,
-            registry_uri=settings.registry_uri,
-            storage_options=opts or None,
-        )
+        registry = AdapterRegistry.from_settings(settings, storage_options=opts or None)
         report = registry.forget(args.tenant, args.identity)
     except PFStorerError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -245,7 +245,7 @@ def _opts(settings: Any) -> dict[str, Any] | None:
 def _registry(settings: Any) -> Any:
     from registry import AdapterRegistry
 
-    return AdapterRegistry.from_urls(**_registry_kwargs(settings))
+    return AdapterRegistry.from_settings(settings)
 
 
 def _registry_kwargs(settings: Any) -> dict[str, Any]:

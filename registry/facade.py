@@ -95,22 +95,24 @@ class AdapterRegistry:
         return cls(store, index, models)
 
     @classmethod
-    def from_settings(cls, settings: Any = None, **kwargs: Any) -> AdapterRegistry:
-        """From a :class:`pfstorer.settings.Settings` (default: ``Settings.load()``, i.e.
-        ``PFSTORER_*`` environment, config file, then local defaults under ``state_dir``):
-        ``store_url``, ``tracking_uri``, ``index_url``, ``registry_uri``, ``storage_options``."""
+    def from_settings(cls, settings: Any = None, *, read_only: bool = False, **overrides: Any) -> AdapterRegistry:
+        """The one way to build the registry from a :class:`pfstorer.settings.Settings` (default:
+        ``Settings.load()``): ``store_url``, ``tracking_uri``, ``index_url``, ``registry_uri``,
+        ``storage_options``. ``read_only`` (serving) never touches MLflow; ``overrides`` replace
+        any :meth:`from_urls` argument (``index_max_age_s``, ``storage_options``, ...)."""
         if settings is None:
             from pfstorer.settings import Settings
 
             settings = Settings.load()
-        return cls.from_urls(
-            settings.store_url,
-            settings.tracking_uri,
-            settings.index_url,
-            registry_uri=settings.registry_uri,
-            storage_options=settings.storage_options or None,
-            **kwargs,
-        )
+        kwargs: dict[str, Any] = {
+            "store_url": settings.store_url,
+            "tracking_uri": None if read_only else settings.tracking_uri,
+            "index_url": settings.index_url,
+            "registry_uri": settings.registry_uri,
+            "storage_options": settings.storage_options or None,
+        }
+        kwargs.update(overrides)
+        return cls.from_urls(kwargs.pop("store_url"), kwargs.pop("tracking_uri"), kwargs.pop("index_url"), **kwargs)
 
     def __repr__(self) -> str:
         return f"AdapterRegistry({self.store!r}, {self.index!r}, {self._models!r})"

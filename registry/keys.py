@@ -15,12 +15,11 @@ from typing import Any
 
 import fsspec
 
+from pfstorer.adapter_meta import ADAPTER_FILES, METADATA_FILE, TENSORS_FILE
 from pfstorer.errors import PFStorerError
 
-
-ADAPTER_TENSORS = "adapter.safetensors"
-ADAPTER_JSON = "adapter.json"
-ADAPTER_FILES = (ADAPTER_TENSORS, ADAPTER_JSON)
+ADAPTER_TENSORS, ADAPTER_JSON = TENSORS_FILE, METADATA_FILE  # one definition: pfstorer.adapter_meta
+__all__ = ["ADAPTER_FILES", "ADAPTER_JSON", "ADAPTER_TENSORS"]  # re-exported
 PROD_ALIAS = "prod"
 MODEL_PREFIX = "pfstorer"
 DEFAULT_STATE_DIR = ".pfstorer-state"

@@ -75,6 +75,7 @@ from serving.adapters import (
 )
 from serving.auth import ApiKeys, extract_key
 from serving.batching import batch_signature, plan_runs
+from serving.serve_compat import announce_loaded_models, clear_multiplexed_model_id, loaded_models
 
 log = logging.getLogger("pfstorer.serving")
 
@@ -287,19 +288,6 @@ class BatchStats:
         return dict(vars(self))
 
 
-def _without_model_id() -> None:
-    """Clear the multiplexed model id of the current (copied) request context.
-
-    ``@serve.batch`` splits a batch by that id (Ray 2.60 ``_split_batch_by_model_id``), which
-    would keep every batch to one person; our jobs carry their person themselves. Private Ray
-    API (ray is pinned): ``test_serving`` checks that batches really mix people.
-    """
-    from ray.serve import context
-
-    current = context._get_serve_request_context()
-    context._serve_request_context.set(dataclasses.replace(current, multiplexed_model_id=""))
-
-
 def _assigned_cpus() -> float:
     try:
         import ray
@@ -346,13 +334,9 @@ class Restorer:
         self._restore_batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         self.stats = LoadStats()
         self.host = HostAdapterCache(s.host_cache_adapters, self.stats)
-        self.registry = AdapterRegistry.from_urls(
-            settings.store_url,
-            None,  # read-only: MLflow stays off the request path
-            settings.index_url,
-            storage_options=settings.storage_options or None,
-            index_max_age_s=settings.serve.index_max_age_s,
-        )
+        # read-only: MLflow stays off the request path
+        self.registry = AdapterRegistry.from_settings(settings, read_only=True,
+                                                      index_max_age_s=settings.serve.index_max_age_s)
         self.scheduler = AffinityScheduler(self._is_resident, max_skips=max(4, 2 * s.adapter_slots))
         # every touch of the model or the slots happens on this one thread, in order
         self._torch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pfstorer-torch")
@@ -390,12 +374,12 @@ class Restorer:
                 await fut
             raise
 
-    def _multiplexer(self) -> Any:
-        return getattr(self._multiplex_fn, "__serve_multiplex_wrapper", None)
+    def _resident(self) -> dict[str, Any]:
+        """The people in device slots (the multiplexed loader's LRU; empty before the first)."""
+        return loaded_models(self._multiplex_fn) or {}
 
     def _is_resident(self, key: str) -> bool:
-        wrapper = self._multiplexer()
-        return wrapper is not None and key in wrapper.models
+        return key in self._resident()
 
     def _entry(self, key: str) -> Any:
         from registry import parse_model_key
@@ -506,18 +490,18 @@ class Restorer:
         current = {e.key: e.sha256 for e in entries}
         host = self.host.discard(lambda key, sha: current.get(key) == sha)
         wiped = 0
-        wrapper = self._multiplexer()
-        if wrapper is not None and any(k not in current for k in list(wrapper.models)):
+        resident = self._resident()
+        if any(k not in current for k in list(resident)):
             async with self.scheduler.turn(""):
-                for key in [k for k in list(wrapper.models) if k not in current]:
-                    resident = wrapper.models.pop(key, None)
-                    if resident is None:
+                for key in [k for k in list(resident) if k not in current]:
+                    adapter = resident.pop(key, None)
+                    if adapter is None:
                         continue
-                    await self._torch_call(self.slots.clear, resident.slot)
-                    resident.sha256 = resident.label = None
-                    resident.release()
+                    await self._torch_call(self.slots.clear, adapter.slot)
+                    adapter.sha256 = adapter.label = None
+                    adapter.release()
                     wiped += 1
-                wrapper._push_multiplexed_replica_info = True
+                announce_loaded_models(self._multiplex_fn)
         self.forgotten["host"] += host
         self.forgotten["device"] += wiped
         return {"host": host, "device": wiped}
@@ -596,7 +580,7 @@ class Restorer:
     async def _in_batch(self, job: _Job) -> dict[str, Any]:
         """Queue ``job`` for the next batch, outside its multiplexed model id (people mix)."""
         context = contextvars.copy_context()
-        context.run(_without_model_id)
+        context.run(clear_multiplexed_model_id)
         task = asyncio.get_running_loop().create_task(self._restore_batched(job), context=context)
         return await task
 
@@ -669,11 +653,10 @@ class Restorer:
 
     async def get_stats(self) -> dict[str, Any]:
         """Counters for benchmarks and debugging (not routed to HTTP)."""
-        wrapper = self._multiplexer()
         return {
             "requests": self.requests,
             "adapters": self.stats.summary(),
-            "resident": len(wrapper.models) if wrapper is not None else 0,
+            "resident": len(self._resident()),
             "free_slots": self.pool.free,
             "host_cached": len(self.host),
             "host_cached_bytes": self.host.nbytes,
@@ -726,13 +709,9 @@ class Gateway:
         self.restorer = restorer
         self.settings = settings
         self.keys = ApiKeys.configured(settings.serve.api_keys_file)
-        self.registry = AdapterRegistry.from_urls(
-            settings.store_url,
-            None,
-            settings.index_url,
-            storage_options=settings.storage_options or None,
-            index_max_age_s=settings.serve.index_max_age_s,
-        )
+        # read-only: MLflow stays off the request path
+        self.registry = AdapterRegistry.from_settings(settings, read_only=True,
+                                                      index_max_age_s=settings.serve.index_max_age_s)
         s = settings.serve
         self.limits = ImageLimits(max_bytes=s.max_upload_bytes, max_pixels=s.max_pixels)
         self._latency_s = 1.0  # moving average of restore latency, for Retry-After

@@ -88,7 +88,8 @@ def test_personalization_rows_can_start_where_restore_starts(compact, lfw_bench,
     monkeypatch.setattr(compact, "denoise", lambda x, t, lq, pb=None: seen.append((x, t, lq)) or real(x, t, lq, pb))
     trainer.step()
     x, t, lq = seen[0]
-    main = t[:2]  # the L_diff rows; then the L_gen rows, then the reference rows (t = 0)
+    assert len(t) == 4  # the L_diff rows, then the L_gen rows; references come as cached features
+    main = t[:2]
     t_start = compact.config.sampling.t_start
     if p_lq_start:
         assert main.tolist() == [t_start, t_start]
@@ -97,4 +98,3 @@ def test_personalization_rows_can_start_where_restore_starts(compact, lfw_bench,
         assert abs(float(noise.std()) - 1.0) < 0.1
     else:
         assert bool((main < compact.config.train_t_max).all())
-    assert t[4:].tolist() == [0, 0]
