@@ -81,3 +81,19 @@ def test_without_photos_the_demo_falls_back_to_a_labelled_astronaut_smoke_run(tm
     assert "**SMOKE RUN ONLY**" in report.read_text()
     plain = _write_report(tmp_path / "plain", [[t, t, t, t]], ["t-a/x"], [], "tiny", 2, 2, False, 1.0, Summary())
     assert "SMOKE" not in plain.read_text()
+
+
+def test_the_report_says_in_numbers_what_each_adapter_changed():
+    from types import SimpleNamespace
+
+    from demo.run import _adapter_effect
+
+    def res(v):
+        return SimpleNamespace(value=v)
+
+    person = SimpleNamespace(tenant="t-a", identity="anna")
+    metrics = {"base": {"psnr": res(23.0), "id_facenet": res(0.50)},
+               "personalized": {"psnr": res(23.5), "id_facenet": res(0.56)}}
+    text = "\n".join(_adapter_effect([(person, "t-a/anna@1", metrics, 3.25)]))
+    assert "| t-a/anna | 3.25 | +0.50 | +6.0 |" in text
+    assert "ID +6.0 points, PSNR +0.50 dB" in text

@@ -141,7 +141,7 @@ def test_malformed_requests_get_a_clear_4xx(server: Server) -> None:
         (lambda: server.post("acme", _png(64), headers={"Authorization": "Bearer nope"}), {401}),
         (lambda: server.post("acme", b"plain text " * 20), {415}),
         (lambda: server.post("acme", _png(64)[:60]), {400, 415}),
-        (lambda: server.post("acme", b"\x00\x00\x00\x18ftypheic" + b"\0" * 200), {415}),
+        (lambda: server.post("acme", b"\x00\x00\x00\x18ftypheic" + b"\0" * 200), {400, 415}),  # bad HEIC
         (lambda: server.post("acme", _png(64), identity="../../etc/passwd"), {404}),
         (lambda: server.post("acme", _png(64), identity="ünïcödé/x"), {404}),
         (lambda: server.post("acme", _png(64), steps="many"), {422}),
@@ -156,7 +156,8 @@ def test_malformed_requests_get_a_clear_4xx(server: Server) -> None:
         assert r.status_code in expected, (i, expected, r.status_code, r.text)
         _json_status(r)
     heic = server.post("acme", b"\x00\x00\x00\x18ftypheic" + b"\0" * 200)
-    assert "pfstorer[heic]" in heic.json()["detail"]
+    if heic.status_code == 415:  # without the heic extra the answer names it (with it: corrupt, 400)
+        assert "pfstorer[heic]" in heic.json()["detail"]
     _prompt(server)
 
 
