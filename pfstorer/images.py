@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "IMAGE_EXTENSIONS",
     "ImageLimits",
+    "check_size",
     "decode_image",
     "encode_image",
     "encode_png",
@@ -210,12 +211,18 @@ _CORRUPT = (
 )
 
 
+def check_size(nbytes: int, limits: ImageLimits, name: str = "image") -> None:
+    """Refuse a file of ``nbytes`` over ``limits.max_bytes`` (:class:`TooLargeError`); a caller that
+    reads only a file's header checks its full size here."""
+    if nbytes > limits.max_bytes:
+        raise TooLargeError(
+            f"{name} is {nbytes / MiB:.1f} MiB, over the limit of {limits.max_bytes / MiB:.1f} MiB"
+        )
+
+
 def _open(data: bytes, limits: ImageLimits, name: str) -> Image.Image:
     """Open (header only) after the byte-size and file-type checks, then check the pixel count."""
-    if len(data) > limits.max_bytes:
-        raise TooLargeError(
-            f"{name} is {len(data) / MiB:.1f} MiB, over the limit of {limits.max_bytes / MiB:.1f} MiB"
-        )
+    check_size(len(data), limits, name)
     formats = _decodable(limits.formats)
     allowed = ", ".join(sorted(formats))
     kind = _sniff(data)

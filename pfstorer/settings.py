@@ -14,7 +14,7 @@ Values come from, highest precedence first:
 
 Nested sections are merged key by key across the layers. Everything is local and embedded by
 default: state under ``./.pfstorer-state``, MLflow on SQLite there, adapters and the index there,
-Ray in-process, Serve on 127.0.0.1. ``store_url``, ``index_url`` and ``tracking_uri`` are derived
+Ray in-process, Serve on 127.0.0.1. ``store_url``, ``index_url``, ``probe_cache_url`` and ``tracking_uri`` are derived
 from ``state_dir`` unless set, so changing ``state_dir`` alone moves all local state.
 
 This module imports neither Ray nor MLflow; the layers that do read plain values from it.
@@ -281,6 +281,12 @@ class Settings(BaseSettings):
     index_url: str | None = Field(
         None, description="Adapter index Parquet (fsspec URL). Default: {state_dir}/index.parquet."
     )
+    probe_cache_url: str | None = Field(
+        None,
+        description="Probe cache of manifest validation (fsspec URL; 'off' disables): photos "
+        "whose size and version are unchanged are not read again. Default: "
+        "{state_dir}/probe-cache.parquet.",
+    )
     tracking_uri: str | None = Field(
         None,
         description="MLflow tracking URI. Default: sqlite:///{absolute state_dir}/mlflow.db.",
@@ -328,6 +334,8 @@ class Settings(BaseSettings):
             self.store_url = str(self.state_dir / "adapters")
         if not self.index_url:
             self.index_url = str(self.state_dir / "index.parquet")
+        if not self.probe_cache_url:
+            self.probe_cache_url = str(self.state_dir / "probe-cache.parquet")
         if not self.tracking_uri:
             self.tracking_uri = f"sqlite:///{self.state_dir / 'mlflow.db'}"
         return self

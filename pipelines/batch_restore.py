@@ -2,40 +2,42 @@
 
 ``pfstorer restore-batch --manifest URL --out URL [--index URL] [--base PRESET]``
 
-1. The manifest (``pipelines.manifest``; a Parquet file or dataset at any fsspec URL) is read on
-   the driver and its ``role=restore`` rows kept - a manifest is a list of URIs, small next to
-   the photos. Rows are sorted by (tenant, identity, uri), so consecutive rows share a person.
-2. ``ray.data.from_arrow(...).map_batches(BatchRestorer, concurrency=workers)``: each actor loads
-   the base model once, resolves each row's person through the adapter index (the same index
-   serving reads; MLflow is not touched), reads the adapter into memory with its sha256 verified
-   (``AdapterRegistry.read``), keeps the last few adapters in RAM, copies the current one into a
-   device slot in place, restores the photo (tiled for any size) and writes a PNG to
+It streams, so memory does not grow with the manifest and a crash loses at most the batches in
+flight:
+
+1. ``read_parquet`` of the manifest (its own filesystem, any fsspec URL), keeping the
+   ``role=restore`` rows not already ``ok`` in ``{out}/results/``, as blocks of ``batch_size``
+   rows in the object store (keys only: tenant, identity, uri, seed); within a block rows are
+   sorted by (tenant, identity, uri), so consecutive rows share a person.
+2. ``map_batches(BatchRestorer, concurrency=workers)``: each actor loads the base model once,
+   resolves each row's person through the adapter index (the same index serving reads; MLflow
+   is not touched), reads the adapter with its sha256 verified (``AdapterRegistry.load_adapter``),
+   keeps the last few adapters in RAM, copies the current one into a device slot in place,
+   restores the photo (tiled for any size) and writes a PNG to
    ``{out}/images/{tenant}/{identity}/{stem}-{hash of uri}.png``.
-3. One result row per photo - ``tenant, identity, uri, output_uri, adapter`` (the label
-   ``tenant/identity@version``), ``status`` (``ok`` / ``error``), ``error`` (the reason), plus
-   ``row`` (position in the manifest), ``seed`` and ``elapsed_s`` - is written to
-   ``{out}/results.parquet``. A bad row (unreadable photo, no adapter, adapter for another base)
-   gets ``status=error`` with the reason; it never stops the batch.
+3. ``write_parquet`` into ``{out}/results/`` as batches finish: one row per attempt -
+   ``tenant, identity, uri, output_uri, adapter`` (``tenant/identity@version``), ``status``
+   (``ok`` / ``error``), ``error`` (the reason), ``seed``, ``elapsed_s``, ``finished_at``.
+   :func:`read_results` gives the latest per row. A bad row (unreadable photo, no adapter,
+   adapter for another base) gets ``status=error``; it never stops the batch, and a rerun
+   tries it again.
 
 Outputs equal ``pfstorer restore --adapter ... --seed S`` of the same photo bit for bit (same
 steps, scale, tile, colour fix, device and torch thread count: each actor uses
 ``max(1, floor(cpus_per_worker))`` threads). A ``seed`` column in the manifest sets per-photo
 seeds; otherwise every photo uses ``--seed``.
-
-Adapters come through :meth:`registry.AdapterRegistry.load_adapter` (index entry ->
-sha256-verified :class:`~pfstorer.adapter.Adapter`), the same path ``serving`` uses.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import logging
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -53,14 +55,14 @@ __all__ = [
     "BatchReport",
     "BatchRestorer",
     "output_uri_for",
+    "read_results",
     "restore_manifest",
 ]
 
-RESULTS_FILE = "results.parquet"
+RESULTS_DIR = "results"
 
 RESULTS_SCHEMA = pa.schema(
     [
-        pa.field("row", pa.int64()),
         pa.field("tenant", pa.string()),
         pa.field("identity", pa.string()),
         pa.field("uri", pa.string()),
@@ -70,8 +72,10 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("error", pa.string()),
         pa.field("seed", pa.int64()),
         pa.field("elapsed_s", pa.float64()),
+        pa.field("finished_at", pa.timestamp("us", tz="UTC")),
     ]
 )
+_KEY = ("tenant", "identity", "uri")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +234,6 @@ class BatchRestorer:
             except (TypeError, ValueError):
                 seed = self.config.seed
             result: dict[str, Any] = {
-                "row": r.get("row"),
                 "tenant": r.get("tenant"),
                 "identity": r.get("identity"),
                 "uri": r.get("uri"),
@@ -250,6 +253,7 @@ class BatchRestorer:
                 log.exception("restore of %s failed", r.get("uri"))
                 result.update(status="error", error=f"{type(exc).__name__}: {exc}")
             result["elapsed_s"] = time.perf_counter() - t0
+            result["finished_at"] = datetime.now(UTC)
             out.append(result)
         return pa.Table.from_pylist(out, schema=RESULTS_SCHEMA)
 
@@ -261,12 +265,15 @@ class BatchRestorer:
 
 @dataclasses.dataclass(frozen=True)
 class BatchReport:
-    """What a batch restore did."""
+    """What a batch restore did: ``restored`` rows this run (``ok`` + ``errors``), ``skipped``
+    rows finished by an earlier run; ``table``: the latest result of every row (see
+    :func:`read_results`)."""
 
     results_uri: str
     rows: int
     ok: int
     errors: int
+    skipped: int
     elapsed_s: float
     table: pa.Table = dataclasses.field(repr=False, compare=False)
 
@@ -276,33 +283,62 @@ class BatchReport:
             "rows": self.rows,
             "ok": self.ok,
             "errors": self.errors,
+            "skipped": self.skipped,
             "elapsed_s": round(self.elapsed_s, 2),
         }
 
 
-def _restore_rows(table: pa.Table) -> pa.Table:
-    """``role=restore`` rows with their manifest position, sorted so a person's rows are together."""
-    table = table.append_column("row", pa.array(range(table.num_rows), pa.int64()))
-    keep = ["row", "tenant", "identity", "uri"] + (["seed"] if "seed" in table.column_names else [])
-    mask = pc.fill_null(pc.equal(table.column("role"), "restore"), False)
-    rows = table.filter(mask).select(keep)
+def _restore_rows(batch: pa.Table, done: list[Any]) -> pa.Table:
+    """``map_batches``: the batch's ``role=restore`` rows not finished before (``done``: a
+    one-item list with the ref of their keys), sorted so a person's rows are together."""
+    import ray
+
+    from pipelines.manifest import _as_string_columns
+
+    batch = _as_string_columns(batch, "manifest")
+    batch = batch.filter(pc.fill_null(pc.equal(batch.column("role"), "restore"), False))
+    keep = [*_KEY] + (["seed"] if "seed" in batch.column_names else [])
+    rows = batch.select(keep)
     if "seed" in rows.column_names:
         try:
             rows = rows.set_column(keep.index("seed"), "seed", pc.cast(rows.column("seed"), pa.int64()))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            rows = rows.drop(["seed"])  # not integers: --seed for every row
-    return rows.sort_by([("tenant", "ascending"), ("identity", "ascending"), ("uri", "ascending")])
+            rows = rows.drop_columns(["seed"])  # not integers: --seed for every row
+    finished = ray.get(done[0])
+    if len(finished):
+        rows = rows.filter(pc.invert(pc.is_in(_keys(rows), value_set=finished)))
+    return rows.sort_by([(k, "ascending") for k in _KEY])
 
 
-def write_results(table: pa.Table, url: str, storage_options: Mapping[str, Any] | None) -> None:
-    from registry import is_local_url, url_to_fs
+def _keys(table: pa.Table) -> pa.Array:
+    return pc.binary_join_element_wise(*(pc.fill_null(table.column(k), "") for k in _KEY), "\x00")
 
-    fs, path = url_to_fs(url, storage_options)
-    if is_local_url(url):
-        fs.makedirs(str(PurePosixPath(path).parent), exist_ok=True)
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    fs.pipe_file(path, buf.getvalue())
+
+def read_results(out_url: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
+    """The latest result of every row restored into ``out_url`` (all runs), sorted by key.
+
+    ``{out_url}/results/`` holds one row per attempt, written as batches finish; a file cut
+    short by a crash is skipped with a warning (its rows are simply restored again).
+    """
+    from registry import url_to_fs
+
+    fs, path = url_to_fs(f"{out_url.rstrip('/')}/{RESULTS_DIR}", storage_options)
+    parts: list[pa.Table] = []
+    if fs.exists(path):
+        for name in sorted(fs.find(path)):
+            if not name.endswith(".parquet"):
+                continue
+            try:
+                with fs.open(name, "rb") as fh:
+                    parts.append(pq.read_table(fh).cast(RESULTS_SCHEMA))
+            except Exception as exc:
+                log.warning("skipping unreadable results file %s: %s", name, exc)
+    if not parts:
+        return RESULTS_SCHEMA.empty_table()
+    table = pa.concat_tables(parts).sort_by([*((k, "ascending") for k in _KEY), ("finished_at", "descending")])
+    keys = _keys(table).to_pylist()
+    first = [i for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]
+    return table.take(pa.array(first, pa.int64()))
 
 
 def restore_manifest(
@@ -333,53 +369,71 @@ def restore_manifest(
 ) -> BatchReport:
     """Restore every ``role=restore`` row of a manifest on Ray Data (Ray must be initialised).
 
-    Writes the PNGs under ``{out_url}/images/`` and ``{out_url}/results.parquet``; returns a
-    :class:`BatchReport` with the results table.
+    Streams: ``read_parquet`` -> the restore rows not yet ``ok`` in ``{out_url}/results/`` ->
+    ``map_batches`` (:class:`BatchRestorer` actors) -> ``write_parquet`` into
+    ``{out_url}/results/`` as batches finish; PNGs go under ``{out_url}/images/``. A crash keeps
+    every batch written; a rerun skips rows already ``ok`` and retries the rest.
     """
+    import pyarrow.fs as pafs
     import ray
 
-    from pipelines.manifest import read_manifest
+    from pipelines.manifest import check_manifest_schema, ray_read_manifest
+    from registry import is_local_url, url_to_fs
 
     t0 = time.perf_counter()
     out_url = os.fspath(out_url).rstrip("/")
     opts = dict(storage_options) if storage_options else None
-    rows = _restore_rows(read_manifest(manifest_url, opts))
-    results_uri = f"{out_url}/{RESULTS_FILE}"
-    if rows.num_rows == 0:
-        table = RESULTS_SCHEMA.empty_table()
-    else:
-        config = BatchConfig(
-            index_url=index_url, out_url=out_url, store_url=store_url, base=base, weights=weights, device=device,
-            steps=steps, seed=seed, scale=scale, tile=tile, overlap=overlap, sampler=sampler, t_start=t_start,
-            color_fix=color_fix, threads=max(1, int(cpus_per_worker)),
-            max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
-            min_image_side=min_image_side, storage_options=opts,
+    check_manifest_schema(manifest_url, opts)
+    before = read_results(out_url, opts)
+    finished = _keys(before.filter(pc.equal(before.column("status"), "ok")))
+    config = BatchConfig(
+        index_url=index_url, out_url=out_url, store_url=store_url, base=base, weights=weights, device=device,
+        steps=steps, seed=seed, scale=scale, tile=tile, overlap=overlap, sampler=sampler, t_start=t_start,
+        color_fix=color_fix, threads=max(1, int(cpus_per_worker)),
+        max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
+        min_image_side=min_image_side, storage_options=opts,
+    )
+    batch_size = max(1, int(batch_size))
+    results_url = f"{out_url}/{RESULTS_DIR}"
+    fs, results_path = url_to_fs(results_url, opts)
+    filesystem = pafs.LocalFileSystem() if is_local_url(results_url) else pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    ctx = ray.data.DataContext.get_current()
+    old_progress, ctx.enable_progress_bars = ctx.enable_progress_bars, False
+    try:
+        ds = (
+            ray_read_manifest(manifest_url, opts)
+            .map_batches(_restore_rows, fn_kwargs={"done": [ray.put(finished)]}, batch_format="pyarrow",
+                         batch_size=None, num_cpus=0)
+            .repartition(target_num_rows_per_block=batch_size)  # small blocks: written as they finish
+            # the rows to do (keys, not photos) are made first: restoring actors that hold every
+            # CPU would otherwise starve the manifest's read tasks
+            .materialize()
         )
-        workers = max(1, int(workers))
-        # contiguous blocks (a person's rows stay together), a few per actor for balance
-        blocks = max(1, min(rows.num_rows, workers * 4))
-        ds = ray.data.from_arrow(rows)
-        if blocks > 1:
-            ds = ds.repartition(blocks)
-        ds = ds.map_batches(
-            BatchRestorer,
-            fn_constructor_kwargs={"config": config},
-            batch_size=max(1, int(batch_size)),
-            batch_format="pyarrow",
-            concurrency=workers,
-            num_cpus=cpus_per_worker,
-            num_gpus=gpus_per_worker or None,
+        todo = ds.count()
+        ds = (
+            ds.map_batches(
+                BatchRestorer,
+                fn_constructor_kwargs={"config": config},
+                batch_size=batch_size,
+                batch_format="pyarrow",
+                concurrency=max(1, int(workers)),
+                num_cpus=cpus_per_worker,
+                num_gpus=gpus_per_worker or None,
+            )
         )
-        parts = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
-        table = pa.concat_tables([p.cast(RESULTS_SCHEMA) for p in parts]) if parts else RESULTS_SCHEMA.empty_table()
-        table = table.sort_by([("row", "ascending")])
-    write_results(table, results_uri, opts)
-    status = table.column("status").to_pylist()
+        if todo:  # else nothing to restore: no actor loads a model
+            ds.write_parquet(results_path, filesystem=filesystem, ray_remote_args={"num_cpus": 0})
+    finally:
+        ctx.enable_progress_bars = old_progress
+    table = read_results(out_url, opts)
+    new = table.filter(pc.invert(pc.is_in(_keys(table), value_set=finished))) if len(finished) else table
+    status = new.column("status").to_pylist()
     return BatchReport(
-        results_uri=results_uri,
+        results_uri=results_url,
         rows=table.num_rows,
         ok=status.count("ok"),
         errors=status.count("error"),
+        skipped=len(finished),
         elapsed_s=time.perf_counter() - t0,
         table=table,
     )

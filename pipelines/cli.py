@@ -1,8 +1,8 @@
 """``pfstorer manifest validate|from-folders``, ``pfstorer forget`` and ``pfstorer restore-batch``.
 
 ``pfstorer restore-batch --manifest URL --out URL [--index URL] [--base PRESET]`` restores every
-``role=restore`` row of a manifest with Ray Data and writes ``{out}/images/...`` PNGs and
-``{out}/results.parquet``.
+``role=restore`` row of a manifest with Ray Data, streaming: ``{out}/images/...`` PNGs and
+``{out}/results/`` Parquet files written as batches finish; a rerun skips finished rows.
 
 ``pfstorer.cli`` calls :func:`register_cli` with its sub-parsers; each handler takes the parsed
 namespace and returns the exit code (0 ok, 2 a user error such as an unreadable manifest).
@@ -53,28 +53,30 @@ def _add_endpoint(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    import ray
+
     from pfstorer.errors import PFStorerError
-    from pipelines.manifest import manifest_hash, read_manifest
-    from pipelines.validate import validate_manifest, write_quarantine
+    from pipelines.manifest import manifest_hash
+    from pipelines.run import ensure_ray
+    from pipelines.validate import validate_from_settings, write_quarantine
 
-    from pipelines.validate import limits_from_settings
-
-    settings = _settings(args)
+    settings = _settings(args, ray_address=getattr(args, "ray_address", None))
     opts = dict(settings.storage_options)
     if args.s3_endpoint_url:
         opts["endpoint_url"] = args.s3_endpoint_url
+    started = ensure_ray(settings)
     try:
-        table = read_manifest(args.url, _storage_options(args, args.url, opts))
+        result = validate_from_settings(
+            args.url, settings, min_refs=args.min_refs, max_refs=args.max_refs,
+            storage_options=opts or None,
+        )
     except PFStorerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = validate_manifest(
-        table,
-        limits=limits_from_settings(settings.limits),
-        min_refs=args.min_refs or settings.personalize.min_refs,
-        max_refs=args.max_refs or settings.personalize.max_refs,
-        storage_options=opts or None,
-    )
+    finally:
+        if started:
+            ray.shutdown()
+    table = result.manifest
     summary = {"manifest": args.url, "rows": table.num_rows, "hash": manifest_hash(table)}
     summary.update(result.summary())
     if out := args.quarantine_out:
@@ -94,6 +96,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     )
     print(f"people ready: {summary['people_ready']}")
     print(f"quarantined rows: {summary['quarantined_rows']}")
+    print(f"photos read: {summary['photos_read']}, unchanged since the last probe: {summary['photos_cached']}")
     for reason, count in summary["quarantined_by_reason"].items():
         print(f"  {count:6d}  {reason}")
     if args.quarantine_out:
@@ -183,6 +186,8 @@ def _cmd_forget(args: argparse.Namespace) -> int:
 def _cmd_restore_batch(args: argparse.Namespace) -> int:
     from pfstorer.errors import PFStorerError
     from pfstorer.settings import Settings
+    import pyarrow.compute as pc
+
     from pipelines.batch_restore import restore_manifest
     from pipelines.run import ensure_ray
 
@@ -235,9 +240,9 @@ def _cmd_restore_batch(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.summary(), indent=2))
     else:
-        print(f"restored {report.ok} of {report.rows} photos ({report.errors} errors) "
-              f"in {report.elapsed_s:.1f} s; results: {report.results_uri}")
-        errors = [r for r in report.table.to_pylist() if r["status"] == "error"]
+        print(f"restored {report.ok} photos ({report.errors} errors, {report.skipped} finished "
+              f"before) in {report.elapsed_s:.1f} s; results: {report.results_uri}")
+        errors = report.table.filter(pc.equal(report.table.column("status"), "error")).to_pylist()
         for row in errors[:20]:
             print(f"  error  {row['tenant']}/{row['identity']}  {row['uri']}: {row['error']}")
     return 0
@@ -251,6 +256,10 @@ def register_cli(subparsers: Any) -> None:
     v = msub.add_parser(
         "validate",
         help="validate a manifest; print a summary (exit 0 even with bad rows, 2 if unreadable)",
+        description="Check every row of a manifest on Ray Data: references are read, hashed and "
+        "decoded, restore photos judged from their headers; bad rows are quarantined with a "
+        "reason and a stage. Probes are cached (settings: probe_cache_url) by uri, size and "
+        "ETag/mtime, so a rerun of an unchanged manifest reads no photo.",
     )
     v.add_argument("url", metavar="URL", help="Parquet file or dataset directory (any fsspec URL)")
     v.add_argument("--quarantine-out", metavar="URL", help="write quarantined rows as Parquet here")
@@ -259,6 +268,8 @@ def register_cli(subparsers: Any) -> None:
     )
     v.add_argument("--max-refs", type=int, default=None, help="most references kept (settings: 20)")
     v.add_argument("--json", action="store_true", help="print the summary as JSON")
+    v.add_argument("--ray-address", help="join this Ray cluster (default: start one here)")
+    v.add_argument("--config", metavar="FILE", help="pfstorer settings file (YAML/TOML)")
     _add_endpoint(v)
     v.set_defaults(func=_cmd_validate)
 
@@ -299,9 +310,11 @@ def register_cli(subparsers: Any) -> None:
         "restore-batch",
         help="restore every role=restore photo of a manifest with Ray Data",
         description="Restore the manifest's role=restore photos, each with its person's adapter "
-                    "(resolved through the adapter index). Writes OUT/images/... PNGs and "
-                    "OUT/results.parquet (tenant, identity, uri, output_uri, adapter, status, error); "
-                    "a bad row gets status=error and never stops the batch.",
+                    "(resolved through the adapter index), streaming on Ray Data. Writes "
+                    "OUT/images/... PNGs and OUT/results/*.parquet (tenant, identity, uri, "
+                    "output_uri, adapter, status, error) as batches finish; a bad row gets "
+                    "status=error and never stops the batch. A rerun into the same OUT skips the "
+                    "rows already ok (after a crash, too) and retries the others.",
     )
     b.add_argument("--manifest", required=True, metavar="URL", help="Parquet manifest (file or dataset)")
     b.add_argument("--out", required=True, metavar="URL", help="output folder/prefix (any fsspec URL)")

@@ -45,8 +45,10 @@ __all__ = [
     "REQUIRED_COLUMNS",
     "ManifestError",
     "ManifestRow",
+    "check_manifest_schema",
     "manifest_from_folders",
     "manifest_hash",
+    "ray_read_manifest",
     "read_manifest",
     "write_manifest",
 ]
@@ -120,6 +122,29 @@ def _as_string_columns(table: pa.Table, url: str) -> pa.Table:
     return table
 
 
+def _dataset(url: str, storage_options: Mapping[str, Any] | None) -> ds.Dataset:
+    """The manifest at ``url`` as a pyarrow dataset (hive partition keys as strings)."""
+    try:
+        fs, path = url_to_fs(url, storage_options)
+        if not fs.exists(path):
+            raise ManifestError(f"manifest {url} does not exist")
+        if not fs.isdir(path):
+            return ds.dataset(path, filesystem=fs, format="parquet")
+        dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
+        part = getattr(dataset.partitioning, "schema", None)
+        if part is not None and len(part):
+            # partition values are strings in a manifest ("001" must stay "001")
+            strings = ds.partitioning(
+                pa.schema([(f.name, pa.string()) for f in part]), flavor="hive"
+            )
+            dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning=strings)
+        return dataset
+    except ManifestError:
+        raise
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        raise ManifestError(f"cannot read manifest {url}: {exc}") from exc
+
+
 def read_manifest(
     url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
 ) -> pa.Table:
@@ -129,26 +154,37 @@ def read_manifest(
     :class:`ManifestError` if it cannot be read or lacks a required column.
     """
     url = os.fspath(url)
+    dataset = _dataset(url, storage_options)
     try:
-        fs, path = url_to_fs(url, storage_options)
-        if not fs.exists(path):
-            raise ManifestError(f"manifest {url} does not exist")
-        if not fs.isdir(path):
-            return _as_string_columns(pq.read_table(path, filesystem=fs), url)
-        dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
-        part = getattr(dataset.partitioning, "schema", None)
-        if part is not None and len(part):
-            # partition values are strings in a manifest ("001" must stay "001")
-            strings = ds.partitioning(
-                pa.schema([(f.name, pa.string()) for f in part]), flavor="hive"
-            )
-            dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning=strings)
         table = dataset.to_table()
-    except ManifestError:
-        raise
     except (OSError, pa.ArrowException, ValueError) as exc:
         raise ManifestError(f"cannot read manifest {url}: {exc}") from exc
     return _as_string_columns(table, url)
+
+
+def check_manifest_schema(url: str, storage_options: Mapping[str, Any] | None = None) -> pa.Schema:
+    """The manifest's schema, from its file footers only; :class:`ManifestError` if the manifest
+    is missing, not Parquet, or lacks a required column."""
+    schema = _dataset(url, storage_options).schema
+    _as_string_columns(schema.empty_table(), url)
+    return schema
+
+
+def ray_read_manifest(url: str, storage_options: Mapping[str, Any] | None = None) -> Any:
+    """The manifest as a Ray Data dataset (``read_parquet`` on the manifest's own filesystem,
+    partition keys as strings); blocks are cast like :func:`read_manifest`'s table by its users."""
+    import pyarrow.fs as pafs
+    import ray.data
+    from ray.data.datasource import Partitioning
+
+    fs, path = url_to_fs(url, storage_options)
+    filesystem = pafs.LocalFileSystem() if is_local_url(url) else pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    if fs.isdir(path):
+        parts = Partitioning("hive", base_dir=path, field_types={})
+    else:
+        parts = None
+    # reading a manifest is light: no CPU reserved, so actors that hold every CPU cannot starve it
+    return ray.data.read_parquet(path, filesystem=filesystem, partitioning=parts, num_cpus=0)
 
 
 def _rows_to_table(rows: Iterable[ManifestRow | Mapping[str, Any]]) -> pa.Table:

@@ -7,7 +7,7 @@ publish (store, MLflow, index) -> summary. Python API::
     summary = run_manifest("s3://bucket/manifest.parquet", base="tiny", steps=2, workers=2)
     print(summary.table())
 
-:func:`prepare_run` (validate + plan, no Ray) and :func:`execute_run` (train + publish) are the two
+:func:`prepare_run` (validate on Ray Data + plan) and :func:`execute_run` (train + publish) are the two
 halves of :func:`run_manifest`.
 
 - **Validate first**: bad rows go to the quarantine Parquet (``--quarantine-out``, default
@@ -202,6 +202,7 @@ class RunPlan:
     dry_train: bool
     started_at: str
     timings: dict[str, float]
+    owns_ray: bool = False  # prepare_run started Ray; execute_run shuts it down
 
     @property
     def run_dir(self) -> Path:
@@ -227,7 +228,7 @@ def _make_settings(settings: Any, overrides: Mapping[str, Any]) -> Any:
     elif over:
         data = settings.model_dump()
         if "state_dir" in over:  # let the local defaults follow the new state dir
-            for k in ("store_url", "index_url", "tracking_uri"):
+            for k in ("store_url", "index_url", "probe_cache_url", "tracking_uri"):
                 data.pop(k, None)
         data.update(over)
         s = Settings.load(None, **data)
@@ -298,12 +299,13 @@ def prepare_run(
 
     ``overrides``: :class:`pfstorer.settings.Settings` fields (``base``, ``store_url``,
     ``tracking_uri``, ``index_url``, ``storage_options``, ``state_dir``, ``workers``...) and
-    ``steps``. No Ray here; the base model is loaded once on the CPU for its fingerprint.
+    ``steps``. Validation runs on Ray Data: Ray is joined or started here (and, if started here,
+    shut down by :func:`execute_run`); the base model is loaded once on the CPU for its fingerprint.
     """
     from pfstorer.model import load_base
-    from pipelines.manifest import manifest_hash, read_manifest
+    from pipelines.manifest import manifest_hash
+    from pipelines.validate import validate_from_settings, write_quarantine
     from registry import IndexEntry, model_name
-    from pipelines.validate import limits_from_settings, validate_manifest, write_quarantine
 
     t_start = time.perf_counter()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
@@ -312,16 +314,16 @@ def prepare_run(
     opts = _opts(settings)
     timings: dict[str, float] = {}
 
-    # validate
+    # validate (on Ray Data)
     t0 = time.perf_counter()
-    table = read_manifest(manifest_url, opts)
-    validation = validate_manifest(
-        table,
-        limits=limits_from_settings(settings.limits),
-        min_refs=settings.personalize.min_refs,
-        max_refs=settings.personalize.max_refs,
-        storage_options=opts,
-    )
+    owns_ray = ensure_ray(settings)
+    try:
+        validation = validate_from_settings(manifest_url, settings)
+    except BaseException:
+        if owns_ray:
+            _shutdown_ray()
+        raise
+    table = validation.manifest
     qurl = quarantine_out or str(
         Path(settings.state_dir) / "runs" / run_id / "quarantine.parquet"
     )
@@ -397,7 +399,7 @@ def prepare_run(
         key_config=key_config, base_fingerprint=fingerprint, base_preset=preset,
         base_licence=licence, validation=validation, quarantine_url=qurl, todo=todo,
         skipped=skipped, index_repaired=len(repairs), dry_train=dry_train,
-        started_at=started_at, timings=timings,
+        started_at=started_at, timings=timings, owns_ray=owns_ray,
     )
 
 
@@ -466,6 +468,12 @@ class _Progress:
             self._poll()
 
 
+def _shutdown_ray() -> None:
+    import ray
+
+    ray.shutdown()
+
+
 def ensure_ray(settings: Any) -> bool:
     """Connect to ``settings.ray_address`` or start a local Ray on 127.0.0.1; True if started."""
     import ray
@@ -516,10 +524,14 @@ def execute_run(
     bad_people = set(zip(q.column("tenant").to_pylist(), q.column("identity").to_pylist(), strict=True))
     summary.quarantined_people = len(bad_people - set(plan.validation.jobs))
 
-    if plan.todo:
-        _train(plan, summary, outcomes, pack=pack, job_retries=job_retries,
-               report_interval_s=report_interval_s, train_storage=train_storage,
-               publish_threads=publish_threads, progress=progress, on_progress=on_progress)
+    try:
+        if plan.todo:
+            _train(plan, summary, outcomes, pack=pack, job_retries=job_retries,
+                   report_interval_s=report_interval_s, train_storage=train_storage,
+                   publish_threads=publish_threads, progress=progress, on_progress=on_progress)
+    finally:
+        if plan.owns_ray:
+            _shutdown_ray()
     summary.timings = {**plan.timings, "train_s": time.perf_counter() - t0}
     summary.timings["total_s"] = summary.timings["prepare_s"] + summary.timings["train_s"]
     order = {k: i for i, k in enumerate(plan.validation.jobs)}
@@ -563,7 +575,7 @@ def _train(
     if job_retries is None:
         job_retries = min(max(s.max_retries, 0), 3)
     try:
-        if started_ray and not s.ray_address:
+        if (started_ray or plan.owns_ray) and not s.ray_address:
             have = ray.cluster_resources().get("CPU", 0)
             need = s.workers * s.cpus_per_worker
             if need > have:

@@ -4,39 +4,41 @@ Checks, in stages (the ``stage`` column of a quarantine row names the one that f
 
 ``schema``  required fields present and non-empty, ``role`` is ``ref``/``restore``, tenant and
             identity are safe keys (see :func:`registry.is_safe_key`).
-``read``    the ``uri`` can be opened and read.
-``image``   a decodable image of an accepted format, not over the byte or pixel limits (checked
-            from the header, before decoding), sides at least ``min_side``, not truncated.
-``dedup``   within one person, a photo whose bytes (sha256) equal an earlier one is a
-            duplicate; "earlier" means references before restore photos, then by uri.
+``read``    the ``uri`` exists and can be read.
+``image``   an image of an accepted format, not over the byte or pixel limits (checked from the
+            header, before decoding), sides at least ``min_side``. References are also decoded
+            whole (truncated files) and hashed; restore photos are judged from their header
+            only, since restoring decodes them anyway (a truncated one fails there, as its row).
+``dedup``   within one person, a photo listed twice (same uri), or a reference whose bytes
+            (sha256) equal an earlier one's; "earlier" means references before restore photos,
+            then by uri.
 ``refs``    a person keeps at most ``max_refs`` references (the first by uri); a person with
             fewer than ``min_refs`` good references is quarantined as a whole (all its rows).
 
-Rows are judged independently of their order in the manifest. Images are read in a thread pool,
-each distinct uri once, at most ``max_bytes + 1`` bytes of it; the image checks are
-:func:`pfstorer.images.decode_image`'s (the same as the HTTP API's).
+Rows are judged independently of their order in the manifest. Two executors run the same
+checks: :func:`validate_on_ray` (Ray Data: photos are probed on the cluster's workers, the
+driver sees only the probe columns, and a probe cache makes reruns cost a listing) and
+:func:`validate_manifest` (an in-memory table, in this process). The image checks are
+:func:`pfstorer.images.decode_image`'s, the same as the HTTP API's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import re
 from collections import defaultdict
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import ValidationError
 
-from pfstorer.errors import PFStorerError
-from pipelines.manifest import REQUIRED_COLUMNS, ManifestRow, _as_string_columns
-from registry import job_key as _job_key
-from registry import url_to_fs
-
 from pfstorer.images import ImageLimits, decode_image
+from pipelines.manifest import REQUIRED_COLUMNS, ManifestRow, _as_string_columns
+from pipelines.probe import CACHE_SCHEMA, Probe, ProbeCache, ProbeSpec, probe_many
+from registry import job_key as _job_key
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -44,9 +46,14 @@ __all__ = [
     "IdentityJob",
     "ImageLimits",
     "ValidationResult",
+    "cache_rows",
+    "judge",
     "limits_from_settings",
     "probe_image",
+    "probe_table",
+    "validate_from_settings",
     "validate_manifest",
+    "validate_on_ray",
     "write_quarantine",
 ]
 
@@ -91,45 +98,6 @@ def probe_image(data: bytes, limits: ImageLimits, name: str = "image") -> tuple[
     return int(img.shape[-1]), int(img.shape[-2])
 
 
-def _read_limited(uri: str, max_bytes: int, storage_options: Mapping[str, Any] | None) -> bytes:
-    fs, path = url_to_fs(uri, storage_options)
-    with fs.open(path, "rb") as fh:
-        return fh.read(max_bytes + 1)
-
-
-def _unreadable(exc: BaseException) -> str:
-    if isinstance(exc, FileNotFoundError):
-        return "unreadable: file not found"
-    if isinstance(exc, PermissionError):
-        return "unreadable: permission denied"
-    if isinstance(exc, IsADirectoryError):
-        return "unreadable: is a directory"
-    text = " ".join(str(exc).split())[:200]
-    kind = type(exc).__name__
-    return f"unreadable: {kind}: {text}" if text else f"unreadable: {kind}"
-
-
-@dataclasses.dataclass(frozen=True)
-class _Probe:
-    sha256: str | None = None
-    width: int | None = None
-    height: int | None = None
-    stage: str | None = None
-    reason: str | None = None
-
-
-def _probe_uri(uri: str, limits: ImageLimits, storage_options: Mapping[str, Any] | None) -> _Probe:
-    try:
-        data = _read_limited(uri, limits.max_bytes, storage_options)
-    except Exception as exc:
-        return _Probe(stage="read", reason=_unreadable(exc))
-    try:
-        width, height = probe_image(data, limits)
-    except PFStorerError as exc:
-        return _Probe(stage="image", reason=str(exc))
-    return _Probe(hashlib.sha256(data).hexdigest(), width, height)
-
-
 # ---------------------------------------------------------------------------------------------
 # results
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +135,8 @@ class ValidationResult:
     good: pa.Table
     quarantine: pa.Table
     jobs: dict[tuple[str, str], IdentityJob]
+    manifest: pa.Table | None = None  # the manifest as read (rows in order, probe columns dropped)
+    probes: dict[str, int] = dataclasses.field(default_factory=dict)  # rows, photos_read, photos_cached
 
     def reason_counts(self) -> dict[str, int]:
         """Quarantined rows per kind of reason (``stage: reason`` with uris and numbers
@@ -189,6 +159,7 @@ class ValidationResult:
             "people_ready": len(self.jobs),
             "quarantined_rows": self.quarantine.num_rows,
             "quarantined_by_reason": self.reason_counts(),
+            **{k: v for k, v in self.probes.items() if k != "rows"},
         }
 
 
@@ -225,80 +196,96 @@ def _schema_reason(row: Mapping[str, Any]) -> str | None:
     return None
 
 
-def validate_manifest(
-    table: pa.Table,
-    *,
-    limits: ImageLimits | None = None,
-    min_refs: int = 3,
-    max_refs: int = 20,
-    storage_options: Mapping[str, Any] | None = None,
-    restore_limits: ImageLimits | None = None,
-    max_workers: int = 4,
-) -> ValidationResult:
-    """Validate a manifest table; see the module docstring for the checks.
+_PROBE_COLUMNS = ("_probe_sha256", "_probe_width", "_probe_height", "_probe_stage",
+                  "_probe_reason", "_probe_size", "_probe_version", "_probe_cached")
 
-    ``limits`` (an ``ImageLimits``; default :data:`DEFAULT_LIMITS`) apply to references,
-    ``restore_limits`` (default: the same) to restore photos. ``storage_options`` are used for
-    remote photo URIs. Only a table without the required columns raises (:class:`ManifestError`).
+
+def probe_table(table: pa.Table, spec: ProbeSpec, cache: ProbeCache | None = None) -> pa.Table:
+    """``table`` (manifest rows) with the per-row checks appended as ``_probe_*`` columns.
+
+    The ``schema`` stage and each distinct photo's ``read``/``image`` stage
+    (:func:`pipelines.probe.probe_many`); rows of other rows' outcome (per person) come later,
+    in :func:`judge`. This is the part that touches photos: it runs on Ray Data's workers.
     """
-    limits = limits or DEFAULT_LIMITS
-    restore_limits = restore_limits or limits
     table = _as_string_columns(table, "table")
     rows = table.select(list(REQUIRED_COLUMNS)).to_pylist()
-    n = len(rows)
-    bad: dict[int, tuple[str, str]] = {}  # row index -> (stage, reason)
+    schema = [_schema_reason(r) for r in rows]
+    wanted = [(r["uri"], r["role"]) for r, bad in zip(rows, schema, strict=True) if bad is None]
+    probes = probe_many(wanted, spec, cache)
+    out: list[Probe] = []
+    for r, bad in zip(rows, schema, strict=True):
+        out.append(Probe(stage="schema", reason=bad) if bad is not None else probes[(r["uri"], r["role"])])
+    types = (pa.string(), pa.int32(), pa.int32(), pa.string(), pa.string(), pa.int64(), pa.string(), pa.bool_())
+    fields = ("sha256", "width", "height", "stage", "reason", "size", "version", "cached")
+    for name, field, kind in zip(_PROBE_COLUMNS, fields, types, strict=True):
+        table = table.append_column(name, pa.array([getattr(p, field) for p in out], kind))
+    return table
 
-    # schema
-    for i, row in enumerate(rows):
-        if (reason := _schema_reason(row)) is not None:
-            bad[i] = ("schema", reason)
 
-    # read + image: each distinct (uri, limits) once, in parallel
-    def limits_of(role: str) -> tuple[str, Any]:
-        if role == "restore" and restore_limits is not limits:
-            return "restore", restore_limits
-        return "ref", limits
+def cache_rows(probed: pa.Table, spec: ProbeSpec) -> pa.Table:
+    """The probes of ``probed`` worth remembering (:data:`pipelines.probe.CACHE_SCHEMA`): photos
+    that were read and have a version; a read error is not remembered (the file may come back)."""
+    stage = probed.column("_probe_stage")
+    keep = pc.and_(
+        pc.is_valid(probed.column("_probe_version")),
+        pc.fill_null(pc.not_equal(stage, "read"), True),
+    )
+    keep = pc.and_(keep, pc.fill_null(pc.not_equal(stage, "schema"), True))
+    sel = probed.filter(keep)
+    tags = [spec.tag(role) for role in sel.column("role").to_pylist()]
+    return pa.table(
+        {
+            "uri": sel.column("uri"),
+            "limits": pa.array(tags, pa.string()),
+            "size": sel.column("_probe_size"),
+            "version": sel.column("_probe_version"),
+            "sha256": sel.column("_probe_sha256"),
+            "width": sel.column("_probe_width"),
+            "height": sel.column("_probe_height"),
+            "stage": sel.column("_probe_stage"),
+            "reason": sel.column("_probe_reason"),
+        }
+    ).cast(CACHE_SCHEMA)
 
-    wanted: dict[tuple[str, str], Any] = {}
-    for i, row in enumerate(rows):
-        if i not in bad:
-            tag, lim = limits_of(row["role"])
-            wanted[(row["uri"], tag)] = lim
-    probes: dict[tuple[str, str], _Probe] = {}
-    if wanted:
-        with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(wanted)))) as pool:
-            futures = {
-                key: pool.submit(_probe_uri, key[0], lim, storage_options)
-                for key, lim in wanted.items()
-            }
-            probes = {key: fut.result() for key, fut in futures.items()}
-    info: dict[int, _Probe] = {}
-    for i, row in enumerate(rows):
-        if i in bad:
-            continue
-        probe = probes[(row["uri"], limits_of(row["role"])[0])]
-        if probe.reason is not None:
-            bad[i] = (probe.stage or "image", probe.reason)
-        else:
-            info[i] = probe
 
-    # per person: duplicates, too many, too few
+def judge(probed: pa.Table, *, min_refs: int = 3, max_refs: int = 20) -> ValidationResult:
+    """The per-person stages (``dedup``, ``refs``) over :func:`probe_table`'s output; the result.
+
+    Runs where all of a manifest's probe results meet (the driver): it reads only the small
+    columns, never a photo.
+    """
+    n = probed.num_rows
+    cols = {c: probed.column(c).to_pylist() for c in ("tenant", "identity", "role", "uri", *_PROBE_COLUMNS[:5])}
+    sha, width, height = cols["_probe_sha256"], cols["_probe_width"], cols["_probe_height"]
+    bad: dict[int, tuple[str, str]] = {
+        i: (stage, reason)
+        for i, (stage, reason) in enumerate(zip(cols["_probe_stage"], cols["_probe_reason"], strict=True))
+        if reason is not None
+    }
+    tenant, identity, role, uri = cols["tenant"], cols["identity"], cols["role"], cols["uri"]
+
     people: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for i in info:
-        people[(rows[i]["tenant"], rows[i]["identity"])].append(i)
+    for i in range(n):
+        if i not in bad:
+            people[(tenant[i], identity[i])].append(i)
     ready: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
     for person, idxs in people.items():
-        idxs.sort(key=lambda i: (rows[i]["role"] != "ref", rows[i]["uri"], i))
-        seen: dict[str, int] = {}
+        idxs.sort(key=lambda i: (role[i] != "ref", uri[i], i))
+        seen_bytes: dict[str, int] = {}
+        seen_uri: dict[str, int] = {}
         refs: list[int] = []
         restores: list[int] = []
         for i in idxs:
-            sha = info[i].sha256 or ""
-            if sha in seen:
-                bad[i] = ("dedup", f"duplicate: same bytes as {rows[seen[sha]]['uri']}")
+            if uri[i] in seen_uri:
+                bad[i] = ("dedup", f"duplicate: same photo as {uri[seen_uri[uri[i]]]}")
                 continue
-            seen[sha] = i
-            (refs if rows[i]["role"] == "ref" else restores).append(i)
+            if sha[i] is not None and sha[i] in seen_bytes:
+                bad[i] = ("dedup", f"duplicate: same bytes as {uri[seen_bytes[sha[i]]]}")
+                continue
+            seen_uri[uri[i]] = i
+            if sha[i] is not None:
+                seen_bytes[sha[i]] = i
+            (refs if role[i] == "ref" else restores).append(i)
         for i in refs[max_refs:]:
             bad[i] = ("refs", f"too many references: keeping the first {max_refs} by uri")
         refs = refs[:max_refs]
@@ -308,39 +295,162 @@ def validate_manifest(
             continue
         ready[person] = (refs, restores)
 
-    # tables
-    good_idx = [i for i in range(n) if i not in bad]
+    manifest = probed.drop_columns(list(_PROBE_COLUMNS))
+    good_idx = pa.array([i for i in range(n) if i not in bad], pa.int64())
     bad_idx = [i for i in range(n) if i in bad]
-    good = table.take(pa.array(good_idx, pa.int64()))
-    good = good.append_column("sha256", pa.array([info[i].sha256 for i in good_idx], pa.string()))
-    good = good.append_column("width", pa.array([info[i].width for i in good_idx], pa.int32()))
-    good = good.append_column("height", pa.array([info[i].height for i in good_idx], pa.int32()))
-    quarantine = table.take(pa.array(bad_idx, pa.int64()))
+    good = manifest.take(good_idx)
+    for name, col in (("sha256", "_probe_sha256"), ("width", "_probe_width"), ("height", "_probe_height")):
+        good = good.append_column(name, probed.column(col).take(good_idx))
+    quarantine = manifest.take(pa.array(bad_idx, pa.int64()))
     quarantine = quarantine.append_column(
         "reason", pa.array([bad[i][1] for i in bad_idx], pa.string())
     ).append_column("stage", pa.array([bad[i][0] for i in bad_idx], pa.string()))
 
-    full_rows = table.to_pylist() if ready else []
+    wanted = sorted({i for refs, restores in ready.values() for i in refs + restores})
+    full = dict(zip(wanted, manifest.take(pa.array(wanted, pa.int64())).to_pylist(), strict=True))
 
     def row_out(i: int) -> dict[str, Any]:
-        return {
-            **full_rows[i],
-            "sha256": info[i].sha256,
-            "width": info[i].width,
-            "height": info[i].height,
-        }
+        return {**full[i], "sha256": sha[i], "width": width[i], "height": height[i]}
 
     jobs = {
         person: IdentityJob(
             tenant=person[0],
             identity=person[1],
             refs=[row_out(i) for i in refs],
-            ref_sha256s=[info[i].sha256 or "" for i in refs],
+            ref_sha256s=[sha[i] or "" for i in refs],
             restores=[row_out(i) for i in restores],
         )
         for person, (refs, restores) in sorted(ready.items())
     }
-    return ValidationResult(good=good, quarantine=quarantine, jobs=jobs)
+    cached = probed.column("_probe_cached").to_pylist()
+    stats = {"rows": n, "photos_read": cached.count(False), "photos_cached": cached.count(True)}
+    return ValidationResult(good=good, quarantine=quarantine, jobs=jobs, manifest=manifest, probes=stats)
+
+
+def validate_manifest(
+    table: pa.Table,
+    *,
+    limits: ImageLimits | None = None,
+    min_refs: int = 3,
+    max_refs: int = 20,
+    storage_options: Mapping[str, Any] | None = None,
+    restore_limits: ImageLimits | None = None,
+    max_workers: int = 4,
+    cache: ProbeCache | None = None,
+) -> ValidationResult:
+    """Validate a manifest table in this process; see the module docstring for the checks.
+
+    ``limits`` (an ``ImageLimits``; default :data:`DEFAULT_LIMITS`) apply to references,
+    ``restore_limits`` (default: the same) to restore photos. ``storage_options`` are used for
+    remote photo URIs. Only a table without the required columns raises (:class:`ManifestError`).
+    For manifests at scale use :func:`validate_on_ray`, which runs the same checks on Ray Data.
+    """
+    spec = _spec(limits, restore_limits, storage_options, max_workers)
+    return judge(probe_table(table, spec, cache), min_refs=min_refs, max_refs=max_refs)
+
+
+def _spec(
+    limits: ImageLimits | None,
+    restore_limits: ImageLimits | None,
+    storage_options: Mapping[str, Any] | None,
+    threads: int,
+) -> ProbeSpec:
+    limits = limits or DEFAULT_LIMITS
+    return ProbeSpec(limits, restore_limits or limits, dict(storage_options) if storage_options else None, threads)
+
+
+class _Prober:
+    """Ray Data actor: :func:`probe_table` on each batch, with the probe cache loaded once."""
+
+    def __init__(self, spec: ProbeSpec, cache_ref: list[Any]) -> None:
+        import ray
+
+        self.spec = spec
+        self.cache = ProbeCache(ray.get(cache_ref[0]))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return probe_table(batch, self.spec, self.cache)
+
+
+def validate_on_ray(
+    url: str,
+    *,
+    limits: ImageLimits | None = None,
+    min_refs: int = 3,
+    max_refs: int = 20,
+    storage_options: Mapping[str, Any] | None = None,
+    restore_limits: ImageLimits | None = None,
+    cache_url: str | None = None,
+    concurrency: int | None = None,
+    batch_size: int = 256,
+    threads: int = 8,
+) -> ValidationResult:
+    """Validate the manifest at ``url`` on Ray Data (Ray must be initialised).
+
+    ``read_parquet`` with the manifest's filesystem -> ``map_batches`` of :class:`_Prober`
+    actors (``concurrency``: at most this many, default one per cluster CPU; each reads
+    ``threads`` photos at a time) -> the probe columns meet on the driver for :func:`judge`.
+    The driver never holds a photo. ``cache_url``: the :class:`~pipelines.probe.ProbeCache`
+    read before and written after (None: no cache).
+    """
+    import ray
+
+    from pipelines.manifest import check_manifest_schema, ray_read_manifest
+
+    spec = _spec(limits, restore_limits, storage_options, threads)
+    check_manifest_schema(url, spec.storage_options)
+    cache = ProbeCache.read(cache_url, spec.storage_options)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order, old_order = True, ctx.execution_options.preserve_order
+    old_progress, ctx.enable_progress_bars = ctx.enable_progress_bars, False
+    try:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        top = max(1, min(concurrency or cpus, cpus or 1))
+        ds = ray_read_manifest(url, spec.storage_options).map_batches(
+            _Prober,
+            fn_constructor_kwargs={"spec": spec, "cache_ref": [ray.put(cache.table)]},
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            concurrency=(1, top),
+            num_cpus=1,
+        )
+        parts = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    finally:
+        ctx.execution_options.preserve_order = old_order
+        ctx.enable_progress_bars = old_progress
+    if not parts:
+        from pipelines.manifest import read_manifest
+
+        return validate_manifest(read_manifest(url, spec.storage_options), limits=spec.limits,
+                                 restore_limits=spec.restore_limits, min_refs=min_refs, max_refs=max_refs)
+    probed = pa.concat_tables(parts, promote_options="default")
+    result = judge(probed, min_refs=min_refs, max_refs=max_refs)
+    if cache_url:
+        cache.merged(cache_rows(probed, spec)).write(cache_url, spec.storage_options)
+    return result
+
+
+def validate_from_settings(
+    url: str,
+    settings: Any,
+    *,
+    min_refs: int | None = None,
+    max_refs: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> ValidationResult:
+    """:func:`validate_on_ray` with limits, reference counts, storage options and the probe
+    cache of ``settings`` (a :class:`pfstorer.settings.Settings`); what ``pfstorer run`` and
+    ``pfstorer manifest validate`` do."""
+    cache = settings.probe_cache_url
+    opts = storage_options if storage_options is not None else dict(settings.storage_options) or None
+    return validate_on_ray(
+        url,
+        limits=limits_from_settings(settings.limits),
+        min_refs=min_refs or settings.personalize.min_refs,
+        max_refs=max_refs or settings.personalize.max_refs,
+        storage_options=opts,
+        cache_url=None if cache == "off" else cache,
+    )
 
 
 def write_quarantine(

@@ -1,9 +1,15 @@
 """``pfstorer restore-batch``: Ray Data restores a manifest's role=restore rows with each person's
-adapter (resolved through the index), writes PNGs and a results Parquet; bad rows get
-status=error with the reason and never stop the batch; outputs equal the offline restore."""
+adapter (resolved through the index), streaming PNGs and results Parquet files; bad rows get
+status=error with the reason and never stop the batch; outputs equal the offline restore; a rerun
+(also after a crash) restores only what is not finished."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +39,7 @@ def test_restore_batch_cli(ray_session, mlflow_local, lfw_bench, tmp_path: Path)
     from pfstorer.model import load_base
     from pfstorer.sampling import restore
     from pfstorer.training import PersonalizeConfig, personalize
+    from pipelines.batch_restore import read_results
     from pipelines.manifest import write_manifest
     from registry import AdapterRegistry
 
@@ -74,8 +81,9 @@ def test_restore_batch_cli(ray_session, mlflow_local, lfw_bench, tmp_path: Path)
     print(f"\n[batch] restore-batch took {time.perf_counter() - t0:.1f}s")
     assert rc == 0
 
-    results = pq.read_table(out / "results.parquet").to_pylist()
-    assert [r["row"] for r in results] == [1, 2, 3, 4, 5]  # the restore rows, manifest order
+    results = read_results(str(out)).to_pylist()
+    assert sorted(r["uri"] for r in results) == sorted(r["uri"] for r in rows[1:])  # restore rows
+    assert pq.read_table(out / "results").num_rows == 5  # Parquet files, as written
     by_uri = {r["uri"]: r for r in results}
     bad = by_uri[str(corrupt)]
     assert bad["status"] == "error" and "corrupt" in bad["error"] and bad["output_uri"] is None
@@ -90,3 +98,44 @@ def test_restore_batch_cli(ray_session, mlflow_local, lfw_bench, tmp_path: Path)
         with torch_threads(1):
             ref = restore(model, load_image(r["uri"]), adapter=adapters[r["identity"]], seed=SEED, steps=STEPS)
         assert Path(r["output_uri"]).read_bytes() == encode_png(ref), r["uri"]
+
+    # a rerun into the same folder skips the finished rows and retries the failed ones
+    assert main([
+        "restore-batch", "--manifest", manifest, "--out", str(out), "--index", str(tmp_path / "index.parquet"),
+        "--base", "tiny", "--steps", str(STEPS), "--seed", str(SEED), "--workers", "1", "--json",
+    ]) == 0  # fmt: skip
+    again = read_results(str(out))
+    assert {r["uri"]: r["status"] for r in again.to_pylist()} == {r["uri"]: r["status"] for r in results}
+    assert pq.read_table(out / "results").num_rows == 7  # 2 retried rows appended
+
+    # a crash keeps what was written; the rerun restores only the rest
+    crash_rows = [
+        {"tenant": tenant, "identity": n, "role": "restore", "uri": str(p)}
+        for n in people for p in lfw_bench[n][1:7]
+    ]
+    crash_manifest = write_manifest(crash_rows, str(tmp_path / "crash.parquet"))
+    crash_out = tmp_path / "crash-out"
+    cmd = [
+        sys.executable, "-m", "pfstorer.cli", "restore-batch", "--manifest", crash_manifest,
+        "--out", str(crash_out), "--index", str(tmp_path / "index.parquet"), "--base", "tiny",
+        "--steps", "8", "--workers", "1", "--batch-size", "1", "--json",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        while not list((crash_out / "results").glob("*.parquet")):
+            assert proc.poll() is None, "restore-batch ended before writing anything"
+            assert time.monotonic() < deadline, "no results file within 240 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    kept = read_results(str(crash_out))
+    assert 1 <= kept.num_rows < len(crash_rows)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    assert summary["skipped"] == kept.num_rows and summary["ok"] == len(crash_rows) - kept.num_rows
+    final = read_results(str(crash_out))
+    assert sorted(final.column("uri").to_pylist()) == sorted(r["uri"] for r in crash_rows)
+    assert set(final.column("status").to_pylist()) == {"ok"}

@@ -19,6 +19,7 @@ from pipelines.validate import (
     ImageLimits,
     probe_image,
     validate_manifest,
+    validate_on_ray,
     write_quarantine,
 )
 
@@ -85,7 +86,7 @@ def case(lfw_bench: dict[str, list[Path]], tmp_path: Path) -> dict:
         (T, b, "ref", str(tiny)): ("image", "image is 16x16, smaller than the minimum side of 64 px"),
         (T, b, "ref", str(huge)): ("image", "image is 9000x9000 = 81,000,000 pixels, over the limit of 16,777,216 pixels"),
         (T, c, "ref", dropped_dup): ("dedup", f"duplicate: same bytes as {kept_dup}"),
-        (T, d, "restore", ph[d][0]): ("dedup", f"duplicate: same bytes as {ph[d][0]}"),
+        (T, d, "restore", ph[d][0]): ("dedup", f"duplicate: same photo as {ph[d][0]}"),
         (T, "../x", "ref", ph[a][6]): ("schema", "unsafe identity: '../x' is not a safe key"),
         ("a.b", a, "ref", ph[a][6]): ("schema", "unsafe tenant: 'a.b' is not a safe key"),
         (T, a, "train", ph[a][6]): ("schema", "bad role: 'train' (must be 'ref' or 'restore')"),
@@ -138,7 +139,10 @@ def check(result, case) -> None:
     # good + quarantine partition the manifest; extra columns survive in both
     assert result.good.num_rows + result.quarantine.num_rows == len(case["rows"])
     assert "batch" in result.quarantine.column_names and "batch" in result.good.column_names
-    assert result.good.column("sha256").null_count == 0
+    roles = result.good.column("role").to_pylist()
+    shas = result.good.column("sha256").to_pylist()
+    assert all(s is not None for s, r in zip(shas, roles) if r == "ref")
+    assert all(s is None for s, r in zip(shas, roles) if r == "restore")  # judged from the header
 
 
 def test_validate_quarantines_every_bad_row_with_its_reason(case):
@@ -242,7 +246,7 @@ def test_missing_columns_raise_but_empty_table_is_fine():
     assert result.good.num_rows == 0 and result.quarantine.num_rows == 0 and result.jobs == {}
 
 
-def test_write_quarantine_and_cli(case, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_write_quarantine_and_cli(ray_session, case, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     from pipelines.cli import main
 
     result = validate_manifest(pa.Table.from_pylist(case["rows"]))
@@ -294,3 +298,100 @@ def test_validate_photos_and_manifest_on_s3(lfw_bench, s3_url: str, s3_storage_o
     assert main(["manifest", "validate", url, "--s3-endpoint-url", endpoint, "--quarantine-out", q]) == 0
     reasons = read_manifest(q, s3_storage_options).column("reason").to_pylist()
     assert reasons == ["unreadable: file not found"]
+
+
+# ---------------------------------------------------------------------------------------------
+# on Ray Data, with the probe cache
+# ---------------------------------------------------------------------------------------------
+
+
+def test_validate_on_ray_judges_like_local_and_a_rerun_reads_no_photo(ray_session, case, tmp_path: Path):
+    url = write_manifest(case["rows"], tmp_path / "manifest", partition_by=["tenant"])  # hive
+    cache = str(tmp_path / "probe-cache.parquet")
+    first = validate_on_ray(url, cache_url=cache, batch_size=7)
+    check(first, case)
+    assert quarantine_map(first) == quarantine_map(validate_manifest(pa.Table.from_pylist(case["rows"])))
+    assert first.probes["photos_cached"] == 0 and first.probes["photos_read"] > 20
+    assert first.manifest.num_rows == len(case["rows"])
+
+    again = validate_on_ray(url, cache_url=cache, batch_size=7)
+    check(again, case)
+    assert again.probes["photos_read"] == 0  # unchanged photos: a stat each, no read
+    assert again.probes["photos_cached"] == first.probes["photos_read"]
+    keys = {k: j.job_key("b", {}) for k, j in first.jobs.items()}
+    assert {k: j.job_key("b", {}) for k, j in again.jobs.items()} == keys
+
+
+def test_a_changed_photo_is_probed_again_and_changes_the_job_key(ray_session, lfw_bench, tmp_path: Path):
+    import os
+
+    name, photos = next((n, p) for n, p in lfw_bench.items() if len(p) >= 6)
+    copies = []
+    for i, p in enumerate(photos[:4]):
+        dest = tmp_path / "photos" / f"{i}.jpg"
+        dest.parent.mkdir(exist_ok=True)
+        dest.write_bytes(p.read_bytes())
+        copies.append(dest)
+    rows = [row(name, "ref", p) for p in copies[:3]] + [row(name, "restore", copies[3])]
+    url = write_manifest(rows, tmp_path / "m.parquet")
+    cache = str(tmp_path / "cache.parquet")
+    key = validate_on_ray(url, cache_url=cache).jobs[(T, name)].job_key("b", {})
+
+    st = copies[1].stat()  # touched, same bytes: probed again, same key
+    os.utime(copies[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    touched = validate_on_ray(url, cache_url=cache)
+    assert touched.probes == {"rows": 4, "photos_read": 1, "photos_cached": 3}
+    assert touched.jobs[(T, name)].job_key("b", {}) == key
+
+    copies[1].write_bytes(photos[4].read_bytes())  # new bytes: a new key
+    changed = validate_on_ray(url, cache_url=cache)
+    assert changed.probes["photos_read"] == 1
+    assert changed.jobs[(T, name)].ref_sha256s[1] == sha(photos[4])
+    assert changed.jobs[(T, name)].job_key("b", {}) != key
+
+    copies[3].write_bytes(b"not a photo any more")  # a cached good photo that turns bad
+    broken = validate_on_ray(url, cache_url=cache)
+    assert quarantine_map(broken) == {
+        (T, name, "restore", str(copies[3])): (
+            "image", "image is text, not a supported image type (accepted: JPEG, PNG, WEBP)"
+        )
+    }
+
+
+def test_validate_on_ray_reads_s3_and_caches_by_etag(ray_session, lfw_bench, s3_url, s3_storage_options):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_storage_options)
+    name, photos = next((n, p) for n, p in lfw_bench.items() if len(p) >= 6)
+    uris = [f"{s3_url}/photos/{i}.jpg" for i in range(4)]
+    for uri, p in zip(uris, photos[:4]):
+        fs.pipe_file(uri, p.read_bytes())
+    fs.pipe_file(f"{s3_url}/photos/text.jpg", b"hello")
+    rows = [row(name, "ref", u) for u in uris[:3]] + [row(name, "restore", uris[3])]
+    rows.append(row(name, "ref", f"{s3_url}/photos/text.jpg"))
+    rows.append(row(name, "ref", f"{s3_url}/photos/missing.jpg"))
+    url = write_manifest(rows, f"{s3_url}/manifest", s3_storage_options, partition_by=["tenant"])
+    cache = f"{s3_url}/state/probe-cache.parquet"
+    first = validate_on_ray(url, storage_options=s3_storage_options, cache_url=cache)
+    assert [r["uri"] for r in first.jobs[(T, name)].refs] == uris[:3]
+    assert {(k[3], v[0]) for k, v in quarantine_map(first).items()} == {
+        (f"{s3_url}/photos/text.jpg", "image"), (f"{s3_url}/photos/missing.jpg", "read"),
+    }
+    again = validate_on_ray(url, storage_options=s3_storage_options, cache_url=cache)
+    assert again.probes["photos_read"] == 0 and again.probes["photos_cached"] == 5
+    fs.pipe_file(uris[0], photos[5].read_bytes())  # a new ETag
+    changed = validate_on_ray(url, storage_options=s3_storage_options, cache_url=cache)
+    assert changed.probes["photos_read"] == 1
+    assert changed.jobs[(T, name)].ref_sha256s[0] == sha(photos[5])
+
+
+def test_restore_rows_are_judged_from_the_header(lfw_bench, tmp_path: Path):
+    name, photos = next(iter(lfw_bench.items()))
+    cut = tmp_path / "cut.jpg"
+    data = photos[0].read_bytes()
+    cut.write_bytes(data[: len(data) // 2])  # header intact, pixels missing
+    rows = [row(name, "ref", p) for p in photos[1:4]] + [row(name, "restore", cut), row("other", "ref", cut)]
+    result = validate_manifest(pa.Table.from_pylist(rows))
+    job = result.jobs[(T, name)]
+    assert [(r["uri"], r["width"], r["height"], r["sha256"]) for r in job.restores] == [(str(cut), 128, 128, None)]
+    assert quarantine_map(result)[(T, "other", "ref", str(cut))] == ("image", "image is corrupt or truncated")

@@ -1,0 +1,259 @@
+"""Probing the photos of a manifest: one stat per photo, and a read only when the photo is new.
+
+A probe judges one photo under the image limits. References are read whole, hashed (their
+sha256 goes into the person's job key) and decoded; restore photos are judged from their header
+alone (the first :data:`HEADER_BYTES`), because the restore itself decodes them again.
+
+Every probe is remembered in a :class:`ProbeCache` under ``(uri, limits)`` with the photo's
+size and version (ETag, generation or mtime, from one ``fs.info``). A photo whose size and version
+are unchanged is not read again, so a rerun of an unchanged manifest costs a listing; a changed
+photo is probed again and, as a reference, changes its person's job key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import PurePosixPath
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pfstorer.errors import PFStorerError
+from pfstorer.images import ImageLimits, check_size, decode_image
+from pfstorer.images import probe_image as probe_header
+from registry import is_local_url, url_to_fs
+
+__all__ = [
+    "CACHE_SCHEMA",
+    "HEADER_BYTES",
+    "Probe",
+    "ProbeCache",
+    "ProbeSpec",
+    "file_version",
+    "probe_uri",
+]
+
+#: Bytes read to judge a restore photo from its header (JPEG EXIF segments fit in 64 KiB);
+#: a header that does not fit is read whole.
+HEADER_BYTES = 64 * 1024
+
+CACHE_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("limits", pa.string()),
+        ("size", pa.int64()),
+        ("version", pa.string()),
+        ("sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+    ],
+    metadata={"pfstorer.probe_cache": "1"},
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """What one probe found: ``sha256`` (None for header-only probes), the size in pixels, or the
+    failed ``stage`` (``read``/``image``) and its ``reason``; ``size``/``version`` key the cache."""
+
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+    stage: str | None = None
+    reason: str | None = None
+    size: int | None = None
+    version: str | None = None
+    cached: bool | None = None  # True: from the cache; False: bytes read; None: nothing read
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeSpec:
+    """How photos are judged: limits of references (read whole) and of restore photos (header)."""
+
+    limits: ImageLimits
+    restore_limits: ImageLimits
+    storage_options: dict[str, Any] | None = None
+    threads: int = 8
+
+    def tag(self, role: str) -> str:
+        """The cache's ``limits`` value of a role: how the photo was read and under which limits."""
+        if role == "restore":
+            return "header:" + _limits_digest(self.restore_limits)
+        return "full:" + _limits_digest(self.limits)
+
+
+def _limits_digest(limits: ImageLimits) -> str:
+    text = f"{limits.max_bytes}/{limits.max_pixels}/{limits.min_side}/{','.join(sorted(limits.formats))}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_version(info: Mapping[str, Any]) -> str | None:
+    """A value that changes when the file's bytes change, from ``fs.info`` (None: unknown)."""
+    for key in ("ETag", "etag", "md5Hash", "md5", "generation", "version_id", "VersionId"):
+        if info.get(key):
+            return f"{key}={info[key]}"
+    for key in ("mtime", "LastModified", "last_modified", "updated", "modified"):
+        if info.get(key) is not None:
+            return f"{key}={info[key]}"
+    return None
+
+
+def _unreadable(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "unreadable: file not found"
+    if isinstance(exc, PermissionError):
+        return "unreadable: permission denied"
+    if isinstance(exc, IsADirectoryError):
+        return "unreadable: is a directory"
+    text = " ".join(str(exc).split())[:200]
+    kind = type(exc).__name__
+    return f"unreadable: {kind}: {text}" if text else f"unreadable: {kind}"
+
+
+def probe_uri(
+    uri: str,
+    limits: ImageLimits,
+    *,
+    header_only: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+    cached: Mapping[str, Any] | None = None,
+) -> Probe:
+    """Probe one photo (see the module docstring); ``cached``: its cache row, if any."""
+    try:
+        fs, path = url_to_fs(uri, storage_options)
+        info = fs.info(path)
+        if info.get("type") == "directory":
+            raise IsADirectoryError(path)
+        size = int(info["size"]) if info.get("size") is not None else None
+        version = file_version(info)
+    except Exception as exc:
+        return Probe(stage="read", reason=_unreadable(exc))
+    if (
+        cached is not None
+        and version is not None
+        and cached["version"] == version
+        and cached["size"] == size
+    ):
+        return Probe(**{k: cached[k] for k in ("sha256", "width", "height", "stage", "reason")},
+                     size=size, version=version, cached=True)
+    try:
+        if size is not None:
+            check_size(size, limits)
+        want = limits.max_bytes + 1
+        if header_only and (size is None or size > HEADER_BYTES):
+            want = HEADER_BYTES
+        with fs.open(path, "rb") as fh:
+            data = fh.read(want)
+    except PFStorerError as exc:
+        return Probe(stage="image", reason=str(exc), size=size, version=version, cached=False)
+    except Exception as exc:
+        return Probe(stage="read", reason=_unreadable(exc))
+    try:
+        if header_only:
+            try:
+                height, width = probe_header(data, limits=limits)
+            except PFStorerError:
+                if len(data) != want or want > limits.max_bytes:
+                    raise  # the whole file was read: the header is broken
+                with fs.open(path, "rb") as fh:  # a header longer than HEADER_BYTES
+                    data = fh.read(limits.max_bytes + 1)
+                height, width = probe_header(data, limits=limits)
+            return Probe(None, width, height, size=size, version=version, cached=False)
+        img = decode_image(data, limits=limits)
+    except PFStorerError as exc:
+        return Probe(stage="image", reason=str(exc), size=size, version=version, cached=False)
+    except Exception as exc:
+        return Probe(stage="read", reason=_unreadable(exc))
+    sha = hashlib.sha256(data).hexdigest()
+    return Probe(sha, int(img.shape[-1]), int(img.shape[-2]), size=size, version=version, cached=False)
+
+
+def probe_many(
+    wanted: Iterable[tuple[str, str]],
+    spec: ProbeSpec,
+    cache: ProbeCache | None = None,
+) -> dict[tuple[str, str], Probe]:
+    """Probe each ``(uri, role)`` once, ``spec.threads`` at a time (photos are I/O first)."""
+    keys = list(dict.fromkeys(wanted))
+
+    def one(key: tuple[str, str]) -> Probe:
+        uri, role = key
+        hit = cache.get(uri, spec.tag(role)) if cache is not None else None
+        limits = spec.restore_limits if role == "restore" else spec.limits
+        return probe_uri(uri, limits, header_only=role == "restore",
+                         storage_options=spec.storage_options, cached=hit)
+
+    if len(keys) <= 1:
+        return {k: one(k) for k in keys}
+    with ThreadPoolExecutor(max_workers=max(1, min(spec.threads, len(keys)))) as pool:
+        return dict(zip(keys, pool.map(one, keys), strict=True))
+
+
+class ProbeCache:
+    """Earlier probes, ``(uri, limits tag)`` -> cache row, kept as one Parquet file at any URL."""
+
+    def __init__(self, table: pa.Table | None = None) -> None:
+        self.table = CACHE_SCHEMA.empty_table() if table is None else table.select(CACHE_SCHEMA.names)
+        self._rows: dict[tuple[str, str], int] | None = None
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def get(self, uri: str, tag: str) -> dict[str, Any] | None:
+        if self._rows is None:  # built on first use, once per process
+            self._rows = {
+                key: i
+                for i, key in enumerate(
+                    zip(self.table.column("uri").to_pylist(), self.table.column("limits").to_pylist(), strict=True)
+                )
+            }
+        i = self._rows.get((uri, tag))
+        return None if i is None else self.table.slice(i, 1).to_pylist()[0]
+
+    @classmethod
+    def read(cls, url: str | None, storage_options: Mapping[str, Any] | None = None) -> ProbeCache:
+        """The cache at ``url``; empty when absent or unreadable (a cache is never needed)."""
+        if not url:
+            return cls()
+        try:
+            fs, path = url_to_fs(url, storage_options)
+            if not fs.exists(path):
+                return cls()
+            with fs.open(path, "rb") as fh:
+                table = pq.read_table(fh)
+            return cls(table.cast(CACHE_SCHEMA))
+        except Exception:
+            return cls()
+
+    def merged(self, new: pa.Table) -> ProbeCache:
+        """This cache with ``new`` rows (CACHE_SCHEMA) replacing those of the same key."""
+        new = new.cast(CACHE_SCHEMA)
+        if not self.table.num_rows:
+            return ProbeCache(new)
+        sep = "\x00"
+        old_keys = pc.binary_join_element_wise(self.table["uri"], self.table["limits"], sep)
+        new_keys = pc.binary_join_element_wise(new["uri"], new["limits"], sep)
+        keep = self.table.filter(pc.invert(pc.is_in(old_keys, value_set=new_keys)))
+        return ProbeCache(pa.concat_tables([keep, new]))
+
+    def write(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        """Replace the file at ``url`` in one write (a reader sees the old cache or the new)."""
+        fs, path = url_to_fs(url, storage_options)
+        buf = io.BytesIO()
+        pq.write_table(self.table, buf)
+        if is_local_url(url):
+            parent = str(PurePosixPath(path).parent)
+            fs.makedirs(parent, exist_ok=True)
+            tmp = f"{path}.tmp-{hashlib.sha256(buf.getvalue()).hexdigest()[:8]}"
+            fs.pipe_file(tmp, buf.getvalue())
+            fs.mv(tmp, path)
+        else:
+            fs.pipe_file(path, buf.getvalue())
