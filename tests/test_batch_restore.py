@@ -118,7 +118,7 @@ def test_restore_batch_cli(ray_session, mlflow_local, lfw_bench, tmp_path: Path)
     cmd = [
         sys.executable, "-m", "pfstorer.cli", "restore-batch", "--manifest", crash_manifest,
         "--out", str(crash_out), "--index", str(tmp_path / "index.parquet"), "--base", "tiny",
-        "--steps", "8", "--workers", "1", "--batch-size", "1", "--json",
+        "--steps", "4", "--workers", "1", "--batch-size", "1", "--json",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 240
