@@ -374,11 +374,9 @@ def restore_manifest(
     ``{out_url}/results/`` as batches finish; PNGs go under ``{out_url}/images/``. A crash keeps
     every batch written; a rerun skips rows already ``ok`` and retries the rest.
     """
-    import pyarrow.fs as pafs
     import ray
 
-    from pipelines.manifest import check_manifest_schema, ray_read_manifest
-    from registry import is_local_url, url_to_fs
+    from pipelines.manifest import arrow_filesystem, check_manifest_schema, ray_read_manifest
 
     t0 = time.perf_counter()
     out_url = os.fspath(out_url).rstrip("/")
@@ -395,8 +393,7 @@ def restore_manifest(
     )
     batch_size = max(1, int(batch_size))
     results_url = f"{out_url}/{RESULTS_DIR}"
-    fs, results_path = url_to_fs(results_url, opts)
-    filesystem = pafs.LocalFileSystem() if is_local_url(results_url) else pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    filesystem, results_path = arrow_filesystem(results_url, opts)
     ctx = ray.data.DataContext.get_current()
     old_progress, ctx.enable_progress_bars = ctx.enable_progress_bars, False
     try:

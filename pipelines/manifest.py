@@ -45,6 +45,7 @@ __all__ = [
     "REQUIRED_COLUMNS",
     "ManifestError",
     "ManifestRow",
+    "arrow_filesystem",
     "check_manifest_schema",
     "manifest_from_folders",
     "manifest_hash",
@@ -170,15 +171,22 @@ def check_manifest_schema(url: str, storage_options: Mapping[str, Any] | None = 
     return schema
 
 
+def arrow_filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+    """``(pyarrow filesystem, path)`` of a URL, as Ray Data's readers and writers want them."""
+    import pyarrow.fs as pafs
+
+    fs, path = url_to_fs(url, storage_options)
+    return (pafs.LocalFileSystem() if is_local_url(url) else pafs.PyFileSystem(pafs.FSSpecHandler(fs))), path
+
+
 def ray_read_manifest(url: str, storage_options: Mapping[str, Any] | None = None) -> Any:
     """The manifest as a Ray Data dataset (``read_parquet`` on the manifest's own filesystem,
     partition keys as strings); blocks are cast like :func:`read_manifest`'s table by its users."""
-    import pyarrow.fs as pafs
     import ray.data
     from ray.data.datasource import Partitioning
 
-    fs, path = url_to_fs(url, storage_options)
-    filesystem = pafs.LocalFileSystem() if is_local_url(url) else pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    filesystem, path = arrow_filesystem(url, storage_options)
+    fs, _ = url_to_fs(url, storage_options)
     if fs.isdir(path):
         parts = Partitioning("hive", base_dir=path, field_types={})
     else:
