@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PHOTOS ?=
+TEST_WORKERS ?= 2
 DEMO_ARGS ?=
 
 # Offline, private, loopback-only: the same switches for tests, demo and CI.
@@ -33,7 +34,9 @@ $(VENV)/.installed: pyproject.toml scripts/install_eval_models.sh
 install: $(VENV)/.installed  ## create .venv and install pfstorer with dev + eval extras
 
 test: install    ## run the whole test suite (unit + integration with real Ray, MLflow, moto S3)
-	$(VENV)/bin/pytest -q tests
+	# TEST_WORKERS processes, one test file at a time each: most of an integration test is
+	# waiting for Ray, MLflow or a subprocess, so two overlap well on two cores.
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: install ## unit tests only
 	$(VENV)/bin/pytest -q tests -m "not integration"

@@ -12,10 +12,11 @@ User errors print one line and exit with code 2; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import import_module
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -60,6 +61,27 @@ def json_option(text: str | None, what: str) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise PFStorerError(f"{what} must be a JSON object")
     return value
+
+
+@contextlib.contextmanager
+def stdout_to_stderr(active: bool = True) -> Iterator[None]:
+    """While a ``--json`` command works, send everything printed to stdout to stderr instead
+    (Ray's worker messages, libraries' prints, child processes), so that the JSON printed after
+    the block is the only thing on stdout. ``active=False`` changes nothing."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _unavailable(reason: str) -> Handler:

@@ -22,7 +22,7 @@ import json
 import sys
 from typing import Any
 
-from pfstorer.cli import add_sampling_args, json_option
+from pfstorer.cli import add_sampling_args, json_option, stdout_to_stderr
 
 __all__ = ["main", "register_cli"]
 
@@ -64,18 +64,19 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     opts = dict(settings.storage_options)
     if args.s3_endpoint_url:
         opts["endpoint_url"] = args.s3_endpoint_url
-    started = ensure_ray(settings)
-    try:
-        result = validate_from_settings(
-            args.url, settings, min_refs=args.min_refs, max_refs=args.max_refs,
-            storage_options=opts or None,
-        )
-    except PFStorerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if started:
-            ray.shutdown()
+    with stdout_to_stderr(args.json):
+        started = ensure_ray(settings)
+        try:
+            result = validate_from_settings(
+                args.url, settings, min_refs=args.min_refs, max_refs=args.max_refs,
+                storage_options=opts or None,
+            )
+        except PFStorerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            if started:
+                ray.shutdown()
     table = result.manifest
     summary = {"manifest": args.url, "rows": table.num_rows, "hash": manifest_hash(table)}
     summary.update(result.summary())
@@ -202,41 +203,42 @@ def _cmd_restore_batch(args: argparse.Namespace) -> int:
     opts = dict(settings.storage_options)
     if args.s3_endpoint_url:
         opts["endpoint_url"] = args.s3_endpoint_url
-    started = ensure_ray(settings)
-    try:
-        report = restore_manifest(
-            args.manifest,
-            args.out,
-            index_url=settings.index_url,
-            store_url=settings.store_url,
-            base=settings.base,
-            weights=settings.base_weights,
-            device=args.device or settings.device,
-            steps=args.steps,
-            seed=args.seed,
-            scale=args.scale,
-            tile=args.tile,
-            overlap=args.overlap,
-            sampler=args.sampler,
-            t_start=args.t_start,
-            color_fix=args.color_fix,
-            storage_options=opts or None,
-            workers=args.workers or settings.workers,
-            cpus_per_worker=args.cpus_per_worker if args.cpus_per_worker is not None else settings.cpus_per_worker,
-            gpus_per_worker=settings.gpus_per_worker,
-            batch_size=args.batch_size,
-            max_image_bytes=settings.limits.max_image_bytes,
-            max_image_pixels=settings.limits.max_image_pixels,
-            min_image_side=args.min_side,
-        )
-    except PFStorerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if started:
-            import ray
+    with stdout_to_stderr(args.json):
+        started = ensure_ray(settings)
+        try:
+            report = restore_manifest(
+                args.manifest,
+                args.out,
+                index_url=settings.index_url,
+                store_url=settings.store_url,
+                base=settings.base,
+                weights=settings.base_weights,
+                device=args.device or settings.device,
+                steps=args.steps,
+                seed=args.seed,
+                scale=args.scale,
+                tile=args.tile,
+                overlap=args.overlap,
+                sampler=args.sampler,
+                t_start=args.t_start,
+                color_fix=args.color_fix,
+                storage_options=opts or None,
+                workers=args.workers or settings.workers,
+                cpus_per_worker=args.cpus_per_worker if args.cpus_per_worker is not None else settings.cpus_per_worker,
+                gpus_per_worker=settings.gpus_per_worker,
+                batch_size=args.batch_size,
+                max_image_bytes=settings.limits.max_image_bytes,
+                max_image_pixels=settings.limits.max_image_pixels,
+                min_image_side=args.min_side,
+            )
+        except PFStorerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            if started:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
     if args.json:
         print(json.dumps(report.summary(), indent=2))
     else:

@@ -25,9 +25,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pfstorer.errors import PFStorerError
-from pfstorer.images import ImageLimits, check_size, decode_image
-from pfstorer.images import probe_image as probe_header
+from pfstorer.image_checks import ImageLimits, check_size, decode_photo
+from pfstorer.image_checks import probe_image as probe_header
 from registry import is_local_url, url_to_fs
+from registry.storage import MTIME_KEYS
 
 __all__ = [
     "CACHE_SCHEMA",
@@ -100,7 +101,7 @@ def file_version(info: Mapping[str, Any]) -> str | None:
     for key in ("ETag", "etag", "md5Hash", "md5", "generation", "version_id", "VersionId"):
         if info.get(key):
             return f"{key}={info[key]}"
-    for key in ("mtime", "LastModified", "last_modified", "updated", "modified"):
+    for key in MTIME_KEYS:
         if info.get(key) is not None:
             return f"{key}={info[key]}"
     return None
@@ -167,13 +168,13 @@ def probe_uri(
                     data = fh.read(limits.max_bytes + 1)
                 height, width = probe_header(data, limits=limits)
             return Probe(None, width, height, size=size, version=version, cached=False)
-        img = decode_image(data, limits=limits)
+        width, height = decode_photo(data, limits=limits).size
     except PFStorerError as exc:
         return Probe(stage="image", reason=str(exc), size=size, version=version, cached=False)
     except Exception as exc:
         return Probe(stage="read", reason=_unreadable(exc))
     sha = hashlib.sha256(data).hexdigest()
-    return Probe(sha, int(img.shape[-1]), int(img.shape[-2]), size=size, version=version, cached=False)
+    return Probe(sha, width, height, size=size, version=version, cached=False)
 
 
 def probe_many(

@@ -728,28 +728,30 @@ def run_manifest(
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from pfstorer.cli import stdout_to_stderr
     from pfstorer.errors import PFStorerError
     from pfstorer.settings import Settings
 
-    try:
-        settings = Settings.load(
-            args.config,
-            state_dir=args.state_dir, base=args.base, base_weights=args.base_weights,
-            store_url=args.store, tracking_uri=args.tracking_uri, index_url=args.index,
-            ray_address=args.ray_address, workers=args.workers,
-            cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-            max_retries=args.max_retries,
-        )
-        if args.s3_endpoint_url:
-            settings.storage_options = {**settings.storage_options, "endpoint_url": args.s3_endpoint_url}
-        summary = run_manifest(
-            args.manifest, settings, steps=args.steps, pack=args.pack,
-            quarantine_out=args.quarantine_out, dry_train=args.dry_train,
-            train_storage=args.train_storage, progress=not args.no_progress and not args.json,
-        )
-    except PFStorerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with stdout_to_stderr(args.json):
+        try:
+            settings = Settings.load(
+                args.config,
+                state_dir=args.state_dir, base=args.base, base_weights=args.base_weights,
+                store_url=args.store, tracking_uri=args.tracking_uri, index_url=args.index,
+                ray_address=args.ray_address, workers=args.workers,
+                cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                max_retries=args.max_retries,
+            )
+            if args.s3_endpoint_url:
+                settings.storage_options = {**settings.storage_options, "endpoint_url": args.s3_endpoint_url}
+            summary = run_manifest(
+                args.manifest, settings, steps=args.steps, pack=args.pack,
+                quarantine_out=args.quarantine_out, dry_train=args.dry_train,
+                train_storage=args.train_storage, progress=not args.no_progress and not args.json,
+            )
+        except PFStorerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if args.json:
         print(summary.model_dump_json(indent=2))
     else:

@@ -19,7 +19,7 @@ Rows are judged independently of their order in the manifest. Two executors run 
 checks: :func:`validate_on_ray` (Ray Data: photos are probed on the cluster's workers, the
 driver sees only the probe columns, and a probe cache makes reruns cost a listing) and
 :func:`validate_manifest` (an in-memory table, in this process). The image checks are
-:func:`pfstorer.images.decode_image`'s, the same as the HTTP API's.
+:func:`pfstorer.image_checks.decode_photo`'s, the same as the HTTP API's.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import ValidationError
 
-from pfstorer.images import ImageLimits, decode_image
+from pfstorer.image_checks import ImageLimits
 from pipelines.manifest import REQUIRED_COLUMNS, ManifestRow, _as_string_columns
 from pipelines.probe import CACHE_SCHEMA, Probe, ProbeCache, ProbeSpec, probe_many
 from registry import job_key as _job_key
@@ -49,7 +49,6 @@ __all__ = [
     "cache_rows",
     "judge",
     "limits_from_settings",
-    "probe_image",
     "probe_table",
     "validate_from_settings",
     "validate_manifest",
@@ -78,24 +77,6 @@ def limits_from_settings(limits: Any) -> ImageLimits:
 
 
 STAGES = ("schema", "read", "image", "dedup", "refs")
-
-
-# ---------------------------------------------------------------------------------------------
-# one image
-# ---------------------------------------------------------------------------------------------
-
-
-def probe_image(data: bytes, limits: ImageLimits, name: str = "image") -> tuple[int, int]:
-    """Judge one image file's bytes under ``limits``; return ``(width, height)``.
-
-    This is :func:`pfstorer.images.decode_image`, the one place untrusted bytes are judged:
-    bytes, then the type by magic bytes (only accepted formats reach Pillow), then the header's
-    pixel count (a decompression bomb is never decoded), then a full decode (truncated files).
-    Raises :class:`TooLargeError`, :class:`UnsupportedMediaError` or :class:`InputError`; the
-    message is the quarantine reason.
-    """
-    img = decode_image(data, limits=limits, name=name)
-    return int(img.shape[-1]), int(img.shape[-2])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,17 +340,26 @@ def _spec(
     return ProbeSpec(limits, restore_limits or limits, dict(storage_options) if storage_options else None, threads)
 
 
-class _Prober:
-    """Ray Data actor: :func:`probe_table` on each batch, with the probe cache loaded once."""
+_CACHES: dict[str, ProbeCache] = {}
+"""Per worker process: the probe cache of each recent validation (by object id), fetched once."""
 
-    def __init__(self, spec: ProbeSpec, cache_ref: list[Any]) -> None:
-        import ray
 
-        self.spec = spec
-        self.cache = ProbeCache(ray.get(cache_ref[0]))
+def _probe_batch(batch: pa.Table, spec: ProbeSpec, cache_ref: list[Any]) -> pa.Table:
+    """Ray Data task: :func:`probe_table` on one batch.
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return probe_table(batch, self.spec, self.cache)
+    A task, not an actor: tasks run in Ray's pooled worker processes, which stay warm between
+    validations (a fresh actor costs a process start and imports on every run). The probe cache
+    is fetched from the object store once per process and validation.
+    """
+    import ray
+
+    key = cache_ref[0].hex()
+    cache = _CACHES.get(key)
+    if cache is None:
+        while len(_CACHES) >= 2:  # keep the last validations' caches only
+            _CACHES.pop(next(iter(_CACHES)))
+        cache = _CACHES[key] = ProbeCache(ray.get(cache_ref[0]))
+    return probe_table(batch, spec, cache)
 
 
 def validate_on_ray(
@@ -387,8 +377,8 @@ def validate_on_ray(
 ) -> ValidationResult:
     """Validate the manifest at ``url`` on Ray Data (Ray must be initialised).
 
-    ``read_parquet`` with the manifest's filesystem -> ``map_batches`` of :class:`_Prober`
-    actors (``concurrency``: at most this many, default one per cluster CPU; each reads
+    ``read_parquet`` with the manifest's filesystem -> ``map_batches`` of probing tasks
+    (``concurrency``: at most this many at once, default one per cluster CPU; each reads
     ``threads`` photos at a time) -> the probe columns meet on the driver for :func:`judge`.
     The driver never holds a photo. ``cache_url``: the :class:`~pipelines.probe.ProbeCache`
     read before and written after (None: no cache).
@@ -407,11 +397,11 @@ def validate_on_ray(
         cpus = int(ray.cluster_resources().get("CPU", 1))
         top = max(1, min(concurrency or cpus, cpus or 1))
         ds = ray_read_manifest(url, spec.storage_options).map_batches(
-            _Prober,
-            fn_constructor_kwargs={"spec": spec, "cache_ref": [ray.put(cache.table)]},
+            _probe_batch,
+            fn_kwargs={"spec": spec, "cache_ref": [ray.put(cache.table)]},
             batch_size=batch_size,
             batch_format="pyarrow",
-            concurrency=(1, top),
+            concurrency=top,
             num_cpus=1,
         )
         parts = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 from pfstorer.errors import AdapterError, PFStorerError
 from registry.keys import ADAPTER_FILES, ADAPTER_JSON, ADAPTER_TENSORS, JOB_KEY_RE, check_key, sha256_file
-from registry.storage import invalidate, join_url, default_storage_options, is_local_url, url_to_fs
+from registry.storage import default_storage_options, invalidate, is_local_url, join_url, modified_time, url_to_fs
 
 
 def adapter_tags(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -52,8 +53,12 @@ class ArtifactStore:
 
     Layout: ``{url}/{tenant}/{identity}/{job_key}/adapter.safetensors|adapter.json``. Temporary
     uploads live at ``{url}/{tenant}/{identity}/.tmp-{job_key}-{random}/`` and are removed on
-    failure.
+    failure; those of a killed uploader are removed by the next upload of that person once
+    older than :attr:`STALE_UPLOAD_S`.
     """
+
+    STALE_UPLOAD_S = 3600.0
+    """A temporary upload untouched this long belongs to a dead uploader (a live one takes seconds)."""
 
     def __init__(
         self, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
@@ -106,6 +111,7 @@ class ArtifactStore:
                 f"adapter.json says {str(declared)[:12]}..."
             )
         json_sha = sha256_file(local / ADAPTER_JSON)
+        self.sweep_uploads(tenant, identity)
         tmp = join_url(
             self._identity_path(tenant, identity), f".tmp-{job_key}-{uuid.uuid4().hex[:12]}"
         )
@@ -133,6 +139,30 @@ class ArtifactStore:
         if size != (local / ADAPTER_TENSORS).stat().st_size:
             raise AdapterError(f"adapter at {self.fs.unstrip_protocol(final)} has the wrong size")
         return self.fs.unstrip_protocol(final), sha
+
+    def sweep_uploads(self, tenant: str, identity: str, older_than_s: float | None = None) -> int:
+        """Remove this person's temporary uploads whose newest file is older than ``older_than_s``
+        (default :attr:`STALE_UPLOAD_S`): what a killed uploader left behind. Returns how many."""
+        limit = self.STALE_UPLOAD_S if older_than_s is None else older_than_s
+        root = self._identity_path(tenant, identity)
+        try:
+            entries = self.fs.ls(root, detail=True, refresh=True) if self.fs.exists(root) else []
+        except (FileNotFoundError, NotADirectoryError):
+            return 0
+        removed = 0
+        now = time.time()
+        for entry in entries:
+            name = entry["name"].rstrip("/")
+            if not name.rsplit("/", 1)[-1].startswith(".tmp-"):
+                continue
+            files = self.fs.find(name, detail=True).values() or [entry]
+            times = [modified_time(f) for f in files]
+            if any(t is None or now - t < limit for t in times):
+                continue  # still being written, or its age cannot be told: keep it
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(name, recursive=True)
+                removed += 1
+        return removed
 
     def _move_into_place(self, tmp: str, final: str) -> None:
         invalidate(self.fs)

@@ -59,6 +59,16 @@ def _retry(fn: Callable[[], T], *, what: str, attempts: int = 6, base_delay: flo
     raise AssertionError("unreachable")
 
 
+_RACE_MARKERS = ("not found", "does not exist", "unique constraint", "duplicate entry", "duplicate key")
+
+
+def _is_race(exc: BaseException) -> bool:
+    """A write that lost to a concurrent one on the same model: the version it named was just
+    deleted, or the row it inserts was just inserted (SQLite, PostgreSQL and MySQL wordings)."""
+    text = str(exc).lower()
+    return _error_code(exc) == "RESOURCE_DOES_NOT_EXIST" or any(m in text for m in _RACE_MARKERS)
+
+
 def _error_code(exc: BaseException) -> str:
     return str(getattr(exc, "error_code", ""))
 
@@ -259,15 +269,25 @@ class ModelRegistry:
         return same[0].version
 
     def _move_prod(self, tenant: str, identity: str) -> None:
+        """Point ``prod`` at the newest version. Racing writers (see :meth:`_settle`) may delete
+        that version or set the alias in the same instant: then read the versions again."""
         name = model_name(tenant, identity)
-        versions = self.versions(tenant, identity)
-        if not versions:
-            return
-        newest = versions[-1].version
-        _retry(
-            lambda: self.client.set_registered_model_alias(name, PROD_ALIAS, str(newest)),
-            what=f"set {name}@{PROD_ALIAS}",
-        )
+        attempts = 8
+        for attempt in range(attempts):
+            versions = self.versions(tenant, identity)
+            if not versions:
+                return
+            newest = str(versions[-1].version)
+            try:
+                _retry(
+                    lambda: self.client.set_registered_model_alias(name, PROD_ALIAS, newest),
+                    what=f"set {name}@{PROD_ALIAS}",
+                )
+                return
+            except Exception as exc:
+                if attempt == attempts - 1 or not _is_race(exc):
+                    raise
+                time.sleep(0.02 * (attempt + 1) * (0.5 + random.random()))
 
     def _experiment_id(self, tenant: str) -> str:
         name = f"{MODEL_PREFIX}/{check_key(tenant, 'tenant')}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import datetime
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,6 +12,8 @@ import fsspec
 
 
 _LOCAL_PROTOCOLS = {"file", "local"}
+MTIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified")
+"""Where fsspec implementations put a file's modification time in ``info`` (local, S3, GCS...)."""
 
 
 def default_storage_options(url: str) -> dict[str, Any]:
@@ -57,3 +60,19 @@ def invalidate(fs: fsspec.AbstractFileSystem, path: str | None = None) -> None:
 
 def join_url(*parts: str) -> str:
     return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts) if p)
+
+
+def modified_time(info: Mapping[str, Any]) -> float | None:
+    """A file's modification time (seconds since the epoch) from an fsspec ``info`` entry:
+    ``mtime`` on local disks, ``LastModified`` on S3, ``updated`` on GCS; None if absent."""
+    for key in MTIME_KEYS:
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)):
+            return float(value)
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    return None

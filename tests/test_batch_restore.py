@@ -119,6 +119,7 @@ def test_restore_batch_cli(ray_session, mlflow_local, lfw_bench, tmp_path: Path)
         sys.executable, "-m", "pfstorer.cli", "restore-batch", "--manifest", crash_manifest,
         "--out", str(crash_out), "--index", str(tmp_path / "index.parquet"), "--base", "tiny",
         "--steps", "4", "--workers", "1", "--batch-size", "1", "--json",
+        "--ray-address", ray_session.get_runtime_context().gcs_address,  # a killed driver, not a killed cluster
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 240
@@ -134,7 +135,7 @@ def test_restore_batch_cli(ray_session, mlflow_local, lfw_bench, tmp_path: Path)
     assert 1 <= kept.num_rows < len(crash_rows)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    summary = json.loads(done.stdout)  # --json: nothing but the JSON on stdout
     assert summary["skipped"] == kept.num_rows and summary["ok"] == len(crash_rows) - kept.num_rows
     final = read_results(str(crash_out))
     assert sorted(final.column("uri").to_pylist()) == sorted(r["uri"] for r in crash_rows)

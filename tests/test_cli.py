@@ -154,6 +154,26 @@ def test_listing_commands_imports_no_heavy_library():
     assert out.strip() == "[]", out
 
 
+def test_json_output_is_the_only_thing_on_stdout():
+    """What Ray and libraries print while a --json command works (Python prints, raw writes to
+    fd 1, child processes) ends up on stderr; stdout holds the JSON alone."""
+    code = (
+        "import json, os, subprocess, sys\n"
+        "from pfstorer.cli import stdout_to_stderr\n"
+        "with stdout_to_stderr():\n"
+        "    print('worker died')\n"
+        "    os.write(1, b'raw fd write\\n')\n"
+        "    subprocess.run([sys.executable, '-c', 'print(42)'], check=True)\n"
+        "print(json.dumps({'ok': 1}))\n"
+        "with stdout_to_stderr(False):\n"
+        "    print('kept')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    first, rest = proc.stdout.split("\n", 1)
+    assert json.loads(first) == {"ok": 1} and rest == "kept\n"
+    assert proc.stderr.split() == ["worker", "died", "raw", "fd", "write", "42"]
+
+
 def test_a_command_with_a_missing_part_says_what_to_install(capsys):
     import argparse
 

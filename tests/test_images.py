@@ -333,7 +333,7 @@ def test_wide_gamut_photos_are_converted_to_srgb() -> None:
 def test_avif_decodes_and_heic_names_its_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     from PIL import features
 
-    import pfstorer.images as images
+    import pfstorer.image_checks as image_checks
 
     if features.check("avif"):
         buf = io.BytesIO()
@@ -350,7 +350,7 @@ def test_avif_decodes_and_heic_names_its_extra(monkeypatch: pytest.MonkeyPatch) 
     assert got.shape == (3, 48, 64) and max(abs(int(a) - b) for a, b in zip(got[:, 5, 5], (10, 200, 30))) <= 4
     # an ISO-BMFF 'heic' file without pillow-heif: 415 that says what to install
     heic = struct.pack(">I", 24) + b"ftypheic" + b"\0" * 4 + b"mif1heic" + b"\0" * 64
-    monkeypatch.setattr(images, "_HEIF", False)
+    monkeypatch.setattr(image_checks, "_HEIF", False)
     with pytest.raises(UnsupportedMediaError, match=r"pfstorer\[heic\]") as info:
         decode_image(heic)
     assert info.value.status == 415

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +142,33 @@ def test_store_put_verify_fetch(tmp_path: Path):
         store.put_adapter(src, "acme", "../x", "k1")
     assert store.delete_identity("acme", "bob") == 2
     assert store.list_files("acme") == [] and not store.exists("acme", "bob")
+
+
+def test_a_killed_uploaders_leftovers_are_swept_by_the_next_upload(tmp_path: Path):
+    store = ArtifactStore(tmp_path / "store")
+    person = tmp_path / "store" / "acme" / "bob"
+    dead, live = person / ".tmp-k0-dead", person / ".tmp-k1-live"
+    for d in (dead, live):
+        d.mkdir(parents=True)
+        (d / "adapter.safetensors").write_bytes(b"half an upload")
+    old = time.time() - ArtifactStore.STALE_UPLOAD_S - 60
+    os.utime(dead / "adapter.safetensors", (old, old))
+    store.put_adapter(make_adapter(tmp_path / "src", "acme", "bob"), "acme", "bob", "k2")
+    assert sorted(p.name for p in person.iterdir()) == [".tmp-k1-live", "k2"]  # a live upload is kept
+    assert store.sweep_uploads("acme", "bob", older_than_s=0) == 1 and sorted(p.name for p in person.iterdir()) == ["k2"]
+    assert store.sweep_uploads("acme", "nobody") == 0
+
+
+@pytest.mark.integration
+def test_leftover_uploads_on_s3_are_told_by_their_last_modified(s3_url: str, s3_storage_options: dict):
+    store = ArtifactStore(f"{s3_url}/sweep", s3_storage_options)
+    tenant = unique_name("acme")
+    store.fs.pipe_file(f"{store.root}/{tenant}/bob/.tmp-k0-dead/adapter.json", b"{}")
+    store.fs.pipe_file(f"{store.root}/{tenant}/bob/k0/adapter.json", b"{}")
+    assert store.sweep_uploads(tenant, "bob") == 0  # seconds old: maybe still being written
+    assert store.sweep_uploads(tenant, "bob", older_than_s=0) == 1
+    store.fs.invalidate_cache()
+    assert [p.rsplit("/", 1)[-1] for p in store.fs.ls(f"{store.root}/{tenant}/bob")] == ["k0"]
 
 
 def test_index_upsert_visible_to_second_instance(tmp_path: Path):
@@ -324,29 +353,32 @@ def test_register_is_idempotent_by_job_key(mlflow_local: MlflowService):
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=False, reason=(
-    "known race, seen ~1 run in 3 on SQLite: one of three concurrent register() calls for the same "
-    "job key can raise instead of returning the surviving version; `pfstorer run` registers from "
-    "one publisher thread on SQLite, so the pipeline does not hit it (open bug)"))
 def test_racing_registrations_of_one_job_leave_one_version(mlflow_local: MlflowService):
-    """A retried task beside a slow original: both register the same job key at once."""
-    tenant = unique_name("acme")
+    """A retried task beside a slow original: three register the same job key at once, ten times
+    over (before the alias writes retried on a lost race, about 1 round in 5 raised on SQLite)."""
     models = ModelRegistry(mlflow_local.tracking_uri, artifact_location=mlflow_local.artifact_location)
-    results: list[int] = []
-    barrier = threading.Barrier(3)
+    for _ in range(10):
+        tenant = unique_name("acme")
+        results: list[int] = []
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(3)
 
-    def go() -> None:
-        barrier.wait()
-        results.append(models.register(tenant, "bob", "s3://b/x/k1", "a" * 64, {}, job_key="k1"))
+        def go() -> None:
+            barrier.wait()
+            try:
+                results.append(models.register(tenant, "bob", "s3://b/x/k1", "a" * 64, {}, job_key="k1"))
+            except BaseException as exc:
+                errors.append(exc)
 
-    threads = [threading.Thread(target=go) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    versions = models.versions(tenant, "bob")
-    assert len(versions) == 1 and results == [versions[0].version] * 3
-    assert models.get_prod(tenant, "bob").version == versions[0].version
+        threads = [threading.Thread(target=go) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        versions = models.versions(tenant, "bob")
+        assert len(versions) == 1 and results == [versions[0].version] * 3
+        assert models.get_prod(tenant, "bob").version == versions[0].version
     # and a duplicate that slipped in earlier is settled on the next registration
     models.client.create_model_version(
         model_name(tenant, "bob"), source="s3://b/x/k1", tags={"job_key": "k1"}, await_creation_for=0

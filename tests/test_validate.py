@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pfstorer.errors import InputError, TooLargeError, UnsupportedMediaError
+from pfstorer.image_checks import decode_photo
 from pipelines.manifest import ManifestError, read_manifest, write_manifest
 from pipelines.validate import (
     DEFAULT_LIMITS,
     ImageLimits,
-    probe_image,
     validate_manifest,
     validate_on_ray,
     write_quarantine,
@@ -225,17 +225,17 @@ def test_restore_limits_apply_to_restore_rows(lfw_bench, tmp_path: Path):
     assert [r["uri"] for r in ok.jobs[(T, name)].restores] == [str(small)]
 
 
-def test_probe_image_refuses_bombs_before_decoding(lfw_bench):
+def test_photo_checks_refuse_bombs_before_decoding(lfw_bench):
     with pytest.raises(TooLargeError, match="too many pixels"):
-        probe_image(png_header(100_000, 100_000), DEFAULT_LIMITS)  # 10^10 pixels: never decoded
+        decode_photo(png_header(100_000, 100_000), limits=DEFAULT_LIMITS)  # 10^10 pixels: never decoded
     with pytest.raises(TooLargeError, match="9000x9000"):
-        probe_image(png_header(9000, 9000), DEFAULT_LIMITS)
+        decode_photo(png_header(9000, 9000), limits=DEFAULT_LIMITS)
     with pytest.raises(UnsupportedMediaError, match="is text"):
-        probe_image(b"plain text, named .jpg", DEFAULT_LIMITS)
+        decode_photo(b"plain text, named .jpg", limits=DEFAULT_LIMITS)
     data = next(iter(lfw_bench.values()))[0].read_bytes()
-    assert probe_image(data, DEFAULT_LIMITS) == (128, 128)
+    assert decode_photo(data, limits=DEFAULT_LIMITS).size == (128, 128)
     with pytest.raises(InputError, match="corrupt or truncated"):
-        probe_image(data[:-700], DEFAULT_LIMITS)
+        decode_photo(data[:-700], limits=DEFAULT_LIMITS)
 
 
 def test_missing_columns_raise_but_empty_table_is_fine():
