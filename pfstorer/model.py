@@ -353,21 +353,74 @@ def _random_model(config: BaseConfig) -> RestorationModel:
         return RestorationModel(config)
 
 
-def _read_checkpoint(location: str) -> tuple[BaseConfig | None, dict[str, torch.Tensor]]:
-    """config.json + model.safetensors from a local folder or any fsspec URL."""
+def _read_config(location: str) -> BaseConfig | None:
+    """config.json of a checkpoint folder (local or any fsspec URL); None if it has none."""
     import fsspec
-    from safetensors.torch import load
 
     from .presets import BaseConfig
 
-    base = location.rstrip("/")
-    fs, path = fsspec.core.url_to_fs(base)
+    fs, path = fsspec.core.url_to_fs(location.rstrip("/"))
     if not fs.exists(f"{path}/model.safetensors"):
         raise WeightsUnavailableError(f"no model.safetensors under {location}")
-    config = None
-    if fs.exists(f"{path}/config.json"):
-        config = BaseConfig.model_validate_json(fs.cat_file(f"{path}/config.json"))
-    return config, load(fs.cat_file(f"{path}/model.safetensors"))
+    if not fs.exists(f"{path}/config.json"):
+        return None
+    return BaseConfig.model_validate_json(fs.cat_file(f"{path}/config.json"))
+
+
+def _read_weights(location: str) -> dict[str, torch.Tensor]:
+    import fsspec
+    from safetensors.torch import load
+
+    fs, path = fsspec.core.url_to_fs(location.rstrip("/"))
+    return load(fs.cat_file(f"{path}/model.safetensors"))
+
+
+def _header_fingerprint(location: str) -> str | None:
+    """The fingerprint :meth:`RestorationModel.save` writes into the safetensors header, read
+    without the tensors (8 bytes of length, then the JSON header); None if absent."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(location.rstrip("/"))
+    with fs.open(f"{path}/model.safetensors", "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        if not 0 < size <= 100 * 2**20:
+            return None
+        try:
+            header = json.loads(fh.read(size))
+        except ValueError:
+            return None
+    fingerprint = (header.get("__metadata__") or {}).get("fingerprint")
+    return fingerprint if isinstance(fingerprint, str) and fingerprint else None
+
+
+def _resolve(base: str, weights: str | None, random_weights: bool) -> tuple[BaseConfig, str | None]:
+    """The config of ``base`` and where its weights are (None: seeded random weights)."""
+    if "/" in base or base.startswith(".") or Path(base).exists():
+        config = _read_config(base)
+        if config is None:
+            raise WeightsUnavailableError(f"{base} has no config.json: cannot tell which preset it is")
+        return config, base
+    config = get_preset(base)
+    if weights is not None:
+        file_config = _read_config(weights)
+        if file_config is not None and file_config.model_copy(update={"sampling": config.sampling}) != config:
+            raise InputError(f"weights at {weights} are for preset {file_config.name!r}, not {base!r}")
+        return config, weights
+    if base in ("compact",) and not random_weights:
+        shipped = WEIGHTS_DIR / base
+        if not (shipped / "model.safetensors").exists():
+            raise WeightsUnavailableError(
+                f"the {base} weights are not in this checkout ({shipped}); "
+                "train them with `pfstorer train-base` or use --base tiny"
+            )
+        return config, str(shipped)
+    if base == "sd21" and not random_weights:
+        raise WeightsUnavailableError(
+            "sd21 needs weights: pass --weights DIR_OR_URL holding config.json + model.safetensors "
+            "(SD-2.1-base UNet/VAE + StableSR SFT/encoder converted to pfstorer's layout); "
+            "nothing is downloaded"
+        )
+    return config, None
 
 
 def resolve_device(name: str | torch.device) -> str | torch.device:
@@ -391,31 +444,8 @@ def load_base(
     for the preset; ``random_weights`` builds the preset's shapes with seeded random weights
     (benchmarks of ``sd21`` shapes). Nothing is ever downloaded.
     """
-    if "/" in base or base.startswith(".") or Path(base).exists():
-        config, state = _read_checkpoint(base)
-        if config is None:
-            raise WeightsUnavailableError(f"{base} has no config.json: cannot tell which preset it is")
-    else:
-        config = get_preset(base)
-        state = None
-        if weights is not None:
-            file_config, state = _read_checkpoint(weights)
-            if file_config is not None and file_config.model_copy(update={"sampling": config.sampling}) != config:
-                raise InputError(f"weights at {weights} are for preset {file_config.name!r}, not {base!r}")
-        elif base in ("compact",) and not random_weights:
-            shipped = WEIGHTS_DIR / base
-            if not (shipped / "model.safetensors").exists():
-                raise WeightsUnavailableError(
-                    f"the {base} weights are not in this checkout ({shipped}); "
-                    "train them with `pfstorer train-base` or use --base tiny"
-                )
-            _, state = _read_checkpoint(str(shipped))
-        elif base == "sd21" and not random_weights:
-            raise WeightsUnavailableError(
-                "sd21 needs weights: pass --weights DIR_OR_URL holding config.json + model.safetensors "
-                "(SD-2.1-base UNet/VAE + StableSR SFT/encoder converted to pfstorer's layout); "
-                "nothing is downloaded"
-            )
+    config, location = _resolve(base, weights, random_weights)
+    state = None if location is None else _read_weights(location)
     model = _random_model(config)
     if state is not None:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -425,6 +455,21 @@ def load_base(
                 f"{len(missing)} missing, {len(unexpected)} unexpected tensors"
             )
     return model.to(device=resolve_device(device), dtype=dtype).freeze()
+
+
+def base_fingerprint(base: str = "tiny", *, weights: str | None = None) -> tuple[BaseConfig, str]:
+    """The config and :attr:`~RestorationModel.fingerprint` of the base :func:`load_base` would
+    give, from the weights' header where :meth:`~RestorationModel.save` wrote it: a driver that
+    only plans never loads the weights (several GB for ``sd21``). Workers that load them check it.
+    """
+    config, location = _resolve(base, weights, False)
+    if location is None:  # seeded random weights: small presets only
+        return config, load_base(base).fingerprint
+    written = _read_config(location)  # the header's fingerprint is of the config saved beside it
+    if written is not None and written.model_copy(update={"sampling": config.sampling}) == config:
+        if (fingerprint := _header_fingerprint(location)) is not None:
+            return config, fingerprint
+    return config, _fingerprint(config, _read_weights(location))
 
 
 def timestep_grid(n: int, total: int) -> list[int]:

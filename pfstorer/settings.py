@@ -302,6 +302,11 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(
         None, description="Ray cluster address (ray://host:10001 or auto); None: local in-process."
     )
+    worker_wait_s: float = Field(
+        600.0, ge=0,
+        description="How long `pfstorer run` on a cluster waits for its workers' CPUs/GPUs to join "
+        "(a 0-CPU head, autoscaling) before it gives up.",
+    )
     workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU, or per CPU slot).")
     cpus_per_worker: float = Field(1.0, ge=0, description="CPUs reserved per Ray Train worker.")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs reserved per Ray Train worker.")

@@ -322,17 +322,18 @@ class PackedTrainer:
         m.denoise(lat, torch.zeros(len(refs), dtype=torch.long, device=m.device), lat, pb)
         return [pool_reference(capture[i], shape.ref_pool) for i in range(len(capture))]
 
-    def reference_tokens(self, slot: _Slot) -> list[torch.Tensor]:
-        """The cached references' tokens of an identity, per block ``[cache_refs * P, C]``."""
-        n = len(slot.refs)
+    def reference_tokens(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """What an adapter caches of an identity's :meth:`reference_features`: per block
+        ``[cache_refs * P, C]`` (references repeated in turn when there are fewer)."""
+        n = int(features[0].shape[0])
         chosen = torch.tensor([i % n for i in range(self.model.config.adapter.cache_refs)])
-        return [r[chosen].flatten(0, 1) for r in slot.ref_tokens]
+        return [r[chosen].flatten(0, 1) for r in features]
 
     def _finish(self, k: int) -> Adapter:
         m, c = self.model, self.config
         probe_end = self.probe_loss(k)
         slot = self.slots.pop(k)
-        tensors = self.weights.export_slot(k, m.prompt, self.reference_tokens(slot))
+        tensors = self.weights.export_slot(k, m.prompt, self.reference_tokens(slot.ref_tokens))
         tail = slot.curve[-10:]
         losses = {**slot.parts, "total_last10": float(np.mean(tail)) if tail else float("nan"),
                   "probe_start": slot.probe_start, "probe_end": probe_end,

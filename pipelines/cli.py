@@ -57,7 +57,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     from pfstorer.errors import PFStorerError
     from pipelines.manifest import manifest_hash
-    from pipelines.run import ensure_ray
+    from pipelines.cluster import ensure_ray
     from pipelines.validate import validate_from_settings, write_quarantine
 
     settings = _settings(args, ray_address=getattr(args, "ray_address", None))
@@ -190,7 +190,7 @@ def _cmd_restore_batch(args: argparse.Namespace) -> int:
     import pyarrow.compute as pc
 
     from pipelines.batch_restore import restore_manifest
-    from pipelines.run import ensure_ray
+    from pipelines.cluster import ensure_ray
 
     settings = Settings.load(
         args.config,

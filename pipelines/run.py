@@ -42,6 +42,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from pipelines.cluster import check_capacity, cluster_address, ensure_ray
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -300,9 +302,10 @@ def prepare_run(
     ``overrides``: :class:`pfstorer.settings.Settings` fields (``base``, ``store_url``,
     ``tracking_uri``, ``index_url``, ``storage_options``, ``state_dir``, ``workers``...) and
     ``steps``. Validation runs on Ray Data: Ray is joined or started here (and, if started here,
-    shut down by :func:`execute_run`); the base model is loaded once on the CPU for its fingerprint.
+    shut down by :func:`execute_run`); the base's fingerprint is read from its weights' header
+    (:func:`pfstorer.model.base_fingerprint`), so the driver never holds the weights.
     """
-    from pfstorer.model import load_base
+    from pfstorer.model import base_fingerprint
     from pipelines.manifest import manifest_hash
     from pipelines.validate import validate_from_settings, write_quarantine
     from registry import IndexEntry, model_name
@@ -318,6 +321,8 @@ def prepare_run(
     t0 = time.perf_counter()
     owns_ray = ensure_ray(settings)
     try:
+        if cluster_address(settings):
+            check_capacity(settings)  # a cluster that starts with a 0-CPU head grows first
         validation = validate_from_settings(manifest_url, settings)
     except BaseException:
         if owns_ray:
@@ -332,10 +337,8 @@ def prepare_run(
 
     # job keys, skips
     t0 = time.perf_counter()
-    base = load_base(settings.base, weights=settings.base_weights, device="cpu")
-    fingerprint = base.fingerprint
-    preset, licence = base.config.name, str(getattr(base.config, "license", ""))
-    del base
+    base_config, fingerprint = base_fingerprint(settings.base, weights=settings.base_weights)
+    preset, licence = base_config.name, str(getattr(base_config, "license", ""))
     config = settings.personalize
     key_config = config.model_dump(mode="json")
     if dry_train:
@@ -474,19 +477,6 @@ def _shutdown_ray() -> None:
     ray.shutdown()
 
 
-def ensure_ray(settings: Any) -> bool:
-    """Connect to ``settings.ray_address`` or start a local Ray on 127.0.0.1; True if started."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if settings.ray_address:
-        ray.init(address=settings.ray_address, log_to_driver=False)
-    else:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    return True
-
-
 def execute_run(
     plan: RunPlan,
     *,
@@ -575,16 +565,8 @@ def _train(
     if job_retries is None:
         job_retries = min(max(s.max_retries, 0), 3)
     try:
-        if (started_ray or plan.owns_ray) and not s.ray_address:
-            have = ray.cluster_resources().get("CPU", 0)
-            need = s.workers * s.cpus_per_worker
-            if need > have:
-                from pfstorer.errors import PFStorerError
-
-                raise PFStorerError(
-                    f"{s.workers} workers x {s.cpus_per_worker} CPUs need {need} CPUs; "
-                    f"this machine's Ray has {have:g}: lower --workers or --cpus-per-worker"
-                )
+        if started_ray or plan.owns_ray or cluster_address(s):
+            check_capacity(s)
         lineage = {
             "manifest_uri": plan.manifest_url,
             "manifest_hash": plan.manifest_hash,
@@ -771,19 +753,24 @@ def register_cli(subparsers: Any) -> None:
         "0: everyone done or skipped; 1: someone failed; 2: a user error. Defaults come from "
         "pfstorer's settings (PFSTORER_* environment, --config file, local state dir).",
     )
+    from pfstorer.settings import Settings
+
+    d = {name: f.default for name, f in Settings.model_fields.items()}  # help shows the real defaults
     p.add_argument("--manifest", required=True, metavar="URL", help="Parquet manifest (fsspec URL)")
-    p.add_argument("--base", help="base preset or checkpoint (settings: tiny)")
+    p.add_argument("--base", help=f"base preset or checkpoint (settings: base, {d['base']})")
     p.add_argument("--base-weights", metavar="URL", help="weights for the preset (sd21)")
     p.add_argument("--store", metavar="URL", help="artifact store (default {state_dir}/adapters)")
     p.add_argument("--tracking-uri", metavar="URI", help="MLflow (default sqlite in the state dir)")
     p.add_argument("--index", metavar="URL", help="adapter index (default {state_dir}/index.parquet)")
-    p.add_argument("--steps", type=int, help="personalization steps per person (settings: 500)")
-    p.add_argument("--ray-address", metavar="ADDR", help="Ray cluster (default: local Ray on 127.0.0.1)")
-    p.add_argument("--workers", type=int, help="Ray Train workers (settings: 1)")
+    p.add_argument("--steps", type=int, help="personalization steps per person (settings: personalize.steps, "
+                   f"{Settings.model_fields['personalize'].default_factory().steps})")
+    p.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
+    p.add_argument("--workers", type=int, help=f"Ray Train workers (settings: workers, {d['workers']})")
     p.add_argument("--pack", type=int, default=4, help="people trained together per worker (4)")
-    p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (settings: 1)")
-    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (settings: 0)")
-    p.add_argument("--max-retries", type=int, help="worker-group restarts; also per-person retries (settings: 2)")
+    p.add_argument("--cpus-per-worker", type=float, help=f"CPUs per worker (settings: cpus_per_worker, {d['cpus_per_worker']:g})")
+    p.add_argument("--gpus-per-worker", type=float, help=f"GPUs per worker (settings: gpus_per_worker, {d['gpus_per_worker']:g})")
+    p.add_argument("--max-retries", type=int, help="worker-group restarts; also per-person retries "
+                   f"(settings: max_retries, {d['max_retries']})")
     p.add_argument("--quarantine-out", metavar="URL", help="quarantine Parquet (default in the run's state dir)")
     p.add_argument("--train-storage", metavar="URL", help="Ray Train storage (default {state_dir}/ray-train)")
     p.add_argument("--state-dir", metavar="DIR", help="local state (default .pfstorer-state)")

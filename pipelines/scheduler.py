@@ -606,7 +606,9 @@ class _Worker:
         t = self.packed
         if self._dry_template is None:
             t.weights.init_slot(0, torch.Generator().manual_seed(0), self.model.prompt)
-            self._dry_template = [torch.zeros_like(x) for x in t.reference_tokens(pj.references)]
+            with torch.no_grad():  # the real shapes: one forward of the references, no training
+                features = t.reference_features([r.float() for r in pj.references])
+            self._dry_template = [torch.zeros_like(x) for x in t.reference_tokens(features)]
         seed = int(job["job_key"][:8], 16)
         with torch.no_grad():
             t.weights.init_slot(0, torch.Generator().manual_seed(seed), self.model.prompt)

@@ -129,6 +129,25 @@ def test_base_saved_in_float16_loads_with_the_fingerprint_of_its_header(tmp_path
     assert load_base(str(full)).fingerprint == model.fingerprint
 
 
+def test_a_planner_reads_the_fingerprint_from_the_header_without_the_weights(tmp_path):
+    """What `pfstorer run`'s driver does: the header names the base; a header written for
+    another config (or none) is not trusted, the weights are hashed instead."""
+    from safetensors.torch import load_file, save_file
+
+    from pfstorer.model import base_fingerprint
+
+    model = load_base("tiny")
+    ckpt = model.save(tmp_path / "ckpt")
+    assert base_fingerprint(str(ckpt)) == (model.config, model.fingerprint)
+    assert base_fingerprint("tiny", weights=str(ckpt))[1] == model.fingerprint
+    tensors = load_file(ckpt / "model.safetensors")
+    save_file(tensors, ckpt / "model.safetensors", metadata={"fingerprint": "f" * 32})
+    assert base_fingerprint(str(ckpt))[1] == "f" * 32  # read from the header, not computed
+    save_file(tensors, ckpt / "model.safetensors")  # no fingerprint in the header
+    assert base_fingerprint(str(ckpt))[1] == model.fingerprint
+    assert base_fingerprint("compact")[1] == load_base("compact").fingerprint  # saved with another adapter config
+
+
 def test_training_is_seeded(tiny, people):
     name, refs = next(iter(people.items()))
     cfg = PersonalizeConfig(steps=2, seed=11)
