@@ -2,6 +2,7 @@
 
 Submodules (import what you need; nothing heavy is imported here):
 
+- :mod:`pipelines.cluster` - joining a Ray cluster (or starting one here) and waiting for workers.
 - :mod:`pipelines.manifest` - the manifest schema (pydantic + pyarrow), read/write, hashing.
 - :mod:`pipelines.probe` - judging one photo (a stat, then a read only if it changed).
 - :mod:`pipelines.validate` - checks before any training, on Ray Data; bad rows become

@@ -53,19 +53,16 @@ def _add_endpoint(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    import ray
-
     from pfstorer.errors import PFStorerError
+    from pipelines.cluster import using_ray
     from pipelines.manifest import manifest_hash
-    from pipelines.cluster import ensure_ray
     from pipelines.validate import validate_from_settings, write_quarantine
 
     settings = _settings(args, ray_address=getattr(args, "ray_address", None))
     opts = dict(settings.storage_options)
     if args.s3_endpoint_url:
         opts["endpoint_url"] = args.s3_endpoint_url
-    with stdout_to_stderr(args.json):
-        started = ensure_ray(settings)
+    with stdout_to_stderr(args.json), using_ray(settings):
         try:
             result = validate_from_settings(
                 args.url, settings, min_refs=args.min_refs, max_refs=args.max_refs,
@@ -74,9 +71,6 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         except PFStorerError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        finally:
-            if started:
-                ray.shutdown()
     table = result.manifest
     summary = {"manifest": args.url, "rows": table.num_rows, "hash": manifest_hash(table)}
     summary.update(result.summary())
@@ -190,7 +184,7 @@ def _cmd_restore_batch(args: argparse.Namespace) -> int:
     import pyarrow.compute as pc
 
     from pipelines.batch_restore import restore_manifest
-    from pipelines.cluster import ensure_ray
+    from pipelines.cluster import using_ray
 
     settings = Settings.load(
         args.config,
@@ -203,8 +197,7 @@ def _cmd_restore_batch(args: argparse.Namespace) -> int:
     opts = dict(settings.storage_options)
     if args.s3_endpoint_url:
         opts["endpoint_url"] = args.s3_endpoint_url
-    with stdout_to_stderr(args.json):
-        started = ensure_ray(settings)
+    with stdout_to_stderr(args.json), using_ray(settings):
         try:
             report = restore_manifest(
                 args.manifest,
@@ -234,11 +227,6 @@ def _cmd_restore_batch(args: argparse.Namespace) -> int:
         except PFStorerError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        finally:
-            if started:
-                import ray
-
-                ray.shutdown()
     if args.json:
         print(json.dumps(report.summary(), indent=2))
     else:

@@ -8,14 +8,16 @@ a job asks the autoscaler for what it needs and waits, saying so, up to ``worker
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from pfstorer.errors import PFStorerError
 
-__all__ = ["check_capacity", "cluster_address", "ensure_ray", "wait_for_workers"]
+__all__ = ["check_capacity", "cluster_address", "ensure_ray", "using_ray", "wait_for_workers"]
 
 SAY_EVERY_S = 10.0
 
@@ -39,6 +41,19 @@ def ensure_ray(settings: Any) -> bool:
     else:
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     return True
+
+
+@contextlib.contextmanager
+def using_ray(settings: Any) -> Iterator[None]:
+    """Ray for the length of a command: :func:`ensure_ray`, then shut down if started here."""
+    started = ensure_ray(settings)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 def wait_for_workers(
