@@ -146,7 +146,7 @@ class ArtifactStore:
         limit = self.STALE_UPLOAD_S if older_than_s is None else older_than_s
         root = self._identity_path(tenant, identity)
         try:
-            entries = self.fs.ls(root, detail=True, refresh=True) if self.fs.exists(root) else []
+            entries = self.fs.ls(root, detail=True, refresh=True)
         except (FileNotFoundError, NotADirectoryError):
             return 0
         removed = 0
