@@ -13,15 +13,18 @@ multiplexed LRU cannot evict one of them for another: each is more recently used
 adapter outside the run, and the run has no more people than there are slots. That, and holding
 the replica's one turn from the first acquisition to the end of the run, is what pins the slots.
 
-Pure functions, no Ray: unit-tested alone.
+Pure functions and records, no Ray or torch: unit-tested alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["batch_signature", "plan_runs"]
+from pfstorer.deadline import Deadline
+
+__all__ = ["BatchJob", "BatchStats", "batch_signature", "plan_runs"]
 
 
 def batch_signature(shape: Sequence[int], params: Mapping[str, Any]) -> tuple[Hashable, ...]:
@@ -57,3 +60,33 @@ def plan_runs(items: Sequence[tuple[Hashable, str]], max_people: int) -> list[li
         else:
             runs.append((sig, {key} if key else set(), [i]))
     return [members for _, _, members in runs]
+
+
+class BatchStats:
+    """What the batch queue formed: batches, runs (one ``restore_batch`` call each), rows."""
+
+    def __init__(self) -> None:
+        self.batches = self.runs = self.rows = self.mixed_runs = self.largest_run = 0
+
+    def record(self, keys: list[str], runs: list[list[int]]) -> None:
+        self.batches += 1
+        self.rows += len(keys)
+        self.runs += len(runs)
+        for run in runs:
+            self.largest_run = max(self.largest_run, len(run))
+            self.mixed_runs += len({keys[i] for i in run}) > 1
+
+    def summary(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+@dataclasses.dataclass(eq=False)
+class BatchJob:
+    """One request waiting in the replica's batch queue."""
+
+    key: str  # "tenant/identity", "" = base only
+    entry: Any  # its adapter index entry (None for base only)
+    image: Any  # a uint8 tensor [3,H,W]
+    params: dict[str, Any]
+    since: float  # when the request reached the replica
+    deadline: Deadline = dataclasses.field(default_factory=Deadline)

@@ -1,0 +1,217 @@
+"""The HTTP contract of the server: request and response models, the FastAPI app whose routes
+the Gateway fills, error answers and content negotiation.
+
+Errors are JSON ``{"detail": "..."}``; :func:`error_response` maps a :class:`PFStorerError` to
+its status (``status`` attribute; 409 for an adapter of another base; one 404 body for an
+unknown identity and another tenant's). Nothing here touches the model or Ray.
+"""
+
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+
+from pfstorer.errors import AdapterMismatchError, TooLargeError
+from serving.adapters import NOT_FOUND_MESSAGE, AdapterNotFound
+
+__all__ = [
+    "ADAPTER_HEADER",
+    "AUTH",
+    "BASE_HEADER",
+    "CLIENT_GONE",
+    "ErrorBody",
+    "Health",
+    "IdentityInfo",
+    "IdentityList",
+    "Readiness",
+    "RestoreParams",
+    "api",
+    "check_budget",
+    "error_doc",
+    "error_response",
+    "json_error",
+    "negotiate",
+    "not_found",
+    "restore_form_schema",
+    "unwrap",
+]
+
+MAX_STEPS = 1000
+MAX_SCALE = 8.0
+CLIENT_GONE = 499  # "client closed request": logged, never a 5xx
+ADAPTER_HEADER = "X-PFStorer-Adapter"
+BASE_HEADER = "X-PFStorer-Base"
+
+
+class RestoreParams(BaseModel):
+    """Form fields of ``POST /v1/restore`` (besides the ``image`` file)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not ignored
+
+    identity: str | None = Field(
+        None,
+        description="The person (of the caller's tenant) whose adapter to use; empty or absent: "
+        "the base model only.",
+        max_length=128,
+    )
+    scale: float = Field(1.0, gt=0, le=MAX_SCALE, description="Upscaling factor (super-resolution).")
+    steps: int | None = Field(
+        None, ge=1, le=MAX_STEPS,
+        description="Denoising steps (default: the server's serve.default_steps, else the base's).",
+    )
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="Noise seed; the same seed gives the same PNG.")
+    strength: float = Field(
+        1.0, ge=0, le=1, description="How much of the person's adapter to apply (scales its gates alpha): "
+        "0 is the base model bit for bit, 1 the adapter as trained.",
+    )
+    color_fix: Literal["wavelet", "adain", "none"] = Field(
+        "wavelet", description="Match the input's colours after stitching the tiles."
+    )
+    sampler: Literal["ddim", "ddpm"] | None = Field(None, description="Diffusion sampler (default: the base's).")
+    t_start: int | None = Field(
+        None, ge=1, le=MAX_STEPS,
+        description="Timestep sampling starts from: below the schedule's length (1000) the LQ diffused "
+        "to it, at 1000 pure noise (default: the base's).",
+    )
+    format: Literal["png", "jpeg", "webp"] | None = Field(
+        None, description="Output format (default: from the Accept header, else png).",
+    )
+    quality: int | None = Field(
+        None, ge=1, le=100, description="JPEG/WebP quality (default: the server's serve.output_quality).",
+    )
+
+
+class ErrorBody(BaseModel):
+    detail: Any = Field(description="What went wrong (a sentence, or validation errors).")
+
+
+class IdentityInfo(BaseModel):
+    identity: str
+    version: int = Field(description="Adapter version (MLflow registered-model version).")
+    adapter: str = Field(description="tenant/identity@version, as in X-PFStorer-Adapter.")
+    updated_at: str | None = None
+
+
+class IdentityList(BaseModel):
+    tenant: str
+    identities: list[IdentityInfo]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    detail: str | None = None
+    base: str | None = Field(None, description="Base model fingerprint.")
+    preset: str | None = None
+    device: str | None = None
+    adapter_slots: int | None = None
+    torch_threads: int | None = None
+    max_batch_size: int | None = Field(None, description="Requests restored together (1: alone).")
+    compile: str | None = Field(None, description="torch.compile mode of the denoiser (None: eager).")
+    busy: bool = False
+
+
+def restore_form_schema() -> dict[str, Any]:
+    props: dict[str, Any] = {
+        "image": {
+            "type": "string",
+            "format": "binary",
+            "description": "The photo (PNG, JPEG, WebP, AVIF, BMP or TIFF; HEIC with the heic extra).",
+        }
+    }
+    for name, spec in RestoreParams.model_json_schema()["properties"].items():
+        spec = dict(spec)
+        spec.pop("title", None)
+        if "anyOf" in spec:  # Optional[...] -> the non-null branch
+            inner = next((s for s in spec.pop("anyOf") if s.get("type") != "null"), {})
+            spec = {**inner, **spec}
+        props[name] = spec
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "required": ["image"], "properties": props}
+                }
+            },
+        }
+    }
+
+
+def error_doc(status: int, description: str) -> dict[str, Any]:
+    return {"model": ErrorBody, "description": description}
+
+
+api = FastAPI(
+    title="pfstorer",
+    version="0.1.0",
+    summary="Personalized face restoration (PFStorer, CVPR 2024) as a multi-tenant HTTP API.",
+    description=(
+        "Restore a degraded photo of a person with that person's own adapter on a shared base "
+        "model. Authenticate with `Authorization: Bearer <key>` or `X-API-Key: <key>`; a key "
+        "belongs to one tenant and reaches that tenant's people only."
+    ),
+    openapi_tags=[
+        {"name": "restore", "description": "Restoration."},
+        {"name": "identities", "description": "People with an adapter."},
+        {"name": "health", "description": "Liveness and readiness probes."},
+    ],
+)
+_bearer = HTTPBearer(auto_error=False, description="API key as a bearer token.")
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key.")
+AUTH = [Depends(_bearer), Depends(_api_key)]  # parsed for the OpenAPI schema; checked below
+
+
+def json_error(status: int, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def not_found() -> JSONResponse:
+    return json_error(404, NOT_FOUND_MESSAGE)
+
+
+def check_budget(out_pixels: int, steps: int, limit: int) -> None:
+    """Refuse a restore whose output pixels x denoising steps exceed ``limit`` (413)."""
+    if out_pixels * steps > limit:
+        raise TooLargeError(f"{out_pixels:,} output pixels x {steps} steps = {out_pixels * steps:,} is over the "
+                            f"compute budget of {limit:,} pixel-steps per request (serve.max_pixel_steps)")
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The user's exception behind a Ray task error (``RayTaskError(cause)``)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """A PFStorerError -> its HTTP answer (AdapterNotFound -> the one 404 body)."""
+    if isinstance(exc, AdapterNotFound):
+        return not_found()
+    status = 409 if isinstance(exc, AdapterMismatchError) else int(getattr(exc, "status", 400))
+    return json_error(status, str(exc))
+
+
+_ACCEPTED = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
+
+
+def negotiate(accept: str | None) -> str:
+    """png, jpeg or webp from an ``Accept`` header (highest q first, then order); png otherwise."""
+    best, best_q = "png", 0.0
+    for part in (accept or "").split(","):
+        media, *opts = (x.strip() for x in part.split(";"))
+        q = 1.0
+        for o in opts:
+            if o.startswith("q="):
+                try:
+                    q = float(o[2:])
+                except ValueError:
+                    q = 0.0
+        fmt = _ACCEPTED.get(media.lower())
+        if fmt is not None and q > best_q:
+            best, best_q = fmt, q
+    return best

@@ -1,0 +1,352 @@
+"""The HTTP ingress: API key -> tenant, limits, tenant scoping, back-pressure.
+
+The Gateway reads only the photo's header (limits, compute budget) and forwards the encoded
+bytes to a ``Restorer`` replica chosen by the multiplexed model id ``"tenant/identity"``; an
+identity is resolved inside the caller's tenant first, so another tenant's person is a 404.
+"""
+
+import asyncio
+import collections
+import logging
+import math
+import time
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from ray import serve
+
+from pfstorer.errors import PFStorerError
+from pfstorer.settings import Settings
+from serving.api import (
+    ADAPTER_HEADER,
+    AUTH,
+    BASE_HEADER,
+    CLIENT_GONE,
+    ErrorBody,
+    Health,
+    IdentityInfo,
+    IdentityList,
+    Readiness,
+    RestoreParams,
+    api,
+    check_budget,
+    error_doc,
+    error_response,
+    json_error,
+    negotiate,
+    not_found,
+    restore_form_schema,
+    unwrap,
+)
+from serving.auth import ApiKeys, extract_key
+
+log = logging.getLogger("pfstorer.serving")
+
+__all__ = ["Gateway"]
+
+
+async def _once(data: bytes):  # an async byte stream for the multipart parser
+    yield data
+
+
+@serve.ingress(api)
+class Gateway:
+    """HTTP ingress: auth, limits, tenant scoping, back-pressure; the model work is Restorer's."""
+
+    def __init__(self, restorer: Any, settings: Settings) -> None:
+        from pfstorer.images import ImageLimits
+        from registry import AdapterRegistry
+
+        self.restorer = restorer
+        self.settings = settings
+        self.keys = ApiKeys.configured(settings.serve.api_keys_file)
+        # read-only: MLflow stays off the request path
+        self.registry = AdapterRegistry.from_settings(settings, read_only=True,
+                                                      index_max_age_s=settings.serve.index_max_age_s)
+        s = settings.serve
+        self.limits = ImageLimits(max_bytes=s.max_upload_bytes, max_pixels=s.max_pixels)
+        self._latency_s = 1.0  # moving average of restore latency, for Retry-After
+        self._inflight: collections.Counter[str] = collections.Counter()  # restores per tenant
+        from pfstorer.presets import PRESETS
+
+        preset = PRESETS.get(settings.base)  # a checkpoint base: the replica checks the budget itself
+        self._preset_steps = preset.sampling.steps if preset is not None else 1
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _tenant(self, request: Request) -> str | None:
+        return self.keys.tenant_for(extract_key(request.headers))
+
+    @staticmethod
+    def _unauthorized() -> JSONResponse:
+        return json_error(401, "missing or unknown API key", {"WWW-Authenticate": "Bearer"})
+
+    def _retry_after(self) -> str:
+        return str(int(min(60, max(1, math.ceil(self._latency_s)))))
+
+    def _overloaded(self) -> JSONResponse:
+        ra = self._retry_after()
+        return json_error(503, f"overloaded: too many requests queued; retry in {ra} s", {"Retry-After": ra})
+
+    async def _read_body(self, request: Request) -> bytes | JSONResponse:
+        """The body, within ``serve.max_upload_bytes`` and ``serve.body_timeout_s`` (408 after it:
+        a stalled upload must not hold a request slot forever)."""
+        from starlette.requests import ClientDisconnect
+
+        limit = self.settings.serve.max_upload_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                n = int(declared)
+            except ValueError:
+                return json_error(400, "invalid Content-Length")
+            if n > limit:  # refused before reading a byte
+                return json_error(413, f"request body is {n} bytes, over the limit of {limit}")
+        body = bytearray()
+        timeout = self.settings.serve.body_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limit:  # chunked or lying uploads: stop reading
+                        return json_error(413, f"request body is over the limit of {limit} bytes")
+        except TimeoutError:
+            return json_error(408, f"the request body did not arrive within {timeout:g} s", {"Connection": "close"})
+        except ClientDisconnect:
+            log.info("client disconnected during upload")
+            return json_error(CLIENT_GONE, "client disconnected during upload")
+        return bytes(body)
+
+    def _admit(self, tenant: str) -> JSONResponse | None:
+        """Count the tenant's request in, or 429 if it already has its share in flight."""
+        cap = self.settings.serve.max_tenant_requests
+        if self._inflight[tenant] >= cap:
+            ra = self._retry_after()
+            return json_error(429, f"too many requests in flight for this tenant (limit {cap}); retry in {ra} s",
+                               {"Retry-After": ra})
+        self._inflight[tenant] += 1
+        return None
+
+    def _release(self, tenant: str) -> None:
+        self._inflight[tenant] -= 1
+        if self._inflight[tenant] <= 0:
+            del self._inflight[tenant]
+
+    # -- endpoints ------------------------------------------------------------------------------
+    @api.get("/healthz", tags=["health"], response_model=Health, summary="Liveness")
+    async def healthz(self) -> Health:
+        """The ingress is running (says nothing about the model: see /readyz)."""
+        return Health(status="ok")
+
+    @api.get(
+        "/readyz",
+        tags=["health"],
+        response_model=Readiness,
+        summary="Readiness",
+        responses={503: {"model": Readiness, "description": "Model not loaded or index unreadable."}},
+    )
+    async def readyz(self) -> Any:
+        """200 once a model replica has its base loaded and the adapter index is readable."""
+        from ray.serve.exceptions import BackPressureError
+
+        try:
+            await asyncio.to_thread(self.registry.index.refresh, True)
+        except Exception as exc:
+            return JSONResponse(Readiness(ready=False, detail=f"adapter index unreadable: {exc}").model_dump(), 503)
+        try:
+            info = await asyncio.wait_for(self.restorer.ready.remote(), timeout=10)
+        except BackPressureError:  # replicas exist and are busy: ready, just full
+            return Readiness(ready=True, busy=True, detail="model replicas busy")
+        except Exception as exc:
+            detail = str(unwrap(exc)) or type(exc).__name__
+            return JSONResponse(Readiness(ready=False, detail=f"model not ready: {detail}").model_dump(), 503)
+        return Readiness(**info)
+
+    @api.get(
+        "/v1/identities",
+        tags=["identities"],
+        response_model=IdentityList,
+        dependencies=AUTH,
+        summary="People of the caller's tenant",
+        responses={401: error_doc(401, "Missing or unknown API key.")},
+    )
+    async def identities(self, request: Request) -> Any:
+        """Every person of the caller's tenant that has an adapter in the index."""
+        tenant = self._tenant(request)
+        if tenant is None:
+            return self._unauthorized()
+        entries = await asyncio.to_thread(self.registry.index.list, tenant)
+        return IdentityList(
+            tenant=tenant,
+            identities=[
+                IdentityInfo(
+                    identity=e.identity,
+                    version=e.version,
+                    adapter=e.label,
+                    updated_at=e.updated_at.isoformat() if e.updated_at else None,
+                )
+                for e in entries
+            ],
+        )
+
+    @api.post(
+        "/v1/restore",
+        tags=["restore"],
+        dependencies=AUTH,
+        summary="Restore a photo, with a person's adapter",
+        response_class=Response,
+        openapi_extra=restore_form_schema(),
+        responses={
+            200: {
+                "content": {m: {"schema": {"type": "string", "format": "binary"}}
+                            for m in ("image/png", "image/jpeg", "image/webp")},
+                "description": "The restored image: PNG, JPEG or WebP (the `format` field, else `Accept`).",
+                "headers": {
+                    ADAPTER_HEADER: {
+                        "description": "Adapter used: tenant/identity@version, or none.",
+                        "schema": {"type": "string"},
+                    },
+                    BASE_HEADER: {"description": "Base model fingerprint.", "schema": {"type": "string"}},
+                },
+            },
+            400: error_doc(400, "Corrupt image or malformed form."),
+            401: error_doc(401, "Missing or unknown API key."),
+            404: error_doc(404, "Unknown identity (also: another tenant's)."),
+            408: error_doc(408, "The request body did not arrive within serve.body_timeout_s."),
+            409: error_doc(409, "The adapter was trained on a different base model."),
+            413: error_doc(413, "Body or image over the size/pixel limits (refused before decoding), or output "
+                      "pixels x steps over the compute budget (serve.max_pixel_steps)."),
+            415: error_doc(415, "Not a supported image type (HEIC needs the heic extra), or not multipart/form-data."),
+            422: error_doc(422, "Invalid parameter values or adapter."),
+            429: {
+                "model": ErrorBody,
+                "description": "This tenant already has serve.max_tenant_requests restores in flight.",
+                "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+            },
+            503: {
+                "model": ErrorBody,
+                "description": "Overloaded, the adapter index unreadable, or the restore ran past its "
+                "deadline (serve.request_timeout_s) and was stopped.",
+                "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+            },
+        },
+    )
+    async def restore(self, request: Request) -> Response:
+        """Restore one photo. With ``identity``, the person's adapter (of the caller's tenant)
+        is used; without, the base model alone. Images of any size are restored in tiles, within
+        the server's compute budget and deadline."""
+        tenant = self._tenant(request)  # before reading the body
+        if tenant is None:
+            return self._unauthorized()
+        refused = self._admit(tenant)
+        if refused is not None:
+            return refused
+        try:
+            return await self._restore(request, tenant, time.monotonic())
+        finally:
+            self._release(tenant)
+
+    async def _restore(self, request: Request, tenant: str, arrived: float) -> Response:
+        from pfstorer.images import probe_image
+        from pfstorer.sampling import MAX_OUTPUT_PIXELS
+        from registry import is_safe_key, model_key
+        from ray.serve.exceptions import BackPressureError
+        from starlette.datastructures import UploadFile
+        from starlette.formparsers import MultiPartException, MultiPartParser
+
+        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            return json_error(415, "send multipart/form-data with an 'image' file field")
+        body = await self._read_body(request)
+        if isinstance(body, JSONResponse):
+            return body
+        try:
+            form = await MultiPartParser(
+                request.headers, _once(body), max_files=1, max_fields=16, max_part_size=64 * 1024
+            ).parse()
+        except (MultiPartException, ValueError, KeyError) as exc:
+            return json_error(400, f"malformed multipart body: {exc}")
+        try:
+            upload = form.get("image")
+            if not isinstance(upload, UploadFile):
+                return json_error(422, "the form needs an 'image' file field")
+            fields = {k: v for k, v in form.items() if k != "image" and isinstance(v, str) and v != ""}
+            try:
+                params = RestoreParams.model_validate(fields)
+            except ValidationError as exc:
+                errors = [{"loc": e["loc"], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+                return json_error(422, errors)
+            data = await upload.read()
+        finally:
+            await form.close()
+
+        key = ""
+        if params.identity:
+            if not is_safe_key(params.identity):
+                return not_found()
+            try:
+                entry = await asyncio.to_thread(self.registry.resolve, tenant, params.identity)
+            except Exception as exc:  # a damaged or missing index file: the server's problem, for now
+                log.warning("adapter index unreadable: %s", exc)
+                return json_error(503, "the adapter index is not readable right now; retry later",
+                                   {"Retry-After": self._retry_after()})
+            if entry is None:  # nonexistent or another tenant's: the same answer
+                return not_found()
+            key = model_key(tenant, params.identity)
+        try:  # the header only: the photo crosses to the model encoded, and is decoded there
+            h, w = await asyncio.to_thread(probe_image, data, limits=self.limits, name="image")
+        except PFStorerError as exc:
+            return error_response(exc)
+        s = self.settings.serve
+        out_px = round(h * params.scale) * round(w * params.scale)
+        if out_px > MAX_OUTPUT_PIXELS:
+            return json_error(413, f"output of {w}x{h} at scale {params.scale} would be too large")
+        try:
+            check_budget(out_px, params.steps or s.default_steps or self._preset_steps, s.max_pixel_steps)
+        except PFStorerError as exc:
+            return error_response(exc)
+        p = params.model_dump()
+        p["steps"] = params.steps or s.default_steps
+        p["format"] = params.format or negotiate(request.headers.get("accept"))
+        p["deadline_s"] = max(0.0, s.request_timeout_s - (time.monotonic() - arrived))
+        t0 = time.perf_counter()
+        response = self.restorer.options(multiplexed_model_id=key).restore.remote(data, p)
+        try:
+            result = await response
+        except asyncio.CancelledError:  # the client hung up: stop the model's work too
+            response.cancel()
+            log.info("client disconnected; restore cancelled")
+            raise
+        except BackPressureError:
+            return self._overloaded()
+        except Exception as exc:
+            cause = unwrap(exc)
+            if isinstance(cause, BackPressureError):
+                return self._overloaded()
+            if isinstance(cause, PFStorerError):
+                return error_response(cause)
+            from ray.serve.exceptions import DeploymentUnavailableError, RequestCancelledError
+
+            if isinstance(cause, RequestCancelledError):
+                return json_error(CLIENT_GONE, "request cancelled")
+            if isinstance(cause, DeploymentUnavailableError):
+                ra = self._retry_after()
+                return json_error(503, "model unavailable", {"Retry-After": ra})
+            log.exception("restore failed")
+            return json_error(500, "internal error")
+        elapsed = time.perf_counter() - t0
+        self._latency_s = 0.8 * self._latency_s + 0.2 * elapsed
+        return Response(
+            content=result["body"],
+            media_type=result["media_type"],
+            headers={
+                ADAPTER_HEADER: result["adapter"],
+                BASE_HEADER: result["base"],
+                "X-PFStorer-Seed": str(params.seed),
+                "X-PFStorer-Steps": str(result["steps"]),
+                "Server-Timing": f"queue;dur={result['queue_s'] * 1e3:.1f}, "
+                f"restore;dur={result['compute_s'] * 1e3:.1f}, total;dur={elapsed * 1e3:.1f}",
+                "Cache-Control": "no-store",
+                "Vary": "Accept",
+            },
+        )
