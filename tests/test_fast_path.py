@@ -92,10 +92,17 @@ def test_bf16_autocast_runs_the_base_in_bf16_and_keeps_adapters_fp32(lfw_bench):
     for a, b in zip(fp32, bf16, strict=True):
         for key, value in b.tensors.items():
             assert value.dtype == torch.float32 and torch.isfinite(value).all(), key
-        # rounding differs, the method does not: alpha starts at 0 and Adam moves it by <= ~lr a step
-        alpha = max(float((b.tensors[k] - v).abs().max()) for k, v in a.tensors.items() if k.endswith("alpha"))
-        rel = max(float((b.tensors[k] - v).norm() / v.norm()) for k, v in a.tensors.items() if not k.endswith("alpha"))
-        assert 0 < rel < 5e-2 and alpha <= 2 * 2 * PersonalizeConfig().alpha_lr, (rel, alpha)
+        # rounding differs, the method does not. Both runs start from the same weights and Adam
+        # moves an element by about its lr per step whatever the gradient's size, so after 2
+        # steps the trained tensors differ by at most 2 runs x 2 steps x lr per element (alpha:
+        # alpha_lr). The cached reference/text keys and values (ref_*, txt_*) are those weights
+        # applied to features, so they are not bounded by lr and are not compared here.
+        cfg = PersonalizeConfig()
+        trained = [k for k in a.tensors if not k.rsplit(".", 1)[-1].startswith(("ref_", "txt_"))]
+        diff = {k: float((b.tensors[k] - a.tensors[k]).abs().max()) for k in trained}
+        alpha = max(d for k, d in diff.items() if k.endswith("alpha"))
+        rest = max(d for k, d in diff.items() if not k.endswith("alpha"))
+        assert 0 < rest <= 2 * 2 * cfg.lr and alpha <= 2 * 2 * cfg.alpha_lr, (rest, alpha)
 
 
 def test_compiled_restore_pads_tile_batches_to_one_graph(lfw_bench):
