@@ -68,18 +68,18 @@ def queue_rpc_cost(n: int, pack: int) -> dict[str, float]:
     """The queue actor alone (no registry): a worker's calls per identity, timed from here."""
     import ray
 
-    from pipelines.scheduler import make_job_queue
+    from pipelines.job_queue import make_job_queue
+    from pipelines.records import PersonJob, StoredAdapter
 
-    jobs = [{"job_id": f"{i:06d}", "tenant": "t", "identity": f"p{i}", "job_key": f"k{i}",
-             "refs": []} for i in range(n)]
+    jobs = [PersonJob(f"{i:06d}", "t", f"p{i}", f"k{i}", ()) for i in range(n)]
     q = make_job_queue(jobs, None, report_interval_s=1e9)
     wid = ray.get(q.register.remote(0, os.getpid(), "bench", "g"))
     t0 = time.perf_counter()
     done = 0
     while done < n:
         s = ray.get(q.sync.remote(wid, 0, pack, 1))
-        for job in s["jobs"]:
-            ray.get(q.handoff.remote(wid, job["job_id"], {"uri": "u", "sha256": "s", "meta": {}}))
+        for lease in s.leases:
+            ray.get(q.handoff.remote(wid, lease.job.job_id, StoredAdapter("u", "s", {})))
             done += 1
     dt = time.perf_counter() - t0
     ray.get(q.close.remote())
@@ -131,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
 
     marks: dict[str, float] = {}
 
-    def on_progress(snap: dict) -> None:
+    def on_progress(snap) -> None:
         now = time.perf_counter()
-        if snap["workers"] and "workers" not in marks:
+        if snap.workers and "workers" not in marks:
             marks["workers"] = now
-        settled = snap["done"] + snap["failed"]
+        settled = snap.done + snap.failed
         if settled and "first_done" not in marks:
             marks["first_done"] = now
         if settled:
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             f"registry, not the GPUs, would set the pace ({ids * serial_ms / 1000 / 3600:.1f} h). "
             f"The remedy (not measured here): an MLflow server on Postgres, several publisher "
             f"threads (`publish_threads`, which the queue actor has), a head node that is not "
-            f"shared, and fewer MLflow calls per registration (see pipelines/scheduler.py)."
+            f"shared, and fewer MLflow calls per registration (see pipelines/publisher.py)."
             if registry_rate < cluster_rate
             else f" - above the {cluster_rate:.1f}/s the {args.gpus} GPUs produce, so the GPUs "
             f"set the pace and the scheduler adds only its fixed start-up cost."

@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             "warm_load_from_host_ms": adapters.get("load_from_host_ms"),
             "store_read_ms": adapters.get("store_read_ms"),
             "host_hit_ms": adapters.get("host_hit_ms"),
-            "scheduler": stats.get("scheduler"),
+            "affinity_lock": stats.get("affinity_lock"),
             "batches": stats.get("batches"),
         },
         "in_process_adapter_loads": micro,
@@ -365,7 +365,7 @@ def _markdown(r: dict[str, Any]) -> str:
         f"| in-process: warm p50 / p95 | {mic['warm_host_ms']['p50']:.3f} / {mic['warm_host_ms']['p95']:.3f} ms |",
         f"| batches (max_batch_size {c['max_batch_size']}): batches / runs / rows / runs mixing people / largest run | "
         f"{_batches(rep.get('batches'))} |",
-        f"| scheduler turns / reordered by identity | {rep['scheduler']['granted']} / {rep['scheduler']['reordered']} |",
+        f"| affinity lock turns / reordered by identity | {rep['affinity_lock']['granted']} / {rep['affinity_lock']['reordered']} |",
         f"| set-up (personalize + publish) / deploy | {r['setup_s']} s / {r['deploy_s']} s |",
         "",
         "Latency is client-side (upload, queueing, restore, PNG). Loads by source are counted per "

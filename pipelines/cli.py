@@ -253,10 +253,13 @@ def register_cli(subparsers: Any) -> None:
     )
     v.add_argument("url", metavar="URL", help="Parquet file or dataset directory (any fsspec URL)")
     v.add_argument("--quarantine-out", metavar="URL", help="write quarantined rows as Parquet here")
-    v.add_argument(
-        "--min-refs", type=int, default=None, help="fewest good references (settings: 3)"
-    )
-    v.add_argument("--max-refs", type=int, default=None, help="most references kept (settings: 20)")
+    from pfstorer.config import PersonalizeConfig
+
+    refs = PersonalizeConfig.model_fields  # help shows the real defaults
+    v.add_argument("--min-refs", type=int, default=None,
+                   help=f"fewest good references (settings: personalize.min_refs, {refs['min_refs'].default})")
+    v.add_argument("--max-refs", type=int, default=None,
+                   help=f"most references kept (settings: personalize.max_refs, {refs['max_refs'].default})")
     v.add_argument("--json", action="store_true", help="print the summary as JSON")
     v.add_argument("--ray-address", help="join this Ray cluster (default: start one here)")
     v.add_argument("--config", metavar="FILE", help="pfstorer settings file (YAML/TOML)")

@@ -43,6 +43,13 @@ def ensure_ray(settings: Any) -> bool:
     return True
 
 
+def shutdown_ray() -> None:
+    """Disconnect from Ray (and stop it, if this process started it)."""
+    import ray
+
+    ray.shutdown()
+
+
 @contextlib.contextmanager
 def using_ray(settings: Any) -> Iterator[None]:
     """Ray for the length of a command: :func:`ensure_ray`, then shut down if started here."""
@@ -51,9 +58,7 @@ def using_ray(settings: Any) -> Iterator[None]:
         yield
     finally:
         if started:
-            import ray
-
-            ray.shutdown()
+            shutdown_ray()
 
 
 def wait_for_workers(

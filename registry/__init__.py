@@ -38,7 +38,7 @@ read-modify-write, guarded by a file lock on local paths. On object stores, keep
 """
 
 from registry.artifacts import ArtifactStore, adapter_tags, read_adapter_meta
-from registry.facade import AdapterRegistry, ForgetReport, local_defaults
+from registry.facade import AdapterRegistry, ForgetReport, entry_of_version, local_defaults
 from registry.index import INDEX_SCHEMA, AdapterIndex, IndexEntry
 from registry.keys import (
     ADAPTER_FILES,
@@ -78,6 +78,7 @@ __all__ = [
     "adapter_tags",
     "check_key",
     "default_storage_options",
+    "entry_of_version",
     "is_local_url",
     "is_safe_key",
     "job_key",

@@ -57,6 +57,26 @@ def local_defaults(state_dir: str | os.PathLike[str] = DEFAULT_STATE_DIR) -> dic
     }
 
 
+def entry_of_version(tenant: str, identity: str, v: ModelVersionInfo) -> IndexEntry:
+    """The index entry of a registered version (its tags name the file, its hash and its base)."""
+    return IndexEntry(
+        tenant=tenant,
+        identity=identity,
+        version=v.version,
+        uri=v.tags.get("artifact_uri") or v.source,
+        sha256=v.tags.get("sha256", ""),
+        base_fingerprint=v.tags.get("base_fingerprint"),
+        job_key=v.tags.get("job_key"),
+        updated_at=datetime.now(UTC),
+    )
+
+
+def _check_owner(meta: Mapping[str, Any], tenant: str, identity: str, where: str) -> None:
+    for field, want in (("identity", identity), ("tenant", tenant)):
+        if meta.get(field) not in (None, want):
+            raise AdapterError(f"adapter in {where} belongs to {field} {meta.get(field)!r}, not {want!r}")
+
+
 class AdapterRegistry:
     """Store + registry + index as one: what pipelines publish and serving resolves."""
 
@@ -118,18 +138,6 @@ class AdapterRegistry:
         return f"AdapterRegistry({self.store!r}, {self.index!r}, {self._models!r})"
 
     # -- publish ------------------------------------------------------------------------------
-    def _entry_of(self, tenant: str, identity: str, v: ModelVersionInfo) -> IndexEntry:
-        return IndexEntry(
-            tenant=tenant,
-            identity=identity,
-            version=v.version,
-            uri=v.tags.get("artifact_uri") or v.source,
-            sha256=v.tags["sha256"],
-            base_fingerprint=v.tags.get("base_fingerprint"),
-            job_key=v.tags.get("job_key"),
-            updated_at=datetime.now(UTC),
-        )
-
     def publish(
         self,
         local_dir: str | os.PathLike[str],
@@ -145,20 +153,16 @@ class AdapterRegistry:
         If a version with this job key is registered already, nothing is stored or registered
         (the index is repaired if a crash left it behind) and that version's entry is returned.
         Otherwise: upload to a temporary key -> sha256 verified -> moved into place ->
-        registered in MLflow (lineage tags, alias ``prod``) -> index row upserted. A failure at
-        any step before registration leaves no version behind.
+        :meth:`register_stored` -> index row upserted. A failure at any step before
+        registration leaves no version behind.
         """
         check_key(tenant, "tenant")
         check_key(identity)
         meta = read_adapter_meta(local_dir)
-        for field, want in (("identity", identity), ("tenant", tenant)):
-            if meta.get(field) not in (None, want):
-                raise AdapterError(
-                    f"adapter in {local_dir} belongs to {field} {meta.get(field)!r}, not {want!r}"
-                )
+        _check_owner(meta, tenant, identity, str(local_dir))
         existing = self.models.find_version(tenant, identity, job_key)
         if existing is not None:
-            entry = self._entry_of(tenant, identity, existing)
+            entry = entry_of_version(tenant, identity, existing)
             current = self.index.get(tenant, identity)
             if current is not None and current.version == entry.version:
                 return current
@@ -166,23 +170,33 @@ class AdapterRegistry:
                 self.index.upsert([entry])  # a crash between register and index: repair
             return entry
         uri, sha = self.store.put_adapter(local_dir, tenant, identity, job_key)
-        tags = adapter_tags(meta)
-        tags.update(lineage or {})
-        version = self.models.register(
-            tenant, identity, uri, sha, tags, run_id=run_id, job_key=job_key
-        )
-        entry = IndexEntry(
-            tenant=tenant,
-            identity=identity,
-            version=version,
-            uri=uri,
-            sha256=sha,
-            base_fingerprint=meta.get("base_fingerprint"),
-            job_key=job_key,
-            updated_at=datetime.now(UTC),
-        )
+        entry = self.register_stored(tenant, identity, uri, sha, meta, lineage, run_id=run_id, job_key=job_key)
         self.index.upsert([entry])
         return entry
+
+    def register_stored(
+        self,
+        tenant: str,
+        identity: str,
+        uri: str,
+        sha256: str,
+        meta: Mapping[str, Any],
+        lineage: Mapping[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+        job_key: str,
+    ) -> IndexEntry:
+        """Register an adapter already in the store (MLflow version, lineage tags, alias ``prod``)
+        and return the index entry to write: the step :meth:`publish` and the run's publisher,
+        which batches index writes, share. Idempotent by ``job_key``."""
+        _check_owner(meta, tenant, identity, uri)
+        tags = adapter_tags(dict(meta))
+        tags.update(lineage or {})
+        version = self.models.register(tenant, identity, uri, sha256, tags, run_id=run_id, job_key=job_key)
+        return IndexEntry(
+            tenant=tenant, identity=identity, version=int(version), uri=uri, sha256=sha256,
+            base_fingerprint=meta.get("base_fingerprint"), job_key=job_key, updated_at=datetime.now(UTC),
+        )
 
     # -- read ---------------------------------------------------------------------------------
     def resolve(self, tenant: str, identity: str) -> IndexEntry | None:

@@ -19,17 +19,17 @@ MTIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified")
 def default_storage_options(url: str) -> dict[str, Any]:
     """Storage options from the environment for ``url``.
 
-    For ``s3://`` URLs: an endpoint from ``PFSTORER_S3_ENDPOINT_URL``, ``MLFLOW_S3_ENDPOINT_URL``
+    For ``s3://`` URLs: an endpoint from the ``s3_endpoint_url`` setting (``PFSTORER_S3_ENDPOINT_URL``), ``MLFLOW_S3_ENDPOINT_URL``
     or ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` (e.g. a MinIO or moto server). Credentials come
     from the usual AWS variables through s3fs/botocore. Other protocols: none.
     """
     if fsspec.utils.get_protocol(url) in ("s3", "s3a"):
-        for var in (
-            "PFSTORER_S3_ENDPOINT_URL",
-            "MLFLOW_S3_ENDPOINT_URL",
-            "AWS_ENDPOINT_URL_S3",
-            "AWS_ENDPOINT_URL",
-        ):
+        from pfstorer.settings import Settings
+
+        endpoint = Settings.load().s3_endpoint_url
+        if endpoint:
+            return {"endpoint_url": endpoint}
+        for var in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
             if os.environ.get(var):
                 return {"endpoint_url": os.environ[var]}
     return {}

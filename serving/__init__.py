@@ -7,7 +7,7 @@
 - :mod:`serving.restorer` - the ``Restorer`` deployment: one base per replica, adapters in slots.
 - :mod:`serving.batching` - which waiting requests can run as one batch.
 - :mod:`serving.adapters` - adapter tiers on a replica: index -> sha256-verified bytes ->
-  host-RAM LRU -> device slots (``@serve.multiplexed``), and the identity-affinity scheduler.
+  host-RAM LRU -> device slots (``@serve.multiplexed``), and the identity-affinity lock.
 - :mod:`serving.auth` - API keys (stored as sha256 hashes) -> tenant.
 - :mod:`serving.cli` - ``pfstorer serve`` and ``pfstorer restore-batch``.
 

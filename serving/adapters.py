@@ -16,7 +16,7 @@ Three tiers, each a cache of the one below:
    object is a :class:`ResidentAdapter` that gives its slot back when evicted. Serve calls an
    evicted model's ``__del__`` itself and Python may call it again: ``release`` is idempotent.
 
-:class:`AffinityScheduler` runs one restore at a time per replica (the base model keeps per-call
+:class:`AffinityLock` runs one restore at a time per replica (the base model keeps per-call
 state, and one device runs one restore at a time anyway) and picks the next waiting request by
 identity: the same person as the one just served first, then people already in a device slot,
 then the oldest - bounded so nobody waits behind more than ``max_skips`` others. Requests of
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "NOT_FOUND_MESSAGE",
     "AdapterNotFound",
-    "AffinityScheduler",
+    "AffinityLock",
     "HostAdapterCache",
     "LoadStats",
     "ResidentAdapter",
@@ -274,7 +274,7 @@ class _Waiter:
     skips: int = 0
 
 
-class AffinityScheduler:
+class AffinityLock:
     """One holder at a time; the next holder is chosen by identity affinity.
 
     Order of preference when the turn passes on: a waiter that has been passed over

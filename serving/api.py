@@ -1,9 +1,24 @@
 """The HTTP contract of the server: request and response models, the FastAPI app whose routes
 the Gateway fills, error answers and content negotiation.
 
-Errors are JSON ``{"detail": "..."}``; :func:`error_response` maps a :class:`PFStorerError` to
-its status (``status`` attribute; 409 for an adapter of another base; one 404 body for an
-unknown identity and another tenant's). Nothing here touches the model or Ray.
+Nothing here touches the model or Ray. Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``):
+
+- ``POST /v1/restore`` - multipart ``image`` + form fields ``identity`` (none: base model only),
+  ``scale``, ``steps``, ``seed``, ``strength``, ``color_fix``, ``sampler``, ``format``, ``quality``;
+  answers PNG, JPEG or WebP (``format``, else ``Accept``) with headers
+  ``X-PFStorer-Adapter: tenant/identity@version`` (or ``none``) and ``X-PFStorer-Base``.
+- ``GET /v1/identities`` - the caller's tenant's people with an adapter.
+- ``GET /healthz`` (liveness), ``GET /readyz`` (model loaded and adapter index readable).
+
+Errors are JSON ``{"detail": "..."}``: 401 no/unknown key; 404 unknown identity (also another
+tenant's - the same body); 408 body not sent within ``serve.body_timeout_s``; 409 adapter
+trained on another base; 413 body or pixels over the limits (checked before reading/decoding) or
+output pixels x steps over ``serve.max_pixel_steps``; 415 not an image; 400 corrupt image or bad
+form; 422 bad parameter values; 429 + ``Retry-After`` when the tenant already has
+``serve.max_tenant_requests`` in flight; 503 + ``Retry-After`` when the model's queue is full or
+the adapter index is unreadable, 503 when a restore ran past ``serve.request_timeout_s`` (the work
+is stopped between tile batches). A client that hangs up cancels its restore (logged, 499).
+:func:`error_response` maps a :class:`PFStorerError` to its status (its ``status`` attribute).
 """
 
 from typing import Any, Literal

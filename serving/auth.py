@@ -148,16 +148,19 @@ class ApiKeys:
         return cls(path=path, reload_s=reload_s)
 
     @classmethod
-    def from_env(cls, var: str = API_KEYS_ENV) -> ApiKeys | None:
-        text = os.environ.get(var, "").strip()
-        return cls(_load_text(text, f"${var}")) if text else None
+    def from_settings(cls, settings: Any = None) -> ApiKeys | None:
+        """The keys of the ``api_keys`` setting (``$PFSTORER_API_KEYS``), or None."""
+        from pfstorer.settings import Settings
+
+        text = ((settings or Settings.load()).api_keys or "").strip()
+        return cls(_load_text(text, f"${API_KEYS_ENV}")) if text else None
 
     @classmethod
     def configured(cls, path: str | os.PathLike[str] | None) -> ApiKeys:
         """The keys a server uses: ``path`` if given, else ``$PFSTORER_API_KEYS``; none is an error."""
         if path is not None:
             return cls.from_file(path)
-        keys = cls.from_env()
+        keys = cls.from_settings()
         if keys is None:
             raise KeyFileError(
                 "no API keys configured: pass --api-keys FILE (serve.api_keys_file, "

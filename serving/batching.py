@@ -24,7 +24,7 @@ from typing import Any
 
 from pfstorer.deadline import Deadline
 
-__all__ = ["BatchJob", "BatchStats", "batch_signature", "plan_runs"]
+__all__ = ["BatchItem", "BatchStats", "batch_signature", "plan_runs"]
 
 
 def batch_signature(shape: Sequence[int], params: Mapping[str, Any]) -> tuple[Hashable, ...]:
@@ -81,7 +81,7 @@ class BatchStats:
 
 
 @dataclasses.dataclass(eq=False)
-class BatchJob:
+class BatchItem:
     """One request waiting in the replica's batch queue."""
 
     key: str  # "tenant/identity", "" = base only

@@ -140,14 +140,17 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--store", metavar="URL", help="adapter store (settings: store_url)")
     p.add_argument("--store-options", metavar="JSON",
                    help='fsspec options for s3:// URLs, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
-    p.add_argument("--host", help="address to bind (settings: serve.host, 127.0.0.1)")
-    p.add_argument("--port", type=int, help="HTTP port (settings: serve.port, 8000)")
+    from pfstorer.settings import ServeSettings
+
+    d = {name: f.default for name, f in ServeSettings.model_fields.items()}  # help shows the real defaults
+    p.add_argument("--host", help=f"address to bind (settings: serve.host, {d['host']})")
+    p.add_argument("--port", type=int, help=f"HTTP port (settings: serve.port, {d['port']})")
     p.add_argument("--api-keys", metavar="FILE",
                    help="YAML/JSON file: tenants -> sha256 hashes of their keys (or $PFSTORER_API_KEYS)")
-    p.add_argument("--replicas", type=int, help="model replicas (settings: serve.num_replicas)")
-    p.add_argument("--slots", type=int, help="adapters on the device per replica (serve.adapter_slots)")
-    p.add_argument("--num-cpus", type=float, help="CPUs per model replica (serve.num_cpus)")
-    p.add_argument("--num-gpus", type=float, help="GPUs per model replica (serve.num_gpus)")
+    p.add_argument("--replicas", type=int, help=f"model replicas (settings: serve.num_replicas, {d['num_replicas']})")
+    p.add_argument("--slots", type=int, help=f"adapters on the device per replica (serve.adapter_slots, {d['adapter_slots']})")
+    p.add_argument("--num-cpus", type=float, help=f"CPUs per model replica (serve.num_cpus, {d['num_cpus']:g})")
+    p.add_argument("--num-gpus", type=float, help=f"GPUs per model replica (serve.num_gpus, {d['num_gpus']:g})")
     p.add_argument("--ray-address", help="join this Ray cluster (default: start one here)")
     p.add_argument("--config", metavar="FILE", help="pfstorer settings file (YAML/TOML)")
     p.add_argument("--new-key", action="store_true", help="print a new random API key and its hash, then exit")

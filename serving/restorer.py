@@ -6,6 +6,13 @@ sha256-verified bytes -> host RAM -> device slot, :mod:`serving.adapters`) and r
 alone or in a cross-request batch (:mod:`serving.batching`), stopping at the request's deadline
 or when the caller goes away. Adapters whose person left the index are swept from host RAM and
 device slots.
+
+Outputs are those of ``pfstorer restore`` bit for bit for the same image, adapter, seed, steps,
+scale, colour fix, ``--tile`` = ``serve.tile_size``, device and torch thread count (each replica
+uses ``max(1, floor(its CPUs))`` threads) - with the default ``serve.max_batch_size`` of 1. Above
+1, ``@serve.batch`` gathers waiting requests, people mixed, into one ``restore_batch`` call
+(:mod:`serving.batching`); a row of a batch may then differ from its lone restore by float
+rounding (1e-5 before the 8-bit PNG), which is why batching is opt-in.
 """
 
 import asyncio
@@ -25,14 +32,14 @@ from pfstorer.errors import AdapterMismatchError, PFStorerError
 from pfstorer.settings import Settings
 from serving.adapters import (
     AdapterNotFound,
-    AffinityScheduler,
+    AffinityLock,
     HostAdapterCache,
     LoadStats,
     ResidentAdapter,
     SlotPool,
 )
 from serving.api import check_budget
-from serving.batching import BatchJob, BatchStats, batch_signature, plan_runs
+from serving.batching import BatchItem, BatchStats, batch_signature, plan_runs
 from serving.serve_compat import announce_loaded_models, clear_multiplexed_model_id, loaded_models
 
 log = logging.getLogger("pfstorer.serving")
@@ -89,7 +96,7 @@ class Restorer:
         # read-only: MLflow stays off the request path
         self.registry = AdapterRegistry.from_settings(settings, read_only=True,
                                                       index_max_age_s=settings.serve.index_max_age_s)
-        self.scheduler = AffinityScheduler(self._is_resident, max_skips=max(4, 2 * s.adapter_slots))
+        self.turns = AffinityLock(self._is_resident, max_skips=max(4, 2 * s.adapter_slots))
         # every touch of the model or the slots happens on this one thread, in order
         self._torch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pfstorer-torch")
         self._io = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="pfstorer-io")
@@ -244,7 +251,7 @@ class Restorer:
         wiped = 0
         resident = self._resident()
         if any(k not in current for k in list(resident)):
-            async with self.scheduler.turn(""):
+            async with self.turns.turn(""):
                 for key in [k for k in list(resident) if k not in current]:
                     adapter = resident.pop(key, None)
                     if adapter is None:
@@ -260,7 +267,7 @@ class Restorer:
 
     # -- batches --------------------------------------------------------------------------------
     @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0)  # sizes set per replica in __init__
-    async def _restore_batched(self, jobs: list[BatchJob]) -> list[dict[str, Any]]:
+    async def _restore_batched(self, jobs: list[BatchItem]) -> list[dict[str, Any]]:
         """Run a batch of requests as few ``restore_batch`` calls as :func:`plan_runs` allows.
 
         Returns one dict per job (an ``"error"`` entry for a job that failed: its person's
@@ -280,12 +287,12 @@ class Restorer:
                 results[i] = out
         return results
 
-    async def _run(self, jobs: list[BatchJob]) -> list[dict[str, Any]]:
+    async def _run(self, jobs: list[BatchItem]) -> list[dict[str, Any]]:
         """Rows of one signature with at most ``adapter_slots`` people, in one call, holding
         the turn from the first slot acquisition to the end (the slots stay pinned)."""
         entries = {j.key: j.entry for j in jobs if j.key}  # the newest entry of each person
         failed: dict[str, Exception] = {}
-        async with self.scheduler.turn(jobs[0].key):
+        async with self.turns.turn(jobs[0].key):
             t1 = time.perf_counter()
             residents: dict[str, ResidentAdapter] = {}
             for key, entry in entries.items():
@@ -329,7 +336,7 @@ class Restorer:
             })  # fmt: skip
         return out
 
-    async def _in_batch(self, job: BatchJob) -> dict[str, Any]:
+    async def _in_batch(self, job: BatchItem) -> dict[str, Any]:
         """Queue ``job`` for the next batch, outside its multiplexed model id (people mix)."""
         context = contextvars.copy_context()
         context.run(clear_multiplexed_model_id)
@@ -358,7 +365,7 @@ class Restorer:
         h, w = image_u8.shape[-2:]
         check_budget(round(h * params["scale"]) * round(w * params["scale"]), chosen.steps,
                      self.settings.serve.max_pixel_steps)
-        job = BatchJob(key, None, image_u8, params, time.perf_counter(), deadline)
+        job = BatchItem(key, None, image_u8, params, time.perf_counter(), deadline)
         if key:
             job.entry = await self._io_call(self._entry, key)
             tf = time.perf_counter()
@@ -412,7 +419,7 @@ class Restorer:
             "free_slots": self.pool.free,
             "host_cached": len(self.host),
             "host_cached_bytes": self.host.nbytes,
-            "scheduler": {"granted": self.scheduler.granted, "reordered": self.scheduler.reordered},
+            "affinity_lock": {"granted": self.turns.granted, "reordered": self.turns.reordered},
             "batches": self.batch_stats.summary(),
             "forgotten": dict(self.forgotten),
             "stopped": dict(self.stopped),

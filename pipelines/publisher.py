@@ -1,0 +1,196 @@
+"""The run's publisher: MLflow writers and one index writer, threads inside the queue actor.
+
+Why here and not in the workers: SQLite (the default tracking store) takes one writer at a time,
+so N workers writing would mostly wait on locks and retries - here one thread writes
+(``threads`` > 1 for a tracking *server*, whose database takes parallel writers); an index on S3
+is a whole-file PUT, so two racing writers lose rows; and each index write rewrites the Parquet
+file, so one write per adapter would cost O(N^2) over a run - batches make it O(N^2 / batch).
+Uploads, the heavy bytes, stay parallel in the workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue as _queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from pipelines.records import JobRecord
+
+log = logging.getLogger(__name__)
+
+
+def short_error(exc: BaseException, limit: int = 500) -> str:
+    """``Type: message`` on one line, at most ``limit`` characters."""
+    text = " ".join(str(exc).split())
+    out = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+class Publisher:
+    """Registers handed-off adapters (MLflow run + model version) and indexes them in batches.
+
+    ``settings``: the run's :class:`pfstorer.settings.Settings`, whose registry
+    (:meth:`registry.AdapterRegistry.from_settings`) receives the adapters (``None``: no
+    publishing, an adapter is done when handed off - for tests of the queue alone). The queue is told
+    what happened through ``on_failed(job_id, error)`` and ``on_indexed(job_ids, error)``;
+    ``drained()`` says that nothing more can be handed off, so a partial batch is written at once.
+    """
+
+    def __init__(
+        self,
+        settings: Any,
+        *,
+        lineage: Mapping[str, Any],
+        params: Mapping[str, Any],
+        on_failed: Callable[[str, str], None],
+        on_indexed: Callable[[list[str], str | None], None],
+        drained: Callable[[], bool],
+        threads: int | None = None,
+        index_batch: int = 500,
+        index_interval_s: float = 5.0,
+    ) -> None:
+        self.settings = settings
+        self._registry: Any = None
+        self._registry_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        self.lineage, self.params = dict(lineage), dict(params)
+        self._on_failed, self._on_indexed, self._drained = on_failed, on_indexed, drained
+        if threads is None:
+            threads = 1 if settings is None or str(settings.tracking_uri).startswith("sqlite:") else 4
+        self.index_batch, self.index_interval_s = index_batch, index_interval_s
+        self._outbox: _queue.Queue[JobRecord | None] = _queue.Queue()
+        self._indexq: _queue.Queue[tuple[str, Any] | None] = _queue.Queue()
+        self.stats = {"published": 0, "publish_s": 0.0, "index_writes": 0, "index_s": 0.0,
+                      "index_rows": 0, "publish_threads": threads}
+        self._writers = [threading.Thread(target=self._publish_loop, name=f"publisher-{i}", daemon=True)
+                         for i in range(max(1, threads))]
+        self._indexer = threading.Thread(target=self._index_loop, name="indexer", daemon=True)
+        for t in [*self._writers, self._indexer]:
+            t.start()
+
+    def submit(self, record: JobRecord) -> None:
+        """Publish a record whose adapter was handed off (``record.stored`` is set)."""
+        self._outbox.put(record)
+
+    def _get_registry(self) -> Any:
+        with self._registry_lock:
+            if self._registry is None:
+                from registry import AdapterRegistry
+
+                self._registry = AdapterRegistry.from_settings(self.settings)
+            return self._registry
+
+    def _publish_one(self, rec: JobRecord) -> Any:
+        """MLflow run + registered version of one adapter; returns its IndexEntry.
+
+        No "already registered?" lookup first: the plan left out every job key the registry
+        knows, and the queue hands each job to the publisher once; registration itself is
+        idempotent by job key all the same.
+        """
+        reg = self._get_registry()
+        job, stored = rec.job, rec.stored
+        assert stored is not None
+        meta = stored.meta
+        losses = {k: float(v) for k, v in (meta.get("final_losses") or {}).items()}
+        metrics = {f"final_{k}": v for k, v in losses.items()}
+        metrics.update(train_s=float(stored.train_s), upload_s=float(stored.upload_s))
+        params = {**self.params, "job_key": job.job_key, "references": len(job.refs),
+                  "attempts": rec.attempts, "worker": rec.worker}
+        run_id = reg.models.log_job_run(
+            job.tenant, job.identity, params, meta.get("loss_curve") or [], metrics, job_key=job.job_key,
+            tags={"pipeline_run": str(self.lineage.get("pipeline_run", ""))},
+        )
+        lineage = {"ref_sha256s": sorted(r.sha256 for r in job.refs), **self.lineage}
+        entry = reg.register_stored(job.tenant, job.identity, stored.uri, stored.sha256, meta, lineage,
+                                    run_id=run_id, job_key=job.job_key)
+        rec.version, rec.run_id = entry.version, run_id
+        rec.stored = dataclasses.replace(stored, meta={})  # the loss curve is in MLflow now: keep the actor small
+        return entry
+
+    def _publish_loop(self) -> None:
+        if self.settings is not None:
+            try:  # import MLflow and open the database while the workers start
+                _ = self._get_registry().models.client
+            except Exception:
+                log.exception("cannot open the registry yet (retried per adapter)")
+        while True:
+            rec = self._outbox.get()
+            if rec is None:
+                return
+            jid = rec.job.job_id
+            if self.settings is None:
+                self._indexq.put((jid, None))
+                continue
+            t0 = time.perf_counter()
+            try:
+                entry = self._publish_one(rec)
+            except Exception as exc:
+                log.exception("publishing job %s failed", jid)
+                self._on_failed(jid, f"publish: {short_error(exc)}")
+                entry = None
+            rec.publish_s = dt = time.perf_counter() - t0
+            with self._stats_lock:
+                self.stats["published"] += 1
+                self.stats["publish_s"] += dt
+            if entry is not None:
+                self._indexq.put((jid, entry))
+
+    def _flush(self, batch: list[tuple[str, Any]]) -> None:
+        if not batch:
+            return
+        t0 = time.perf_counter()
+        error = None
+        entries = [e for _, e in batch if e is not None]
+        for attempt in range(4):
+            if not entries:
+                break
+            try:
+                self._get_registry().index.upsert(entries)
+                error = None
+                break
+            except Exception as exc:  # an object store hiccup: try again, then give up
+                error = short_error(exc)
+                time.sleep(0.2 * 2**attempt)
+        if entries:
+            with self._stats_lock:
+                self.stats["index_writes"] += 1
+                self.stats["index_s"] += time.perf_counter() - t0
+                self.stats["index_rows"] += len(entries)
+        self._on_indexed([jid for jid, _ in batch], None if error is None else f"index write failed: {error}")
+        batch.clear()
+
+    def _index_loop(self) -> None:
+        batch: list[tuple[str, Any]] = []
+        last_flush = time.monotonic()
+        while True:
+            try:
+                item = self._indexq.get(timeout=0.1)
+            except _queue.Empty:
+                item = ("", None)
+            if item is None:
+                self._flush(batch)
+                return
+            if item[0]:
+                batch.append(item)
+            last = self._drained() and self._outbox.empty()  # nothing else can arrive: write now
+            if batch and (
+                (last and self._indexq.empty())
+                or len(batch) >= self.index_batch
+                or time.monotonic() - last_flush >= self.index_interval_s
+            ):
+                self._flush(batch)
+                last_flush = time.monotonic()
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the writers and the indexer once they drained what was submitted."""
+        for _ in self._writers:
+            self._outbox.put(None)
+        deadline = time.monotonic() + timeout
+        for t in self._writers:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self._indexq.put(None)
+        self._indexer.join(max(0.0, deadline - time.monotonic()))
