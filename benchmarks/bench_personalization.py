@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.lambda_gen_sweep:  # Fig. 9: PFStorer at each lambda_gen (the default's row is PFStorer's)
         for lg in (0.0, 0.1, 0.5, 1.0):
             variants[f"PFStorer, lambda_gen={lg:g}"] = PersonalizeConfig(steps=args.steps, lambda_gen=lg, seed=args.seed)
-    else:  # Table 2
+    elif not args.gate_only:  # Table 2
         variants["Base + adapters, no alpha"] = PersonalizeConfig(steps=args.steps, learn_alpha=False, seed=args.seed)
     timings: dict[str, float] = {}
     adapters: dict[str, dict[str, Any]] = {}
@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     figures: dict[str, list[list[torch.Tensor]]] = {level: [] for level in levels}
     for level in levels:
         per_row: dict[str, list[dict[str, float | None]]] = {"Input": [], "Base": []}
-        if not args.lambda_gen_sweep:
+        if not (args.lambda_gen_sweep or args.gate_only):
             per_row["Base + full fine-tune"] = []
         per_row.update({row: [] for row in variants})
         for i, p in enumerate(people):
@@ -340,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--capacity", type=int, default=16, help="identities personalized together (packed)")
     p.add_argument("--lambda-gen-sweep", action="store_true",
                    help="PFStorer at lambda_gen 0/0.1/0.5/1 instead of the Table 2 rows, with the Fig. 9 figures")
+    p.add_argument("--gate-only", action="store_true",
+                   help="only the rows the gate compares (Input, Base, PFStorer): a quick check of a setting")
     p.add_argument("--figure-rows", type=int, default=6, help="people shown in the lambda_gen figure (Fig. 9)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the adapters and the fine-tune row (CUDA)")
@@ -349,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", report["card"].lower()).strip("-")
-    stem = args.out / f"personalization_{args.level}_{args.base}_{slug}{'_sweep' if args.lambda_gen_sweep else ''}"
+    kind = "_sweep" if args.lambda_gen_sweep else "_gate" if args.gate_only else ""
+    stem = args.out / f"personalization_{args.level}_{args.base}_{slug}{kind}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
     stem.with_suffix(".md").write_text(to_markdown(report))
     print(to_markdown(report))

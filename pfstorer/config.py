@@ -28,7 +28,9 @@ class PersonalizeConfig(BaseModel):
         "auto", description="distance of L_diff and L_gen to the preset's target; auto: l1 for x0_residual "
         "bases (what compact was trained with), the paper's mse for noise-predicting ones")
     levels: tuple[str, ...] = ("light", "heavy")
-    crop_scale: tuple[float, float] = (0.6, 1.0)
+    crop_scale: tuple[float, float] = Field(
+        (0.85, 1.0), description="side of the random training crops as a fraction of a reference's short side: "
+        "near the whole photo, the scale faces have in the photos restored later (0.6-1.0 kept less identity)")
     min_refs: int = Field(3, ge=1, description="fewer good reference photos: the person is quarantined")
     max_refs: int = Field(20, ge=1, description="more reference photos: the extra ones are quarantined")
     seed: int = 0
@@ -45,8 +47,8 @@ class TrainingSpeed(BaseModel):
     """How personalization uses the hardware, not what it learns: kept out of job keys.
 
     bf16 autocast changes float rounding only (the frozen base's matmuls and convolutions run in
-    bfloat16; adapters, optimizer state and losses stay float32); checkpointing changes nothing
-    but memory and time.
+    bfloat16; adapters, optimizer state and losses stay float32); checkpointing and prefetching
+    change nothing but memory and time.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -56,4 +58,8 @@ class TrainingSpeed(BaseModel):
     )
     gradient_checkpointing: bool = Field(
         False, description="recompute UNet blocks in backward: less memory for large packs, one more forward per block"
+    )
+    prefetch: bool = Field(
+        True, description="draw each identity's next batch (crops, degradations) in a background thread while "
+        "the current step trains; the draws are the same, so the adapters are too"
     )

@@ -17,8 +17,10 @@ from the job stream as identities finish, and each adapter is emitted as soon as
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -112,6 +114,21 @@ class _Slot:
     parts: dict[str, float] = field(default_factory=dict)
     probe_start: float = float("nan")
     started: float = field(default_factory=time.perf_counter)
+    ahead: Future | None = None  # the next step's draw, prefetched
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _prefetch_pool() -> ThreadPoolExecutor:
+    """Threads that draw training batches ahead of the step (crops, degradations, encoding):
+    numpy, PIL and torch release the GIL in their heavy parts, so drawing overlaps the UNet."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pfstorer-draw")
+        return _POOL
 
 
 class PackedTrainer:
@@ -141,6 +158,10 @@ class PackedTrainer:
         lrs = [config.alpha_lr if id(p) in gates else config.lr for p in params]
         self.opt = SlotAdamW(params, capacity, lrs, config.weight_decay)
         self.slots: dict[int, _Slot] = {}
+        # draw_s: time spent drawing batches (any thread); wait_s: time the step waited for them;
+        # ahead: draws made in the background while a step trained
+        self.data_stats = {"steps": 0, "draw_s": 0.0, "wait_s": 0.0, "ahead": 0}
+        self._stats_lock = threading.Lock()
 
     # -- slots -------------------------------------------------------------------------------
     def add(self, job: PersonalizeJob) -> int:
@@ -168,8 +189,28 @@ class PackedTrainer:
         return self.capacity - len(self.slots)
 
     # -- one step of every active identity ---------------------------------------------------
+    def _next_draw(self, slot: _Slot) -> dict[str, torch.Tensor]:
+        """This step's inputs of one identity: the prefetched draw, or drawn now."""
+        t = time.perf_counter()
+        if slot.ahead is not None:
+            future, slot.ahead = slot.ahead, None
+            out = future.result()
+        else:
+            out = self._timed_draw(slot)
+        self.data_stats["wait_s"] += time.perf_counter() - t
+        return out
+
+    def _timed_draw(self, slot: _Slot) -> dict[str, torch.Tensor]:
+        t = time.perf_counter()
+        try:
+            return self._draw(slot)
+        finally:
+            with self._stats_lock:
+                self.data_stats["draw_s"] += time.perf_counter() - t
+
     def _draw(self, slot: _Slot) -> dict[str, torch.Tensor]:
-        """All random inputs of one identity's step, from that identity's own generators only."""
+        """All random inputs of one identity's step, from that identity's own generators only
+        (so a draw made ahead, in another thread, is the draw it would have been)."""
         from .degradations import random_crop_resize, synthesize_lq
 
         c, size, b = self.config, self.model.config.sample_size, self.config.batch_size
@@ -227,7 +268,14 @@ class PackedTrainer:
 
     def _train_step(self, active: list[int]) -> None:
         c, m = self.config, self.model
-        draws = {k: self._draw(self.slots[k]) for k in active}
+        draws = {k: self._next_draw(self.slots[k]) for k in active}
+        if self.speed.prefetch:  # the next step's batches are drawn while this one trains
+            pool = _prefetch_pool()
+            for k in active:
+                slot = self.slots[k]
+                if slot.step + 1 < c.steps:
+                    slot.ahead = pool.submit(self._timed_draw, slot)
+                    self.data_stats["ahead"] += 1
         b = c.batch_size
         dev = m.device
         xs, ts, lqs, slots, refs = [], [], [], [], []
@@ -279,6 +327,7 @@ class PackedTrainer:
         self.opt.zero_grad()
         total.backward()
         self.opt.step(active)
+        self.data_stats["steps"] += 1
         for k in active:
             self.slots[k].step += 1
 

@@ -205,6 +205,26 @@ def test_packed_training_equals_solo_training(tiny, people):
             assert rel < 1e-4, (job.identity, key, float(rel))
 
 
+def test_prefetched_draws_give_the_same_adapters(tiny, people):
+    """Batches drawn ahead in a background thread are the batches drawn in the step: same adapters
+    bit for bit, and the draws really happened off the training thread."""
+    from pfstorer.config import TrainingSpeed
+    from pfstorer.training import PackedTrainer
+
+    cfg = PersonalizeConfig(steps=4, seed=0)
+    jobs = [PersonalizeJob(n, refs[:4], seed=i) for i, (n, refs) in enumerate(list(people.items())[:3])]
+    out = {}
+    for prefetch in (False, True):
+        trainer = PackedTrainer(tiny, cfg, capacity=2, speed=TrainingSpeed(prefetch=prefetch))
+        out[prefetch] = {a.identity: a for a in trainer.run(jobs)}
+        stats = trainer.data_stats
+        assert stats["steps"] == 8 and stats["draw_s"] > 0  # 3 people, 2 slots, 4 steps each
+        assert stats["ahead"] == (3 * 3 if prefetch else 0)  # each person's draws after the first
+    for name, adapter in out[False].items():
+        for key, value in adapter.tensors.items():
+            assert torch.equal(out[True][name].tensors[key], value), (name, key)
+
+
 def test_packed_slots_refill_as_people_finish(tiny, people):
     """More jobs than slots: every job is trained and emitted exactly once, in finishing order."""
     cfg = PersonalizeConfig(steps=1)

@@ -256,7 +256,7 @@ def test_uint8_transport_is_exact() -> None:
 
 
 def test_openapi_documents_the_api() -> None:
-    from serving.api import api
+    from serving.gateway import api  # the Gateway's methods are the app's routes
 
     spec = api.openapi()
     post = spec["paths"]["/v1/restore"]["post"]
