@@ -72,18 +72,8 @@ class IndexEntry:
             row["updated_at"] = datetime.now(UTC)
         return row
 
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> IndexEntry:
-        return cls(
-            tenant=row["tenant"],
-            identity=row["identity"],
-            version=int(row["version"]),
-            uri=row["uri"],
-            sha256=row["sha256"],
-            base_fingerprint=row.get("base_fingerprint"),
-            job_key=row.get("job_key"),
-            updated_at=row.get("updated_at"),
-        )
+
+_UNREAD = object()  # an index whose file was never read
 
 
 class AdapterIndex:
@@ -111,8 +101,10 @@ class AdapterIndex:
         self.local = is_local_url(self.url)
         self.max_age_s = max_age_s
         self._lock = threading.RLock()
+        self._reload_lock = threading.Lock()  # one thread parses the file at a time
         self._entries: dict[tuple[str, str], IndexEntry] = {}
-        self._sig: object = None
+        self._sig: object = _UNREAD
+        self._error: Exception | None = None  # why the last read failed, until one succeeds
         self._checked_at = float("-inf")
 
     def __repr__(self) -> str:
@@ -136,26 +128,58 @@ class AdapterIndex:
             data = self.fs.cat_file(self.path)
         except FileNotFoundError:
             return {}
-        table = pq.read_table(io.BytesIO(data))
-        out = {}
-        for row in table.to_pylist():
-            e = IndexEntry.from_row(row)
-            out[(e.tenant, e.identity)] = e
-        return out
+        cols = pq.read_table(io.BytesIO(data)).to_pydict()  # columns, not a dict per row
+        n = len(cols.get("tenant", ()))
+        optional = [cols.get(k) or [None] * n for k in ("base_fingerprint", "job_key", "updated_at")]
+        return {
+            (t, i): IndexEntry(t, i, int(v), u, h, b, j, at)
+            for t, i, v, u, h, b, j, at in zip(
+                cols["tenant"], cols["identity"], cols["version"], cols["uri"], cols["sha256"], *optional,
+                strict=True,
+            )
+        }
 
     def refresh(self, force: bool = False) -> bool:
-        """Re-read the file if it changed; return True if the entries were reloaded."""
+        """Re-read the file if it changed (checked at most every ``max_age_s`` unless ``force``);
+        True if the entries were reloaded.
+
+        The file is parsed outside the lock lookups take, and the new entries replace the old
+        ones in one assignment: a lookup never waits for a parse. While one thread parses, the
+        others answer from the entries they have (only the very first read is waited for).
+        """
         with self._lock:
             now = time.monotonic()
             if not force and now - self._checked_at < self.max_age_s:
                 return False
             self._checked_at = now
+        if not self._reload_lock.acquire(blocking=force or self._sig is _UNREAD):
+            return False
+        try:
             sig = self._signature()
-            if not force and sig == self._sig:
+            if not force and sig == self._sig and self._error is None:
                 return False
-            self._entries = self._read() if sig is not None else {}
-            self._sig = sig
+            try:
+                entries = self._read() if sig is not None else {}
+            except Exception as exc:
+                self._error = exc
+                raise
+            with self._lock:
+                self._entries, self._sig, self._error = entries, sig, None
             return True
+        finally:
+            self._reload_lock.release()
+
+    def check(self) -> None:
+        """Raise unless the index exists and its last read succeeded: what readiness probes ask.
+
+        Costs what a lookup costs (a signature check at most every ``max_age_s``; the file is
+        parsed again only if it changed), never a forced reload.
+        """
+        self.refresh()
+        if self._error is not None:
+            raise self._error
+        if self._sig is None or self._sig is _UNREAD:
+            raise FileNotFoundError(f"adapter index {self.url} does not exist (no adapter was published yet)")
 
     def get(self, tenant: str, identity: str) -> IndexEntry | None:
         self.refresh()
@@ -206,8 +230,7 @@ class AdapterIndex:
                     os.unlink(tmp)
         else:
             self.fs.pipe_file(self.path, data)  # one PUT: readers see the old or the new file
-        self._entries = entries
-        self._sig = self._signature()
+        self._entries, self._sig, self._error = entries, self._signature(), None
         self._checked_at = time.monotonic()
 
     def _modify(self, fn: Callable[[dict[tuple[str, str], IndexEntry]], bool]) -> bool:
@@ -217,7 +240,7 @@ class AdapterIndex:
             if changed:
                 self._write(entries)
             else:
-                self._entries, self._sig = entries, self._signature()
+                self._entries, self._sig, self._error = entries, self._signature(), None
             return changed
 
     def upsert(self, entries: Iterable[IndexEntry]) -> None:

@@ -147,11 +147,14 @@ class Gateway:
         responses={503: {"model": Readiness, "description": "Model not loaded or index unreadable."}},
     )
     async def readyz(self) -> Any:
-        """200 once a model replica has its base loaded and the adapter index is readable."""
+        """200 once a model replica has its base loaded and the adapter index exists and reads.
+
+        The index is checked as a lookup checks it (re-read only if it changed), never reloaded
+        by force: a probe costs no parse of a large index."""
         from ray.serve.exceptions import BackPressureError
 
         try:
-            await asyncio.to_thread(self.registry.index.refresh, True)
+            await asyncio.to_thread(self.registry.index.check)
         except Exception as exc:
             return JSONResponse(Readiness(ready=False, detail=f"adapter index unreadable: {exc}").model_dump(), 503)
         try:

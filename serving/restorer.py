@@ -391,10 +391,10 @@ class Restorer:
                 **result}
 
     async def ready(self) -> dict[str, Any]:
-        """Model loaded (the constructor ran) and the adapter index readable."""
+        """Model loaded (the constructor ran) and the adapter index present and readable."""
         self._ensure_sweeper()
         try:
-            await self._io_call(self.registry.index.refresh, True)
+            await self._io_call(self.registry.index.check)
         except Exception as exc:
             err = PFStorerError(f"adapter index {self.settings.index_url} is not readable: {exc}")
             err.status = 503

@@ -194,6 +194,54 @@ def test_index_upsert_visible_to_second_instance(tmp_path: Path):
     assert lazy.get("acme", "ann") is not None
 
 
+def test_index_check_is_what_readiness_asks(tmp_path: Path):
+    """A missing or unreadable index fails the check; a readable one passes, empty or not."""
+    url = tmp_path / "index.parquet"
+    index = AdapterIndex(url)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        index.check()
+    AdapterIndex(url).upsert([IndexEntry("acme", "bob", 1, "file:///x", "a" * 64)])
+    index.check()
+    url.write_bytes(b"PAR1" + b"\0" * 64)  # a truncated Parquet file
+    with pytest.raises(Exception, match="(?i)parquet"):
+        index.check()
+    with pytest.raises(Exception, match="(?i)parquet"):
+        index.check()  # still broken: the check says so every time, it does not flap
+    url.unlink()
+    with pytest.raises(FileNotFoundError):
+        index.check()
+    AdapterIndex(url).upsert([IndexEntry("acme", "ann", 1, "file:///z", "b" * 64)])
+    index.check()
+    assert [e.identity for e in index.list()] == ["ann"]
+
+
+def test_index_lookups_never_wait_for_a_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """While one thread parses a changed index, lookups answer from the entries they have."""
+    url = tmp_path / "index.parquet"
+    writer, reader = AdapterIndex(url), AdapterIndex(url)
+    writer.upsert([IndexEntry("acme", "bob", 1, "file:///x/1", "a" * 64)])
+    assert reader.get("acme", "bob").version == 1
+    writer.upsert([IndexEntry("acme", "bob", 2, "file:///x/2", "a" * 64)])
+    parsing, release = threading.Event(), threading.Event()
+    real_read = reader._read
+
+    def slow_read():
+        parsing.set()
+        release.wait(10)
+        return real_read()
+
+    monkeypatch.setattr(reader, "_read", slow_read)
+    t = threading.Thread(target=reader.refresh)
+    t.start()
+    assert parsing.wait(10)
+    t0 = time.monotonic()
+    assert reader.get("acme", "bob").version == 1  # the old entry, at once
+    assert time.monotonic() - t0 < 1.0
+    release.set()
+    t.join(10)
+    assert reader.get("acme", "bob").version == 2  # swapped in once parsed
+
+
 def test_index_concurrent_writers_lose_nothing(tmp_path: Path):
     url = tmp_path / "index.parquet"
     a, b = AdapterIndex(url), AdapterIndex(url)

@@ -61,11 +61,20 @@ class Server:
                           data={k: str(v) for k, v in form.items()}, timeout=timeout)
 
 
+def _empty_index(path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from registry import INDEX_SCHEMA
+
+    pq.write_table(INDEX_SCHEMA.empty_table(), path)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Any:
     import httpx
 
     root = tmp_path_factory.mktemp("abuse")
+    _empty_index(root / "index.parquet")  # a server without an index is not ready
     keys = {"acme": generate_key(), "globex": generate_key()}
     (root / "keys.yaml").write_text("tenants:\n" + "".join(f"  {t}:\n    - {hash_key(k)}\n" for t, k in keys.items()))
     port = free_port()
@@ -241,6 +250,11 @@ def test_an_abandoned_restore_is_cancelled(server: Server) -> None:
 
 
 def test_an_unreadable_index_is_a_503(server: Server) -> None:
+    import httpx
+
+    def ready() -> int:
+        return httpx.get(f"{server.url}/readyz", timeout=30).status_code
+
     server.index.write_bytes(b"PAR1" + os.urandom(64))  # a truncated Parquet file
     try:
         time.sleep(1.0)  # the index is re-checked every 0.5 s here
@@ -248,5 +262,13 @@ def test_an_unreadable_index_is_a_503(server: Server) -> None:
         assert _json_status(r) == 503 and "index" in r.json()["detail"], r.text
         assert int(r.headers["Retry-After"]) >= 1
         _prompt(server)  # base-only restores need no index
-    finally:
+        assert ready() == 503  # readiness says so too
         server.index.unlink()
+        time.sleep(1.0)
+        assert ready() == 503  # and a missing index is not ready either
+    finally:
+        _empty_index(server.index)
+    deadline = time.monotonic() + 10
+    while ready() != 200:  # a readable index makes the server ready again
+        assert time.monotonic() < deadline, "the server did not become ready with the index back"
+        time.sleep(0.25)
