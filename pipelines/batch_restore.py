@@ -131,7 +131,7 @@ class BatchRestorer:
         from pfstorer.images import ImageLimits
         from pfstorer.model import load_base
         from pfstorer.personalization import AdapterSlots
-        from registry import AdapterIndex, ArtifactStore, AdapterRegistry
+        from registry import AdapterRegistry
 
         torch.set_num_threads(max(1, int(config.threads)))
         self.config = config
@@ -141,10 +141,8 @@ class BatchRestorer:
         opts = config.storage_options
         # read-only: the index (re-read when it changes, checked at most every 30 s) and the
         # store reached through each entry's URI; no MLflow
-        self.registry = AdapterRegistry(
-            ArtifactStore(config.store_url or config.out_url, opts),
-            AdapterIndex(config.index_url, opts, max_age_s=30.0),
-            None,
+        self.registry = AdapterRegistry.from_urls(
+            config.store_url or config.out_url, None, config.index_url, storage_options=opts, index_max_age_s=30.0
         )
         self.cache: OrderedDict[str, Any] = OrderedDict()
         self.limits = ImageLimits(
