@@ -3,7 +3,7 @@
 Every step draws, per identity, ``batch_size`` random crops of the references, degrades them
 (blur, noise, resize, JPEG) and encodes them. Without prefetching the step waits for that; with
 ``TrainingSpeed(prefetch=True)`` (the default) the next step's draws run in background threads
-while the UNet trains. The table gives, per step: the wall time, the time the training thread
+while the UNet trains (``auto``, the default, does so on a GPU only). The table gives, per step: the wall time, the time the training thread
 waited for its batches, and the time spent drawing (in any thread). The adapters are the same
 either way (tests/test_core.py checks it bit for bit).
 
@@ -46,7 +46,7 @@ def references(n_people: int, n_refs: int) -> list[list[torch.Tensor]]:
 
 def measure(model, refs, *, pack: int, steps: int, warmup: int, prefetch: bool, device: str) -> dict:
     config = PersonalizeConfig(steps=warmup + steps + 10, seed=0)  # nobody finishes inside the timing
-    trainer = PackedTrainer(model, config, capacity=pack, speed=TrainingSpeed(prefetch=prefetch))
+    trainer = PackedTrainer(model, config, capacity=pack, speed=TrainingSpeed(prefetch="on" if prefetch else "off"))
     for k in range(pack):
         trainer.add(PersonalizeJob(f"person{k}", refs[k % len(refs)], seed=k))
     for _ in range(warmup):

@@ -162,6 +162,7 @@ class PackedTrainer:
         # ahead: draws made in the background while a step trained
         self.data_stats = {"steps": 0, "draw_s": 0.0, "wait_s": 0.0, "ahead": 0}
         self._stats_lock = threading.Lock()
+        self._prefetch = speed.prefetch == "on" or (speed.prefetch == "auto" and model.device.type == "cuda")
 
     # -- slots -------------------------------------------------------------------------------
     def add(self, job: PersonalizeJob) -> int:
@@ -269,7 +270,7 @@ class PackedTrainer:
     def _train_step(self, active: list[int]) -> None:
         c, m = self.config, self.model
         draws = {k: self._next_draw(self.slots[k]) for k in active}
-        if self.speed.prefetch:  # the next step's batches are drawn while this one trains
+        if self._prefetch:  # the next step's batches are drawn while this one trains
             pool = _prefetch_pool()
             for k in active:
                 slot = self.slots[k]

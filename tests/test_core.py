@@ -215,7 +215,7 @@ def test_prefetched_draws_give_the_same_adapters(tiny, people):
     jobs = [PersonalizeJob(n, refs[:4], seed=i) for i, (n, refs) in enumerate(list(people.items())[:3])]
     out = {}
     for prefetch in (False, True):
-        trainer = PackedTrainer(tiny, cfg, capacity=2, speed=TrainingSpeed(prefetch=prefetch))
+        trainer = PackedTrainer(tiny, cfg, capacity=2, speed=TrainingSpeed(prefetch="on" if prefetch else "off"))
         out[prefetch] = {a.identity: a for a in trainer.run(jobs)}
         stats = trainer.data_stats
         assert stats["steps"] == 8 and stats["draw_s"] > 0  # 3 people, 2 slots, 4 steps each
