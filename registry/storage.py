@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from datetime import datetime
 from collections.abc import Mapping
@@ -16,6 +17,15 @@ MTIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified")
 """Where fsspec implementations put a file's modification time in ``info`` (local, S3, GCS...)."""
 
 
+@functools.lru_cache(maxsize=8)
+def _s3_endpoint_setting(pfstorer_env: tuple[tuple[str, str], ...]) -> str | None:
+    """The ``s3_endpoint_url`` setting, loaded once per ``PFSTORER_*`` environment: this runs per
+    photo when manifests are probed, and loading Settings costs milliseconds."""
+    from pfstorer.settings import Settings
+
+    return Settings.load().s3_endpoint_url
+
+
 def default_storage_options(url: str) -> dict[str, Any]:
     """Storage options from the environment for ``url``.
 
@@ -24,9 +34,8 @@ def default_storage_options(url: str) -> dict[str, Any]:
     from the usual AWS variables through s3fs/botocore. Other protocols: none.
     """
     if fsspec.utils.get_protocol(url) in ("s3", "s3a"):
-        from pfstorer.settings import Settings
-
-        endpoint = Settings.load().s3_endpoint_url
+        pfstorer_env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("PFSTORER_")))
+        endpoint = _s3_endpoint_setting(pfstorer_env)
         if endpoint:
             return {"endpoint_url": endpoint}
         for var in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):

@@ -74,8 +74,8 @@ def find_dlib_models() -> dict[str, Path]:
         "recognition": "dlib_face_recognition_resnet_model_v1.dat",
     }
     folders: list[Path] = []
-    if _setting("dlib_models") is not None:
-        folders.append(_setting("dlib_models"))
+    if (configured := _setting("dlib_models")) is not None:
+        folders.append(configured)
     pkg = _package_dir("face_recognition_models")
     if pkg is not None:
         folders.append(pkg / "models")
@@ -137,8 +137,8 @@ def find_stlpips_weights(net: str = "alex") -> Path:
 def find_niqe_params() -> Path:
     """MATLAB pristine NIQE parameters (``niqe_pris_params.npz`` of the basicsr 1.4.2 sources)."""
     candidates: list[Path] = []
-    if _setting("niqe_params") is not None:
-        candidates.append(_setting("niqe_params"))
+    if (configured := _setting("niqe_params")) is not None:
+        candidates.append(configured)
     candidates.append(data_dir() / "niqe_pris_params.npz")
     pkg = _package_dir("basicsr")
     if pkg is not None:
@@ -167,8 +167,8 @@ def find_brisque_models() -> tuple[Path, Path]:
             "not opencv-python"
         )
     folders: list[Path] = []
-    if _setting("brisque_dir") is not None:
-        folders.append(_setting("brisque_dir"))
+    if (configured := _setting("brisque_dir")) is not None:
+        folders.append(configured)
     folders += [
         data_dir(),
         Path(sys.prefix) / "share" / "opencv4" / "quality",
