@@ -59,12 +59,14 @@ def _retry(fn: Callable[[], T], *, what: str, attempts: int = 6, base_delay: flo
     raise AssertionError("unreachable")
 
 
-_RACE_MARKERS = ("not found", "does not exist", "unique constraint", "duplicate entry", "duplicate key")
+_RACE_MARKERS = ("not found", "does not exist", "unique constraint", "duplicate entry", "duplicate key",
+                 "0 were matched")  # SQLAlchemy: the row an UPDATE named was changed by a racing writer
 
 
 def _is_race(exc: BaseException) -> bool:
     """A write that lost to a concurrent one on the same model: the version it named was just
-    deleted, or the row it inserts was just inserted (SQLite, PostgreSQL and MySQL wordings)."""
+    deleted, the row it updates was just changed, or the row it inserts was just inserted
+    (SQLite, PostgreSQL and MySQL wordings)."""
     text = str(exc).lower()
     return _error_code(exc) == "RESOURCE_DOES_NOT_EXIST" or any(m in text for m in _RACE_MARKERS)
 
