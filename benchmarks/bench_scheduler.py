@@ -7,7 +7,12 @@ an adapter of the real shapes built without training (``--dry-train``; ``--steps
 real instead), saved, uploaded to the store with sha256 verification -> MLflow run + registered
 version + alias (SQLite) -> adapter index (batched). Then the same manifest again (all skipped).
 
-    python benchmarks/bench_scheduler.py --identities 1000          # the recorded run
+``--kill-workers K`` SIGKILLs a training worker K times during the run (spread over it) and
+``--bad-rows N`` adds N broken rows (missing file, not an image, unknown role, unsafe name): the
+benchmark then checks that every person was registered exactly once (one MLflow version, one index
+row) and every bad row was quarantined with a reason.
+
+    python benchmarks/bench_scheduler.py --identities 1000 --kill-workers 3 --bad-rows 40  # recorded
     python benchmarks/bench_scheduler.py --identities 50 --no-save  # a quick look
 
 Writes ``benchmarks/results/scheduler_cpu.json`` and ``.md`` (unless ``--no-save``).
@@ -20,6 +25,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -47,7 +53,31 @@ def lfw_people(min_photos: int) -> list[tuple[str, list[str]]]:
     return [(k, [str(p) for p in v]) for k, v in _common.lfw_people(LFW, split=None).items() if len(v) >= min_photos]
 
 
-def build_manifest(n: int, refs: int, path: Path) -> int:
+BAD_KINDS = ("missing", "not-an-image", "role", "unsafe")
+
+
+def bad_rows(n: int, folder: Path) -> list[dict[str, str]]:
+    """``n`` broken rows, each of its own made-up person, cycling through :data:`BAD_KINDS`."""
+    junk = folder / "notes.jpg"
+    junk.write_text("not an image")
+    good = next(iter(lfw_people(1)))[1][0]
+    rows = []
+    for i in range(n):
+        kind = BAD_KINDS[i % len(BAD_KINDS)]
+        row = {"tenant": "bench", "identity": f"bad-{i:05d}", "role": "ref", "uri": good}
+        if kind == "missing":
+            row["uri"] = str(folder / f"missing-{i}.jpg")
+        elif kind == "not-an-image":
+            row["uri"] = str(junk)
+        elif kind == "role":
+            row["role"] = "thumbnail"
+        else:
+            row["identity"] = f"../bad-{i:05d}"
+        rows.append(row)
+    return rows
+
+
+def build_manifest(n: int, refs: int, path: Path, bad: int = 0) -> int:
     """``n`` identities, each with ``refs`` photos of one lfw128 person (people are reused under
     new identity names when ``n`` exceeds them: a person is a (tenant, identity) key)."""
     from pipelines.manifest import write_manifest
@@ -60,6 +90,7 @@ def build_manifest(n: int, refs: int, path: Path) -> int:
             {"tenant": "bench", "identity": f"{name}-{i:05d}", "role": "ref", "uri": p}
             for p in photos[:refs]
         ]
+    rows += bad_rows(bad, path.parent)
     write_manifest(rows, path)
     return len(people)
 
@@ -104,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=0,
                     help="0: --dry-train (no UNet); N > 0: real training steps on tiny")
     ap.add_argument("--publish-threads", type=int, default=None)
+    ap.add_argument("--kill-workers", type=int, default=0, help="SIGKILL a training worker this many times")
+    ap.add_argument("--bad-rows", type=int, default=0, help="broken manifest rows to add")
     ap.add_argument("--gpus", type=int, default=64, help="GPU count for the 100k extrapolation")
     ap.add_argument("--state-dir", default=None, help="default: a fresh temporary directory")
     ap.add_argument("--name", default="scheduler_cpu")
@@ -120,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     manifest = tmp / "manifest.parquet"
-    n_people = build_manifest(args.identities, args.refs, manifest)
+    n_people = build_manifest(args.identities, args.refs, manifest, args.bad_rows)
     print(f"manifest: {args.identities} identities x {args.refs} photos "
           f"({n_people} distinct lfw128 people) -> {manifest}", flush=True)
 
@@ -131,7 +164,22 @@ def main(argv: list[str] | None = None) -> int:
 
     marks: dict[str, float] = {}
 
+    kills: list[int] = []
+
+    def kill_a_worker(snap) -> None:
+        """The i-th kill once (i+1)/(K+1) of the people are done, after the previous restart."""
+        if len(kills) >= args.kill_workers or snap.restarts < len(kills):
+            return
+        if snap.done + snap.failed < (len(kills) + 1) * args.identities / (args.kill_workers + 1):
+            return
+        busy = sorted(snap.workers.values(), key=lambda w: -w.leased)
+        if busy and busy[0].leased:
+            kills.append(busy[0].pid)
+            os.kill(busy[0].pid, signal.SIGKILL)
+            print(f"killed worker pid {busy[0].pid} at {snap.done} done", flush=True)
+
     def on_progress(snap) -> None:
+        kill_a_worker(snap)
         now = time.perf_counter()
         if snap.workers and "workers" not in marks:
             marks["workers"] = now
@@ -144,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
     common = dict(state_dir=tmp / "state", base="tiny", workers=args.workers,
                   steps=max(args.steps, 1), pack=args.pack, dry_train=dry,
-                  publish_threads=args.publish_threads)
+                  publish_threads=args.publish_threads, max_retries=args.kill_workers + 2)
     t_run = time.perf_counter()
     s1 = run_manifest(str(manifest), on_progress=on_progress, report_interval_s=2.0, **common)
     run_s = time.perf_counter() - t_run
@@ -153,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     rerun_s = time.perf_counter() - t_again
     rpc = queue_rpc_cost(min(args.identities, 1000), args.pack)
     ray.shutdown()
+    once = exactly_once(s1, tmp / "state")
 
     done = s1.by_status("done")
     n = len(done)
@@ -189,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         "publish_threads": pub.get("publish_threads"),
         "tracking": "MLflow on SQLite (local file)",
         "done": s1.done, "failed": s1.failed, "worker_restarts": s1.worker_restarts,
+        "workers_killed": len(kills), "requeued_after_loss": s1.requeued_after_loss,
+        "bad_rows": args.bad_rows, "quarantined_rows": s1.quarantined_rows,
+        "quarantine_reasons": s1.quarantine_reasons, "exactly_once": once,
         "seconds": {
             "ray_init": ray_init_s,
             "validate": t["validate_s"],
@@ -227,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
             "overhead_hours_if_serial": overhead_h,
         },
     }
+    ok = (s1.failed == 0 and once["exactly_once"] == s1.done == args.identities
+          and s1.quarantined_rows == args.bad_rows == sum(s1.quarantine_reasons.values()))
+    result["checks_passed"] = ok
     verdict = (
         f"100,000 identities at {ANCHOR_STEPS} steps: compute = {ANCHOR_STEPS} x "
         f"{ANCHOR_STEP_S * 1000:.1f} ms / {ANCHOR_PACK} packed = {gpu_s_per_id:.2f} GPU-s per "
@@ -252,6 +307,12 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [
         ("identities (done / failed)", f"{s1.done} / {s1.failed}"),
+        ("workers killed (group restarts, people requeued)",
+         f"{len(kills)} ({s1.worker_restarts}, {s1.requeued_after_loss})"),
+        ("registered exactly once (1 version + 1 index row each)",
+         f"{once['exactly_once']} / {s1.done}" + (f", NOT: {once['not_once'][:5]}" if once["not_once"] else "")),
+        ("bad rows quarantined with a reason",
+         f"{s1.quarantined_rows} of {args.bad_rows}: " + ", ".join(f"{r} ({k})" for r, k in s1.quarantine_reasons.items())),
         ("workers x pack", f"{args.workers} x {args.pack} ({result['mode']})"),
         ("validate", f"{t['validate_s']:.1f} s ({result['per_identity_ms']['validate']:.1f} ms/identity)"),
         ("plan (job keys, registry lookups)", f"{t['plan_s']:.1f} s"),
@@ -282,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
             f"# Scheduler benchmark: {args.identities} identities on {os.cpu_count()} shared CPU cores",
             "",
             f"`python benchmarks/bench_scheduler.py --identities {args.identities}"
-            f"{'' if dry else f' --steps {args.steps}'} --workers {args.workers} --pack {args.pack}`"
+            f"{'' if dry else f' --steps {args.steps}'} --workers {args.workers} --pack {args.pack}"
+            f"{f' --kill-workers {args.kill_workers}' if args.kill_workers else ''}"
+            f"{f' --bad-rows {args.bad_rows}' if args.bad_rows else ''}`"
             f" ({result['tracking']}, local store and index; load average at the end "
             f"{result['load_average_at_end'][0]:.1f} on a machine shared with other work).",
             "",
@@ -297,7 +360,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nwrote {RESULTS / (args.name + '.json')} and .md")
     if not args.state_dir:
         shutil.rmtree(tmp, ignore_errors=True)
-    return 0 if s1.failed == 0 else 1
+    return 0 if ok else 1
+
+
+def exactly_once(summary, state_dir: Path) -> dict[str, object]:
+    """Every done person has exactly one MLflow version and one index row pointing at it."""
+    from pfstorer.settings import Settings
+    from registry import AdapterRegistry
+
+    registry = AdapterRegistry.from_settings(Settings.load(None, state_dir=state_dir))
+    index = {(e.tenant, e.identity): e.version for e in registry.index.list()}
+    good, bad = 0, []
+    for o in summary.by_status("done"):
+        versions = [v.version for v in registry.models.versions(o.tenant, o.identity)]
+        if versions == [o.version] and index.get((o.tenant, o.identity)) == o.version:
+            good += 1
+        else:
+            bad.append(f"{o.identity}: versions {versions}, index {index.get((o.tenant, o.identity))}")
+    return {"exactly_once": good, "not_once": bad}
 
 
 if __name__ == "__main__":

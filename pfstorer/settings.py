@@ -116,6 +116,10 @@ class ServeSettings(_Section):
         16, ge=-1, description="Requests waiting per caller before 503 + Retry-After (-1: no cap)."
     )
     num_replicas: int = Field(1, ge=1, description="Fixed replica count when autoscaling is off.")
+    gateway_replicas: int = Field(
+        1, ge=1, description="Replicas of the Gateway (the HTTP ingress); 2 or more on a cluster, so "
+        "losing one pod never takes the API down. max_tenant_requests counts per Gateway replica.",
+    )
     autoscaling: AutoscalingSettings | None = Field(
         None, description="Autoscaling bounds; when set, num_replicas is ignored."
     )
@@ -314,6 +318,12 @@ class Settings(BaseSettings):
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs reserved per Ray Train worker.")
     max_retries: int = Field(
         2, ge=-1, description="Ray Train FailureConfig.max_failures (-1: retry forever)."
+    )
+    snapshot_interval_s: float = Field(
+        30.0, ge=0,
+        description="How often a training worker saves each person's training state to the run's "
+        "queue (0: after every step). A lost worker costs each person in flight at most this much "
+        "training.",
     )
     personalize: PersonalizeConfig = Field(
         default_factory=PersonalizeConfig, description="Personalization of one identity."

@@ -12,6 +12,9 @@ frozen base and steps them together in one batch. The loss is the sum of each id
 loss and the optimiser is per slot (Adam with a step count per slot), so every identity gets exactly
 the updates it would get alone; each draws all its randomness from its own seed. Slots are refilled
 from the job stream as identities finish, and each adapter is emitted as soon as it is done.
+A slot's whole state (:class:`SlotState`) can be taken between steps and put into another
+trainer, which then continues bit for bit as the first would have: a run that loses a worker
+resumes its people instead of training them again.
 """
 
 from __future__ import annotations
@@ -115,6 +118,26 @@ class _Slot:
     probe_start: float = float("nan")
     started: float = field(default_factory=time.perf_counter)
     ahead: Future | None = None  # the next step's draw, prefetched
+    ahead_from: tuple[dict, torch.Tensor] | None = None  # the generators' states that draw started from
+
+
+@dataclass
+class SlotState:
+    """Everything that continues one identity's training where it stopped (CPU tensors, picklable):
+    the adapter's tensors and AdamW moments (each parameter's row of the slot), the step, the loss
+    curve and the state of the identity's generators before its next draw."""
+
+    step: int
+    params: list[torch.Tensor]
+    exp_avg: list[torch.Tensor]
+    exp_avg_sq: list[torch.Tensor]
+    adam_t: int
+    rng: dict
+    gen: torch.Tensor
+    curve: list[float]
+    parts: dict[str, float]
+    probe_start: float
+    seconds: float
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -165,7 +188,8 @@ class PackedTrainer:
         self._prefetch = speed.prefetch == "on" or (speed.prefetch == "auto" and model.device.type == "cuda")
 
     # -- slots -------------------------------------------------------------------------------
-    def add(self, job: PersonalizeJob) -> int:
+    def add(self, job: PersonalizeJob, resume: SlotState | None = None) -> int:
+        """Put ``job`` in a free slot: fresh, or continuing from ``resume`` (:meth:`snapshot`)."""
         check_references(job.references, self.config)
         free = [i for i in range(self.capacity) if i not in self.slots]
         if not free:
@@ -182,8 +206,41 @@ class PackedTrainer:
         size = self.model.config.sample_size
         refs = [_limit_side(r.float(), 2 * size) for r in job.references]
         self.slots[k] = _Slot(job, refs, self.reference_features(refs), np.random.default_rng(seed), gen)
-        self.slots[k].probe_start = self.probe_loss(k)
+        if resume is None:
+            self.slots[k].probe_start = self.probe_loss(k)
+        else:
+            self._restore(k, resume)
         return k
+
+    @torch.no_grad()
+    def snapshot(self, k: int) -> SlotState:
+        """Slot ``k``'s training state between two steps (see :class:`SlotState`)."""
+        slot, opt = self.slots[k], self.opt
+        rng, gen = slot.ahead_from if slot.ahead is not None else (slot.rng.bit_generator.state, slot.gen.get_state())
+        return SlotState(
+            step=slot.step, params=[p[k].detach().cpu().clone() for p in opt.params],
+            exp_avg=[m[k].cpu().clone() for m in opt.m], exp_avg_sq=[v[k].cpu().clone() for v in opt.v],
+            adam_t=int(opt.t[k]), rng=rng, gen=gen.clone(), curve=list(slot.curve), parts=dict(slot.parts),
+            probe_start=slot.probe_start, seconds=time.perf_counter() - slot.started,
+        )
+
+    @torch.no_grad()
+    def _restore(self, k: int, state: SlotState) -> None:
+        slot, opt = self.slots[k], self.opt
+        if len(state.params) != len(opt.params) or any(
+            tuple(x.shape) != tuple(p.shape[1:]) for x, p in zip(state.params, opt.params, strict=True)
+        ):
+            raise ValueError("the slot state was taken on another base or adapter layout")
+        for p, m, v, x, xm, xv in zip(opt.params, opt.m, opt.v, state.params, state.exp_avg, state.exp_avg_sq, strict=True):
+            p[k] = x.to(p.device, p.dtype)
+            m[k] = xm.to(m.device)
+            v[k] = xv.to(v.device)
+        opt.t[k] = state.adam_t
+        slot.rng.bit_generator.state = state.rng
+        slot.gen.set_state(state.gen)
+        slot.step, slot.curve, slot.parts = state.step, list(state.curve), dict(state.parts)
+        slot.probe_start = state.probe_start
+        slot.started = time.perf_counter() - state.seconds
 
     @property
     def free(self) -> int:
@@ -275,6 +332,7 @@ class PackedTrainer:
             for k in active:
                 slot = self.slots[k]
                 if slot.step + 1 < c.steps:
+                    slot.ahead_from = (slot.rng.bit_generator.state, slot.gen.get_state())
                     slot.ahead = pool.submit(self._timed_draw, slot)
                     self.data_stats["ahead"] += 1
         b = c.batch_size

@@ -14,7 +14,9 @@ once its index row is written.
   at most one step.
 - **Failures**: when Ray Train replaces a worker group after a worker died, the new group
   registers with a new token and every job leased by the old group goes back to the front of the
-  queue (adapters already handed off are not lost: the publisher finishes them). A job whose
+  queue (adapters already handed off are not lost: the publisher finishes them). Workers save
+  each person's training state here between steps (:meth:`JobQueue.save_progress`), so a
+  requeued person continues from its latest snapshot instead of step 0. A job whose
   training or upload raises is retried (``job_retries`` times, alone in a slot of its own, so one
   bad person cannot sink a packed batch again) and then recorded as failed with its error.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -87,6 +90,7 @@ class JobQueue:
         self.workers: dict[str, WorkerInfo] = {}
         self.restarts = 0
         self.requeued_after_loss = 0
+        self.resumed_after_loss = 0
         # report rounds
         self.report_interval_s = report_interval_s
         self.round = 0
@@ -149,8 +153,11 @@ class JobQueue:
                     self._set(jid, PENDING)
                     self.pending.appendleft(jid)
                 self.requeued_after_loss += len(lost)
+                resumable = sum(self.records[jid].snapshot is not None for jid in lost)
+                self.resumed_after_loss += resumable
                 if lost:
-                    log.warning("worker group restarted: %d leased jobs put back", len(lost))
+                    log.warning("worker group restarted: %d leased jobs put back, %d of them resume from "
+                                "a snapshot", len(lost), resumable)
                 # a fresh group counts its reports from 0 (and reports once if all is settled)
                 self.round = 1 if self.finished else 0
                 self.dirty = self.counts[PUBLISHING] + self.counts[DONE] > 0
@@ -196,8 +203,22 @@ class JobQueue:
             if rec.status != PENDING:
                 continue
             self._set(jid, LEASED, wid)
-            out.append(Lease(rec.job, attempt=rec.failures, solo=rec.solo))
+            rec.resumed += rec.snapshot is not None
+            out.append(Lease(rec.job, attempt=rec.failures, solo=rec.solo, resume=rec.snapshot))
         return tuple(out)
+
+    def save_progress(self, wid: str, snapshots: Mapping[str, Any]) -> int:
+        """A worker's snapshots (job id -> :class:`pfstorer.training.SlotState`) of the people it
+        trains: if the worker is lost, they resume from here. Returns how many were kept (a
+        snapshot of a job no longer leased to this worker is dropped)."""
+        with self._lock:
+            kept = 0
+            for jid, state in snapshots.items():
+                rec = self.records.get(jid)
+                if rec is not None and rec.status == LEASED and self.owner.get(jid) == wid and self._current(wid):
+                    rec.snapshot = state
+                    kept += 1
+            return kept
 
     def handoff(self, wid: str, job_id: str, stored: StoredAdapter) -> bool:
         """A worker stored an adapter (uploaded + verified); publish it. False: already handled."""
@@ -208,7 +229,7 @@ class JobQueue:
             if rec.status == LEASED and self.owner.get(job_id) != wid and self._current(wid):
                 return False  # leased again to someone else in this group: theirs wins
             self._set(job_id, PUBLISHING, wid)
-            rec.stored, rec.worker = stored, wid
+            rec.stored, rec.worker, rec.snapshot = stored, wid, None
             if wid in self.workers:
                 self.workers[wid].handed_off += 1
             self.dirty = True
@@ -223,6 +244,7 @@ class JobQueue:
                 return "unknown" if rec is None else rec.status
             rec.failures += 1
             rec.errors.append(error)
+            rec.snapshot = None  # a retry starts afresh: the state may be what failed
             if wid in self.workers:
                 self.workers[wid].failed += 1
             if rec.failures > self.job_retries:
@@ -263,8 +285,9 @@ class JobQueue:
             return QueueProgress(
                 total=len(self.records), pending=c[PENDING], leased=c[LEASED], publishing=c[PUBLISHING],
                 done=c[DONE], failed=c[FAILED], finished=self.finished, restarts=self.restarts,
-                requeued_after_loss=self.requeued_after_loss, generation=self.gen, rounds=self.round,
-                steps=self.steps, workers=workers,
+                requeued_after_loss=self.requeued_after_loss, resumed_after_loss=self.resumed_after_loss,
+                resumable=sum(self.records[j].snapshot is not None for js in self.leased_by.values() for j in js),
+                generation=self.gen, rounds=self.round, steps=self.steps, workers=workers, pid=os.getpid(),
             )
 
     def outcome(self) -> QueueOutcome:
@@ -273,9 +296,10 @@ class JobQueue:
             records = {}
             for jid, rec in self.records.items():
                 stored = rec.stored and dataclasses.replace(rec.stored, meta={})
-                records[jid] = dataclasses.replace(rec, errors=list(rec.errors), stored=stored)
+                records[jid] = dataclasses.replace(rec, errors=list(rec.errors), stored=stored, snapshot=None)
             return QueueOutcome(
                 records=records, restarts=self.restarts, requeued_after_loss=self.requeued_after_loss,
+                resumed_after_loss=self.resumed_after_loss,
                 publisher=dict(self.publisher.stats),
                 workers={wid: dataclasses.replace(w) for wid, w in self.workers.items()}, rounds=self.round,
                 steps=self.steps,

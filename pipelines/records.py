@@ -35,11 +35,13 @@ class PersonJob:
 
 @dataclasses.dataclass(frozen=True)
 class Lease:
-    """A job leased to a worker: its ``attempt`` (0 first) and whether it trains alone (a retry)."""
+    """A job leased to a worker: its ``attempt`` (0 first), whether it trains alone (a retry) and
+    where to resume it (a :class:`pfstorer.training.SlotState` saved before its worker was lost)."""
 
     job: PersonJob
     attempt: int = 0
     solo: bool = False
+    resume: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,8 @@ class JobRecord:
     run_id: str | None = None
     publish_s: float | None = None
     done_at: float | None = None
+    snapshot: Any = None  # the latest pfstorer.training.SlotState its worker saved
+    resumed: int = 0  # leases that continued from a snapshot
 
     @property
     def attempts(self) -> int:
@@ -114,10 +118,13 @@ class QueueProgress:
     finished: bool
     restarts: int
     requeued_after_loss: int
+    resumed_after_loss: int
+    resumable: int  # leased people whose training state is saved here (they survive a lost worker)
     generation: int
     rounds: int
     steps: int
     workers: dict[str, WorkerInfo]  # the current group's workers
+    pid: int = 0  # the queue actor's process
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +134,7 @@ class QueueOutcome:
     records: dict[str, JobRecord]
     restarts: int
     requeued_after_loss: int
+    resumed_after_loss: int
     publisher: dict[str, Any]
     workers: dict[str, WorkerInfo]
     rounds: int

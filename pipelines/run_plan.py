@@ -20,11 +20,12 @@ from pipelines.cluster import check_capacity, cluster_address, ensure_ray, shutd
 from pipelines.records import PersonJob, RefPhoto
 from pipelines.run_summary import IdentityOutcome
 
-__all__ = ["RunPlan", "prepare_run", "storage_options_of"]
+__all__ = ["RunPlan", "prepare_run", "recover_published", "storage_options_of"]
 
 _SETTINGS_FIELDS = (
     "state_dir", "base", "base_weights", "store_url", "index_url", "tracking_uri", "registry_uri",
     "storage_options", "ray_address", "workers", "cpus_per_worker", "gpus_per_worker", "max_retries",
+    "snapshot_interval_s",
 )  # fmt: skip
 
 
@@ -114,6 +115,50 @@ def _registered_models(registry: Any, tenants: set[str]) -> set[str]:
     return names
 
 
+class _Registered:
+    """Finds what a job key already produced: the index row, or else the registered MLflow version
+    (a crash between registration and the index write), whose missing index rows
+    :meth:`repair` writes."""
+
+    def __init__(self, registry: Any, tenants: set[str]) -> None:
+        self.registry = registry
+        self.indexed = {(e.tenant, e.identity): e for e in registry.index.list()}
+        self.known = _registered_models(registry, tenants)
+        self.repairs: list[Any] = []
+
+    def find(self, tenant: str, identity: str, job_key: str) -> Any:
+        """The :class:`registry.IndexEntry` of this person's adapter for ``job_key``, or None."""
+        from registry import entry_of_version, model_name
+
+        entry = self.indexed.get((tenant, identity))
+        if entry is not None and entry.job_key == job_key:
+            return entry
+        if model_name(tenant, identity) not in self.known:  # never registered: nothing to look up
+            return None
+        found = self.registry.models.find_version(tenant, identity, job_key)
+        if found is None:
+            return None
+        registered = entry_of_version(tenant, identity, found)
+        if entry is None or entry.version < found.version:  # registered, never indexed
+            self.repairs.append(registered)
+        return registered
+
+    def repair(self) -> int:
+        """Write the index rows :meth:`find` found missing; returns how many."""
+        if self.repairs:
+            self.registry.index.upsert(self.repairs)
+        n, self.repairs = len(self.repairs), []
+        return n
+
+
+def recover_published(settings: Any, jobs: list[PersonJob]) -> tuple[dict[str, Any], int]:
+    """After the job queue was lost: which jobs made it into the registry (job id -> index entry),
+    with the index rows of any registered but not yet indexed written now; and how many."""
+    lookup = _Registered(_registry(settings), {j.tenant for j in jobs})
+    found = {j.job_id: e for j in jobs if (e := lookup.find(j.tenant, j.identity, j.job_key)) is not None}
+    return found, lookup.repair()
+
+
 def prepare_run(
     manifest_url: str,
     settings: Any = None,
@@ -134,7 +179,6 @@ def prepare_run(
     from pfstorer.model import base_fingerprint
     from pipelines.manifest import manifest_hash
     from pipelines.validate import validate_from_settings, write_quarantine
-    from registry import IndexEntry, entry_of_version, model_name
 
     t_start = time.perf_counter()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
@@ -169,16 +213,13 @@ def prepare_run(
     key_config = config.model_dump(mode="json")
     if dry_train:
         key_config["dry_train"] = True
-    registry = _registry(settings)
-    indexed = {(e.tenant, e.identity): e for e in registry.index.list()}
-    known = _registered_models(registry, {t for t, _ in validation.jobs})
+    lookup = _Registered(_registry(settings), {t for t, _ in validation.jobs})
     todo: list[PersonJob] = []
     skipped: list[IdentityOutcome] = []
-    repairs: list[IndexEntry] = []
     for (tenant, identity), job in validation.jobs.items():
         key = job.job_key(fingerprint, key_config)
-        entry = indexed.get((tenant, identity))
-        if entry is not None and entry.job_key == key:
+        entry = lookup.find(tenant, identity, key)
+        if entry is not None:
             skipped.append(
                 IdentityOutcome(
                     tenant=tenant, identity=identity, status="skipped", job_key=key,
@@ -186,24 +227,9 @@ def prepare_run(
                 )
             )
             continue
-        found = None
-        if model_name(tenant, identity) in known:  # else: never registered, nothing to look up
-            found = registry.models.find_version(tenant, identity, key)
-        if found is not None:
-            registered = entry_of_version(tenant, identity, found)
-            skipped.append(
-                IdentityOutcome(
-                    tenant=tenant, identity=identity, status="skipped", job_key=key,
-                    version=found.version, uri=registered.uri, sha256=registered.sha256,
-                )
-            )
-            if entry is None or entry.version < found.version:  # registered, never indexed
-                repairs.append(registered)
-            continue
         refs = tuple(RefPhoto(r["uri"], r["sha256"]) for r in job.refs)
         todo.append(PersonJob(f"{len(todo):06d}", tenant, identity, key, refs))
-    if repairs:
-        registry.index.upsert(repairs)
+    repaired = lookup.repair()
     timings["plan_s"] = time.perf_counter() - t0
     timings["prepare_s"] = time.perf_counter() - t_start
     return RunPlan(
@@ -211,6 +237,6 @@ def prepare_run(
         manifest_hash=manifest_hash(table), rows=table.num_rows, config=config,
         key_config=key_config, base_fingerprint=fingerprint, base_preset=preset,
         base_licence=licence, validation=validation, quarantine_url=qurl, todo=todo,
-        skipped=skipped, index_repaired=len(repairs), dry_train=dry_train,
+        skipped=skipped, index_repaired=repaired, dry_train=dry_train,
         started_at=started_at, timings=timings, owns_ray=owns_ray,
     )

@@ -56,6 +56,8 @@ class RunSummary(BaseModel):
     pack: int = 1
     worker_restarts: int = 0
     requeued_after_loss: int = 0
+    resumed_after_loss: int = Field(0, description="requeued people that continued from a snapshot")
+    queue_lost: bool = Field(False, description="the job queue actor died: the registry tells who finished")
     train_error: str | None = None
     ray_train: dict[str, Any] = Field(default_factory=dict)
     publisher: dict[str, Any] = Field(default_factory=dict)
@@ -109,7 +111,8 @@ class RunSummary(BaseModel):
         if self.worker_restarts:
             lines.append(
                 f"worker group restarts: {self.worker_restarts} "
-                f"({self.requeued_after_loss} leased people put back in the queue)"
+                f"({self.requeued_after_loss} leased people put back in the queue, "
+                f"{self.resumed_after_loss} of them continued from a snapshot)"
             )
         if self.quarantine_reasons:
             lines.append(f"quarantine ({self.quarantine_url}):")

@@ -4,7 +4,9 @@ and sum it up.
 The driver starts the :mod:`pipelines.job_queue` actor, a ``TorchTrainer`` whose workers run
 :func:`pipelines.train_worker.train_loop`, and a progress bar that polls the queue; when
 ``fit()`` returns it closes the queue (its publisher drains) and turns every job's record into an
-:class:`~pipelines.run_summary.IdentityOutcome`.
+:class:`~pipelines.run_summary.IdentityOutcome`. If the queue actor died, its records died with
+it: the registry then tells who was published, and anyone registered but not yet indexed is
+indexed before the summary is written.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 from pipelines.cluster import check_capacity, cluster_address, ensure_ray, shutdown_ray
 from pipelines.records import QueueProgress
-from pipelines.run_plan import RunPlan, storage_options_of
+from pipelines.run_plan import RunPlan, recover_published, storage_options_of
 from pipelines.run_summary import IdentityOutcome, RunSummary
 
 log = logging.getLogger(__name__)
@@ -206,6 +208,7 @@ def _train(
             config=plan.config.model_dump(mode="json"), store_url=s.store_url, pack=pack,
             train_speed=s.train_speed.model_dump(), storage_options=storage_options_of(s),
             limits=limits_from_settings(s.limits), use_gpu=use_gpu, dry_train=plan.dry_train,
+            snapshot_interval_s=s.snapshot_interval_s,
         )
         trainer = TorchTrainer(
             train_loop,
@@ -220,7 +223,7 @@ def _train(
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
             ),
         )
-        with _Progress(queue, len(plan.todo), progress, on_progress):
+        with _Progress(queue, len(plan.todo), progress, on_progress) as watch:
             try:
                 result = trainer.fit()
                 summary.ray_train = {
@@ -231,14 +234,21 @@ def _train(
             except Exception as exc:  # the group failed more than max_retries times
                 log.error("Ray Train stopped: %s", exc)
                 summary.train_error = _last_error_line(exc)
-        ray.get(queue.close.remote())
-        out = ray.get(queue.outcome.remote())
-        ray.kill(queue)
+        try:
+            ray.get(queue.close.remote())
+            out = ray.get(queue.outcome.remote())
+            ray.kill(queue)
+        except ray.exceptions.RayActorError as exc:
+            out, lost = None, _last_error_line(exc)
     finally:
         if started_ray:
             ray.shutdown()
+    if out is None:
+        _after_queue_loss(plan, summary, outcomes, watch.last, lost)
+        return
     summary.worker_restarts = out.restarts
     summary.requeued_after_loss = out.requeued_after_loss
+    summary.resumed_after_loss = out.resumed_after_loss
     summary.publisher = out.publisher
     summary.ray_train.update(rounds=out.rounds, steps=out.steps)
     for rec in out.records.values():
@@ -258,6 +268,34 @@ def _train(
                 version=rec.version, uri=stored and stored.uri, sha256=stored and stored.sha256,
                 attempts=rec.attempts, error=error, train_s=stored and stored.train_s,
                 upload_s=stored and stored.upload_s, publish_s=rec.publish_s, worker=rec.worker,
+            )
+        )
+
+
+def _after_queue_loss(
+    plan: RunPlan, summary: RunSummary, outcomes: list[IdentityOutcome], last: QueueProgress | None, error: str
+) -> None:
+    """The queue actor died with every job's record: ask the registry who was published."""
+    found, repaired = recover_published(plan.settings, plan.todo)
+    log.error("the job queue was lost (%s): %d of %d people were registered, %d index rows written now",
+              error, len(found), len(plan.todo), repaired)
+    summary.queue_lost = True
+    summary.train_error = (f"the job queue actor was lost ({error}); {len(found)} of {len(plan.todo)} people "
+                           f"had been registered (all are indexed), run the manifest again for the rest")
+    summary.index_repaired += repaired
+    summary.trained = summary.versions_created = len(found)
+    if last is not None:
+        summary.worker_restarts = last.restarts
+        summary.requeued_after_loss = last.requeued_after_loss
+        summary.resumed_after_loss = last.resumed_after_loss
+    for job in plan.todo:
+        entry = found.get(job.job_id)
+        outcomes.append(
+            IdentityOutcome(
+                tenant=job.tenant, identity=job.identity, job_key=job.job_key,
+                status="done" if entry else "failed", version=entry and entry.version,
+                uri=entry and entry.uri, sha256=entry and entry.sha256, attempts=1 if entry else 0,
+                error=None if entry else "not finished: the job queue was lost",
             )
         )
 

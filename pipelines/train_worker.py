@@ -9,6 +9,12 @@ temporary directory, uploaded to the artifact store by the worker (write -> sha2
 into place, :meth:`registry.ArtifactStore.put_adapter`) and handed to the queue, whose publisher
 registers and indexes it. Each Ray Train report carries a small checkpoint
 (``progress-rank{r}.json``: what this worker handed off) and the run's counters as metrics.
+
+Every ``snapshot_interval_s`` the worker sends the queue each person's training state
+(:meth:`pfstorer.training.PackedTrainer.snapshot`): when Ray Train replaces the group after a
+worker was lost, the requeued people continue from there. If the queue itself is gone, the
+workers fail together and the group Ray Train starts next returns at once (it has no queue to
+register with), so ``fit()`` ends and the driver can sum the run up.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class WorkerConfig:
     limits: Any = None  # pfstorer.images.ImageLimits (None: its defaults)
     use_gpu: bool = False
     dry_train: bool = False
+    snapshot_interval_s: float = 30.0  # 0: after every step
 
 
 def _read_photo(uri: str, sha256: str, storage_options: Mapping[str, Any] | None, limits: Any):
@@ -120,6 +127,7 @@ class _Worker:
         self.reports = 0
         self.handed: list[str] = []
         self.steps_since_sync = 0
+        self.last_snapshot = time.monotonic()
         self.tmp = tempfile.mkdtemp(prefix="pfstorer-worker-")
         self._dry_template: list[Any] | None = None
 
@@ -191,10 +199,34 @@ class _Worker:
                 for adapter in self._trainer(1).run([pj]):
                     self._finish(adapter, job, started)
             else:
-                self.packed.add(pj)
+                self._add(pj, lease)
                 self.inflight[(job.tenant, job.identity)] = (job, started)
         except Exception as exc:
             self._fail(job, exc)
+
+    def _add(self, pj: Any, lease: Lease) -> None:
+        if lease.resume is not None:
+            try:
+                self.packed.add(pj, resume=lease.resume)
+                return
+            except ValueError as exc:  # a snapshot of another layout: train from the start
+                log.warning("job %s/%s: cannot resume (%s); training from step 0",
+                            lease.job.tenant, lease.job.identity, exc)
+        self.packed.add(pj)
+
+    def _save_progress(self) -> None:
+        """Send the queue every unfinished person's training state, at most every interval."""
+        now = time.monotonic()
+        if now - self.last_snapshot < self.cfg.snapshot_interval_s:
+            return
+        self.last_snapshot = now
+        states = {}
+        for k, slot in self.packed.slots.items():
+            if 0 < slot.step < self.pconfig.steps:
+                job, _ = self.inflight[(slot.job.tenant, slot.job.identity)]
+                states[job.job_id] = self.packed.snapshot(k)
+        if states:
+            self.ray.get(self.queue.save_progress.remote(self.wid, states))
 
     def _step(self) -> None:
         try:
@@ -210,6 +242,7 @@ class _Worker:
         for adapter in finished:
             job, started = self.inflight.pop((adapter.metadata.tenant, adapter.identity))
             self._finish(adapter, job, started)
+        self._save_progress()
 
     # -- Ray Train reports -------------------------------------------------------------------------
     def _report(self) -> None:
@@ -258,8 +291,20 @@ class _Worker:
 def train_loop(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the personalization ``TorchTrainer``: ``config["worker"]``
     is the run's :class:`WorkerConfig`."""
+    from ray.exceptions import RayActorError
+
     try:
-        _Worker(config["worker"]).loop()
+        try:
+            worker = _Worker(config["worker"])
+        except RayActorError as exc:  # no queue to register with: this group has nothing to do
+            log.error("the job queue is gone, this worker stops: %s", short_error(exc))
+            return
+        try:
+            worker.loop()
+        except RayActorError as exc:
+            # fail, not return: a worker that returned alone would leave the others of its group
+            # waiting in a report round forever; the group that replaces this one returns at once
+            raise RuntimeError(f"the job queue is gone: {short_error(exc)}") from None
     except Exception:
         log.error("pfstorer worker failed:\n%s", traceback.format_exc())
         raise

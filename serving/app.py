@@ -43,7 +43,7 @@ def build_application(settings: Settings) -> Any:
     per_replica = s.max_ongoing_requests + max(s.max_queued_requests, 0)
     replicas = s.autoscaling.max_replicas if s.autoscaling is not None else s.num_replicas
     gateway = serve.deployment(Gateway, name="Gateway").options(
-        num_replicas=1,
+        num_replicas=s.gateway_replicas,
         # room for everything the model deployment may queue, plus the requests it rejects fast
         max_ongoing_requests=max(64, 4 * per_replica * replicas),
         max_queued_requests=-1,

@@ -225,6 +225,45 @@ def test_prefetched_draws_give_the_same_adapters(tiny, people):
             assert torch.equal(out[True][name].tensors[key], value), (name, key)
 
 
+@pytest.mark.parametrize("prefetch", ["off", "on"])
+def test_a_slot_resumed_from_its_snapshot_ends_as_if_never_stopped(tiny, people, prefetch):
+    """A slot's state taken mid-training and put into a fresh trainer (another worker) continues
+    bit for bit: same adapter tensors, same loss curve, steps counted once."""
+    from pfstorer.config import TrainingSpeed
+    from pfstorer.training import PackedTrainer
+
+    cfg = PersonalizeConfig(steps=4, seed=0)
+    speed = TrainingSpeed(prefetch=prefetch)
+    name, refs = next(iter(people.items()))
+    job = PersonalizeJob(name, refs[:4], seed=7)
+    (whole,) = PackedTrainer(tiny, cfg, speed=speed).run([job])
+
+    first = PackedTrainer(tiny, cfg, speed=speed)
+    k = first.add(job)
+    first.step()
+    first.step()
+    state = first.snapshot(k)
+    first.step()  # the lost worker went on a little: none of this may leak into the resume
+    assert state.step == 2 and len(state.curve) == 2
+    second = PackedTrainer(tiny, cfg, speed=speed)
+    second.add(job, resume=state)
+    (resumed,) = [a for _ in range(3) for a in second.step()]
+    assert resumed.metadata.steps == 4 and resumed.metadata.loss_curve == whole.metadata.loss_curve
+    for key, value in whole.tensors.items():
+        assert torch.equal(resumed.tensors[key], value), key
+
+
+def test_a_slot_state_of_another_base_is_refused(tiny, people):
+    from pfstorer.training import PackedTrainer
+
+    name, refs = next(iter(people.items()))
+    trainer = PackedTrainer(tiny, PersonalizeConfig(steps=2))
+    state = trainer.snapshot(trainer.add(PersonalizeJob(name, refs[:3])))
+    state.params = state.params[:-1]
+    with pytest.raises(ValueError, match="another base"):
+        PackedTrainer(tiny, PersonalizeConfig(steps=2)).add(PersonalizeJob(name, refs[:3]), resume=state)
+
+
 def test_packed_slots_refill_as_people_finish(tiny, people):
     """More jobs than slots: every job is trained and emitted exactly once, in finishing order."""
     cfg = PersonalizeConfig(steps=1)

@@ -141,6 +141,9 @@ def test_infra_has_the_expected_files() -> None:
         "k8s/README.md",
         "k8s/raycluster.yaml",
         "k8s/rayservice.yaml",
+        "k8s/rayjob.yaml",
+        "k8s/redis.yaml",
+        "k8s/networkpolicy.yaml",
         "k8s/mlflow.yaml",
         "k8s/config.yaml",
         "local/README.md",
@@ -289,6 +292,63 @@ def test_mlflow_server_uses_a_database_and_s3_artifacts() -> None:
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= labels.items()
     assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_ray_clusters_use_token_auth_and_the_service_survives_its_head() -> None:
+    """Ray's control plane checks a token on both clusters; the RayService's GCS writes to the
+    Redis of redis.yaml (password from the same Secret), and the API has 2+ Gateway replicas."""
+    from pfstorer.settings import Settings
+
+    service = one("RayService")["spec"]["rayClusterConfig"]
+    for spec in (one("RayCluster")["spec"], service):
+        assert spec["authOptions"] == {"mode": "token"}
+    ft = service["gcsFaultToleranceOptions"]
+    host, port = ft["redisAddress"].split(":")
+    redis = one("Service", host)
+    assert int(port) in [p["port"] for p in redis["spec"]["ports"]]
+    ref = ft["redisPassword"]["valueFrom"]["secretKeyRef"]
+    (redis_pod,) = [d for d in docs("StatefulSet") if d["metadata"]["name"] == host]
+    assert env_of(containers(redis_pod["spec"]["template"])[0])["REDIS_PASSWORD"] == secrets()[ref["name"]][ref["key"]]
+    (app,) = serve_config()["applications"]
+    assert Settings.load(None, **app["args"]).serve.gateway_replicas >= 2
+
+
+def test_rayjob_runs_pfstorer_on_the_batch_cluster() -> None:
+    import argparse
+
+    from pipelines.run import register_cli
+
+    job = one("RayJob")["spec"]
+    assert job["clusterSelector"] == {"ray.io/cluster": one("RayCluster")["metadata"]["name"]}
+    assert job["shutdownAfterJobFinishes"] is False  # the cluster is shared between jobs
+    argv = job["entrypoint"].split()
+    assert argv[:2] == ["pfstorer", "run"]
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv[1:])  # every flag is one `pfstorer run` knows
+    assert args.manifest.startswith("s3://") and args.workers >= 1
+
+
+def test_network_policies_leave_only_the_api_open() -> None:
+    """Ray pods accept anything only from each other; from elsewhere only the API (8000), the
+    operator's dashboard ports and metrics; the backends only from pfstorer pods."""
+    (ray_policy,) = [p for p in docs("NetworkPolicy") if p["spec"]["podSelector"].get("matchLabels")]
+    own = {"app.kubernetes.io/name": "pfstorer"}
+    assert ray_policy["spec"]["podSelector"]["matchLabels"] == own
+    for rule in ray_policy["spec"]["ingress"]:
+        peers = rule["from"]
+        if any(p.get("podSelector", {}).get("matchLabels") == own for p in peers):
+            continue
+        assert all("namespaceSelector" in p for p in peers) and rule["ports"], rule
+        assert {p["port"] for p in rule["ports"]} <= {8000, 8080, 8265, 52365}, rule
+    for kind in ("RayCluster", "RayService"):  # every Ray pod is covered by the policy
+        spec = one(kind)["spec"]
+        spec = spec.get("rayClusterConfig", spec)
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            assert own.items() <= group["template"]["metadata"]["labels"].items()
+    (backends,) = [p for p in docs("NetworkPolicy") if p["spec"]["podSelector"].get("matchExpressions")]
+    guarded = set(backends["spec"]["podSelector"]["matchExpressions"][0]["values"])
+    assert {"mlflow", "mlflow-postgres", "pfstorer-redis"} <= guarded
 
 
 def test_services_select_their_pods() -> None:

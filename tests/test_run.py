@@ -24,6 +24,7 @@ from pipelines.job_queue import JobQueue
 from pipelines.records import DONE, FAILED, LEASED, PENDING, PUBLISHING, PersonJob, RefPhoto, StoredAdapter
 
 STEPS = 2
+KILL_STEPS = 4  # a worker is killed mid-training: its people have saved state by then
 
 
 def _job(i: int) -> PersonJob:
@@ -77,6 +78,32 @@ def test_queue_leases_requeues_lost_work_and_retries_failures():
         assert [out[f"{i:06d}"].status for i in range(5)] == [DONE] * 4 + [FAILED]
         assert out["000004"].errors == ["ValueError: boom", "ValueError: boom again"]
         assert out["000004"].attempts == 2 and out["000001"].attempts == 1  # a requeue after a loss is no failure
+    finally:
+        q.close()
+
+
+def test_queue_keeps_the_owners_snapshots_and_resumes_requeued_people_from_them():
+    q = JobQueue([_job(i) for i in range(3)], None, job_retries=1, report_interval_s=0.0)
+    try:
+        a = q.register(0, 100, "h", "g1")
+        b = q.register(1, 101, "h", "g1")
+        assert [x.job.job_id for x in q.sync(a, 0, want=2).leases] == ["000000", "000001"]
+        assert [x.job.job_id for x in q.sync(b, 0, want=1).leases] == ["000002"]
+        assert q.save_progress(a, {"000000": "state-0", "000001": "state-1", "000002": "not-a's"}) == 2
+        assert q.progress().resumable == 2
+        assert q.fail(a, "000001", "ValueError: boom") == PENDING  # a retry starts afresh
+        assert q.progress().resumable == 1
+        a2 = q.register(0, 200, "h", "g2")  # a worker was lost: the group is replaced
+        assert q.requeued_after_loss == 2 and q.resumed_after_loss == 1
+        leases = {x.job.job_id: x for x in q.sync(a2, 0, want=3).leases}
+        assert leases["000000"].resume == "state-0"
+        assert leases["000001"].resume is None and leases["000001"].solo
+        assert leases["000002"].resume is None
+        assert q.save_progress(a, {"000000": "stale"}) == 0  # the old group's worker is gone
+        assert q.handoff(a2, "000000", STORED)
+        out = q.outcome()
+        assert out.resumed_after_loss == 1 and out.records["000000"].resumed == 1
+        assert out.records["000000"].snapshot is None  # no training states in the summary
     finally:
         q.close()
 
@@ -249,7 +276,7 @@ def test_killed_worker_and_failing_person(ray_session, lfw_bench, tmp_path):
              for p in sorted(photos.iterdir())]
     manifest = str(tmp_path / "manifest.parquet")
     write_manifest(rows, manifest)
-    settings = _settings(tmp_path / "state", workers=2, max_retries=2)
+    settings = _settings(tmp_path / "state", workers=2, max_retries=2, steps=KILL_STEPS, snapshot_interval_s=0)
     plan = prepare_run(manifest, settings)
     assert len(plan.todo) == 7
     next(photos.iterdir()).unlink()  # vanishes after validation: reading it raises in a worker
@@ -257,7 +284,8 @@ def test_killed_worker_and_failing_person(ray_session, lfw_bench, tmp_path):
     killed: list[int] = []
 
     def kill_one(snap) -> None:
-        if killed or snap.done + snap.publishing < 1 or snap.restarts:
+        # once a worker's people have saved training state, kill that worker
+        if killed or snap.restarts or not snap.resumable:
             return
         workers = sorted(snap.workers.values(), key=lambda w: -w.leased)
         if workers and workers[0].leased:
@@ -268,6 +296,8 @@ def test_killed_worker_and_failing_person(ray_session, lfw_bench, tmp_path):
     print(s.table())
     assert killed, "no worker was killed (the run ended too soon)"
     assert s.worker_restarts >= 1 and s.requeued_after_loss >= 1
+    # people with saved state continued where they were, not from step 0
+    assert 1 <= s.resumed_after_loss <= s.requeued_after_loss
     assert s.done == 6 and s.failed == 1 and s.train_error is None
     (bad,) = s.by_status("failed")
     assert bad.identity == doomed and "FileNotFoundError" in bad.error and bad.attempts == 2
@@ -275,6 +305,44 @@ def test_killed_worker_and_failing_person(ray_session, lfw_bench, tmp_path):
     assert _versions(registry, tenant, names) == {n: [1] for n in names}
     assert registry.models.versions(tenant, doomed) == []
     assert sorted(e.identity for e in registry.index.list(tenant)) == names
+    for name in names:  # resumed or not, every adapter has all its steps, each counted once
+        _, meta = registry.read(registry.resolve(tenant, name))
+        assert meta["steps"] == KILL_STEPS and len(meta["loss_curve"]) == KILL_STEPS
+
+
+@pytest.mark.integration
+def test_a_lost_job_queue_ends_the_run_with_a_summary_and_everyone_registered_is_indexed(
+    ray_session, lfw_bench, tmp_path
+):
+    from pipelines.run import execute_run, prepare_run
+
+    tenant = unique_name("qkill")
+    names = sorted(lfw_bench)[40:50]
+    manifest = str(tmp_path / "manifest.parquet")
+    write_manifest(_people_rows(lfw_bench, names, tenant, refs=3), manifest)
+    settings = _settings(tmp_path / "state", workers=2, max_retries=2, steps=KILL_STEPS)
+    plan = prepare_run(manifest, settings)
+    killed: list[int] = []
+
+    def kill_queue(snap) -> None:  # some people handed off (maybe not yet indexed), some not started
+        if not killed and snap.done + snap.publishing >= 2 and snap.pending:
+            killed.append(snap.pid)
+            os.kill(snap.pid, signal.SIGKILL)
+
+    s = execute_run(plan, pack=2, report_interval_s=0.5, on_progress=kill_queue)
+    print(s.table())
+    assert killed, "the queue was not killed (the run ended too soon)"
+    assert s.queue_lost and "job queue" in s.train_error and not s.ok
+    assert s.done + s.failed == len(names) and s.failed >= 1
+    assert all(o.error == "not finished: the job queue was lost" for o in s.by_status("failed"))
+    assert Path(s.summary_path).is_file()
+    registry = AdapterRegistry.from_settings(settings)
+    registered = {n for n, v in _versions(registry, tenant, names).items() if v}
+    indexed = {e.identity for e in registry.index.list(tenant)}
+    assert registered == indexed == {o.identity for o in s.by_status("done")}
+    again = prepare_run(manifest, settings)  # a rerun trains exactly the people left
+    assert sorted(j.identity for j in again.todo) == sorted(o.identity for o in s.by_status("failed"))
+    assert again.index_repaired == 0
 
 
 # ---------------------------------------------------------------------------------------------
