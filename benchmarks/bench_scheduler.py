@@ -170,13 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         """The i-th kill once (i+1)/(K+1) of the people are done, after the previous restart."""
         if len(kills) >= args.kill_workers or snap.restarts < len(kills):
             return
-        if snap.done + snap.failed < (len(kills) + 1) * args.identities / (args.kill_workers + 1):
+        if snap.done + snap.publishing + snap.failed < (len(kills) + 1) * args.identities / (args.kill_workers + 1):
             return
-        busy = sorted(snap.workers.values(), key=lambda w: -w.leased)
-        if busy and busy[0].leased:
-            kills.append(busy[0].pid)
-            os.kill(busy[0].pid, signal.SIGKILL)
-            print(f"killed worker pid {busy[0].pid} at {snap.done} done", flush=True)
+        if snap.workers:  # dry jobs hold a lease only for milliseconds: any worker of the group
+            worker = max(snap.workers.values(), key=lambda w: w.leased)
+            kills.append(worker.pid)
+            os.kill(worker.pid, signal.SIGKILL)
+            print(f"killed worker pid {worker.pid} at {snap.done + snap.publishing} handed off", flush=True)
 
     def on_progress(snap) -> None:
         kill_a_worker(snap)
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         ("registered exactly once (1 version + 1 index row each)",
          f"{once['exactly_once']} / {s1.done}" + (f", NOT: {once['not_once'][:5]}" if once["not_once"] else "")),
         ("bad rows quarantined with a reason",
-         f"{s1.quarantined_rows} of {args.bad_rows}: " + ", ".join(f"{r} ({k})" for r, k in s1.quarantine_reasons.items())),
+         f"{s1.quarantined_rows} of {args.bad_rows}: " + "; ".join(f"{k} x {r}" for r, k in s1.quarantine_reasons.items())),
         ("workers x pack", f"{args.workers} x {args.pack} ({result['mode']})"),
         ("validate", f"{t['validate_s']:.1f} s ({result['per_identity_ms']['validate']:.1f} ms/identity)"),
         ("plan (job keys, registry lookups)", f"{t['plan_s']:.1f} s"),
