@@ -56,6 +56,17 @@ def _assigned_cpus() -> float:
         return 1.0
 
 
+def device_failure(exc: BaseException) -> str | None:
+    """What broke the device, if ``exc`` leaves it unusable (a CUDA error: the context stays
+    poisoned, every later call fails too); None for errors of one request, out-of-memory included."""
+    if not isinstance(exc, RuntimeError) or isinstance(exc, torch.cuda.OutOfMemoryError):
+        return None
+    text = str(exc)
+    if type(exc).__name__ == "AcceleratorError" or "CUDA error" in text or "CUBLAS_STATUS" in text:
+        return (text.strip().splitlines() or [type(exc).__name__])[0][:300]
+    return None
+
+
 class Restorer:
     """One base model per replica; people's adapters hot-loaded into fixed device slots.
 
@@ -106,6 +117,7 @@ class Restorer:
         self.stopped = {"deadline": 0, "cancelled": 0}  # restores stopped before their end
         self.limits = ImageLimits(max_bytes=s.max_upload_bytes, max_pixels=s.max_pixels)
         self.forgotten = {"host": 0, "device": 0}  # adapters dropped because they left the index
+        self.device_failed: str | None = None  # set by a CUDA error: check_health fails from then on
 
         async def load_resident(model_id: str) -> ResidentAdapter:
             return await self._load_resident(model_id)
@@ -321,6 +333,9 @@ class Restorer:
                 except (DeadlineExceededError, CancelledError) as exc:
                     self.stopped["cancelled" if isinstance(exc, CancelledError) else "deadline"] += 1
                     raise
+                except Exception as exc:
+                    self.device_failed = self.device_failed or device_failure(exc)
+                    raise
             t2 = time.perf_counter()
         row = iter(images if images is not None else ())
         out: list[dict[str, Any]] = []
@@ -389,6 +404,15 @@ class Restorer:
         body = await self._io_call(encode_image, result.pop("image"), fmt, quality)
         return {"body": body, "media_type": MEDIA_TYPES[fmt], "base": self.fingerprint, "steps": params["steps"],
                 **result}
+
+    def check_health(self) -> None:
+        """Ray Serve's replica health check (every ``health_check_period_s``): a replica whose
+        device failed is replaced. A missing adapter index is not a reason: that is readiness,
+        and a new replica would not find the index either."""
+        if self.device_failed is not None:
+            raise RuntimeError(f"the replica's {self.device} failed: {self.device_failed}")
+        if self._torch._shutdown:
+            raise RuntimeError("the replica's model thread has stopped")
 
     async def ready(self) -> dict[str, Any]:
         """Model loaded (the constructor ran) and the adapter index present and readable."""
