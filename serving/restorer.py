@@ -411,8 +411,6 @@ class Restorer:
         and a new replica would not find the index either."""
         if self.device_failed is not None:
             raise RuntimeError(f"the replica's {self.device} failed: {self.device_failed}")
-        if self._torch._shutdown:
-            raise RuntimeError("the replica's model thread has stopped")
 
     async def ready(self) -> dict[str, Any]:
         """Model loaded (the constructor ran) and the adapter index present and readable."""
