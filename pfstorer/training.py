@@ -83,6 +83,28 @@ class SlotAdamW:
             v[slot].zero_()
 
     @torch.no_grad()
+    def slot_state(self, slot: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], int]:
+        """CPU copies of one slot's parameters, moments and step count."""
+        def rows(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [t[slot].detach().to("cpu", copy=True) for t in ts]
+
+        return rows(self.params), rows(self.m), rows(self.v), int(self.t[slot])
+
+    @torch.no_grad()
+    def load_slot(self, slot: int, params: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor],
+                  t: int) -> None:
+        """Put a :meth:`slot_state` back (into this or another optimizer of the same layout)."""
+        if len(params) != len(self.params) or any(
+            tuple(x.shape) != tuple(p.shape[1:]) for x, p in zip(params, self.params, strict=True)
+        ):
+            raise ValueError("the slot state was taken on another base or adapter layout")
+        for p, pm, pv, x, xm, xv in zip(self.params, self.m, self.v, params, m, v, strict=True):
+            p[slot] = x.to(p.device, p.dtype)
+            pm[slot] = xm.to(pm.device)
+            pv[slot] = xv.to(pv.device)
+        self.t[slot] = t
+
+    @torch.no_grad()
     def step(self, active: list[int]) -> None:
         b1, b2 = self.betas
         idx = torch.tensor(active)
@@ -212,30 +234,20 @@ class PackedTrainer:
             self._restore(k, resume)
         return k
 
-    @torch.no_grad()
     def snapshot(self, k: int) -> SlotState:
         """Slot ``k``'s training state between two steps (see :class:`SlotState`)."""
-        slot, opt = self.slots[k], self.opt
+        slot = self.slots[k]
         rng, gen = slot.ahead_from if slot.ahead is not None else (slot.rng.bit_generator.state, slot.gen.get_state())
+        params, exp_avg, exp_avg_sq, adam_t = self.opt.slot_state(k)
         return SlotState(
-            step=slot.step, params=[p[k].detach().cpu().clone() for p in opt.params],
-            exp_avg=[m[k].cpu().clone() for m in opt.m], exp_avg_sq=[v[k].cpu().clone() for v in opt.v],
-            adam_t=int(opt.t[k]), rng=rng, gen=gen.clone(), curve=list(slot.curve), parts=dict(slot.parts),
-            probe_start=slot.probe_start, seconds=time.perf_counter() - slot.started,
+            step=slot.step, params=params, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, adam_t=adam_t, rng=rng,
+            gen=gen.clone(), curve=list(slot.curve), parts=dict(slot.parts), probe_start=slot.probe_start,
+            seconds=time.perf_counter() - slot.started,
         )
 
-    @torch.no_grad()
     def _restore(self, k: int, state: SlotState) -> None:
-        slot, opt = self.slots[k], self.opt
-        if len(state.params) != len(opt.params) or any(
-            tuple(x.shape) != tuple(p.shape[1:]) for x, p in zip(state.params, opt.params, strict=True)
-        ):
-            raise ValueError("the slot state was taken on another base or adapter layout")
-        for p, m, v, x, xm, xv in zip(opt.params, opt.m, opt.v, state.params, state.exp_avg, state.exp_avg_sq, strict=True):
-            p[k] = x.to(p.device, p.dtype)
-            m[k] = xm.to(m.device)
-            v[k] = xv.to(v.device)
-        opt.t[k] = state.adam_t
+        self.opt.load_slot(k, state.params, state.exp_avg, state.exp_avg_sq, state.adam_t)
+        slot = self.slots[k]
         slot.rng.bit_generator.state = state.rng
         slot.gen.set_state(state.gen)
         slot.step, slot.curve, slot.parts = state.step, list(state.curve), dict(state.parts)
