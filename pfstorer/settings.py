@@ -101,6 +101,9 @@ class AutoscalingSettings(_Section):
         return self
 
 
+PROBE_HEADROOM = 16  # Gateway places only /healthz and /readyz may use
+
+
 class ServeSettings(_Section):
     """The Ray Serve application and its HTTP API."""
 
@@ -155,6 +158,17 @@ class ServeSettings(_Section):
         8, ge=1, description="Restores one tenant may have in flight per Gateway replica (429 + "
         "Retry-After above), so one tenant cannot take every model slot.",
     )
+    gateway_max_requests: int | None = Field(
+        None, ge=1, description="Restores and listings one Gateway replica handles at once, all tenants "
+        "together (503 + Retry-After above; unset: room for everything the model replicas may queue, at "
+        "least 48). The Gateway keeps PROBE_HEADROOM more places for /healthz and /readyz, so a flood "
+        "never delays a probe.",
+    )
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Prometheus port of the Ray node that `pfstorer serve` starts "
+        "(GET /metrics: pfstorer_* figures per tenant, and Ray's own; unset: a port Ray chooses). "
+        "Clusters set it in the Ray start parameters instead.",
+    )
     index_max_age_s: float = Field(
         2.0, gt=0, description="How stale the adapter index may be on the request path (seconds between change checks).",
     )
@@ -204,6 +218,14 @@ class ServeSettings(_Section):
         if self.compile == "auto":
             return "reduce-overhead" if device.startswith("cuda") else None
         return None if self.compile == "off" else self.compile
+
+    def gateway_request_cap(self) -> int:
+        """Non-probe requests one Gateway replica admits at once (:attr:`gateway_max_requests`)."""
+        if self.gateway_max_requests is not None:
+            return self.gateway_max_requests
+        per_replica = self.max_ongoing_requests + max(self.max_queued_requests, 0)
+        replicas = self.autoscaling.max_replicas if self.autoscaling is not None else self.num_replicas
+        return max(48, 4 * per_replica * replicas)
 
     def deployment_options(self) -> dict[str, Any]:
         """Options for ``Restorer.options(**...)`` in Ray Serve (no Ray import here)."""

@@ -21,7 +21,7 @@ from typing import Any
 
 from ray import serve
 
-from pfstorer.settings import Settings
+from pfstorer.settings import PROBE_HEADROOM, Settings
 from serving.auth import ApiKeys
 from serving.gateway import Gateway
 from serving.restorer import Restorer
@@ -40,12 +40,10 @@ def build_application(settings: Settings) -> Any:
     opts = s.deployment_options()
     retry = BackpressureConfig(retry_after_s=1)
     restorer = serve.deployment(Restorer, name="Restorer").options(backpressure_config=retry, **opts)
-    per_replica = s.max_ongoing_requests + max(s.max_queued_requests, 0)
-    replicas = s.autoscaling.max_replicas if s.autoscaling is not None else s.num_replicas
     gateway = serve.deployment(Gateway, name="Gateway").options(
         num_replicas=s.gateway_replicas,
-        # room for everything the model deployment may queue, plus the requests it rejects fast
-        max_ongoing_requests=max(64, 4 * per_replica * replicas),
+        # the Gateway answers 503 itself at its cap; the places above it are the probes' alone
+        max_ongoing_requests=s.gateway_request_cap() + PROBE_HEADROOM,
         max_queued_requests=-1,
         backpressure_config=retry,
         ray_actor_options={"num_cpus": min(0.25, s.num_cpus) if s.num_cpus else 0},

@@ -19,7 +19,7 @@ from pfstorer.cli import json_option
 __all__ = ["register_cli"]
 
 
-def _init_ray(address: str | None, num_cpus: float | None = None) -> bool:
+def _init_ray(address: str | None, num_cpus: float | None = None, metrics_port: int | None = None) -> bool:
     """Start or join Ray; True if this process started it (and should shut it down)."""
     import os
 
@@ -32,7 +32,7 @@ def _init_ray(address: str | None, num_cpus: float | None = None) -> bool:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1",
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", _metrics_export_port=metrics_port,
                  num_cpus=int(num_cpus) if num_cpus else None, **kwargs)
     return True
 
@@ -95,20 +95,33 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from serving.app import APP_NAME, build_application
 
-    started = _init_ray(settings.ray_address)
+    import signal
+
+    started = _init_ray(settings.ray_address, metrics_port=settings.serve.metrics_port)
+    # SIGTERM (Kubernetes, systemd, `kill`) stops as Ctrl-C does: Serve and the Ray this process
+    # started are shut down in order, so no Ray process outlives it. Set after ray.init, whose
+    # core worker installs a handler that dumps a stack and aborts.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     host, port = settings.serve.host, settings.serve.port
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_application(settings), name=APP_NAME, route_prefix="/", blocking=False)
+        import ray
+
+        metrics = ray.nodes()[0].get("MetricsExportPort") if started else None
         print(f"pfstorer serving base {settings.base!r} on http://{host}:{port} "
-              f"(index {settings.index_url}); docs at /docs; Ctrl-C stops", flush=True)
+              f"(index {settings.index_url}); docs at /docs"
+              + (f"; Prometheus metrics at http://127.0.0.1:{metrics}/metrics" if metrics else "")
+              + "; Ctrl-C or SIGTERM stops", flush=True)
         import time
 
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("stopping", file=sys.stderr)
+        print("stopping", file=sys.stderr, flush=True)
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the shutdown short
+            signal.signal(sig, signal.SIG_IGN)
         try:
             serve.delete(APP_NAME)
             if started:

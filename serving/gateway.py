@@ -41,6 +41,7 @@ from serving.api import (
     unwrap,
 )
 from serving.auth import ApiKeys, extract_key
+from serving.metrics import GatewayMetrics
 
 log = logging.getLogger("pfstorer.serving")
 
@@ -69,6 +70,11 @@ class Gateway:
         self.limits = ImageLimits(max_bytes=s.max_upload_bytes, max_pixels=s.max_pixels)
         self._latency_s = 1.0  # moving average of restore latency, for Retry-After
         self._inflight: collections.Counter[str] = collections.Counter()  # restores per tenant
+        self._busy = 0  # restores and listings in flight, all tenants (probes not counted)
+        self._cap = s.gateway_request_cap()
+        self.metrics = GatewayMetrics()
+        self._model_info: dict[str, Any] | None = None  # what a model replica said of itself
+        self._model_seen = -math.inf  # when a running model replica was last seen
         from pfstorer.presets import PRESETS
 
         preset = PRESETS.get(settings.base)  # a checkpoint base: the replica checks the budget itself
@@ -118,20 +124,43 @@ class Gateway:
             return json_error(CLIENT_GONE, "client disconnected during upload")
         return bytes(body)
 
-    def _admit(self, tenant: str) -> JSONResponse | None:
-        """Count the tenant's request in, or 429 if it already has its share in flight."""
+    def _admit(self, tenant: str, restore: bool = True) -> JSONResponse | None:
+        """Count a request in: 503 past the replica's cap (its last places are the probes'), 429
+        past the tenant's share of restores in flight."""
+        if self._busy >= self._cap:
+            ra = self._retry_after()
+            return json_error(503, f"overloaded: {self._cap} requests in flight on this server; retry in {ra} s",
+                              {"Retry-After": ra})
         cap = self.settings.serve.max_tenant_requests
-        if self._inflight[tenant] >= cap:
+        if restore and self._inflight[tenant] >= cap:
             ra = self._retry_after()
             return json_error(429, f"too many requests in flight for this tenant (limit {cap}); retry in {ra} s",
                                {"Retry-After": ra})
-        self._inflight[tenant] += 1
+        self._busy += 1
+        if restore:
+            self._inflight[tenant] += 1
         return None
 
-    def _release(self, tenant: str) -> None:
-        self._inflight[tenant] -= 1
-        if self._inflight[tenant] <= 0:
-            del self._inflight[tenant]
+    def _release(self, tenant: str, restore: bool = True) -> None:
+        self._busy -= 1
+        if restore:
+            self._inflight[tenant] -= 1
+            if self._inflight[tenant] <= 0:
+                del self._inflight[tenant]
+
+    def _answered(self, tenant: str | None, endpoint: str, arrived: float, response: Any) -> Any:
+        """Count the answer in the per-tenant metrics, and return it."""
+        code = getattr(response, "status_code", 200)
+        self.metrics.record(tenant, endpoint, code, time.monotonic() - arrived)
+        return response
+
+    def _model_replicas(self) -> int:
+        """Running model replicas of this application, as the Serve controller knows them: no
+        request to a replica, so a probe never waits behind restores."""
+        ctx = serve.get_replica_context()
+        app = serve.status().applications.get(ctx.app_name)
+        dep = None if app is None else app.deployments.get(self.restorer.deployment_name)
+        return 0 if dep is None else int(dep.replica_states.get("RUNNING", 0))
 
     # -- endpoints ------------------------------------------------------------------------------
     @api.get("/healthz", tags=["health"], response_model=Health, summary="Liveness")
@@ -147,24 +176,38 @@ class Gateway:
         responses={503: {"model": Readiness, "description": "Model not loaded or index unreadable."}},
     )
     async def readyz(self) -> Any:
-        """200 once a model replica has its base loaded and the adapter index exists and reads.
+        """200 once a model replica runs (its base loaded) and the adapter index exists and reads.
 
         The index is checked as a lookup checks it (re-read only if it changed), never reloaded
-        by force: a probe costs no parse of a large index."""
-        from ray.serve.exceptions import BackPressureError
-
+        by force: a probe costs no parse of a large index. The model replicas are counted by the
+        Serve controller, not asked: a probe never queues behind restores."""
         try:
             await asyncio.to_thread(self.registry.index.check)
         except Exception as exc:
             return JSONResponse(Readiness(ready=False, detail=f"adapter index unreadable: {exc}").model_dump(), 503)
+        now = time.monotonic()
+        if now - self._model_seen > 1.0:  # the controller is asked at most once a second
+            try:
+                running = await asyncio.to_thread(self._model_replicas)
+            except Exception as exc:
+                detail = str(unwrap(exc)) or type(exc).__name__
+                return JSONResponse(Readiness(ready=False, detail=f"model state unknown: {detail}").model_dump(), 503)
+            if not running:
+                self._model_seen = -math.inf
+                return JSONResponse(Readiness(ready=False, detail="no model replica is running yet").model_dump(), 503)
+            self._model_seen = now
+        if self._model_info is None:  # described once, in the background: never waited for
+            self._model_info = {}
+            asyncio.get_running_loop().create_task(self._describe_model())
+        busy = self._busy >= self._cap
+        return Readiness(**{"ready": True, **self._model_info, "busy": busy,
+                            "detail": "at its request limit" if busy else None})
+
+    async def _describe_model(self) -> None:
         try:
-            info = await asyncio.wait_for(self.restorer.ready.remote(), timeout=10)
-        except BackPressureError:  # replicas exist and are busy: ready, just full
-            return Readiness(ready=True, busy=True, detail="model replicas busy")
-        except Exception as exc:
-            detail = str(unwrap(exc)) or type(exc).__name__
-            return JSONResponse(Readiness(ready=False, detail=f"model not ready: {detail}").model_dump(), 503)
-        return Readiness(**info)
+            self._model_info = await asyncio.wait_for(self.restorer.ready.remote(), timeout=60)
+        except Exception:
+            self._model_info = None  # asked again at the next probe
 
     @api.get(
         "/v1/identities",
@@ -176,11 +219,18 @@ class Gateway:
     )
     async def identities(self, request: Request) -> Any:
         """Every person of the caller's tenant that has an adapter in the index."""
+        arrived = time.monotonic()
         tenant = self._tenant(request)
         if tenant is None:
-            return self._unauthorized()
-        entries = await asyncio.to_thread(self.registry.index.list, tenant)
-        return IdentityList(
+            return self._answered(None, "identities", arrived, self._unauthorized())
+        refused = self._admit(tenant, restore=False)
+        if refused is not None:
+            return self._answered(tenant, "identities", arrived, refused)
+        try:
+            entries = await asyncio.to_thread(self.registry.index.list, tenant)
+        finally:
+            self._release(tenant, restore=False)
+        return self._answered(tenant, "identities", arrived, IdentityList(
             tenant=tenant,
             identities=[
                 IdentityInfo(
@@ -191,7 +241,7 @@ class Gateway:
                 )
                 for e in entries
             ],
-        )
+        ))
 
     @api.post(
         "/v1/restore",
@@ -239,16 +289,21 @@ class Gateway:
         """Restore one photo. With ``identity``, the person's adapter (of the caller's tenant)
         is used; without, the base model alone. Images of any size are restored in tiles, within
         the server's compute budget and deadline."""
+        arrived = time.monotonic()
         tenant = self._tenant(request)  # before reading the body
         if tenant is None:
-            return self._unauthorized()
+            return self._answered(None, "restore", arrived, self._unauthorized())
         refused = self._admit(tenant)
         if refused is not None:
-            return refused
+            return self._answered(tenant, "restore", arrived, refused)
+        code = CLIENT_GONE  # unless an answer is made
         try:
-            return await self._restore(request, tenant, time.monotonic())
+            response = await self._restore(request, tenant, arrived)
+            code = response.status_code
+            return response
         finally:
             self._release(tenant)
+            self.metrics.record(tenant, "restore", code, time.monotonic() - arrived)
 
     async def _restore(self, request: Request, tenant: str, arrived: float) -> Response:
         from pfstorer.images import probe_image

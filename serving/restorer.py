@@ -40,6 +40,7 @@ from serving.adapters import (
 )
 from serving.api import check_budget
 from serving.batching import BatchItem, BatchStats, batch_signature, plan_runs
+from serving.metrics import AdapterMetrics
 from serving.serve_compat import announce_loaded_models, clear_multiplexed_model_id, loaded_models
 
 log = logging.getLogger("pfstorer.serving")
@@ -103,6 +104,7 @@ class Restorer:
         self._restore_batched.set_max_batch_size(s.max_batch_size)
         self._restore_batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         self.stats = LoadStats()
+        self.metrics = AdapterMetrics()
         self.host = HostAdapterCache(s.host_cache_adapters, self.stats)
         # read-only: MLflow stays off the request path
         self.registry = AdapterRegistry.from_settings(settings, read_only=True,
@@ -181,7 +183,9 @@ class Restorer:
         store) or warm (from host RAM); the time includes that read."""
         source, fetch_ms = self._fetched.pop(key, ("host", 0.0))
         kind = "store" if source == "store" else "host"
-        self.stats.record(f"load_from_{kind}", fetch_ms + (time.perf_counter() - t0) * 1e3)
+        ms = fetch_ms + (time.perf_counter() - t0) * 1e3
+        self.stats.record(f"load_from_{kind}", ms)
+        self.metrics.record(key, kind, ms / 1e3)
 
     async def _load_resident(self, key: str) -> ResidentAdapter:
         """The ``@serve.multiplexed`` loader: person -> a device slot (in-place copy)."""
@@ -213,6 +217,8 @@ class Restorer:
             elif was_resident:
                 self._fetched.pop(key, None)
                 self.stats.record("device_hit")
+                self.metrics.record(key, "device")
+            self.metrics.holding(len(self._resident()), self.host.nbytes)
             return resident
         raise RuntimeError(f"could not keep an adapter slot for {key}")
 

@@ -194,3 +194,14 @@ def mlflow_server(
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def prometheus_sum(port: int, name: str, **labels: str) -> float:
+    """The sum of the samples ``name`` carrying ``labels`` that the Prometheus endpoint on
+    127.0.0.1:``port`` serves now (0 if none)."""
+    import httpx
+
+    from serving.metrics import parse_prometheus
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return sum(v for got, v in parse_prometheus(text, name) if labels.items() <= got.items())

@@ -501,3 +501,17 @@ def test_local_s3_and_mlflow_scripts_start_answer_and_stop(tmp_path: Path) -> No
     assert again.returncode == 0 and "not running" in again.stderr
     print(f"local stack start+check+stop: {time.monotonic() - t0:.1f} s")
     shutil.rmtree(tmp_path / "local", ignore_errors=True)
+
+
+def test_every_exported_metric_is_documented() -> None:
+    """Each Prometheus figure the serving code defines is listed, under its exported name (Ray
+    prefixes ``ray_``; counters end in ``_total``), in the README and the cluster guide."""
+    import re
+
+    code = (REPO / "serving" / "metrics.py").read_text()
+    defined = re.findall(r'(Counter|Gauge|Histogram)\(\s*"(pfstorer_\w+)"', code)
+    assert len(defined) >= 6, defined
+    for doc in (REPO / "README.md", K8S / "README.md"):
+        text = doc.read_text()
+        for kind, name in defined:
+            assert (f"ray_{name}_total" if kind == "Counter" else f"ray_{name}") in text, (doc.name, name)

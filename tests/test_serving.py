@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 from _torch import torch_threads
-from _services import free_port, unique_name
+from _services import free_port, prometheus_sum, unique_name
 
 from pfstorer.errors import AdapterError
 from serving.adapters import (
@@ -633,6 +633,20 @@ def test_more_people_than_slots_cycled(stack: Stack, client: Any) -> None:
     assert loads >= 3  # cycling 3 people over 2 slots evicts every time ...
     assert counts.get("store_read", 0) == before.get("store_read", 0)  # ... but reloads come from RAM
     assert stats["resident"] <= 2 and stats["free_slots"] == 2 - stats["resident"]
+    # the same figures reach Prometheus, per tenant (Ray's metrics agent exports every few seconds)
+    deadline = time.monotonic() + 60
+    while _prometheus("ray_pfstorer_adapter_loads_total", tenant=tenant, source="host") < loads:
+        assert time.monotonic() < deadline, "adapter loads never reached Prometheus"
+        time.sleep(2)
+    assert _prometheus("ray_pfstorer_adapter_loads_total", tenant=tenant, source="store") >= 1
+    assert _prometheus("ray_pfstorer_adapter_load_seconds_count", source="host") >= loads
+    assert _prometheus("ray_pfstorer_requests_total", tenant=tenant, endpoint="restore", code="200") >= 6
+
+
+def _prometheus(name: str, **labels: str) -> float:
+    import ray
+
+    return prometheus_sum(ray.nodes()[0]["MetricsExportPort"], name, **labels)
 
 
 @pytest.mark.integration

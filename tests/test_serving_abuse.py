@@ -3,13 +3,16 @@
 One client must not be able to take the API down: malformed requests get a clear 4xx, never a
 500 or a hang; stalled uploads time out (408) without blocking anyone else; a restore over the
 compute budget is refused (413); a long restore stops at its deadline (503) or when its client
-hangs up; one tenant flooding gets 429 while another tenant is served; an unreadable adapter index
-is a 503. After all of it, a valid request of another tenant still succeeds promptly.
+hangs up; one tenant flooding gets 429 while another tenant is served; a flood of every tenant
+gets 503 and never delays a probe; an unreadable adapter index is a 503. After all of it, a valid
+request of another tenant still succeeds promptly, the Prometheus figures count what each tenant
+got, and SIGTERM stops the server with no Ray process left behind.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import io
 import os
 import signal
@@ -21,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _services import free_port
+from _services import free_port, prometheus_sum
 
 from serving.auth import generate_key, hash_key
 
@@ -30,6 +33,7 @@ pytestmark = pytest.mark.integration
 BODY_TIMEOUT_S = 2.0
 REQUEST_TIMEOUT_S = 12.0
 TENANT_CAP = 2
+GATEWAY_CAP = 2 * TENANT_CAP  # two tenants fill the Gateway; a third is refused
 LONG_STEPS = 30  # a 256 px photo at 30 steps on the tiny base: about a minute of one core
 BUDGET = 256 * 256 * 40
 
@@ -46,8 +50,10 @@ def _png(side: int, colour: tuple[int, int, int] = (120, 90, 60)) -> bytes:
 
 
 class Server:
-    def __init__(self, url: str, keys: dict[str, str], index: Path, proc: subprocess.Popen) -> None:
+    def __init__(self, url: str, keys: dict[str, str], index: Path, proc: subprocess.Popen, metrics_port: int,
+                 log: Path) -> None:
         self.url, self.keys, self.index, self.proc = url, keys, index, proc
+        self.metrics_port, self.log = metrics_port, log
 
     def headers(self, tenant: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[tenant]}"}
@@ -75,9 +81,9 @@ def server(tmp_path_factory) -> Any:
 
     root = tmp_path_factory.mktemp("abuse")
     _empty_index(root / "index.parquet")  # a server without an index is not ready
-    keys = {"acme": generate_key(), "globex": generate_key()}
+    keys = {"acme": generate_key(), "globex": generate_key(), "initech": generate_key()}
     (root / "keys.yaml").write_text("tenants:\n" + "".join(f"  {t}:\n    - {hash_key(k)}\n" for t, k in keys.items()))
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     (root / "settings.yaml").write_text(f"""
 base: tiny
 device: cpu
@@ -97,6 +103,8 @@ serve:
   request_timeout_s: {REQUEST_TIMEOUT_S}
   body_timeout_s: {BODY_TIMEOUT_S}
   max_tenant_requests: {TENANT_CAP}
+  gateway_max_requests: {GATEWAY_CAP}
+  metrics_port: {metrics_port}
   index_max_age_s: 0.5
 """)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -115,9 +123,10 @@ serve:
         assert time.monotonic() < deadline, "pfstorer serve did not become ready"
         time.sleep(0.5)
     try:
-        yield Server(url, keys, root / "index.parquet", proc)
+        yield Server(url, keys, root / "index.parquet", proc, metrics_port, root / "serve.log")
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
+        with contextlib.suppress(ProcessLookupError):  # the SIGTERM test has stopped it already
+            os.killpg(proc.pid, signal.SIGINT)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
@@ -187,21 +196,28 @@ def test_compute_budget_is_refused_up_front(server: Server) -> None:
     _prompt(server)
 
 
-def test_stalled_uploads_time_out_without_blocking_others(server: Server) -> None:
+def _stalled_upload(server: Server, tenant: str) -> socket.socket:
+    """A restore request whose body never comes."""
     port = int(server.url.rsplit(":", 1)[1])
-    socks = []
-    head = (f"POST /v1/restore HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {server.keys['acme']}\r\n"
+    head = (f"POST /v1/restore HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {server.keys[tenant]}\r\n"
             "Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: 500000\r\n\r\n--xyz\r\n").encode()
-    for _ in range(12):  # far more than the tenant's share: the rest are refused at once
-        s = socket.create_connection(("127.0.0.1", port), timeout=30)
-        s.sendall(head)
-        socks.append(s)
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(head)
+    return s
+
+
+def _answer(s: socket.socket) -> tuple[int, bytes]:
+    """Status code and raw answer of a :func:`_stalled_upload`."""
+    data = s.recv(65536)
+    return int(data.split(b"\r\n", 1)[0].split()[1]), data
+
+
+def test_stalled_uploads_time_out_without_blocking_others(server: Server) -> None:
+    # far more than the tenant's share: the rest are refused at once
+    socks = [_stalled_upload(server, "acme") for _ in range(12)]
     try:
         took = _prompt(server, "globex", within=BODY_TIMEOUT_S + 8)
-        codes = []
-        for s in socks:
-            status = s.recv(4096).split(b"\r\n", 1)[0]
-            codes.append(int(status.split()[1]))
+        codes = [_answer(s)[0] for s in socks]
         assert set(codes) <= {408, 429} and codes.count(408) >= 1, codes
         assert codes.count(408) <= TENANT_CAP, codes
     finally:
@@ -272,3 +288,100 @@ def test_an_unreadable_index_is_a_503(server: Server) -> None:
     while ready() != 200:  # a readable index makes the server ready again
         assert time.monotonic() < deadline, "the server did not become ready with the index back"
         time.sleep(0.25)
+
+def test_a_flood_never_delays_a_probe(server: Server) -> None:
+    import httpx
+
+    # every tenant floods with uploads that never end: the Gateway admits its cap and refuses the
+    # rest at once; the places above the cap are the probes', so they answer at once all along
+    socks = [_stalled_upload(server, t) for t in ("acme", "globex", "initech") for _ in range(4)]
+    try:
+        time.sleep(0.3)  # every upload has arrived; the admitted ones hold their places until 408
+        t_flood = time.monotonic()
+        for _ in range(5):
+            for path in ("/healthz", "/readyz"):
+                t0 = time.monotonic()
+                r = httpx.get(f"{server.url}{path}", timeout=BODY_TIMEOUT_S)
+                assert r.status_code == 200 and time.monotonic() - t0 < 0.5 * BODY_TIMEOUT_S, (path, r.text)
+        assert r.json()["busy"] is True  # at its cap, and still ready
+        assert time.monotonic() - t_flood < BODY_TIMEOUT_S - 0.3  # all of it while the cap was full
+        answers = [_answer(s) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+    codes = [code for code, _ in answers]
+    assert codes.count(408) == GATEWAY_CAP, codes
+    assert codes.count(503) >= 1 and set(codes) <= {408, 429, 503}, codes
+    refused = next(raw for code, raw in answers if code == 503)
+    assert b"retry-after" in refused.lower() and b"overloaded" in refused
+    _prompt(server)
+
+
+def _metric(server: Server, name: str, **labels: str) -> float:
+    return prometheus_sum(server.metrics_port, name, **labels)
+
+
+def test_prometheus_counts_each_tenant(server: Server) -> None:
+    import httpx
+
+    r = httpx.get(f"{server.url}/v1/identities", headers=server.headers("initech"), timeout=10)
+    assert r.status_code == 200
+    expect = {  # what the tests above made each tenant get
+        ("initech", "identities", "200"): 1,
+        ("initech", "restore", "503"): 1,
+        ("acme", "restore", "429"): 1,
+        ("globex", "restore", "200"): 3,
+        ("anonymous", "restore", "401"): 1,
+    }
+    deadline = time.monotonic() + 60  # Ray's metrics agent exports every few seconds
+    while True:
+        got = {k: _metric(server, "ray_pfstorer_requests_total", tenant=k[0], endpoint=k[1], code=k[2])
+               for k in expect}
+        if all(got[k] >= n for k, n in expect.items()):
+            break
+        assert time.monotonic() < deadline, got
+        time.sleep(2)
+    assert _metric(server, "ray_pfstorer_request_seconds_count", tenant="globex", endpoint="restore") >= 3
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """Every process below ``pid``, with its command line (from /proc)."""
+    parents: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    found, todo = {}, [pid]
+    while todo:
+        p = todo.pop()
+        for child, parent in parents.items():
+            if parent == p and child not in found:
+                with contextlib.suppress(OSError):
+                    found[child] = (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_sigterm_stops_cleanly_with_no_orphans(server: Server) -> None:
+    """Last: what Kubernetes and systemd send stops the server as Ctrl-C does."""
+    ray_procs = _descendants(server.proc.pid)
+    assert any("raylet" in c for c in ray_procs.values()), ray_procs
+    before = server.log.stat().st_size
+    server.proc.send_signal(signal.SIGTERM)  # to the CLI alone, as Kubernetes does to PID 1
+    assert server.proc.wait(60) == 0
+    deadline = time.monotonic() + 20
+    while left := {p: c for p, c in ray_procs.items() if _alive(p)}:
+        assert time.monotonic() < deadline, f"Ray processes outlived pfstorer serve: {left}"
+        time.sleep(0.5)
+    with server.log.open("rb") as f:
+        f.seek(before)
+        log = f.read().decode(errors="replace")
+    assert "stopping" in log and "Traceback" not in log and "SIGTERM received" not in log, log[-3000:]
