@@ -143,7 +143,8 @@ def main() -> None:
     steps = 3 if args.quick else 10
     full = PersonalizeConfig().steps  # the default config's steps
     rows = bench_personalization(model, args.device, packs, steps, full_steps=full, speed=speed)
-    rows += bench_restore(model, args.device, 5 if args.quick else 50, batches, args.compile_mode)
+    restore_steps = 5 if args.quick else model.config.sampling.steps  # the base's own sampler
+    rows += bench_restore(model, args.device, restore_steps, batches, args.compile_mode)
     rows += bench_swap(model)
     for r in rows:
         for key in ("s_per_step", f"s_per_identity_at_{full}", "identities_per_hour", "peak_gib", "s_per_call",

@@ -11,6 +11,7 @@ file > defaults). Exit codes: 0 ok, 2 a user error (bad option, no API keys, unr
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Any
 
@@ -94,8 +95,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from serving.app import APP_NAME, build_application
-
-    import signal
 
     started = _init_ray(settings.ray_address, metrics_port=settings.serve.metrics_port)
     # SIGTERM (Kubernetes, systemd, `kill`) stops as Ctrl-C does: Serve and the Ray this process
