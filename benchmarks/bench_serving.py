@@ -228,9 +228,9 @@ def main(argv: list[str] | None = None) -> int:
                                  "index_url": str(root / "index.parquet"), "store_url": str(root / "store"),
                                  "serve": serve_cfg}), name="pfstorer-bench", route_prefix="/", blocking=False)
             with httpx.Client(base_url=url, timeout=30) as c:
-                while c.get("/readyz").status_code != 200:
-                    time.sleep(0.5)
-                ready = c.get("/readyz").json()
+                while (r := c.get("/readyz")).status_code != 200 or r.json().get("base") is None:
+                    time.sleep(0.5)  # ready, and the model replica's description has arrived
+                ready = r.json()
             deploy_s = time.perf_counter() - t0
             print(f"app ready in {deploy_s:.1f}s on {url}", flush=True)
 

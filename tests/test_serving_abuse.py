@@ -304,6 +304,7 @@ def test_a_flood_never_delays_a_probe(server: Server) -> None:
                 r = httpx.get(f"{server.url}{path}", timeout=BODY_TIMEOUT_S)
                 assert r.status_code == 200 and time.monotonic() - t0 < 0.5 * BODY_TIMEOUT_S, (path, r.text)
         assert r.json()["busy"] is True  # at its cap, and still ready
+        assert r.json()["preset"] == "tiny" and r.json()["base"]  # the model described itself once
         assert time.monotonic() - t_flood < BODY_TIMEOUT_S - 0.3  # all of it while the cap was full
         answers = [_answer(s) for s in socks]
     finally:
