@@ -91,9 +91,9 @@ class Gateway:
     def _retry_after(self) -> str:
         return str(int(min(60, max(1, math.ceil(self._latency_s)))))
 
-    def _overloaded(self) -> JSONResponse:
+    def _overloaded(self, why: str = "too many requests queued") -> JSONResponse:
         ra = self._retry_after()
-        return json_error(503, f"overloaded: too many requests queued; retry in {ra} s", {"Retry-After": ra})
+        return json_error(503, f"overloaded: {why}; retry in {ra} s", {"Retry-After": ra})
 
     async def _read_body(self, request: Request) -> bytes | JSONResponse:
         """The body, within ``serve.max_upload_bytes`` and ``serve.body_timeout_s`` (408 after it:
@@ -128,9 +128,7 @@ class Gateway:
         """Count a request in: 503 past the replica's cap (its last places are the probes'), 429
         past the tenant's share of restores in flight."""
         if self._busy >= self._cap:
-            ra = self._retry_after()
-            return json_error(503, f"overloaded: {self._cap} requests in flight on this server; retry in {ra} s",
-                              {"Retry-After": ra})
+            return self._overloaded(f"{self._cap} requests in flight on this server")
         cap = self.settings.serve.max_tenant_requests
         if restore and self._inflight[tenant] >= cap:
             ra = self._retry_after()

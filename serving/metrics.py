@@ -15,7 +15,7 @@ replica tags itself.
 
 from __future__ import annotations
 
-__all__ = ["AdapterMetrics", "GatewayMetrics", "parse_prometheus"]
+__all__ = ["AdapterMetrics", "GatewayMetrics"]
 
 ANONYMOUS = "anonymous"
 LATENCY_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
@@ -62,19 +62,3 @@ class AdapterMetrics:
     def holding(self, resident: int, host_bytes: int) -> None:
         self.resident.set(resident)
         self.host_bytes.set(host_bytes)
-
-
-def parse_prometheus(text: str, name: str) -> list[tuple[dict[str, str], float]]:
-    """The samples of metric ``name`` in a Prometheus text exposition: (labels, value) pairs."""
-    import re
-
-    out: list[tuple[dict[str, str], float]] = []
-    pattern = re.compile(r'^' + re.escape(name) + r'(?:\{(.*)\})?\s+(\S+)$')
-    for line in text.splitlines():
-        m = pattern.match(line)
-        if m:
-            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(1) or ""))
-            out.append((labels, float(m.group(2))))
-    return out
-
-

@@ -201,7 +201,19 @@ def prometheus_sum(port: int, name: str, **labels: str) -> float:
     127.0.0.1:``port`` serves now (0 if none)."""
     import httpx
 
-    from serving.metrics import parse_prometheus
-
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     return sum(v for got, v in parse_prometheus(text, name) if labels.items() <= got.items())
+
+
+def parse_prometheus(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """The samples of metric ``name`` in a Prometheus text exposition: (labels, value) pairs."""
+    import re
+
+    out: list[tuple[dict[str, str], float]] = []
+    pattern = re.compile(r'^' + re.escape(name) + r'(?:\{(.*)\})?\s+(\S+)$')
+    for line in text.splitlines():
+        m = pattern.match(line)
+        if m:
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(1) or ""))
+            out.append((labels, float(m.group(2))))
+    return out

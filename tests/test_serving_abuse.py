@@ -289,6 +289,7 @@ def test_an_unreadable_index_is_a_503(server: Server) -> None:
         assert time.monotonic() < deadline, "the server did not become ready with the index back"
         time.sleep(0.25)
 
+
 def test_a_flood_never_delays_a_probe(server: Server) -> None:
     import httpx
 
