@@ -250,6 +250,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "card": card_name(args.device), "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "base": args.base, "base_fingerprint": model.fingerprint, "people": len(people),
         "test_photos": sum(len(p["tests"]) for p in people), "settings": vars(args) | {"data": str(args.data)},
+        "personalize": variants["PFStorer"].model_dump(mode="json"),
         "results": results, "timings_s": timings, "wall_s": time.perf_counter() - t_start,
     }
 
@@ -307,7 +308,8 @@ def _save_sweep_figures(out: Path, level: str, rows: list[list[torch.Tensor]], s
 def to_markdown(report: dict[str, Any]) -> str:
     lines = [f"# Personalization benchmark ({report['base']} base)", "",
              f"Card: **{report['card']}**. {report['people']} bench people, {report['test_photos']} test photos, "
-             f"personalization {report['settings']['steps']} steps, {report['settings']['sample_steps'] or 'default'} sampling steps. "
+             f"personalization {report['settings']['steps']} steps of {report['personalize']['batch_size']} samples, "
+             f"{report['settings']['sample_steps'] or 'default'} sampling steps. "
              f"Wall time {report['wall_s']:.0f} s.", "", f"Command: `{report['command']}`", ""]
     arrows = {"psnr": "↑", "ssim": "↑", "st_lpips": "↓", "niqe": "↓", "lmse": "↓", "id_facenet": "↑", "id_dlib": "↑"}
     for level, rows in report["results"].items():

@@ -38,7 +38,7 @@ def test_defaults_are_local_and_embedded(tmp_path: Path) -> None:
     assert s.registry_uri is None and s.ray_address is None and s.storage_options == {}
     assert s.workers >= 1 and s.gpus_per_worker == 0 and s.max_retries >= 0
     p = s.personalize
-    assert (p.steps, p.batch_size, p.lambda_gen) == (300, 2, 0.1)
+    assert (p.steps, p.batch_size, p.lambda_gen) == (200, 4, 0.1)
     assert (p.min_refs, p.max_refs) == (3, 20)
     assert s.serve.host == "127.0.0.1" and s.serve.port == 8000
     assert s.serve.autoscaling is None and s.serve.max_queued_requests >= 1
