@@ -79,7 +79,7 @@ def test_env_overrides_nested_and_json(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert s.serve.port == 9100 and s.serve.host == "127.0.0.1"  # sibling keeps its default
     assert s.serve.autoscaling is not None and s.serve.autoscaling.max_replicas == 6
     assert s.serve.autoscaling.min_replicas == 1
-    assert s.personalize.steps == 7 and s.personalize.batch_size == 2
+    assert s.personalize.steps == 7 and s.personalize.batch_size == 4  # sibling keeps its default
     assert s.limits.min_image_side == 32
     assert s.storage_options == {"endpoint_url": "http://127.0.0.1:5001", "key": "k"}
     assert s.tracking_uri == f"sqlite:///{tmp_path}/envstate/mlflow.db"
