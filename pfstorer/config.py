@@ -12,10 +12,10 @@ class PersonalizeConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    steps: int = Field(200, ge=0, description="optimisation steps (paper: 500; 200 of 4 samples keep one "
+    steps: int = Field(150, ge=0, description="optimisation steps (paper: 500; 150 of 8 samples keep one "
                        "identity under 2 minutes on 2 CPU cores with the compact base)")
-    batch_size: int = Field(4, ge=1, description="LQ samples per identity per step (2 kept less identity "
-                            "than 4 at the same cost in samples)")
+    batch_size: int = Field(8, ge=1, description="LQ samples per identity per step (2 and 4 kept less "
+                            "identity on heavy degradations: docs/personalization.md)")
     lr: float = Field(3e-3, gt=0, description="learning rate of the projections and the token")
     alpha_lr: float = Field(3e-2, gt=0, description="learning rate of the gates alpha: Adam moves a parameter by "
                             "about its lr per step, so at 1e-3 the gates would stay below 0.04 after 40 steps")

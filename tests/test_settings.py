@@ -38,7 +38,7 @@ def test_defaults_are_local_and_embedded(tmp_path: Path) -> None:
     assert s.registry_uri is None and s.ray_address is None and s.storage_options == {}
     assert s.workers >= 1 and s.gpus_per_worker == 0 and s.max_retries >= 0
     p = s.personalize
-    assert (p.steps, p.batch_size, p.lambda_gen) == (200, 4, 0.1)
+    assert (p.steps, p.batch_size, p.lambda_gen) == (150, 8, 0.1)
     assert (p.min_refs, p.max_refs) == (3, 20)
     assert s.serve.host == "127.0.0.1" and s.serve.port == 8000
     assert s.serve.autoscaling is None and s.serve.max_queued_requests >= 1
@@ -79,7 +79,7 @@ def test_env_overrides_nested_and_json(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert s.serve.port == 9100 and s.serve.host == "127.0.0.1"  # sibling keeps its default
     assert s.serve.autoscaling is not None and s.serve.autoscaling.max_replicas == 6
     assert s.serve.autoscaling.min_replicas == 1
-    assert s.personalize.steps == 7 and s.personalize.batch_size == 4  # sibling keeps its default
+    assert s.personalize.steps == 7 and s.personalize.batch_size == 8  # sibling keeps its default
     assert s.limits.min_image_side == 32
     assert s.storage_options == {"endpoint_url": "http://127.0.0.1:5001", "key": "k"}
     assert s.tracking_uri == f"sqlite:///{tmp_path}/envstate/mlflow.db"
