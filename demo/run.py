@@ -177,7 +177,7 @@ def run_demo(
     if base is None:
         base = "compact" if (WEIGHTS_DIR / "compact" / "model.safetensors").exists() else "tiny"
     if steps is None:  # CPU-sized: 3 people in a few minutes on 2 cores (docs/personalization.md)
-        steps = 40 if base.startswith("tiny") else 100
+        steps = 40 if base.startswith("tiny") else 60
     print(f"demo: {len(people)} people over {len({p.tenant for p in people})} tenant(s), base {base!r}, "
           f"{steps} personalization steps (paper: 500; fewer on CPU)", flush=True)
 
