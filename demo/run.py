@@ -194,7 +194,7 @@ def run_demo(
 
     own_ray = not ray.is_initialized()
     if own_ray:
-        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+        ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
                  log_to_driver=False, configure_logging=False)
     try:
         summary = run_manifest(str(manifest), settings, steps=steps, progress=True)

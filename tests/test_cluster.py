@@ -1,6 +1,7 @@
 """`pfstorer run` joining a Ray cluster through RAY_ADDRESS (as `ray job submit` does) whose head
 has 0 CPUs (as the RayCluster manifest has): it waits, saying so, for a worker node to join, and
-gives up with a clear error after `worker_wait_s`. The cluster is `ray.cluster_utils.Cluster`."""
+gives up with a clear error after `worker_wait_s`. The cluster is `ray.cluster_utils.Cluster`.
+Beside it, a process that starts a Ray of its own (no RAY_ADDRESS) gets one, not that cluster."""
 
 from __future__ import annotations
 
@@ -36,6 +37,12 @@ SCRIPT = textwrap.dedent("""
            "--workers", "1", "--cpus-per-worker", "1", "--no-progress", "--json"]
     out = {}
     try:
+        # with this cluster running and no RAY_ADDRESS, what starts a Ray of its own must not attach to it
+        own = ("import ray, sys; from serving.cli import _init_ray; _init_ray(None, num_cpus=1); "
+               "print(ray.get_runtime_context().gcs_address)")
+        alone = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        own = subprocess.run([sys.executable, "-c", own], env=alone, capture_output=True, text=True, timeout=120)
+        out["own"] = [own.returncode, own.stdout.strip(), own.stderr[-2000:], cluster.address]
         gave_up = subprocess.run(cmd, env={**env, "PFSTORER_WORKER_WAIT_S": "2"}, capture_output=True,
                                  text=True, timeout=120)
         out["gave_up"] = [gave_up.returncode, gave_up.stdout, gave_up.stderr]
@@ -67,6 +74,10 @@ def test_run_on_a_0_cpu_head_waits_for_a_worker_node(lfw_bench, tmp_path):
                           capture_output=True, text=True, timeout=480, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    rc, own_address, stderr, cluster_address = got["own"]
+    assert rc == 0, stderr
+    assert own_address and own_address != cluster_address
 
     rc, stdout, stderr = got["gave_up"]
     assert rc == 2 and stdout == "", stderr[-2000:]
