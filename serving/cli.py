@@ -33,8 +33,8 @@ def _init_ray(address: str | None, num_cpus: float | None = None, metrics_port: 
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", _metrics_export_port=metrics_port,
-                 num_cpus=int(num_cpus) if num_cpus else None, **kwargs)
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+                 _metrics_export_port=metrics_port, num_cpus=int(num_cpus) if num_cpus else None, **kwargs)
     return True
 
 

@@ -38,10 +38,11 @@ SCRIPT = textwrap.dedent("""
     out = {}
     try:
         # with this cluster running and no RAY_ADDRESS, what starts a Ray of its own must not attach to it
-        own = ("import ray, sys; from serving.cli import _init_ray; _init_ray(None, num_cpus=1); "
-               "print(ray.get_runtime_context().gcs_address)")
+        start_own = ("import ray; from serving.cli import _init_ray; _init_ray(None, num_cpus=1); "
+                     "print(ray.get_runtime_context().gcs_address)")
         alone = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        own = subprocess.run([sys.executable, "-c", own], env=alone, capture_output=True, text=True, timeout=120)
+        own = subprocess.run([sys.executable, "-c", start_own], env=alone, capture_output=True, text=True,
+                             timeout=120)
         out["own"] = [own.returncode, own.stdout.strip(), own.stderr[-2000:], cluster.address]
         gave_up = subprocess.run(cmd, env={**env, "PFSTORER_WORKER_WAIT_S": "2"}, capture_output=True,
                                  text=True, timeout=120)
