@@ -16,15 +16,16 @@ def register_cli(subparsers: Any) -> None:
     d = subparsers.add_parser(
         "demo", help="run the whole job end to end on embedded defaults (make demo)",
         description="Personalize every person of a photo folder on a local Ray (Ray Train), register the "
-                    "adapters in MLflow (SQLite), serve them with Ray Serve on 127.0.0.1, restore a degraded "
-                    "held-out photo of each person over HTTP with and without their adapter, and write a "
+                    "adapters in MLflow (SQLite), serve them with Ray Serve on 127.0.0.1, restore degraded "
+                    "held-out photos of each person (cut to the face) over HTTP with and without their adapter, and write a "
                     "report (input | base | personalized | original + metrics) under .pfstorer-state/demo/report.")
     d.add_argument("--photos", type=Path, help="folder with one sub-folder of photos per person "
                                                "(default: ../shared/data/demo and ../shared/data/wild)")
     d.add_argument("--base", help="base preset (default: compact when its weights are shipped, else tiny)")
     d.add_argument("--steps", type=int, help="personalization steps per person (default: see docs/personalization.md)")
     d.add_argument("--restore-steps", type=int, help="denoising steps per restore (default: the base's)")
-    d.add_argument("--max-side", type=int, default=192, help="held-out photos are shrunk to this long side")
+    d.add_argument("--max-side", type=int, default=128,
+                   help="held-out photos are cut to the face and shrunk to at most this side (the base's crop size)")
     d.add_argument("--state-dir", type=Path, help="where the demo keeps its state (default: .pfstorer-state/demo)")
     d.add_argument("--keep", action="store_true", help="keep earlier demo state (reruns skip trained people)")
     d.set_defaults(func=lazy("demo.run:run_cli"))

@@ -7,6 +7,9 @@ Loss per identity (eq. 5): ``L_diff + lambda_gen * L_gen + lambda_pers * L_pers`
 - ``L_gen``: the same with the null LQ input, so the adapter must carry the identity (eq. 4);
 - ``L_pers``: ViCo's attention regulariser on the token ``*`` (:func:`pers_loss`).
 
+References that show a whole scene are first cut to their face, framed as the base saw faces in
+training (:mod:`pfstorer.framing`); face crops are used as they are.
+
 Packed training: one :class:`PackedTrainer` keeps ``capacity`` identities in adapter slots of one
 frozen base and steps them together in one batch. The loss is the sum of each identity's own mean
 loss and the optimiser is per slot (Adam with a step count per slot), so every identity gets exactly
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from .adapter import Adapter, AdapterMetadata
 from .config import PersonalizeConfig, TrainingSpeed
 from .errors import ReferenceCountError
+from .framing import frame_face
 from .model import RestorationModel, timestep_grid
 from .personalization import AdapterWeights, PBRun, block_specs, pers_loss, pool_reference
 
@@ -226,7 +230,7 @@ class PackedTrainer:
                     a[k].fill_(1.0)
         self.opt.reset(k)
         size = self.model.config.sample_size
-        refs = [_limit_side(r.float(), 2 * size) for r in job.references]
+        refs = [_limit_side(frame_face(r.float()), 2 * size) for r in job.references]
         self.slots[k] = _Slot(job, refs, self.reference_features(refs), np.random.default_rng(seed), gen)
         if resume is None:
             self.slots[k].probe_start = self.probe_loss(k)

@@ -91,9 +91,13 @@ class Gateway:
     def _retry_after(self) -> str:
         return str(int(min(60, max(1, math.ceil(self._latency_s)))))
 
-    def _overloaded(self, why: str = "too many requests queued") -> JSONResponse:
+    def _retry_later(self, status: int, why: str) -> JSONResponse:
+        """A refusal the client should retry (429/503), with the ``Retry-After`` it should wait."""
         ra = self._retry_after()
-        return json_error(503, f"overloaded: {why}; retry in {ra} s", {"Retry-After": ra})
+        return json_error(status, f"{why}; retry in {ra} s", {"Retry-After": ra})
+
+    def _overloaded(self, why: str = "too many requests queued") -> JSONResponse:
+        return self._retry_later(503, f"overloaded: {why}")
 
     async def _read_body(self, request: Request) -> bytes | JSONResponse:
         """The body, within ``serve.max_upload_bytes`` and ``serve.body_timeout_s`` (408 after it:
@@ -131,9 +135,7 @@ class Gateway:
             return self._overloaded(f"{self._cap} requests in flight on this server")
         cap = self.settings.serve.max_tenant_requests
         if restore and self._inflight[tenant] >= cap:
-            ra = self._retry_after()
-            return json_error(429, f"too many requests in flight for this tenant (limit {cap}); retry in {ra} s",
-                               {"Retry-After": ra})
+            return self._retry_later(429, f"too many requests in flight for this tenant (limit {cap})")
         self._busy += 1
         if restore:
             self._inflight[tenant] += 1
@@ -344,8 +346,7 @@ class Gateway:
                 entry = await asyncio.to_thread(self.registry.resolve, tenant, params.identity)
             except Exception as exc:  # a damaged or missing index file: the server's problem, for now
                 log.warning("adapter index unreadable: %s", exc)
-                return json_error(503, "the adapter index is not readable right now; retry later",
-                                   {"Retry-After": self._retry_after()})
+                return self._retry_later(503, "the adapter index is not readable right now")
             if entry is None:  # nonexistent or another tenant's: the same answer
                 return not_found()
             key = model_key(tenant, params.identity)
@@ -386,8 +387,7 @@ class Gateway:
             if isinstance(cause, RequestCancelledError):
                 return json_error(CLIENT_GONE, "request cancelled")
             if isinstance(cause, DeploymentUnavailableError):
-                ra = self._retry_after()
-                return json_error(503, "model unavailable", {"Retry-After": ra})
+                return self._retry_later(503, "model unavailable")
             log.exception("restore failed")
             return json_error(500, "internal error")
         elapsed = time.perf_counter() - t0

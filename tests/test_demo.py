@@ -39,10 +39,13 @@ def test_demo_personalizes_serves_and_reports_every_person(lfw_bench, tmp_path):
     assert "SMOKE" not in text
     tenants = {names[0]: "studio-a", names[1]: "studio-b"}  # two tenants
     for name, tenant in tenants.items():
-        assert f"| {tenant}/{name} | personalized ({tenant}/{name}@1) |" in text  # served with its own adapter
-        assert f"| {tenant}/{name} | base |" in text and f"| {tenant}/{name} | input (degraded) |" in text
+        held = lfw_bench[name][4].name  # 5 photos: 4 references, the last one held out
+        assert f"| {tenant}/{name} | {held} | personalized ({tenant}/{name}@1) |" in text  # its own adapter
+        assert f"| {tenant}/{name} | {held} | base |" in text
+        assert f"| {tenant}/{name} | {held} | input (degraded) |" in text
         for img in ("input", "base", "personalized", "original"):
-            assert (report.parent / name / f"{img}.png").is_file()
+            assert (report.parent / name / Path(held).stem / f"{img}.png").is_file()
+        assert f"| {tenant}/{name} | 1 |" in text  # the adapter effect, per person
     grid = Image.open(report.parent / "report.png")
     assert grid.width > grid.height  # four columns, two rows
     assert "2 trained, 0 skipped, 0 failed" in text
@@ -64,8 +67,8 @@ def test_without_photos_the_demo_falls_back_to_a_labelled_astronaut_smoke_run(tm
         assert smoke is True
         assert "SMOKE RUN ONLY" in capsys.readouterr().out
         [person] = people
-        assert person.identity == "astronaut" and len(person.refs) == 5
-        views = [Image.open(p).convert("RGB").tobytes() for p in [*person.refs, person.held_out]]
+        assert person.identity == "astronaut" and len(person.refs) == 5 and len(person.held_out) == 1
+        views = [Image.open(p).convert("RGB").tobytes() for p in [*person.refs, *person.held_out]]
         assert len(set(views)) == 6  # augmented, not one photo six times
     # with the sample people beside the checkout there is no fallback
     people, smoke = choose_people(None, tmp_path / "state", ("t-a", "t-b"), shared=Path(__file__).parents[2] / "shared" / "data")
@@ -86,14 +89,21 @@ def test_without_photos_the_demo_falls_back_to_a_labelled_astronaut_smoke_run(tm
 def test_the_report_says_in_numbers_what_each_adapter_changed():
     from types import SimpleNamespace
 
-    from demo.run import _adapter_effect
+    from demo.run import Scored, _adapter_effect
 
     def res(v):
         return SimpleNamespace(value=v)
 
-    person = SimpleNamespace(tenant="t-a", identity="anna")
-    metrics = {"base": {"psnr": res(23.0), "id_facenet": res(0.50)},
-               "personalized": {"psnr": res(23.5), "id_facenet": res(0.56)}}
-    text = "\n".join(_adapter_effect([(person, "t-a/anna@1", metrics, 3.25)]))
-    assert "| t-a/anna | 3.25 | +0.50 | +6.0 |" in text
-    assert "ID +6.0 points, PSNR +0.50 dB" in text
+    def scored(person, photo, base_id, pers_id, pers_psnr, changed):
+        metrics = {"base": {"psnr": res(23.0), "id_facenet": res(base_id)},
+                   "personalized": {"psnr": res(pers_psnr), "id_facenet": res(pers_id)}}
+        return Scored(person, photo, f"{person.tenant}/{person.identity}@1", metrics, changed)
+
+    anna = SimpleNamespace(tenant="t-a", identity="anna")
+    bob = SimpleNamespace(tenant="t-b", identity="bob")
+    table = [scored(anna, "1.jpg", 0.50, 0.56, 23.5, 3.0), scored(anna, "2.jpg", 0.50, 0.48, 23.1, 4.0),
+             scored(bob, "1.jpg", 0.40, 0.49, 22.7, 2.0)]
+    text = "\n".join(_adapter_effect(table))
+    assert "| t-a/anna | 2 | 3.50 | +0.30 | +2.0 |" in text  # means over anna's two photos
+    assert "| t-b/bob | 1 | 2.00 | -0.30 | +9.0 |" in text
+    assert "Mean over 3 held-out photos: ID +4.3 points, PSNR +0.10 dB; the adapter raised ID on 2 of 3." in text
