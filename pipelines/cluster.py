@@ -22,9 +22,10 @@ __all__ = ["check_capacity", "cluster_address", "ensure_ray", "using_ray", "wait
 SAY_EVERY_S = 10.0
 
 
-def cluster_address(settings: Any) -> str | None:
-    """The cluster to join: ``settings.ray_address``, else ``$RAY_ADDRESS``; None: start one here."""
-    return settings.ray_address or os.environ.get("RAY_ADDRESS") or None
+def cluster_address(settings: Any | None = None) -> str | None:
+    """The cluster to join: ``settings.ray_address``, else ``$RAY_ADDRESS``; None: start one here
+    (with ``address="local"``: a Ray of its own, never one it happens to find on the machine)."""
+    return getattr(settings, "ray_address", None) or os.environ.get("RAY_ADDRESS") or None
 
 
 def ensure_ray(settings: Any) -> bool:

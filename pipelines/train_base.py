@@ -597,8 +597,9 @@ def train_base(
     run_file.write_text(json.dumps({"store": store, "run_name": run_name, "config": config.model_dump(mode="json"),
                                     "data": data, "split": split, "limit": limit}, indent=2))
     if not ray.is_initialized():
-        # RAY_ADDRESS joins a cluster; otherwise a Ray of its own, never one it happens to find running
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
+        from pipelines.cluster import cluster_address
+
+        ray.init(address=cluster_address() or "local", include_dashboard=False,
                  configure_logging=False, log_to_driver=verbose)
     probe_ref = None
     if config.holdout:
