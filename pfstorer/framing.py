@@ -20,15 +20,16 @@ import torch.nn.functional as F
 
 FRAME_SCALE = 128 / 90  # crop side / detected face-box side, measured on the lfw128 bench crops
 FRAME_DROP = 0.07  # the crop's centre lies this many box sides above the box's centre
-MIN_GAIN = 0.8  # frame only when the framed square is below this fraction of the short side
+MIN_GAIN = 0.8  # frame only when the framed square is below this fraction of the long side
 
 
 def face_square(height: int, width: int, box: tuple[int, int, int, int]) -> tuple[int, int, int] | None:
-    """(top, left, side) of the framed square around ``box`` (left, top, right, bottom), moved
-    inside the photo; ``None`` when the face already fills the photo (framing would barely crop)."""
+    """(top, left, side) of the framed square around ``box`` (left, top, right, bottom), at most
+    the photo's short side and moved inside it; ``None`` when that square would be nearly the
+    whole photo anyway (a face crop)."""
     left, top, right, bottom = box
-    side = round(max(right - left, bottom - top) * FRAME_SCALE)
-    if side >= MIN_GAIN * min(height, width):
+    side = min(round(max(right - left, bottom - top) * FRAME_SCALE), height, width)
+    if side >= MIN_GAIN * max(height, width):
         return None
     cx = (left + right) / 2
     cy = (top + bottom) / 2 - FRAME_DROP * (bottom - top)

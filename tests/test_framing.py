@@ -27,6 +27,14 @@ def test_a_face_that_already_fills_the_photo_is_not_cut():
     assert face_square(300, 300, (60, 60, 240, 240)) is None
 
 
+def test_a_tall_photo_whose_face_fills_its_width_is_cut_to_a_square():
+    # 1024 x 768 portrait, 446 px face: the framed square (634 px, centred at x 410, y 559 - 31) is
+    # cut; a wider face gets the whole width, never more
+    assert face_square(1024, 768, (187, 336, 633, 782)) == (211, 93, 634)
+    y0, x0, side = face_square(1024, 768, (100, 300, 700, 900))
+    assert side == 768 and x0 == 0 and 0 <= y0 <= 1024 - 768
+
+
 @pytest.mark.eval
 def test_a_whole_photo_is_cut_to_its_face_and_a_face_crop_is_kept(shared_data: Path, lfw_bench):
     from pfstorer.images import load_image
