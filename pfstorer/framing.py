@@ -47,7 +47,9 @@ def frame_face(img: torch.Tensor, size: int | None = None) -> torch.Tensor:
         return img
     h, w = img.shape[-2:]
     box = find_face(img.float().clamp(0, 1))
-    sq = None if box is None or box.source == "whole-image" else face_square(h, w, (box.left, box.top, box.right, box.bottom))
+    if box is None or box.source == "whole-image":
+        return img
+    sq = face_square(h, w, (box.left, box.top, box.right, box.bottom))
     if sq is None:
         return img
     y0, x0, side = sq
