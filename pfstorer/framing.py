@@ -41,9 +41,9 @@ def face_square(height: int, width: int, box: tuple[int, int, int, int]) -> tupl
 def frame_face(img: torch.Tensor, size: int | None = None) -> torch.Tensor:
     """``img`` [3,H,W] cut to the framed square around its largest face (see module doc), resized
     to ``size`` when given; unchanged when it has no detectable face or the face fills it."""
-    from pfstorer.metrics.identity import detector_name, find_face
+    from pfstorer.metrics.identity import find_face, has_face_detector
 
-    if detector_name().startswith("none"):
+    if not has_face_detector():
         return img
     h, w = img.shape[-2:]
     box = find_face(img.float().clamp(0, 1))

@@ -76,6 +76,11 @@ def _haar():  # noqa: ANN202
     return None if path is None else cv2.CascadeClassifier(str(path))
 
 
+def has_face_detector() -> bool:
+    """Whether :func:`find_face` can detect faces on this machine (dlib, else a Haar cascade)."""
+    return dlib_available() or find_haar_cascade() is not None
+
+
 def detector_name() -> str:
     """Which face detector :func:`find_face` uses on this machine."""
     if dlib_available():
