@@ -24,8 +24,9 @@ def register_cli(subparsers: Any) -> None:
     d.add_argument("--base", help="base preset (default: compact when its weights are shipped, else tiny)")
     d.add_argument("--steps", type=int, help="personalization steps per person (default: see docs/personalization.md)")
     d.add_argument("--restore-steps", type=int, help="denoising steps per restore (default: the base's)")
-    d.add_argument("--max-side", type=int, default=128,
-                   help="held-out photos are cut to the face and shrunk to at most this side (the base's crop size)")
+    d.add_argument("--max-side", type=int, default=512,
+                   help="held-out photos are cut to the face and restored at their own size, shrunk to at most "
+                        "this side (default 512: the base restores faces of every size)")
     d.add_argument("--state-dir", type=Path, help="where the demo keeps its state (default: .pfstorer-state/demo)")
     d.add_argument("--keep", action="store_true", help="keep earlier demo state (reruns skip trained people)")
     d.set_defaults(func=lazy("demo.run:run_cli"))

@@ -190,7 +190,7 @@ def run_demo(
     base: str | None = None,
     steps: int | None = None,
     restore_steps: int | None = None,
-    max_side: int = 128,
+    max_side: int = 512,
     fresh: bool = True,
 ) -> Path:
     """Run the demo; returns the report's path."""

@@ -25,8 +25,8 @@ from typing import Any
 from .errors import PFStorerError
 
 EXIT_USER_ERROR = 2
-METRIC_NAMES = ("psnr", "ssim", "st_lpips", "id_facenet", "id_dlib", "lmse", "id_refs_facenet", "id_refs_dlib",
-                "niqe", "brisque")
+METRIC_NAMES = ("psnr", "ssim", "st_lpips", "id_facenet", "id_dlib", "lmse", "sharpness", "id_refs_facenet",
+                "id_refs_dlib", "niqe", "brisque")
 """What ``pfstorer evaluate --metrics`` accepts (the keys of :data:`pfstorer.metrics.METRICS`)."""
 
 Handler = Callable[[argparse.Namespace], int]
@@ -153,37 +153,84 @@ def cmd_restore(args: argparse.Namespace) -> int:
     import torch
 
     from .adapter import Adapter
-    from .images import ImageLimits, load_image, output_format, save_image
+    from .batch_io import Item, plan_batch, run_batch, run_single
+    from .images import ImageLimits, check_quality, load_image, save_image
     from .sampling import restore
-
-    output_format(args.out)  # a name we cannot write is refused before any work
-    # uint8 end to end: a 4096 px photo costs 3 bytes a pixel, not 12, on the way in and out
     from .settings import Settings
 
+    batch = plan_batch(args.input, args.out, suffix=args.suffix, ext=args.ext)  # names refused before any work
+    check_quality(args.quality)
     limits = Settings.load().limits
-    max_pixels = args.max_pixels or limits.max_image_pixels
-    image = load_image(args.input, limits=ImageLimits(max_pixels=max_pixels, max_bytes=limits.max_image_bytes),
-                       dtype=torch.uint8)
+    image_limits = ImageLimits(max_pixels=args.max_pixels or limits.max_image_pixels, max_bytes=limits.max_image_bytes)
+
+    def read(source: str) -> torch.Tensor:
+        # uint8 end to end: a 4096 px photo costs 3 bytes a pixel, not 12, on the way in and out
+        return load_image(source, limits=image_limits, dtype=torch.uint8)
+
+    todo = batch.pending(args.skip_existing)
+    read_first: dict[str, torch.Tensor] = {}
+    if not batch.many and todo:  # one photo: its problems are reported before the model loads
+        read_first[todo[0].source] = read(todo[0].source)
     adapter = Adapter.load(args.adapter) if args.adapter else None
-    model = _load_base(args)
-    out = restore(model, image, adapter=adapter, seed=args.seed, scale=args.scale, steps=args.steps,
-                  sampler=args.sampler, t_start=args.t_start, strength=args.strength, tile=args.tile,
-                  overlap=args.overlap, color_fix=args.color_fix,
-                  progress=not args.quiet)
-    save_image(out, args.out, quality=args.quality)
+    if todo:  # once for every photo; not at all when every output is already there
+        model = _load_base(args)
+        if adapter is not None:
+            adapter.check_base(model)
     who = f"with adapter {adapter.identity!r}" if adapter else "with the base model only"
-    print(f"restored {args.input} ({image.shape[2]}x{image.shape[1]}) {who} -> {args.out} ({out.shape[2]}x{out.shape[1]})")
-    return 0
+
+    def restore_one(item: Item) -> str:
+        image = read_first.pop(item.source, None)
+        if image is None:
+            image = read(item.source)
+        out = restore(model, image, adapter=adapter, seed=args.seed, scale=args.scale, steps=args.steps,
+                      sampler=args.sampler, t_start=args.t_start, strength=args.strength, tile=args.tile,
+                      overlap=args.overlap, color_fix=args.color_fix,
+                      progress=not (args.quiet or batch.many))  # a batch shows photos, not steps
+        save_image(out, item.dest, quality=args.quality)
+        return (f"restored {item.source} ({image.shape[2]}x{image.shape[1]}) {who} -> {item.dest} "
+                f"({out.shape[2]}x{out.shape[1]})")
+
+    if not batch.many:
+        return run_single(batch, todo, restore_one)
+    return run_batch(batch, todo, restore_one, desc="restore", quiet=args.quiet)
 
 
 def cmd_degrade(args: argparse.Namespace) -> int:
+    from .batch_io import Item, plan_batch, run_batch, run_single
     from .degradations import degrade
     from .images import load_image, save_image
 
-    out = degrade(load_image(args.input), args.level, args.seed)
-    save_image(out, args.out)
-    print(f"{args.level} degradation of {args.input} (seed {args.seed}) -> {args.out}")
-    return 0
+    batch = plan_batch(args.input, args.out, suffix=args.suffix, ext=args.ext)
+
+    def degrade_one(item: Item) -> str:
+        save_image(degrade(load_image(item.source), args.level, args.seed), item.dest)
+        return f"{args.level} degradation of {item.source} (seed {args.seed}) -> {item.dest}"
+
+    todo = batch.pending(args.skip_existing)
+    if not batch.many:
+        return run_single(batch, todo, degrade_one)
+    return run_batch(batch, todo, degrade_one, desc="degrade", quiet=args.quiet)
+
+
+def _add_inputs_outputs(p: argparse.ArgumentParser, verb: str) -> None:
+    """--input, --out, --suffix, --ext, --skip-existing: the same for every command that writes one
+    image per photo it reads (see :mod:`pfstorer.batch_io`)."""
+    p.add_argument("--input", required=True, nargs="+", action="extend", metavar="PATH",
+                   help=f"photos to {verb}: image files, folders (the images inside, sorted) or glob patterns "
+                        "such as 'scans/*.jpg' (quoted or not); several may follow --input, which may also be "
+                        "repeated. Types: PNG, JPEG, WebP, AVIF, BMP, TIFF; HEIC with the heic extra")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="one input file: the output image (.png, .jpg/.jpeg or .webp), or an existing folder "
+                        "(or a name ending in /) to write it into. Several inputs, a folder or a pattern: the "
+                        "folder to write to (created), each output named after its input: photos/a.jpg -> "
+                        "OUT/a<suffix>.<ext>")
+    p.add_argument("--suffix", metavar="TEXT",
+                   help="text added to each output's name in the --out folder: with _restored, photos/a.jpg "
+                        "-> OUT/a_restored.png (default: none, OUT/a.png)")
+    p.add_argument("--ext", metavar="EXT",
+                   help="image type written in the --out folder: png (default, lossless), jpg/jpeg or webp")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="leave alone every input whose output already exists (resumes a stopped run)")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -203,7 +250,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
+    """Every command; ``plugins=False`` leaves out those other packages register (see :func:`main`)."""
     from .config import PersonalizeConfig
 
     parser = argparse.ArgumentParser(
@@ -240,21 +288,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_personalize)
 
-    p = sub.add_parser("restore", help="restore (and optionally upscale) one photo",
-                       description="Restore a degraded photo with the base model, or with a person's adapter. "
+    p = sub.add_parser("restore", help="restore (and optionally upscale) photos: one, a folder, a pattern",
+                       description="Restore degraded photos with the base model, or with a person's adapter. "
                                    "Images of any size are restored in overlapping tiles; --scale upsamples "
-                                   "first (super-resolution). The same seed gives the same PNG.")
+                                   "first (super-resolution). The same seed gives the same PNG, whether a photo "
+                                   "is restored alone or in a batch. Several photos (files, folders, patterns) "
+                                   "are restored in one process: the model and adapter load once, and a "
+                                   "progress bar counts photos. In a batch a photo that fails (unreadable, too "
+                                   "large) prints 'error: PATH: reason' and the others go on; the exit status "
+                                   "is then 1. A problem with the command itself, or with a single photo, "
+                                   "prints one 'error:' line and exits with status 2.",
+                       epilog="Examples: pfstorer restore --input blurry.jpg --out restored.png; "
+                              "pfstorer restore --adapter adapters/anna --input scans/ 'old/*.jpg' extra.png "
+                              "--out restored/ --suffix _r --ext webp --skip-existing")
     _add_base(p)
-    p.add_argument("--input", required=True, metavar="IMG",
-                   help="photo to restore (PNG, JPEG, WebP, AVIF, BMP, TIFF; HEIC with the heic extra)")
-    p.add_argument("--out", required=True, metavar="IMG", help="output image: .png, .jpg/.jpeg or .webp")
+    _add_inputs_outputs(p, "restore")
     p.add_argument("--quality", type=int, default=92, help="JPEG/WebP quality, 1..100")
     p.add_argument("--adapter", metavar="ADAPTER_DIR", help="the person's adapter (none: base model only)")
     p.add_argument("--strength", type=float, default=1.0,
                    help="how much of the adapter to apply, 0..1 (scales its gates alpha; 0 = the base model)")
     p.add_argument("--scale", type=float, default=1.0, help="upscaling factor (e.g. 2, 4)")
     add_sampling_args(p)
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (the same for every photo)")
     p.add_argument("--tile", type=int, help="tile size in output pixels (default: the model's native size)")
     p.add_argument("--overlap", type=int, help="tile overlap in output pixels (default: a quarter tile)")
     p.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default="wavelet",
@@ -264,13 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_restore)
 
-    p = sub.add_parser("degrade", help="synthesize a low-quality version of a photo",
+    p = sub.add_parser("degrade", help="synthesize low-quality versions of photos",
                        description="Apply the light or heavy synthetic degradation (blur, resize, noise, JPEG, "
-                                   "twice) used for training and benchmarks. Seeded and reproducible.")
-    p.add_argument("--input", required=True, metavar="IMG")
-    p.add_argument("--out", required=True, metavar="IMG")
-    p.add_argument("--level", choices=["light", "heavy"], default="heavy")
-    p.add_argument("--seed", type=int, default=0)
+                                   "twice) used for training and benchmarks. Seeded and reproducible: the same "
+                                   "seed gives the same output for a photo, alone or in a batch. Takes files, "
+                                   "folders and patterns like restore; in a batch a photo that fails is "
+                                   "reported and the others go on (exit status 1).")
+    _add_inputs_outputs(p, "degrade")
+    p.add_argument("--level", choices=["light", "heavy"], default="heavy", help="how much damage")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random degradation (the same for every photo)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_degrade)
 
     p = sub.add_parser("info", help="list base presets, or show one base's fingerprint",
@@ -282,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     _add_evaluate(sub)
+    if not plugins:
+        return parser
     for ep in sorted(entry_points(group="pfstorer.cli"), key=lambda e: e.name):
         try:
             register = ep.load()
@@ -316,8 +376,17 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lazy("pfstorer.evaluate:run_cli", extra="eval"))
 
 
+def _commands(parser: argparse.ArgumentParser) -> set[str]:
+    return {name for a in parser._actions if isinstance(a, argparse._SubParsersAction) for name in a.choices}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # A built-in command (restore, degrade, ...) needs none of the commands other packages register:
+    # leaving them out keeps their imports and the entry-point scan off every start-up of those.
+    parser = build_parser(plugins=False)
+    if next((a for a in argv if not a.startswith("-")), None) not in _commands(parser):
+        parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

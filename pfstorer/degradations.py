@@ -107,6 +107,7 @@ __all__ = [
     "random_crop_resize",
     "resolve_level",
     "synthesize_lq",
+    "synthesize_sr_lq",
 ]
 
 BLUR_KINDS = ("iso", "aniso", "generalized", "motion", "median")
@@ -661,6 +662,23 @@ def synthesize_lq(
     if hq.ndim == 4:
         return torch.stack([one(im) for im in hq])
     return one(hq)
+
+
+def synthesize_sr_lq(
+    hq: torch.Tensor,
+    rng: np.random.Generator | int,
+    *,
+    factor: int = 4,
+    level: str | DegradationConfig = "light",
+) -> torch.Tensor:
+    """A super-resolution input for ``hq`` ``[3,H,W]``: shrunk ``factor`` x (antialiased bicubic),
+    degraded at ``level`` at that size, and enlarged back to ``H x W`` bicubically, as
+    ``restore --scale factor`` enlarges a small photo before restoring it."""
+    if hq.ndim != 3 or hq.shape[0] != 3:
+        raise InputError(f"expected an image tensor [3,H,W], got shape {tuple(hq.shape)}")
+    h, w = hq.shape[1:]
+    small = resize(hq, (max(2, round(h / factor)), max(2, round(w / factor))), mode="bicubic")
+    return resize(degrade(small, level, rng), (h, w), mode="bicubic")
 
 
 def random_crop_resize(

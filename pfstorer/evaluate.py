@@ -152,6 +152,9 @@ def _load(path: Path) -> torch.Tensor:
     return load_image(path)
 
 
+_ARROWS = {True: "↑", False: "↓", None: "→1"}  # None: best at 1 (sharpness relative to the truth)
+
+
 @dataclass
 class EvaluationReport:
     """Scores of one evaluation run and where its files were written."""
@@ -161,7 +164,7 @@ class EvaluationReport:
     metrics: list[str]
     labels: dict[str, str]
     backends: dict[str, str]
-    higher_is_better: dict[str, bool]
+    higher_is_better: dict[str, bool | None]
     means: dict[str, float | None]
     counts: dict[str, int]
     notes: dict[str, list[str]]  # metric -> distinct reasons for missing values
@@ -205,7 +208,7 @@ class EvaluationReport:
     def markdown(self) -> str:
         """The per-image and mean table with its legend, as written to ``metrics.md``."""
         head = ["image"] + [
-            f"{self.labels[m]} {'↑' if self.higher_is_better[m] else '↓'}" for m in self.metrics
+            f"{self.labels[m]} {_ARROWS[self.higher_is_better[m]]}" for m in self.metrics
         ]
         lines = ["# Evaluation", "", f"{len(self.images)} image(s).", ""]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -10,6 +10,7 @@ Convention everywhere in pfstorer: an image is a float32 tensor ``[3, H, W]`` (R
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "IMAGE_EXTENSIONS",
     "ImageLimits",
+    "check_quality",
     "check_size",
     "decode_image",
     "encode_image",
@@ -158,11 +160,16 @@ OutputFormat = Literal["PNG", "JPEG", "WEBP"]
 DEFAULT_QUALITY = 92
 
 
+def check_quality(quality: int) -> None:
+    """Refuse a JPEG/WebP quality outside [1, 100] (callers with many photos check it before any work)."""
+    if not 1 <= quality <= 100:
+        raise InputError(f"quality must be in [1, 100], got {quality}")
+
+
 def encode_image(img: torch.Tensor, fmt: OutputFormat = "PNG", quality: int = DEFAULT_QUALITY) -> bytes:
     """PNG (lossless; ``quality`` unused), JPEG (4:4:4 chroma) or WebP bytes, without metadata:
     identical tensors give identical bytes. ``quality`` in [1, 100]."""
-    if not 1 <= quality <= 100:
-        raise InputError(f"quality must be in [1, 100], got {quality}")
+    check_quality(quality)
     buf = io.BytesIO()
     im = to_pil(img)
     if fmt == "PNG":
@@ -186,19 +193,33 @@ def output_format(dest: str | os.PathLike[str]) -> OutputFormat:
 
 
 def save_image(img: torch.Tensor, dest: str | os.PathLike[str], quality: int = DEFAULT_QUALITY) -> None:
-    """Write PNG, JPEG or WebP (chosen by extension) to a path or fsspec URL, creating local folders."""
+    """Write PNG, JPEG or WebP (chosen by extension) to a path or fsspec URL, creating local folders.
+
+    A local file appears whole or not at all (written beside it, then renamed), so a run stopped
+    mid-write leaves no truncated image that a rerun with ``--skip-existing`` would keep.
+    """
     dst = os.fspath(dest)
     data = encode_image(img, output_format(dst), quality)
     if is_url(dst):
         fs, path = fsspec.core.url_to_fs(dst)
     else:
         fs, path = LocalFileSystem(), os.path.abspath(dst)
-    if isinstance(fs, LocalFileSystem):
-        parent = os.path.dirname(path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as fh:
-        fh.write(data)
+    if not isinstance(fs, LocalFileSystem):
+        with fs.open(path, "wb") as fh:
+            fh.write(data)
+        return
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    part = f"{path}.{os.getpid()}.part"
+    try:
+        with open(part, "wb") as fh:
+            fh.write(data)
+        os.replace(part, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(part)
+        raise
 
 
 def list_images(paths: Sequence[str | os.PathLike[str]]) -> list[str]:

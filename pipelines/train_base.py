@@ -2,15 +2,19 @@
 
 The way the paper trains its base, on our data:
 
-- **data**: one split of an ``index.csv`` (``identity,path,split``) such as ``../shared/data/lfw128``;
-  ``split=bench`` is refused and training stops if any training identity is also a bench identity
-  (the personalization benchmark must never have seen its people). Every photo is decoded **once**
-  into one ``uint8`` array ``[N,H,W,3]`` that is put in the Ray object store, so workers on one node
-  share it (10.5 k lfw128 photos = 500 MB; ``--limit`` takes a seeded subset);
-- **inputs**: a random square crop (no alignment) of a random photo, resized to the training crop,
-  and its LQ from :func:`pfstorer.degradations.synthesize_lq` (``light``/``heavy`` mixed, the clean
-  crop itself with ``p_HQ = 0.03``), drawn on the fly inside each worker from a generator seeded by
-  ``(seed, worker rank, step)`` — so a resumed run sees exactly the batches an uninterrupted one would;
+- **data**: one split of one or more ``index.csv`` sources (``identity,path,split``) such as
+  ``../shared/data/lfw128`` and ``../shared/data/faces1024``, each with its typical face width
+  (``--face-px``) and share of the draws (``--source-weights``); ``split=bench`` is refused and
+  training stops if any training identity is also a bench identity (benchmarks must never have
+  seen their people). Every photo is decoded **once** and put in the Ray object store, so workers
+  on one node share it (10.5 k lfw128 photos = 500 MB; ``--limit`` takes a seeded subset);
+- **inputs** (:mod:`pipelines.base_data`): a random square crop (no alignment) of a random photo,
+  either a fraction of the photo resized to the crop or, with ``--face-scale``, a native-scale tile
+  of the photo rescaled so its face has a random width (faces of every size a photo has); its LQ
+  from :func:`pfstorer.degradations.synthesize_lq` (``light``/``heavy`` mixed, the clean crop
+  itself with ``p_HQ = 0.03``) or, with ``--p-sr``, a x4 super-resolution input; drawn on the fly
+  inside each worker from a generator seeded by ``(seed, worker rank, step)`` — so a resumed run
+  sees exactly the batches an uninterrupted one would;
 - **loss**: the distance (``--loss mse`` or ``l1``) of the denoiser's output to its target at
   random timesteps of ``[0, train_t_max)``, the range the preset samples: the noise for epsilon
   presets, the clean image for ``x0_residual`` ones. For presets that sample from the LQ diffused
@@ -20,10 +24,14 @@ The way the paper trains its base, on our data:
   Ho's truncated SNR weighting: for epsilon presets, the image-space error where noise dominates).
   AdamW, linear warm-up then cosine decay to 10 %, gradient clipping, optional EMA of the weights
   (what gets shipped; warmed up), optional bf16 autocast on CUDA;
-- **probe**: ``--holdout N`` keeps N photos (whole people) out of training; every
-  ``--probe-every`` steps their clean-image-estimate PSNR at fixed timesteps (fixed degradations
-  and noise; for LQ-started presets also from the LQ diffused to ``t_start``) is logged next to the
-  inputs' own PSNR and kept in the loss curve;
+- **detail** (``--adv-weight``, :mod:`pfstorer.adversarial`): a patch discriminator trained beside
+  the model; the x0 estimates of the rows drawn as sampling starts must look real to it (from
+  ``--adv-start``, ramped over ``--adv-ramp`` steps), so one-step sampling returns texture, not the
+  posterior mean's blur;
+- **probe**: ``--holdout N`` keeps N photos (whole people; at most a tenth) of every source out of
+  training; every ``--probe-every`` steps their clean-image-estimate PSNR at fixed timesteps (fixed
+  degradations and noise; for LQ-started presets also from the LQ diffused to ``t_start``, with its
+  sharpness) is logged next to the inputs' own PSNR and kept in the loss curve;
 - **throughput**: ``--loader-workers N`` synthesizes batches ahead in N processes per worker (a
   DataLoader over step indices, so batches do not depend on N); a GPU needs several;
 - **Ray Train**: a :class:`ray.train.torch.TorchTrainer`; with several workers the model is wrapped
@@ -31,7 +39,8 @@ The way the paper trains its base, on our data:
   the global batch, split evenly;
 - **checkpoints**: every ``--checkpoint-every`` steps rank 0 reports a checkpoint
   (``config.json`` + ``model.safetensors`` of the raw weights, so ``load_base(ckpt)`` reads it;
-  ``ema.safetensors``; ``optimizer.pt``; ``state.json`` with the step and loss history) with
+  ``ema.safetensors``; ``optimizer.pt``; the discriminator and its optimizer; ``state.json`` with
+  the step and loss history) with
   ``ray.train.report(..., checkpoint=Checkpoint.from_directory(...))`` to the store
   (``--store``, default ``OUT/checkpoints``; any URL Ray Train accepts). ``--resume`` re-runs the
   last run of that store under the same name, so Ray hands the latest checkpoint back and training
@@ -44,8 +53,6 @@ The way the paper trains its base, on our data:
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
 import os
@@ -58,7 +65,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["TrainBaseConfig", "TrainBaseResult", "load_split", "register_cli", "train_base"]
+from pipelines.base_data import Source, draw_batch, holdout_people, load_split, probe_holdout
+
+__all__ = ["Source", "TrainBaseConfig", "TrainBaseResult", "blend_weights", "holdout_people", "load_split",
+           "register_cli", "train_base"]
 
 RUN_FILE = "train_run.json"  # in OUT: the store and run name of the last run (for --resume)
 
@@ -89,6 +99,19 @@ class TrainBaseConfig(BaseModel):
                            "Salimans & Ho's truncated-SNR weighting (x0 error where noise dominates)")
     crop: int | None = Field(None, ge=8, description="training crop in pixels (default: the preset's tile)")
     crop_scale: tuple[float, float] = Field((0.6, 1.0), description="crop side as a fraction of the short side")
+    face_scale: tuple[float, float] | None = Field(
+        None, description="face width range in pixels (log-uniform) of native-scale crops of photos rescaled "
+                          "at random (None: crop_scale fractions resized to the crop)")
+    p_sr: float = Field(0.0, ge=0, le=1, description="share of LQs made as x4 super-resolution inputs "
+                        "(shrunk 4x, degraded light, enlarged bicubically)")
+    adv_weight: float = Field(0.0, ge=0, description="weight of the adversarial loss on the x0 estimates "
+                              "of rows drawn as sampling starts (0: off; pfstorer.adversarial)")
+    fm_weight: float = Field(1.0, ge=0, description="feature-matching weight inside the adversarial loss")
+    adv_start: int = Field(0, ge=0, description="step at which the adversarial loss starts acting on the restorer "
+                           "(the discriminator trains from step 0, so it is informative by then)")
+    adv_ramp: int = Field(0, ge=0, description="steps over which the adversarial weight rises linearly to adv_weight")
+    disc_lr: float = Field(2e-4, gt=0, description="learning rate of the discriminator (AdamW, 0.5/0.99)")
+    disc_width: int = Field(32, ge=4, description="channels of the discriminator's first stage")
     levels: tuple[str, ...] = ("light", "heavy")
     p_hq: float = Field(0.03, ge=0, le=1, description="probability of a clean LQ (paper: 0.03)")
     seed: int = 0
@@ -115,60 +138,6 @@ class TrainBaseResult(BaseModel):
     samples_per_s: float
     checkpoint: str | None
     fingerprint: str
-
-
-# -- data --------------------------------------------------------------------------------------
-def _read_index(data: str) -> list[dict[str, str]]:
-    import fsspec
-
-    from pfstorer.errors import InputError
-
-    url = data.rstrip("/") + "/index.csv"
-    try:
-        with fsspec.open(url, "r", newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    except FileNotFoundError:
-        raise InputError(f"no index.csv in {data} (expected identity,path,split)") from None
-    if rows and not {"identity", "path", "split"} <= set(rows[0]):
-        raise InputError(f"{url} needs the columns identity,path,split; got {sorted(rows[0])}")
-    return rows
-
-
-def load_split(data: str, split: str = "train", limit: int | None = None, seed: int = 0) -> tuple[Any, list[str]]:
-    """Decode every photo of ``split`` once: ``(uint8 array [N,H,W,3], identities)``.
-
-    Refuses the bench split, and any split that shares an identity with it.
-    """
-    import fsspec
-    import numpy as np
-    from PIL import Image
-
-    from pfstorer.errors import InputError
-
-    if split == "bench":
-        raise InputError("refusing to train on split=bench: those people are the personalization benchmark")
-    rows = _read_index(data)
-    chosen = [r for r in rows if r["split"] == split]
-    if not chosen:
-        raise InputError(f"split {split!r} of {data} has no photos (splits: {sorted({r['split'] for r in rows})})")
-    bench = {r["identity"] for r in rows if r["split"] == "bench"}
-    leak = sorted({r["identity"] for r in chosen} & bench)
-    if leak:
-        raise InputError(f"split {split!r} shares {len(leak)} identities with bench (e.g. {leak[:3]}): refusing")
-    if limit is not None and limit < len(chosen):
-        pick = np.random.default_rng(seed).choice(len(chosen), size=limit, replace=False)
-        chosen = [chosen[i] for i in sorted(pick)]
-    base = data.rstrip("/")
-    arrays, size = [], None
-    for r in chosen:
-        with fsspec.open(f"{base}/{r['path']}", "rb") as fh:
-            img = Image.open(io.BytesIO(fh.read())).convert("RGB")
-        if size is None:
-            size = img.size
-        if img.size != size:  # one array: bring odd sizes to the first photo's size
-            img = img.resize(size, Image.BICUBIC)
-        arrays.append(np.asarray(img, dtype=np.uint8))
-    return np.stack(arrays), [r["identity"] for r in chosen]
 
 
 # -- the worker ----------------------------------------------------------------------------------
@@ -198,29 +167,12 @@ def _lr_at(step: int, c: TrainBaseConfig) -> float:
     return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
-def _draw_batch(images, n: int, crop: int, c: TrainBaseConfig, rank: int, step: int):
-    """HQ crops and their LQ for one worker's step; randomness from (seed, rank, step) only."""
-    import numpy as np
-    import torch
-
-    from pfstorer.degradations import random_crop_resize, synthesize_lq
-
-    rng = np.random.default_rng([c.seed, rank, step])
-    hq, lq = [], []
-    for _ in range(n):
-        img = torch.from_numpy(np.array(images[int(rng.integers(len(images)))])).permute(2, 0, 1)
-        x = random_crop_resize(img.float() / 255.0, crop, rng, c.crop_scale)
-        hq.append(x)
-        lq.append(synthesize_lq(x, rng, levels=c.levels, p_hq=c.p_hq))
-    return torch.stack(hq), torch.stack(lq)
-
-
 class _StepBatches:
     """Map-style dataset: item ``step`` is that step's (HQ, LQ) batch, so a DataLoader with worker
     processes prefetches batches and the result does not depend on how many there are."""
 
-    def __init__(self, images, n: int, crop: int, c: TrainBaseConfig, rank: int, start: int) -> None:
-        self.images, self.n, self.crop, self.c, self.rank, self.start = images, n, crop, c, rank, start
+    def __init__(self, sources, n: int, crop: int, c: TrainBaseConfig, rank: int, start: int) -> None:
+        self.sources, self.n, self.crop, self.c, self.rank, self.start = sources, n, crop, c, rank, start
 
     def __len__(self) -> int:
         return max(0, self.c.steps - self.start)
@@ -228,7 +180,11 @@ class _StepBatches:
     def __getitem__(self, i: int):
         if not 0 <= i < len(self):
             raise IndexError(i)  # ends plain iteration (no DataLoader) at the last step
-        return _draw_batch(self.images, self.n, self.crop, self.c, self.rank, self.start + i)
+        return draw_batch(self.sources, self.n, self.crop, self.c, self.rank, self.start + i)
+
+
+PROBE_FACE_PX = 160  # held-out photos of large-face sources are probed with faces of this size
+PROBE_MAX_SIDE = 256
 
 
 class _Probe:
@@ -237,31 +193,42 @@ class _Probe:
     Each photo gets a fixed degradation (alternately ``heavy`` and ``light``) and fixed noise; the
     estimate is the denoiser's x0 at ``t`` (noised HQ), and at ``t_start`` from the LQ diffused there
     (where sampling starts, for presets that start from the LQ). The LQ's own PSNR is the baseline.
+    From the LQ start it also logs sharpness: the Laplacian variance of the estimate over the
+    truth's (1: as much fine detail as the truth; an L1 restorer sits far below).
+
+    Every source gives its own group of held-out photos; keys of groups after the first are
+    prefixed ``NAME/``. Photos of sources with large faces are shrunk so the face is
+    ``PROBE_FACE_PX`` wide and centre-cropped to at most ``PROBE_MAX_SIDE``.
     """
 
-    def __init__(self, ref: Any, model, c: TrainBaseConfig) -> None:
-        import numpy as np
+    def __init__(self, groups: list[tuple[str, Any, float]], model, c: TrainBaseConfig) -> None:
+        import ray
         import torch
 
         from pfstorer.degradations import degrade
-
-        self.hq = None
-        if ref is None:
-            return
-        import ray
-
-        photos = ray.get(ref)
-        hq = torch.from_numpy(np.array(photos)).permute(0, 3, 1, 2).float() / 255.0
-        g = model.config.granularity
-        side = (min(hq.shape[-2:]) // g) * g
-        self.hq = hq[:, :, :side, :side].contiguous()
-        self.lq = torch.stack([degrade(x, ("heavy", "light")[i % 2], 7000 + i) for i, x in enumerate(self.hq)])
-        self.noise = torch.randn(self.hq.shape, generator=torch.Generator().manual_seed(c.seed + 99))
-        cfg = model.config
-        self.t_start = cfg.sampling.t_start if cfg.sampling.t_start < cfg.num_train_timesteps else None
-        self.ts = [int(cfg.train_t_max * f) for f in (0.1, 0.5, 0.9)]
+        from pfstorer.images import resize
         from pfstorer.sampling import make_scheduler
 
+        cfg = model.config
+        g = cfg.granularity
+        self.groups = []
+        for k, (name, ref, face_px) in enumerate(groups):
+            photos = ray.get(ref)
+            hqs = []
+            for ph in photos:
+                x = torch.from_numpy(ph.copy()).permute(2, 0, 1).float() / 255.0
+                s = min(1.0, PROBE_FACE_PX / face_px)
+                if s < 1:
+                    x = resize(x, (round(x.shape[1] * s), round(x.shape[2] * s)))
+                side = (min(*x.shape[1:], PROBE_MAX_SIDE) // g) * g
+                top, left = (x.shape[1] - side) // 2, (x.shape[2] - side) // 2
+                hqs.append(x[:, top:top + side, left:left + side])
+            hq = torch.stack(hqs).contiguous()
+            lq = torch.stack([degrade(x, ("heavy", "light")[i % 2], 7000 + i) for i, x in enumerate(hq)])
+            noise = torch.randn(hq.shape, generator=torch.Generator().manual_seed(c.seed + 99))
+            self.groups.append(("" if k == 0 else f"{name}/", hq, lq, noise))
+        self.t_start = cfg.sampling.t_start if cfg.sampling.t_start < cfg.num_train_timesteps else None
+        self.ts = [int(cfg.train_t_max * f) for f in (0.1, 0.5, 0.9)]
         self.ac = make_scheduler(model, "ddpm").alphas_cumprod.float()
 
     @staticmethod
@@ -270,55 +237,47 @@ class _Probe:
         per_image_mse = (x.clamp(0, 1) - y).pow(2).flatten(1).mean(1).clamp(min=1e-10)
         return float(-10 * per_image_mse.log10().mean())
 
+    @staticmethod
+    def _sharpness(x, y) -> float:
+        """Mean over the images of Laplacian variance of ``x`` over that of ``y`` (grey levels)."""
+        from pfstorer.metrics.sharpness import laplacian_variance
+
+        return float(sum(laplacian_variance(a) / max(laplacian_variance(b), 1e-12) for a, b in zip(x, y)) / len(x))
+
     def measure(self, model, step: int) -> dict[str, Any]:
         import torch
 
         out: dict[str, Any] = {"step": step}
-        if self.hq is None:
-            return out
         was_training = model.training
         model.eval()
         dev = model.device
         with torch.no_grad():
-            z0, lq = model.to_latent(self.hq.to(dev)), model.to_latent(self.lq.to(dev))
-            noise = self.noise.to(dev)
-            cases = [(f"x0_psnr_t{t}", t, z0) for t in self.ts]
-            if self.t_start is not None:
-                cases.append((f"x0_psnr_lq_t{self.t_start}", self.t_start, lq))
-            for name, t, start in cases:
-                a = self.ac[t].to(dev)
-                z_t = a.sqrt() * start + (1 - a).sqrt() * noise
-                tt = torch.full((len(z0),), t, device=dev, dtype=torch.long)
-                pred = torch.cat([model.denoise(z_t[i:i + 8], tt[i:i + 8], lq[i:i + 8]) for i in range(0, len(z0), 8)])
-                x0 = pred if model.config.prediction == "x0_residual" else (z_t - (1 - a).sqrt() * pred) / a.sqrt()
-                est = model.from_latent(x0).cpu()
-                out[name + "_heavy"] = round(self._psnr(est[0::2], self.hq[0::2]), 3)
-                out[name + "_light"] = round(self._psnr(est[1::2], self.hq[1::2]), 3)
-            out["input_psnr_heavy"] = round(self._psnr(self.lq[0::2], self.hq[0::2]), 3)
-            out["input_psnr_light"] = round(self._psnr(self.lq[1::2], self.hq[1::2]), 3)
+            for prefix, hq, lq_img, noise in self.groups:
+                z0, lq = model.to_latent(hq.to(dev)), model.to_latent(lq_img.to(dev))
+                noise = noise.to(dev)
+                cases = [(f"x0_psnr_t{t}", t, z0) for t in self.ts]
+                if self.t_start is not None:
+                    cases.append((f"x0_psnr_lq_t{self.t_start}", self.t_start, lq))
+                for name, t, start in cases:
+                    a = self.ac[t].to(dev)
+                    z_t = a.sqrt() * start + (1 - a).sqrt() * noise
+                    tt = torch.full((len(z0),), t, device=dev, dtype=torch.long)
+                    pred = torch.cat([model.denoise(z_t[i:i + 8], tt[i:i + 8], lq[i:i + 8])
+                                      for i in range(0, len(z0), 8)])
+                    x0 = pred if model.config.prediction == "x0_residual" else (z_t - (1 - a).sqrt() * pred) / a.sqrt()
+                    est = model.from_latent(x0).float().cpu()
+                    for j, level in enumerate(("heavy", "light")):
+                        out[f"{prefix}{name}_{level}"] = round(self._psnr(est[j::2], hq[j::2]), 3)
+                        if start is lq:
+                            sharp = name.replace("psnr", "sharpness")
+                            out[f"{prefix}{sharp}_{level}"] = round(self._sharpness(est[j::2], hq[j::2]), 3)
+                for j, level in enumerate(("heavy", "light")):
+                    out[f"{prefix}input_psnr_{level}"] = round(self._psnr(lq_img[j::2], hq[j::2]), 3)
         model.train(was_training)
         return out
 
 
-def holdout_people(identities: Sequence[str], photos: int, seed: int = 0) -> list[int]:
-    """Indices of whole people, drawn in a seeded order, until at least ``photos`` photos are held out."""
-    from collections import Counter
-
-    import numpy as np
-
-    counts = Counter(identities)
-    people = sorted(counts)
-    chosen: set[str] = set()
-    held = 0
-    for k in np.random.default_rng([seed, 17]).permutation(len(people)):
-        if held >= photos:
-            break
-        chosen.add(people[k])
-        held += counts[people[k]]
-    return [i for i, ident in enumerate(identities) if ident in chosen]
-
-
-def _save_checkpoint(d: Path, model, ema, opt, state: dict[str, Any]) -> None:
+def _save_checkpoint(d: Path, model, ema, opt, state: dict[str, Any], disc=None, disc_opt=None) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -327,6 +286,10 @@ def _save_checkpoint(d: Path, model, ema, opt, state: dict[str, Any]) -> None:
     if ema is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, d / "ema.safetensors")
     torch.save(opt.state_dict(), d / "optimizer.pt")
+    if disc is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in disc.state_dict().items()},
+                  d / "discriminator.safetensors")
+        torch.save(disc_opt.state_dict(), d / "disc_optimizer.pt")
     (d / "state.json").write_text(json.dumps(state))
 
 
@@ -365,7 +328,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     c = TrainBaseConfig.model_validate(loop_config["config"])
     if c.threads:
         torch.set_num_threads(c.threads)
-    images = ray.get(loop_config["images_ref"])
+    sources = [(ray.get(ref), Source.model_validate(src)) for ref, src in loop_config["sources"]]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -385,7 +348,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
 
     state: dict[str, Any] = {"step": 0, "losses": [], "resumed_from": 0, "wall_s": 0.0, "samples": 0}
     ema = None
-    opt_state = None
+    opt_state = disc_state = disc_opt_state = None
     ckpt = ray.train.get_checkpoint()
     start_fp = init_fp
     if ckpt is not None:
@@ -396,6 +359,9 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             if (d / "ema.safetensors").exists() and c.ema > 0:
                 ema = load_file(str(d / "ema.safetensors"))
             opt_state = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True)
+            if (d / "discriminator.safetensors").exists():
+                disc_state = load_file(str(d / "discriminator.safetensors"))
+                disc_opt_state = torch.load(d / "disc_optimizer.pt", map_location="cpu", weights_only=True)
             state = json.loads((d / "state.json").read_text())
         model.invalidate_fingerprint()
         start_fp = model.fingerprint
@@ -409,6 +375,16 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.99))
     if opt_state is not None:
         opt.load_state_dict(opt_state)
+    disc = disc_opt = None
+    if c.adv_weight > 0:
+        from pfstorer.adversarial import PatchDiscriminator
+
+        disc = PatchDiscriminator(model.config.latent_channels, c.disc_width).to(device)
+        if disc_state is not None:
+            disc.load_state_dict(disc_state)
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=c.disc_lr, weight_decay=0.0, betas=(0.5, 0.99))
+        if disc_opt_state is not None:
+            disc_opt.load_state_dict(disc_opt_state)
     if c.ema > 0 and ema is None:
         ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}  # on the device
     elif ema is not None:
@@ -418,7 +394,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     t_start = model.config.sampling.t_start
     # Rows drawn as sampling starts: the LQ diffused to t_start (only for presets that start there).
     p_start = c.p_lq_start if t_start < model.config.num_train_timesteps else 0.0
-    probe = _Probe(loop_config.get("probe_ref"), model, c) if rank == 0 else None
+    probe_groups = loop_config.get("probes") or []
+    probe = _Probe(probe_groups, model, c) if rank == 0 and probe_groups else None
     use_bf16 = c.bf16 and device.type == "cuda"
     if c.bf16 and not use_bf16 and rank == 0:
         print("train-base: --bf16 ignored (bf16 autocast is used on CUDA only)", flush=True)
@@ -428,7 +405,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     window: list[float] = []
     seen = 0
     step = int(state["step"])
-    batches = _StepBatches(images, per_worker, crop, c, rank, step)
+    batches = _StepBatches(sources, per_worker, crop, c, rank, step)
     if c.loader_workers > 0:
         from torch.utils.data import DataLoader
 
@@ -456,10 +433,37 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             loss = (per_row * weight).mean()
         else:
             loss = per_row.mean()
+        # The detail objective: on the rows drawn as sampling starts, what sampling returns
+        # (the x0 estimate) must look real to the discriminator (pfstorer.adversarial).
+        adv_rows = start if p_start > 0 else torch.ones_like(start)
+        fake = None
+        if disc is not None and bool(adv_rows.any()):
+            from pfstorer.adversarial import restorer_adversarial_loss
+
+            x0_hat = pred.float() if model.config.prediction == "x0_residual" else \
+                (z_t - (1 - a).sqrt() * pred.float()) / a.sqrt()
+            fake, real = x0_hat[adv_rows], z0.float()[adv_rows]
+            w_adv = c.adv_weight * min(1.0, max(0.0, (step - c.adv_start + 1) / max(1, c.adv_ramp)))
+            if w_adv > 0:
+                disc.requires_grad_(False)
+                g_adv = restorer_adversarial_loss(disc, fake, real, c.fm_weight)
+                disc.requires_grad_(True)
+                loss = loss + w_adv * g_adv
+                state.setdefault("adv_losses", []).append(round(float(g_adv.detach()), 5))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
         opt.step()
+        if fake is not None:
+            from pfstorer.adversarial import discriminator_loss
+
+            real_logits, _ = disc(real)
+            fake_logits, _ = disc(fake.detach())
+            d_loss = discriminator_loss(real_logits, fake_logits)
+            disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            disc_opt.step()
+            state.setdefault("disc_losses", []).append(round(float(d_loss.detach()), 5))
         if ema is not None:
             n_ema = int(state.get("ema_updates", 0))
             decay = min(c.ema, (1 + n_ema) / (10 + n_ema))
@@ -490,7 +494,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 with tempfile.TemporaryDirectory() as tmp:
                     d = Path(tmp)
-                    _save_checkpoint(d, model, ema, opt, state)
+                    _save_checkpoint(d, model, ema, opt, state, disc, disc_opt)
                     if last:
                         exp = d / "export"
                         metrics["fingerprint"] = _export(model, ema, exp)
@@ -502,7 +506,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
 
 # -- the driver ----------------------------------------------------------------------------------
 def _plot(curve: dict[str, Any], path: Path) -> bool:
-    """The loss per step and, when probed, the held-out PSNR of the clean-image estimates."""
+    """The loss per step and, when probed, per source the held-out PSNR of the clean-image
+    estimates, and the sharpness of those made from the LQ (1: as much detail as the truth)."""
     try:
         import matplotlib
 
@@ -513,7 +518,10 @@ def _plot(curve: dict[str, Any], path: Path) -> bool:
     import numpy as np
 
     probes = [p for p in curve.get("probes", []) if len(p) > 1]
-    fig, axes = plt.subplots(1, 2 if probes else 1, figsize=(11 if probes else 6, 3.5), dpi=100, squeeze=False)
+    groups = sorted({k.split("/")[0] + "/" if "/" in k else "" for p in probes for k in p if "psnr" in k})
+    sharp = sorted({k for p in probes for k in p if "sharpness" in k})
+    panels = 1 + len(groups) + (1 if sharp else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 3.5), dpi=100, squeeze=False)
     ax = axes[0][0]
     y = np.asarray(curve["loss"], dtype=float)
     k = max(1, len(y) // 50)
@@ -525,18 +533,29 @@ def _plot(curve: dict[str, Any], path: Path) -> bool:
     ax.set_yscale("log")
     ax.set_title(f"{curve['preset']} base training ({curve['device']})", fontsize=9)
     ax.legend()
-    if probes:
-        ax = axes[0][1]
-        steps = [p["step"] for p in probes]
-        names = sorted({k for p in probes for k in p if k.startswith("x0_psnr")})
+    steps = [p["step"] for p in probes]
+    for ax, prefix in zip(axes[0][1:], groups):
+        names = sorted({k for p in probes for k in p if k.startswith(prefix + "x0_psnr")})
         for name in names:
-            ax.plot(steps, [p.get(name, np.nan) for p in probes], marker=".", label=name.removeprefix("x0_psnr_"))
+            ax.plot(steps, [p.get(name, np.nan) for p in probes], marker=".",
+                    label=name.removeprefix(prefix + "x0_psnr_"))
         for level, style in (("heavy", ":"), ("light", "--")):
-            ax.axhline(probes[-1][f"input_psnr_{level}"], color="k", ls=style, lw=1, label=f"input ({level})")
+            ax.axhline(probes[-1][f"{prefix}input_psnr_{level}"], color="k", ls=style, lw=1, label=f"input ({level})")
         ax.set_xlabel("step")
         ax.set_ylabel("held-out PSNR of x0 estimate (dB)")
-        ax.set_title("clean-image estimate at fixed t (lq_t: from the diffused LQ)", fontsize=9)
+        first = Path(str(curve["data"][0]["data"]).rstrip("/")).name if curve.get("data") else "first source"
+        ax.set_title(f"{prefix.rstrip('/') or first}: x0 estimate at fixed t (lq_t: from the LQ)", fontsize=9)
         ax.legend(fontsize=6, ncol=2)
+    if sharp:
+        ax = axes[0][-1]
+        for name in sharp:
+            ax.plot(steps, [p.get(name, np.nan) for p in probes], marker=".", label=name.replace("x0_sharpness_", ""))
+        ax.axhline(1.0, color="k", lw=1, label="the truth")
+        ax.set_xlabel("step")
+        ax.set_ylabel("sharpness (Laplacian variance / truth's)")
+        ax.set_yscale("log")
+        ax.set_title("detail of the x0 estimate from the LQ", fontsize=9)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -557,7 +576,7 @@ def _device_name(use_gpu: bool) -> str:
 
 def train_base(
     *,
-    data: str,
+    data: str | Sequence[Source],
     out: str | Path,
     config: TrainBaseConfig = TrainBaseConfig(),
     split: str = "train",
@@ -589,31 +608,40 @@ def train_base(
     if config.batch_size % config.workers:
         raise InputError(f"--batch-size {config.batch_size} must be a multiple of --workers {config.workers}")
 
-    t0 = time.perf_counter()
-    images, identities = load_split(data, split, limit=limit, seed=config.seed)
-    if verbose:
-        print(f"train-base: {len(images)} photos of {len(set(identities))} people from {data} split={split} "
-              f"decoded in {time.perf_counter() - t0:.1f}s ({images.nbytes / 2**20:.0f} MiB)", file=sys.stderr)
+    sources = [Source(data=data)] if isinstance(data, str) else [Source.model_validate(x) for x in data]
+    if not sources:
+        raise InputError("train-base needs at least one data source")
     run_file.write_text(json.dumps({"store": store, "run_name": run_name, "config": config.model_dump(mode="json"),
-                                    "data": data, "split": split, "limit": limit}, indent=2))
+                                    "data": [x.model_dump() for x in sources], "split": split, "limit": limit},
+                                   indent=2))
     if not ray.is_initialized():
         from pipelines.cluster import cluster_address
 
         ray.init(address=cluster_address() or "local", include_dashboard=False,
                  configure_logging=False, log_to_driver=verbose)
-    probe_ref = None
-    if config.holdout:
-        held = holdout_people(identities, config.holdout, config.seed)
-        keep = sorted(set(range(len(identities))) - set(held))
-        probe_ref = ray.put(images[held])
-        images, identities = images[keep], [identities[i] for i in keep]
+    source_refs, probes, identities = [], [], []
+    for src in sources:
+        t0 = time.perf_counter()
+        images, ids = load_split(src.data, split, limit=limit, seed=config.seed)
         if verbose:
-            print(f"train-base: {len(held)} photos of their own people held out for the probe", file=sys.stderr)
-    images_ref = ray.put(images)
-    del images
+            mib = sum(x.nbytes for x in images) / 2**20
+            print(f"train-base: {len(images)} photos of {len(set(ids))} people from {src.data} split={split} "
+                  f"decoded in {time.perf_counter() - t0:.1f}s ({mib:.0f} MiB)", file=sys.stderr)
+        if config.holdout:
+            held = probe_holdout(ids, config.holdout, config.seed)
+            if held:
+                keep = sorted(set(range(len(ids))) - set(held))
+                probes.append((Path(src.data.rstrip("/")).name, ray.put([images[i] for i in held]), src.face_px))
+                images, ids = [images[i] for i in keep], [ids[i] for i in keep]
+                if verbose:
+                    print(f"train-base: {len(held)} photos of their own people held out for the probe",
+                          file=sys.stderr)
+        source_refs.append((ray.put(images), src.model_dump()))
+        identities += ids
+        del images
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "images_ref": images_ref, "probe_ref": probe_ref},
+        train_loop_config={"config": config.model_dump(mode="json"), "sources": source_refs, "probes": probes},
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=store,
@@ -643,11 +671,12 @@ def train_base(
             fp = result.metrics.get("fingerprint", "")
     curve = {
         "preset": config.base, "device": _device_name(config.use_gpu), "workers": config.workers,
-        "data": data, "split": split, "photos": len(identities), "people": len(set(identities)),
+        "data": [x.model_dump() for x in sources], "split": split, "photos": len(identities), "people": len(set(identities)),
         "steps": state["step"], "resumed_from": state["resumed_from"],
         "start_fingerprint": state.get("start_fingerprint"), "init_fingerprint": state.get("init_fingerprint"),
         "fingerprint": fp, "wall_s": state["wall_s"], "samples": state.get("samples"),
         "config": config.model_dump(mode="json"), "loss": state["losses"], "probes": state.get("probes", []),
+        "adv_loss": state.get("adv_losses", []), "disc_loss": state.get("disc_losses", []),
     }
     (out / "loss_curve.json").write_text(json.dumps(curve))
     _plot(curve, out / "loss_curve.png")
@@ -660,7 +689,53 @@ def train_base(
     )
 
 
+def blend_weights(fidelity: str | Path, detail: str | Path, weight: float, out: str | Path,
+                  dtype: str = "float16") -> str:
+    """Network interpolation (Wang et al., ESRGAN): ``(1 - weight) * fidelity + weight * detail``,
+    parameter by parameter, of two checkpoints of one preset (their EMA weights when they have
+    them), saved to ``out``; returns the fingerprint.
+
+    Why: the adversarial fine-tune trades fidelity (PSNR, identity on lightly degraded faces) for
+    detail; interpolating it with the checkpoint it started from moves smoothly between the two,
+    and ``weight`` is the knob. It is chosen once, when a base is made: a knob per request would
+    change the base that adapters are trained against and bound to (its fingerprint)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pfstorer.errors import InputError
+    from pfstorer.model import load_base
+
+    if not 0.0 <= weight <= 1.0:
+        raise InputError(f"blend weight must be in [0, 1], got {weight}")
+
+    def state(d: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(d / ("ema.safetensors" if (d / "ema.safetensors").exists() else "model.safetensors")))
+
+    a_dir, b_dir = Path(fidelity), Path(detail)
+    model = load_base(str(a_dir if (a_dir / "model.safetensors").exists() else b_dir))
+    a, b = state(a_dir), state(b_dir)
+    if set(a) != set(b) or set(a) != set(model.state_dict()):
+        raise InputError(f"{a_dir} and {b_dir} are not checkpoints of the same preset ({model.config.name})")
+    with torch.no_grad():
+        model.load_state_dict({k: (a[k].double() * (1 - weight) + b[k].double() * weight).to(v.dtype)
+                               for k, v in model.state_dict().items()})
+    model.invalidate_fingerprint()
+    model.save(out, dtype=getattr(torch, dtype))
+    return load_base(str(out)).fingerprint
+
+
 # -- command line --------------------------------------------------------------------------------
+def _sources(data: list[str], face_px: list[float] | None, weights: list[float] | None) -> list[Source]:
+    """``--data`` folders with their ``--face-px`` and ``--source-weights`` (one each, or none)."""
+    from pfstorer.errors import InputError
+
+    for name, vals in (("--face-px", face_px), ("--source-weights", weights)):
+        if vals is not None and len(vals) != len(data):
+            raise InputError(f"{name} needs one value per --data source ({len(data)}), got {len(vals)}")
+    return [Source(data=d, **({"face_px": face_px[i]} if face_px else {}),
+                   **({"weight": weights[i]} if weights else {})) for i, d in enumerate(data)]
+
+
 def _cmd(args: argparse.Namespace) -> int:
     fields = {
         "base": args.base, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
@@ -669,11 +744,24 @@ def _cmd(args: argparse.Namespace) -> int:
         "log_every": args.log_every, "loader_workers": args.loader_workers, "weight_decay": args.weight_decay, "warmup": args.warmup,
         "crop_scale": tuple(args.crop_scale), "keep_checkpoints": args.keep_checkpoints, "loss": args.loss,
         "p_lq_start": args.p_lq_start, "holdout": args.holdout, "probe_every": args.probe_every,
+        "face_scale": tuple(args.face_scale) if args.face_scale else None, "p_sr": args.p_sr,
+        "adv_weight": args.adv_weight, "fm_weight": args.fm_weight, "disc_lr": args.disc_lr,
+        "disc_width": args.disc_width, "adv_start": args.adv_start, "adv_ramp": args.adv_ramp,
     }
+    if args.init and "://" not in args.init and Path(args.init).exists():  # workers run elsewhere
+        fields["init"] = str(Path(args.init).resolve())
     config = TrainBaseConfig(**{k: v for k, v in fields.items() if v is not None})
-    res = train_base(data=args.data, out=args.out, config=config, split=args.split, limit=args.limit,
+    sources = _sources(args.data, args.face_px, args.source_weights)
+    res = train_base(data=sources, out=args.out, config=config, split=args.split, limit=args.limit,
                      store=args.store, resume=args.resume, verbose=not args.quiet)
     print(json.dumps(res.model_dump(), indent=2))
+    return 0
+
+
+def _cmd_blend(args: argparse.Namespace) -> int:
+    fp = blend_weights(args.fidelity, args.detail, args.weight, args.out)
+    print(f"blended {args.fidelity} (x{1 - args.weight:g}) and {args.detail} (x{args.weight:g}) -> {args.out} "
+          f"(fingerprint {fp})")
     return 0
 
 
@@ -688,7 +776,22 @@ def register_cli(subparsers: Any) -> None:
                     "OUT/config.json + model.safetensors (load with --base OUT) and OUT/loss_curve.json.",
     )
     p.add_argument("--base", default="compact", help="preset to train (default: compact)")
-    p.add_argument("--data", required=True, help="folder or URL holding index.csv and the photos")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="folders or URLs holding index.csv and the photos (several: mixed by --source-weights)")
+    p.add_argument("--face-px", type=float, nargs="+",
+                   help="typical face width in pixels of each --data source's photos (default 90: lfw128)")
+    p.add_argument("--source-weights", type=float, nargs="+", help="relative share of draws per source (default equal)")
+    p.add_argument("--face-scale", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="train on native-scale crops of photos rescaled so faces are LO-HI px wide (log-uniform); "
+                        "default: --crop-scale fractions resized to the crop")
+    p.add_argument("--p-sr", type=float, help="share of x4 super-resolution inputs (default 0)")
+    p.add_argument("--adv-weight", type=float,
+                   help="weight of the adversarial (detail) loss against a patch discriminator (default 0: off)")
+    p.add_argument("--fm-weight", type=float, help="feature-matching weight in the adversarial loss (default 1)")
+    p.add_argument("--adv-start", type=int, help="step the adversarial loss starts acting (default 0)")
+    p.add_argument("--adv-ramp", type=int, help="steps over which its weight rises to --adv-weight (default 0)")
+    p.add_argument("--disc-lr", type=float, help="discriminator learning rate (default 2e-4)")
+    p.add_argument("--disc-width", type=int, help="discriminator width (default 32)")
     p.add_argument("--split", default="train", help="split of index.csv to train on (bench is refused)")
     p.add_argument("--limit", type=int, help="train on a seeded subset of this many photos")
     p.add_argument("--steps", type=int, default=1000, help="total optimisation steps")
@@ -724,6 +827,18 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--init", help="initial weights: a checkpoint folder of the same preset")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd)
+
+    b = subparsers.add_parser(
+        "blend-base", help="interpolate two checkpoints of a base: the fidelity <-> detail knob",
+        description="Network interpolation of two checkpoints of one preset (EMA weights when present): "
+                    "(1 - W) x FIDELITY + W x DETAIL, saved as a base folder (float16). Made for an "
+                    "adversarial fine-tune (train-base --adv-weight) and the checkpoint it started from: W = 0 "
+                    "is the faithful, smoother one, W = 1 the sharper one.")
+    b.add_argument("--fidelity", required=True, help="checkpoint folder of the faithful end (W = 0)")
+    b.add_argument("--detail", required=True, help="checkpoint folder of the detailed end (W = 1)")
+    b.add_argument("--weight", type=float, required=True, help="W in [0, 1]")
+    b.add_argument("--out", required=True, help="output folder (config.json + model.safetensors)")
+    b.set_defaults(func=_cmd_blend)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

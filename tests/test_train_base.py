@@ -1,6 +1,7 @@
 """Base training (`pfstorer train-base`): the real Ray Train TorchTrainer with `tiny` on the CPU.
 
-One short run (4 steps, checkpoint every 2) and its resumption to 6 steps are shared by the tests.
+One short run (4 steps, checkpoint every 2) and its resumption to 6 steps are shared by the tests:
+two sources (lfw128 and faces1024 at random face scales), x4 SR inputs and the adversarial loss on.
 """
 
 from __future__ import annotations
@@ -21,21 +22,20 @@ def _config(steps: int):
     from pipelines.train_base import TrainBaseConfig
 
     return TrainBaseConfig(base="tiny", steps=steps, batch_size=2, lr=1e-3, checkpoint_every=2, warmup=1,
-                           log_every=100, threads=1, ema=0.9, loss_weighting="trunc-snr", holdout=4, probe_every=2)
+                           log_every=100, threads=1, ema=0.9, loss_weighting="trunc-snr", holdout=4, probe_every=2,
+                           face_scale=(24, 300), p_sr=0.5, adv_weight=0.1, adv_start=1)
 
 
 @pytest.fixture(scope="module")
 def runs(ray_session, shared_data: Path, tmp_path_factory):
     """The first run, the fingerprint of its last checkpoint, then the resumed run."""
     from pfstorer.model import load_base
-    from pipelines.train_base import train_base
+    from pipelines.train_base import Source, holdout_people, load_split, train_base
 
     out = tmp_path_factory.mktemp("train_base")
-    data = str(shared_data / "lfw128")
+    data = [Source(data=str(shared_data / "lfw128")), Source(data=str(shared_data / "faces1024"), face_px=450)]
     first = train_base(data=data, out=out, config=_config(STEPS), limit=16, verbose=False)
-    from pipelines.train_base import holdout_people, load_split
-
-    held = holdout_people(load_split(data, "train", limit=16)[1], 4)
+    held = [holdout_people(load_split(src.data, "train", limit=16)[1], 2) for src in data]  # a tenth, at least 2
     first_curve = json.loads((out / "loss_curve.json").read_text())
     ckpt = Path(first.checkpoint)
     ckpt_files = sorted(p.name for p in ckpt.iterdir())
@@ -53,8 +53,10 @@ def test_training_records_loss_and_writes_checkpoints(runs):
     first, curve = runs["first"], runs["first_curve"]
     assert first.steps == STEPS and first.resumed_from == 0
     assert len(curve["loss"]) == STEPS and all(math.isfinite(v) and v > 0 for v in curve["loss"])
-    assert curve["split"] == "train" and curve["photos"] == 16 - len(runs["held"])  # held-out people left out
-    assert {"config.json", "model.safetensors", "optimizer.pt", "state.json"} <= set(runs["ckpt_files"])
+    # 16 photos of each source, less their held-out people
+    assert curve["split"] == "train" and curve["photos"] == 32 - sum(len(h) for h in runs["held"])
+    assert {"config.json", "model.safetensors", "optimizer.pt", "state.json", "discriminator.safetensors",
+            "disc_optimizer.pt"} <= set(runs["ckpt_files"])
     assert runs["reported"] == ["checkpoint_00000002", "checkpoint_00000004"]  # every --checkpoint-every steps
     assert Path(first.checkpoint).name == "checkpoint_00000004"
 
@@ -63,8 +65,9 @@ def test_held_out_photos_are_probed_at_fixed_timesteps(runs):
     probes = runs["second_curve"]["probes"]
     assert [p["step"] for p in probes] == [2, 4, 6]  # every probe_every steps, kept across the resume
     for p in probes:
-        psnrs = {k: v for k, v in p.items() if "psnr" in k}
-        assert len(psnrs) == 8 and all(math.isfinite(v) for v in psnrs.values()), p  # 3 t's + input, 2 levels
+        for prefix in ("", "faces1024/"):  # each source's held-out people, the first unprefixed
+            psnrs = {k: v for k, v in p.items() if "psnr" in k and k.startswith(prefix) and ("/" in k) == bool(prefix)}
+            assert len(psnrs) == 8 and all(math.isfinite(v) for v in psnrs.values()), p  # 3 t's + input, 2 levels
     # the degraded inputs are fixed, so their PSNR is the same at every probe
     assert len({(p["input_psnr_heavy"], p["input_psnr_light"]) for p in probes}) == 1
 
@@ -86,6 +89,8 @@ def test_resume_continues_from_the_checkpoint(runs):
     assert curve["resumed_from"] == STEPS
     assert curve["loss"][:STEPS] == first_curve["loss"]  # history carried over, counter continues
     assert len(curve["loss"]) == RESUMED_STEPS
+    # the discriminator trained at every step and the adversarial term acted from adv_start on
+    assert len(curve["disc_loss"]) == RESUMED_STEPS and len(curve["adv_loss"]) == RESUMED_STEPS - 1
     # the weights at the start of the resumed run are exactly those of the checkpoint
     assert curve["start_fingerprint"] == runs["ckpt_fp"]
     assert Path(second.checkpoint).name == f"checkpoint_{RESUMED_STEPS:08d}"

@@ -1,7 +1,8 @@
 """Image-quality and identity metrics for face restoration, each labelled with the backend that made it.
 
 Full-reference (restored vs ground truth): ``psnr``, ``ssim``, ``st_lpips``, ``id_facenet``,
-``id_dlib``, ``lmse``. With reference photos of the person: ``id_refs_facenet``, ``id_refs_dlib``
+``id_dlib``, ``lmse``, ``sharpness`` (fine detail of the face box over the truth's; 1 is as sharp
+as the truth). With reference photos of the person: ``id_refs_facenet``, ``id_refs_dlib``
 (mean cosine of the restored face to each reference). No-reference: ``niqe``, ``brisque``.
 
 The learned metrics need the optional ``eval`` extra (models shipped inside registry packages, see
@@ -24,6 +25,7 @@ from pfstorer.metrics._models import MetricUnavailableError
 from pfstorer.metrics.fullref import PSNR_BACKEND, SSIM_BACKEND, STLPIPS_BACKEND, psnr, ssim, stlpips
 from pfstorer.metrics.identity import FaceBox, IdentityEmbedder, find_face, get_embedder, id_cosine, lmse
 from pfstorer.metrics.noref import BRISQUE_BACKEND, NIQE_BACKEND, brisque, niqe
+from pfstorer.metrics.sharpness import SHARPNESS_BACKEND, face_sharpness
 
 __all__ = [
     "METRICS",
@@ -35,6 +37,7 @@ __all__ = [
     "available_metrics",
     "brisque",
     "compute_metrics",
+    "face_sharpness",
     "find_face",
     "get_embedder",
     "id_cosine",
@@ -72,7 +75,7 @@ class MetricSpec:
     name: str
     label: str  # column header, e.g. "ST-LPIPS"
     kind: Kind
-    higher_is_better: bool
+    higher_is_better: bool | None  # None: closer to a target is better (sharpness: 1)
     backend: Callable[[], str]  # raises MetricUnavailableError when the model is missing
 
 
@@ -124,6 +127,7 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec("id_facenet", "ID FaceNet", "full-reference", True, _facenet_backend),
         MetricSpec("id_dlib", "ID dlib", "full-reference", True, _dlib_backend),
         MetricSpec("lmse", "LMSE", "full-reference", False, _lmse_backend),
+        MetricSpec("sharpness", "sharpness", "full-reference", None, lambda: SHARPNESS_BACKEND),
         MetricSpec("id_refs_facenet", "ID-refs FaceNet", "references", True, _facenet_backend),
         MetricSpec("id_refs_dlib", "ID-refs dlib", "references", True, _dlib_backend),
         MetricSpec("niqe", "NIQE", "no-reference", False, _niqe_backend),
@@ -193,6 +197,9 @@ def _compute_one(
     if name == "lmse":
         v = lmse(pred, gt)
         return v, "" if v is not None else "no face found in the ground truth"
+    if name == "sharpness":
+        v = face_sharpness(pred, gt, box=gt_box)
+        return v, "" if v is not None else "the ground truth's face has no detail"
     if name in ("id_refs_facenet", "id_refs_dlib"):
         assert refs is not None
         return _id_refs(pred, refs, "facenet" if name.endswith("facenet") else "dlib")
@@ -234,7 +241,7 @@ def compute_metrics(
             f"{gt_rgb.shape[1]}x{gt_rgb.shape[0]}; they must be the same size"
         )
     gt_box: FaceBox | None = None
-    if gt_rgb is not None and any(n.startswith("id_") and not n.startswith("id_refs") for n in wanted):
+    if gt_rgb is not None and any(n == "sharpness" or (n.startswith("id_") and not n.startswith("id_refs")) for n in wanted):
         try:
             gt_box = find_face(gt_rgb)
         except Exception:  # detector missing: each embedder then finds its own face
