@@ -132,8 +132,7 @@ def run_suite(suite: str, model, sampling, gts: dict[str, Any], levels, work: Pa
             t0 = time.process_time()
             out = restore_batch(model, case.lq[None], seeds=[seed], scale=case.scale, steps=sampling.steps,
                                 sampler=sampling.sampler, t_start=sampling.t_start)[0]
-            if case.scale == 1 or level == "x4":
-                compute_s.append((time.process_time() - t0) / threads)
+            compute_s.append((time.process_time() - t0) / threads)
             save_image(case.shown, in_dir / f"{case.name}.png")
             save_image(out, out_dir / f"{case.name}.png")
         inp = _means(evaluate_folders(in_dir, gt_dir, work / suite / level / "eval_input", metrics=metrics,

@@ -377,7 +377,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         opt.load_state_dict(opt_state)
     disc = disc_opt = None
     if c.adv_weight > 0:
-        from pfstorer.adversarial import PatchDiscriminator
+        from pfstorer.adversarial import PatchDiscriminator, discriminator_loss, restorer_adversarial_loss
 
         disc = PatchDiscriminator(model.config.latent_channels, c.disc_width).to(device)
         if disc_state is not None:
@@ -438,8 +438,6 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         adv_rows = start if p_start > 0 else torch.ones_like(start)
         fake = None
         if disc is not None and bool(adv_rows.any()):
-            from pfstorer.adversarial import restorer_adversarial_loss
-
             x0_hat = pred.float() if model.config.prediction == "x0_residual" else \
                 (z_t - (1 - a).sqrt() * pred.float()) / a.sqrt()
             fake, real = x0_hat[adv_rows], z0.float()[adv_rows]
@@ -455,8 +453,6 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
         opt.step()
         if fake is not None:
-            from pfstorer.adversarial import discriminator_loss
-
             real_logits, _ = disc(real)
             fake_logits, _ = disc(fake.detach())
             d_loss = discriminator_loss(real_logits, fake_logits)
