@@ -6,9 +6,11 @@ PHOTOS ?=
 TEST_WORKERS ?= 2
 DEMO_ARGS ?=
 
-# Offline, private, loopback-only: the same switches for tests, demo and CI.
+# Offline, private, loopback-only, Ray with token auth: the same switches for tests, demo and CI
+# (pfstorer/settings.py OFFLINE_ENV).
 export RAY_USAGE_STATS_ENABLED=0
-export RAY_AUTH_MODE=disabled
+export RAY_AUTH_MODE=token
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2
 export MLFLOW_DISABLE_TELEMETRY=true
 export DO_NOT_TRACK=true

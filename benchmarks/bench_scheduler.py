@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 import _common  # noqa: E402
+from pfstorer.ray_env import prepare_ray  # noqa: E402
 from pfstorer.settings import use_offline_env  # noqa: E402
 
 use_offline_env()
@@ -158,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({n_people} distinct lfw128 people) -> {manifest}", flush=True)
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=max(2, args.workers), include_dashboard=False,
-             _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
+    prepare_ray(local=True)
+    ray.init(num_cpus=max(2, args.workers), include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray_init_s = time.perf_counter() - t0
 
     marks: dict[str, float] = {}

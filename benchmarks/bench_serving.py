@@ -35,21 +35,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-for _k, _v in {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "HF_HUB_OFFLINE": "1",
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}.items():
-    os.environ.setdefault(_k, _v)
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
+from pfstorer.ray_env import prepare_ray  # noqa: E402
+from pfstorer.settings import use_offline_env  # noqa: E402
+
+use_offline_env()
+for _k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+    os.environ.setdefault(_k, "testing")
 from _common import RESULTS, cpu_model, lfw_people  # noqa: E402
 
 
@@ -206,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
 
         keys = {t: generate_key() for t in tenants}
         (root / "keys.yaml").write_text("tenants:\n" + "".join(f"  {t}: ['{hash_key(k)}']\n" for t, k in keys.items()))
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False, configure_logging=False)
+        prepare_ray(local=True)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         serve_cfg = {

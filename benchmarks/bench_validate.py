@@ -100,10 +100,12 @@ def peak_rss_mib() -> float:
 
 
 def init_ray(cpus: int) -> None:
+    from pfstorer.ray_env import prepare_ray
+
+    prepare_ray(local=True)
     import ray
 
-    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
 def phase_validate(args: argparse.Namespace) -> dict:

@@ -195,6 +195,9 @@ def run_demo(
 ) -> Path:
     """Run the demo; returns the report's path."""
     import httpx
+    from pfstorer.ray_env import prepare_ray
+
+    prepare_ray(local=True)
     import ray
     from ray import serve
 
@@ -232,7 +235,7 @@ def run_demo(
 
     own_ray = not ray.is_initialized()
     if own_ray:
-        ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+        ray.init(address="local", num_cpus=4, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
     try:
         summary = run_manifest(str(manifest), settings, steps=steps, progress=True)

@@ -58,10 +58,12 @@ _CONFIG_PATH: ContextVar[Path | None] = ContextVar("pfstorer_config_path", defau
 
 
 # Offline, private switches for every process we start (tests, benchmarks, demo): no usage
-# stats, no telemetry, no model hub, no cloud metadata service. The Makefile exports the same.
+# stats, no telemetry, no model hub, no cloud metadata service; Ray with token authentication and
+# on loopback only (pfstorer.ray_env says why). The Makefile exports the same.
 OFFLINE_ENV: dict[str, str] = {
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
+    "RAY_AUTH_MODE": "token",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "true",

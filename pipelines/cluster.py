@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from pfstorer.errors import PFStorerError
+from pfstorer.ray_env import prepare_ray
 
 __all__ = ["check_capacity", "cluster_address", "ensure_ray", "using_ray", "wait_for_workers"]
 
@@ -31,16 +32,18 @@ def cluster_address(settings: Any | None = None) -> str | None:
 def ensure_ray(settings: Any) -> bool:
     """Join :func:`cluster_address` or start a local Ray on 127.0.0.1; True if this call
     initialised Ray (the caller shuts it down). On a cluster, workers' logs go to the driver's
-    output, so ``ray job logs`` shows their tracebacks."""
+    output, so ``ray job logs`` shows their tracebacks. Token authentication is on either way
+    (:func:`pfstorer.ray_env.prepare_ray`)."""
+    address = cluster_address(settings)
+    prepare_ray(local=not address)
     import ray
 
     if ray.is_initialized():
         return False
-    address = cluster_address(settings)
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     return True
 
 

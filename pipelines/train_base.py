@@ -582,6 +582,10 @@ def train_base(
     verbose: bool = True,
 ) -> TrainBaseResult:
     """Train (or ``resume``) a base model; writes the final weights and the loss curve to ``out``."""
+    from pfstorer.ray_env import prepare_ray
+    from pipelines.cluster import cluster_address
+
+    prepare_ray(local=not cluster_address())
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -611,8 +615,6 @@ def train_base(
                                     "data": [x.model_dump() for x in sources], "split": split, "limit": limit},
                                    indent=2))
     if not ray.is_initialized():
-        from pipelines.cluster import cluster_address
-
         ray.init(address=cluster_address() or "local", include_dashboard=False,
                  configure_logging=False, log_to_driver=verbose)
     source_refs, probes, identities = [], [], []

@@ -24,17 +24,20 @@ def _init_ray(address: str | None, num_cpus: float | None = None, metrics_port: 
     """Start or join Ray; True if this process started it (and should shut it down)."""
     import os
 
+    from pfstorer.ray_env import prepare_ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    prepare_ray(local=not address)
     import ray
 
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                 _metrics_export_port=metrics_port, num_cpus=int(num_cpus) if num_cpus else None, **kwargs)
+        ray.init(address="local", include_dashboard=False, _metrics_export_port=metrics_port,
+                 num_cpus=int(num_cpus) if num_cpus else None, **kwargs)
     return True
 
 

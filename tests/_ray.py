@@ -7,12 +7,14 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """Ray on 127.0.0.1 with 4 logical CPUs (2 real cores): room for Serve replicas and Train workers."""
+    """Ray on 127.0.0.1, token auth on, with 4 logical CPUs (2 real cores): room for Serve replicas and Train workers."""
+    from pfstorer.ray_env import prepare_ray
+
+    prepare_ray(local=True)
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     try:
         from ray import serve
