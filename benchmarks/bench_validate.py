@@ -1,4 +1,4 @@
-"""Manifests at scale: validation and batch restore on Ray Data, first run and rerun.
+"""Manifests at scale: validation and batch restore on Ray Data, first run and reruns.
 
 A synthetic manifest of ``--rows`` rows (10 photos per person: 5 references, 5 to restore, plus
 a few bad rows of every kind) over photo files made from the lfw128 photos by re-encoding each
@@ -7,16 +7,24 @@ the repository (``--work``, made once and reused). Then, each phase in its own d
 (so that its peak memory is its own):
 
 - ``validate``: ``pfstorer manifest validate``'s path (:func:`pipelines.validate.validate_on_ray`)
-  with a fresh probe cache, then the same manifest again (the rerun: a stat per photo).
+  with a fresh probe cache (first run), the same manifest again (nothing changed: a listing of
+  the photos' folders), and again after 1 % of the photos were re-encoded (those are read again
+  and nothing else). On local files, and on S3 (a moto server started here; the photos are
+  uploaded once per run) with ``--s3-rows`` rows (0: skip S3).
 - ``restore``: ``pfstorer restore-batch``'s path (:func:`pipelines.batch_restore.restore_manifest`)
   on ``--restore-rows`` photos with the ``tiny`` base (``--restore-steps`` denoising steps) and
   ``--people`` adapters (rows of other people are error rows: no adapter), then again (every
-  row finished: skipped).
+  row finished: skipped); ``--restore-rows 0`` skips it.
+
+Gates (local files): the unchanged rerun takes at most 10 s and 15 % of the first run; the 1 %
+changed rerun at most twice the unchanged one; every run quarantines the same rows for the same
+reasons.
 
     python benchmarks/bench_validate.py                       # the recorded run (100k rows)
-    python benchmarks/bench_validate.py --rows 2000 --restore-rows 100 --no-save   # a quick look
+    python benchmarks/bench_validate.py --rows 2000 --s3-rows 2000 --restore-rows 0 --no-save   # a quick look
 
-Writes ``benchmarks/results/validate_cpu.json`` and ``.md`` (unless ``--no-save``).
+Writes ``benchmarks/results/validate_cpu.json`` and ``.md`` (``validate_rerun_cpu`` when the
+restore phase is skipped; nothing with ``--no-save``).
 """
 
 from __future__ import annotations
@@ -109,21 +117,100 @@ def init_ray(cpus: int) -> None:
 
 
 def phase_validate(args: argparse.Namespace) -> dict:
-    from pipelines.validate import validate_on_ray
+    import hashlib
 
+    from pipelines.validate import validate_on_ray
+    from registry import url_to_fs
+
+    opts = json.loads(args.storage_options) if args.storage_options else None
     init_ray(args.cpus)
-    cache = str(Path(args.work) / "probe-cache.parquet")
-    if args.fresh and Path(cache).exists():
-        Path(cache).unlink()
+    cache = args.cache or str(Path(args.work) / "probe-cache.parquet")
+    fs, path = url_to_fs(cache, opts)
+    if args.fresh and fs.exists(path):
+        fs.rm(path)
     t0 = time.perf_counter()
-    result = validate_on_ray(args.manifest, cache_url=cache, threads=args.threads)
+    result = validate_on_ray(args.manifest, storage_options=opts, cache_url=cache, threads=args.threads)
     elapsed = time.perf_counter() - t0
     s = result.summary()
+    bad = sorted(zip(*(result.quarantine.column(c).to_pylist() for c in ("identity", "uri", "stage", "reason"))))
     return {
         "rows": result.manifest.num_rows, "elapsed_s": elapsed, "rows_per_s": result.manifest.num_rows / elapsed,
         "photos_read": s["photos_read"], "photos_cached": s["photos_cached"],
         "people_ready": s["people_ready"], "quarantined_rows": s["quarantined_rows"],
         "quarantined_by_reason": s["quarantined_by_reason"], "driver_peak_rss_mib": peak_rss_mib(),
+        "quarantine_digest": hashlib.sha256(json.dumps(bad).encode()).hexdigest()[:16],
+    }
+
+
+def change_photos(manifest: str, opts: dict | None, every: int = 100) -> int:
+    """Re-encode every ``every``-th good photo of the manifest with a new marked pixel (new bytes,
+    size and version); the number of photos changed."""
+    import io
+    import random
+
+    from PIL import Image
+
+    from pipelines.manifest import read_manifest
+    from registry import url_to_fs
+
+    uris = sorted({u for u in read_manifest(manifest, opts).column("uri").to_pylist() if "/bad/" not in u})[::every]
+    mark = tuple(random.randrange(256) for _ in range(3))
+    for uri in uris:
+        fs, path = url_to_fs(uri, opts)
+        im = Image.open(io.BytesIO(fs.cat_file(path))).convert("RGB")
+        im.putpixel((1, 1), mark)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=90)
+        fs.pipe_file(path, buf.getvalue())
+    return len(uris)
+
+
+def s3_copy(work: Path, manifest: Path, endpoint: str) -> tuple[str, dict]:
+    """The manifest and its photos uploaded to a fresh bucket on the moto server at
+    ``endpoint``; ``(manifest url, storage options)``."""
+    import boto3
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    import s3fs
+
+    from pipelines.manifest import write_manifest
+
+    opts = {"endpoint_url": endpoint, "key": "testing", "secret": "testing",
+            "client_kwargs": {"region_name": "us-east-1"}}
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket="bench")
+    fs = s3fs.S3FileSystem(**opts)
+    t0 = time.perf_counter()
+    fs.put(str(work / "photos"), "bench/photos", recursive=True)
+    print(f"  photos uploaded to moto S3 ({time.perf_counter() - t0:.0f} s)", flush=True)
+    table = pq.read_table(manifest)
+    uri = pc.replace_substring(table.column("uri"), str(work / "photos"), "s3://bench/photos")
+    table = table.set_column(table.column_names.index("uri"), "uri", uri)
+    return write_manifest(table, "s3://bench/manifest.parquet", opts), opts
+
+
+def validate_runs(args: argparse.Namespace, storage: str, manifest: str, opts: dict | None, cache: str) -> dict:
+    """First run, unchanged rerun, 1 % changed rerun of one manifest, each its own driver."""
+    extra = {"cache": cache, "manifest": manifest, **({"storage_options": json.dumps(opts)} if opts else {})}
+    runs = {"first": run_phase("validate", args, fresh="", **extra)}
+    print(f"validate ({storage}), first run:", runs["first"], flush=True)
+    runs["unchanged"] = run_phase("validate", args, **extra)
+    print(f"validate ({storage}), unchanged rerun:", runs["unchanged"], flush=True)
+    changed = change_photos(manifest, opts)
+    runs["changed_1pct"] = {**run_phase("validate", args, **extra), "photos_changed": changed}
+    print(f"validate ({storage}), 1 % changed rerun:", runs["changed_1pct"], flush=True)
+    return runs
+
+
+def gates(runs: dict) -> dict[str, bool]:
+    """The gates of the module docstring over one storage's runs."""
+    first, same, changed = runs["first"], runs["unchanged"], runs["changed_1pct"]
+    return {
+        "unchanged rerun <= 10 s": same["elapsed_s"] <= 10,
+        "unchanged rerun <= 15% of first": same["elapsed_s"] <= 0.15 * first["elapsed_s"],
+        "1% changed <= 2x unchanged": changed["elapsed_s"] <= 2 * same["elapsed_s"],
+        "only changed photos read": same["photos_read"] == 0 and changed["photos_read"] == changed["photos_changed"],
+        "same quarantine every run": len({r["quarantine_digest"] for r in runs.values()}) == 1,
     }
 
 
@@ -187,27 +274,86 @@ def phase_restore(args: argparse.Namespace) -> dict:
 
 
 def run_phase(phase: str, args: argparse.Namespace, **extra: str) -> dict:
-    cmd = [sys.executable, __file__, "--phase", phase, "--work", args.work, "--manifest", str(args.manifest),
-           "--cpus", str(args.cpus), "--threads", str(args.threads), "--restore-rows", str(args.restore_rows),
+    cmd = [sys.executable, __file__, "--phase", phase, "--work", args.work, "--cpus", str(args.cpus),
+           "--threads", str(args.threads), "--restore-rows", str(args.restore_rows),
            "--restore-steps", str(args.restore_steps)]
+    extra.setdefault("manifest", str(args.manifest))
     for k, v in extra.items():
         cmd += [f"--{k.replace('_', '-')}", v] if v != "" else [f"--{k.replace('_', '-')}"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def restore_phases(args: argparse.Namespace) -> dict:
+    """``restore-batch`` on ``--restore-rows`` photos, first run and rerun."""
+    restore_manifest_path, index = make_adapters(args)
+    out = Path(args.work) / f"restore-{args.restore_rows}" / "out"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    extra = {"restore_manifest": str(restore_manifest_path), "restore_index": str(index)}
+    phases = {"restore_first": run_phase("restore", args, **extra)}
+    print("restore-batch, first run:", phases["restore_first"], flush=True)
+    phases["restore_rerun"] = run_phase("restore", args, **extra)
+    print("restore-batch, rerun:", phases["restore_rerun"], flush=True)
+    return phases
+
+
+def s3_runs(args: argparse.Namespace, work: Path) -> dict:
+    """:func:`validate_runs` on a moto S3 copy of a ``--s3-rows`` manifest."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # not a line per request
+    s3_work = work if args.s3_rows == args.rows else work / f"s3-{args.s3_rows}"
+    s3_work.mkdir(parents=True, exist_ok=True)
+    local = make_photos(s3_work, args.s3_rows)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        url, opts = s3_copy(s3_work, local, f"http://{host}:{port}")
+        return validate_runs(args, "moto S3", url, opts, "s3://bench/state/probe-cache.parquet")
+    finally:
+        server.stop()
+
+
+def validate_table(results: dict[str, dict]) -> list[dict]:
+    return [
+        {
+            "storage": storage,
+            "run": run.replace("_1pct", " (1 %)"),
+            "rows": p["rows"],
+            "seconds": round(p["elapsed_s"], 1),
+            "rows/s": round(p["rows_per_s"]),
+            "x first run": round(p["elapsed_s"] / runs["first"]["elapsed_s"], 3),
+            "photos read": p["photos_read"],
+            "cached": p["photos_cached"],
+            "quarantined": p["quarantined_rows"],
+            "driver peak MiB": round(p["driver_peak_rss_mib"]),
+        }
+        for storage, runs in results.items()
+        for run, p in runs.items()
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=100_000, help="manifest rows (10 photos per person)")
-    ap.add_argument("--restore-rows", type=int, default=1000, help="photos restored by restore-batch")
+    ap.add_argument("--s3-rows", type=int, default=None, help="rows of the moto S3 runs (default --rows; 0: none)")
+    ap.add_argument("--restore-rows", type=int, default=1000, help="photos restored by restore-batch (0: none)")
     ap.add_argument("--people", type=int, default=200, help="adapters for the restore phase (5 photos each)")
     ap.add_argument("--restore-steps", type=int, default=2, help="denoising steps per restore (tiny's default: 50)")
     ap.add_argument("--work", default="/tmp/pfstorer-bench-validate", help="photos and state (outside the repo)")
-    ap.add_argument("--cpus", type=int, default=2, help="Ray CPUs (probe actors, restore actors)")
-    ap.add_argument("--threads", type=int, default=8, help="photos read at a time per probe actor")
+    ap.add_argument("--cpus", type=int, default=2, help="Ray CPUs (probe tasks, restore actors)")
+    ap.add_argument("--threads", type=int, default=8, help="photos read at a time per probe task")
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--phase", choices=["validate", "restore"], help=argparse.SUPPRESS)
     ap.add_argument("--manifest", help=argparse.SUPPRESS)
+    ap.add_argument("--cache", help=argparse.SUPPRESS)
+    ap.add_argument("--storage-options", help=argparse.SUPPRESS)
     ap.add_argument("--fresh", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--restore-manifest", help=argparse.SUPPRESS)
     ap.add_argument("--restore-index", help=argparse.SUPPRESS)
@@ -217,54 +363,41 @@ def main() -> None:
         print(json.dumps(result, default=str))
         return
 
+    args.s3_rows = args.rows if args.s3_rows is None else args.s3_rows
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     args.manifest = make_photos(work, args.rows)
     print(f"manifest {args.manifest} ready ({time.perf_counter() - t0:.0f} s)", flush=True)
-    phases = {}
-    phases["validate_first"] = run_phase("validate", args, fresh="")
-    print("validate, first run:", phases["validate_first"], flush=True)
-    phases["validate_rerun"] = run_phase("validate", args)
-    print("validate, rerun:", phases["validate_rerun"], flush=True)
-    restore_manifest_path, index = make_adapters(args)
-    out = work / f"restore-{args.restore_rows}" / "out"
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    extra = {"restore_manifest": str(restore_manifest_path), "restore_index": str(index)}
-    phases["restore_first"] = run_phase("restore", args, **extra)
-    print("restore-batch, first run:", phases["restore_first"], flush=True)
-    phases["restore_rerun"] = run_phase("restore", args, **extra)
-    print("restore-batch, rerun:", phases["restore_rerun"], flush=True)
-
-    table = [
-        {
-            "phase": name.replace("_", ", "),
-            "rows": p["rows"],
-            "seconds": round(p["elapsed_s"], 1),
-            "rows/s": round(p["rows_per_s"], 1),
-            "photos read": p.get("photos_read", p.get("restored_ok", 0) + p.get("errors", 0)),
-            "cached / skipped": p.get("photos_cached", p.get("skipped", 0)),
-            "driver peak MiB": round(p["driver_peak_rss_mib"]),
-        }
-        for name, p in phases.items()
-    ]
-    md = _common.markdown_table(table)
+    results = {"local files": validate_runs(args, "local files", str(args.manifest), None,
+                                            str(work / "probe-cache.parquet"))}
+    if args.s3_rows:
+        results["moto S3"] = s3_runs(args, work)
+    md = _common.markdown_table(validate_table(results))
+    checks = {storage: gates(runs) for storage, runs in results.items()}
+    md += "\n\nGates (local files): " + ", ".join(
+        f"{k}: {'met' if v else '**not met**'}" for k, v in checks["local files"].items())
+    reasons = results["local files"]["first"]["quarantined_by_reason"]
+    md += "\n\nQuarantined rows by reason (every run): " + ", ".join(f"{k}: {v}" for k, v in reasons.items())
+    phases = restore_phases(args) if args.restore_rows else {}
+    if phases:
+        md += "\n\n" + _common.markdown_table([
+            {"phase": name.replace("_", ", "), "rows": p["rows"], "seconds": round(p["elapsed_s"], 1),
+             "rows/s": round(p["rows_per_s"], 1), "photos restored": p["restored_ok"] + p["errors"],
+             "skipped": p["skipped"], "driver peak MiB": round(p["driver_peak_rss_mib"])}
+            for name, p in phases.items()
+        ])
+        md += (f"\n\nRestore phase: `tiny` base, {args.restore_steps} denoising steps, "
+               f"{args.people} adapters, {args.cpus} Ray Data actors of 1 CPU, batches of 8.")
     print(md)
-    reasons = phases["validate_first"]["quarantined_by_reason"]
-    md += "\n\nQuarantined rows by reason (first run): " + ", ".join(f"{k}: {v}" for k, v in reasons.items())
-    md += (f"\n\nRestore phase: `tiny` base, {args.restore_steps} denoising steps, "
-           f"{args.people} adapters, {args.cpus} Ray Data actors of 1 CPU, batches of 8.")
     payload = {
         "device": f"CPU {_common.cpu_model()} x{os.cpu_count()} cores, no GPU",
         "command": _common.command_line(),
-        "rows": args.rows, "restore_rows": args.restore_rows, "ray_cpus": args.cpus,
-        "phases": phases,
+        "rows": args.rows, "s3_rows": args.s3_rows, "restore_rows": args.restore_rows, "ray_cpus": args.cpus,
+        "validate": results, "gates": checks, "phases": phases,
     }
     if not args.no_save:
-        js, mdp = _common.write_results("validate_cpu", payload, md)
+        js, mdp = _common.write_results("validate_cpu" if phases else "validate_rerun_cpu", payload, md)
         print(f"-> {js} / {mdp.name}")
 
 

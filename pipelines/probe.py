@@ -1,13 +1,17 @@
-"""Probing the photos of a manifest: one stat per photo, and a read only when the photo is new.
+"""Probing the photos of a manifest: a listing per folder, and a read only when a photo is new.
 
 A probe judges one photo under the image limits. References are read whole, hashed (their
 sha256 goes into the person's job key) and decoded; restore photos are judged from their header
 alone (the first :data:`HEADER_BYTES`), because the restore itself decodes them again.
 
 Every probe is remembered in a :class:`ProbeCache` under ``(uri, limits)`` with the photo's
-size and version (ETag, generation or mtime, from one ``fs.info``). A photo whose size and version
-are unchanged is not read again, so a rerun of an unchanged manifest costs a listing; a changed
-photo is probed again and, as a reference, changes its person's job key.
+size and version (ETag, generation or mtime). Before probing, the photos' folders are listed in
+bulk (:func:`list_versions`: one ``ls`` per folder, i.e. one S3 ListObjectsV2 per 1,000 keys) and
+joined with the cache as Arrow columns (:meth:`ProbeCache.lookup`): a photo whose listed size and
+version equal its cache row's is not touched at all, so a rerun of an unchanged manifest costs the
+listing. The others (new, changed, deleted, or not found by the listing) are probed one by one
+(:func:`probe_photos`), each with an ``fs.info`` first; a changed photo is read again and, as a
+reference, changes its person's job key.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
 from typing import Any
 
+import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -33,10 +38,14 @@ from registry.storage import MTIME_KEYS
 __all__ = [
     "CACHE_SCHEMA",
     "HEADER_BYTES",
+    "PROBE_SCHEMA",
     "Probe",
     "ProbeCache",
     "ProbeSpec",
     "file_version",
+    "known_probes",
+    "list_versions",
+    "probe_photos",
     "probe_uri",
 ]
 
@@ -58,6 +67,23 @@ CACHE_SCHEMA = pa.schema(
     ],
     metadata={"pfstorer.probe_cache": "1"},
 )
+
+#: What a probe found, one row per ``(uri, role)`` (see :class:`Probe`).
+PROBE_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("role", pa.string()),
+        ("sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("size", pa.int64()),
+        ("version", pa.string()),
+        ("cached", pa.bool_()),
+    ]
+)
+_RESULT = ("sha256", "width", "height", "stage", "reason")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +224,96 @@ def probe_many(
         return dict(zip(keys, pool.map(one, keys), strict=True))
 
 
+def probe_photos(photos: pa.Table, spec: ProbeSpec, cache: ProbeCache | None = None) -> pa.Table:
+    """:data:`PROBE_SCHEMA` rows of ``photos`` (columns ``uri``, ``role``; distinct), probed one by
+    one (:func:`probe_many`): what runs where photos are read, for the photos a listing did not
+    vouch for."""
+    keys = list(zip(photos.column("uri").to_pylist(), photos.column("role").to_pylist(), strict=True))
+    found = probe_many(keys, spec, cache)
+    probes = [found[k] for k in keys]
+    columns: dict[str, list[Any]] = {"uri": [k[0] for k in keys], "role": [k[1] for k in keys]}
+    for name in PROBE_SCHEMA.names[2:]:
+        columns[name] = [getattr(p, name) for p in probes]
+    return pa.Table.from_pydict(columns, schema=PROBE_SCHEMA)
+
+
+def list_versions(
+    uris: pa.Array | pa.ChunkedArray,
+    storage_options: Mapping[str, Any] | None = None,
+    threads: int = 8,
+) -> pa.Table:
+    """``uri``, ``size``, ``version`` of every file in the folders of ``uris``: one ``ls`` per
+    folder (S3: a ListObjectsV2 per 1,000 keys) instead of one ``info`` per photo.
+
+    URIs are rebuilt from the folder as the manifest spells it, so they equal the manifest's. A
+    folder that cannot be listed adds nothing: its photos are then probed one by one, which says
+    why a missing one fails.
+    """
+    nested = pc.match_substring_regex(uris, r"./[^/]+$")
+    folders = pc.unique(pc.replace_substring_regex(uris.filter(nested), r"/[^/]+$", "")).to_pylist()
+
+    systems: dict[str, Any] = {}  # protocol -> filesystem, resolved once, not once per folder
+
+    def one(folder: str) -> list[tuple[str, int | None, str | None]]:
+        try:
+            protocol = fsspec.utils.get_protocol(folder)
+            if protocol not in systems:
+                systems[protocol] = url_to_fs(folder, storage_options)[0]
+            entries = systems[protocol].ls(fsspec.core.strip_protocol(folder), detail=True, refresh=True)
+        except Exception:
+            return []
+        return [
+            (f"{folder}/{e['name'].rsplit('/', 1)[-1]}", e.get("size"), file_version(e))
+            for e in entries
+            if e.get("type") == "file"
+        ]
+
+    if all(is_local_url(f) for f in folders):  # Python work: threads would only pass the GIL around
+        listed = [one(f) for f in folders]
+    else:  # remote listings wait on the network: they overlap
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(folders)))) as pool:
+            listed = list(pool.map(one, folders))
+    files = [f for part in listed for f in part]
+    uri, size, version = zip(*files) if files else ((), (), ())
+    return pa.table(
+        {
+            "uri": pa.array(uri, pa.string()),
+            "size": pa.array(size, pa.int64()),
+            "version": pa.array(version, pa.string()),
+        }
+    )
+
+
+def known_probes(photos: pa.Table, spec: ProbeSpec, cache: ProbeCache | None) -> tuple[pa.Table, pa.Table]:
+    """``(known, unknown)``: :data:`PROBE_SCHEMA` rows of the ``photos`` (``uri``, ``role``)
+    whose listed size and version equal their cache row's, untouched, and the other photos, to
+    probe. The listing (:func:`list_versions`) meets the cache in an Arrow join, not row by row."""
+    if cache is None or not len(cache) or not photos.num_rows:
+        return PROBE_SCHEMA.empty_table(), photos
+    listed = list_versions(photos.column("uri"), spec.storage_options, spec.threads)
+    at = pc.index_in(photos.column("uri"), value_set=listed.column("uri"))
+    restore = pc.equal(photos.column("role"), "restore")
+    keys = pa.table(
+        {
+            "uri": photos.column("uri"),
+            "limits": pc.if_else(restore, spec.tag("restore"), spec.tag("ref")),
+            "size": listed.column("size").take(at),
+            "version": listed.column("version").take(at),
+        }
+    )
+    rows = cache.lookup(keys)
+    hit = pc.is_valid(rows.column("uri"))
+    known = pa.table(
+        {
+            "uri": photos.column("uri"),
+            "role": photos.column("role"),
+            **{name: rows.column(name) for name in (*_RESULT, "size", "version")},
+            "cached": pa.repeat(True, photos.num_rows),
+        }
+    ).filter(hit)
+    return known.cast(PROBE_SCHEMA), photos.filter(pc.invert(hit))
+
+
 class ProbeCache:
     """Earlier probes, ``(uri, limits tag)`` -> cache row, kept as one Parquet file at any URL."""
 
@@ -219,6 +335,13 @@ class ProbeCache:
         i = self._rows.get((uri, tag))
         return None if i is None else self.table.slice(i, 1).to_pylist()[0]
 
+    def lookup(self, keys: pa.Table) -> pa.Table:
+        """The cache row (:data:`CACHE_SCHEMA`) of each row of ``keys`` whose ``uri``, ``limits``,
+        ``size`` and ``version`` all equal it, a row of nulls for the others (an unknown version
+        never matches)."""
+        at = pc.index_in(_cache_key(keys), value_set=_cache_key(self.table), skip_nulls=True)
+        return self.table.take(at)
+
     @classmethod
     def read(cls, url: str | None, storage_options: Mapping[str, Any] | None = None) -> ProbeCache:
         """The cache at ``url``; empty when absent or unreadable (a cache is never needed)."""
@@ -228,8 +351,7 @@ class ProbeCache:
             fs, path = url_to_fs(url, storage_options)
             if not fs.exists(path):
                 return cls()
-            with fs.open(path, "rb") as fh:
-                table = pq.read_table(fh)
+            table = pq.read_table(pa.py_buffer(fs.cat_file(path)))  # one read, not a seek per page
             return cls(table.cast(CACHE_SCHEMA))
         except Exception:
             return cls()
@@ -258,3 +380,12 @@ class ProbeCache:
             fs.mv(tmp, path)
         else:
             fs.pipe_file(path, buf.getvalue())
+
+
+def _cache_key(table: pa.Table) -> pa.ChunkedArray:
+    """One string per row that is equal where ``uri``, ``limits``, ``size`` and ``version`` all
+    are (null where any is null)."""
+    size = pc.cast(table.column("size"), pa.string())
+    return pc.binary_join_element_wise(
+        table.column("uri"), table.column("limits"), size, table.column("version"), "\x00"
+    )

@@ -15,10 +15,12 @@ Checks, in stages (the ``stage`` column of a quarantine row names the one that f
 ``refs``    a person keeps at most ``max_refs`` references (the first by uri); a person with
             fewer than ``min_refs`` good references is quarantined as a whole (all its rows).
 
-Rows are judged independently of their order in the manifest. Two executors run the same
-checks: :func:`validate_on_ray` (Ray Data: photos are probed on the cluster's workers, the
-driver sees only the probe columns, and a probe cache makes reruns cost a listing) and
-:func:`validate_manifest` (an in-memory table, in this process). The image checks are
+Rows are judged independently of their order in the manifest. Both executors run the same
+:func:`probe_table` and :func:`judge` on the manifest's columns: :func:`validate_on_ray` reads
+the manifest once and probes photos in Ray tasks on the cluster's workers (the driver sees only
+the probe columns), :func:`validate_manifest` probes in this process. With a probe cache, the
+photos' folders are listed in bulk and only new or changed photos are probed, so a rerun costs
+in proportion to what changed (:mod:`pipelines.probe`). The image checks are
 :func:`pfstorer.image_checks.decode_photo`'s, the same as the HTTP API's.
 """
 
@@ -28,7 +30,7 @@ import dataclasses
 import os
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -37,7 +39,7 @@ from pydantic import ValidationError
 
 from pfstorer.image_checks import ImageLimits
 from pipelines.manifest import REQUIRED_COLUMNS, ManifestRow, _as_string_columns
-from pipelines.probe import CACHE_SCHEMA, Probe, ProbeCache, ProbeSpec, probe_many
+from pipelines.probe import CACHE_SCHEMA, PROBE_SCHEMA, ProbeCache, ProbeSpec, known_probes, probe_photos
 from registry import job_key as _job_key
 
 __all__ = [
@@ -180,26 +182,54 @@ def _schema_reason(row: Mapping[str, Any]) -> str | None:
 _PROBE_COLUMNS = ("_probe_sha256", "_probe_width", "_probe_height", "_probe_stage",
                   "_probe_reason", "_probe_size", "_probe_version", "_probe_cached")
 
+#: Probes the photos a listing did not vouch for: ``(photos, spec, cache)`` -> PROBE_SCHEMA rows.
+Prober = Callable[[pa.Table, ProbeSpec, ProbeCache | None], pa.Table]
 
-def probe_table(table: pa.Table, spec: ProbeSpec, cache: ProbeCache | None = None) -> pa.Table:
+
+def _schema_reasons(table: pa.Table) -> pa.ChunkedArray:
+    """Each row's ``schema`` reason (null: none), judged by :func:`_schema_reason` once per
+    distinct (tenant, identity, role, uri given) rather than once per row."""
+    parts = {c: pc.fill_null(table.column(c), "") for c in ("tenant", "identity", "role")}
+    parts["uri"] = pc.if_else(pc.fill_null(pc.not_equal(table.column("uri"), ""), False), "u", "")
+    keys = pa.table({**parts, "_row": pa.array(range(table.num_rows), pa.int64())})
+    distinct = keys.select(list(parts)).group_by(list(parts)).aggregate([])
+    reasons = pa.array([_schema_reason(r) for r in distinct.to_pylist()], pa.string())
+    joined = keys.join(distinct.append_column("_reason", reasons), list(parts), join_type="left outer")
+    return joined.sort_by("_row").column("_reason")
+
+
+def _photo_key(table: pa.Table) -> pa.ChunkedArray:
+    """One string per ``(uri, role)``: a photo is probed once per role (the limits differ)."""
+    return pc.binary_join_element_wise(table.column("uri"), table.column("role"), "\x00")
+
+
+def probe_table(
+    table: pa.Table, spec: ProbeSpec, cache: ProbeCache | None = None, prober: Prober = probe_photos
+) -> pa.Table:
     """``table`` (manifest rows) with the per-row checks appended as ``_probe_*`` columns.
 
-    The ``schema`` stage and each distinct photo's ``read``/``image`` stage
-    (:func:`pipelines.probe.probe_many`); rows of other rows' outcome (per person) come later,
-    in :func:`judge`. This is the part that touches photos: it runs on Ray Data's workers.
+    The ``schema`` stage, then each distinct photo's ``read``/``image`` stage: photos whose listed
+    size and version match the cache are taken from it untouched
+    (:func:`pipelines.probe.known_probes`), only the others go to ``prober`` (in this process by
+    default; on Ray's workers in :func:`validate_on_ray`). The per-person stages come later, in
+    :func:`judge`. Columnar throughout: the cost of a rerun grows with what changed.
     """
     table = _as_string_columns(table, "table")
-    rows = table.select(list(REQUIRED_COLUMNS)).to_pylist()
-    schema = [_schema_reason(r) for r in rows]
-    wanted = [(r["uri"], r["role"]) for r, bad in zip(rows, schema, strict=True) if bad is None]
-    probes = probe_many(wanted, spec, cache)
-    out: list[Probe] = []
-    for r, bad in zip(rows, schema, strict=True):
-        out.append(Probe(stage="schema", reason=bad) if bad is not None else probes[(r["uri"], r["role"])])
-    types = (pa.string(), pa.int32(), pa.int32(), pa.string(), pa.string(), pa.int64(), pa.string(), pa.bool_())
-    fields = ("sha256", "width", "height", "stage", "reason", "size", "version", "cached")
-    for name, field, kind in zip(_PROBE_COLUMNS, fields, types, strict=True):
-        table = table.append_column(name, pa.array([getattr(p, field) for p in out], kind))
+    schema = _schema_reasons(table)
+    ok = pc.is_null(schema)
+    photos = table.filter(ok).select(["uri", "role"]).group_by(["uri", "role"]).aggregate([])
+    known, unknown = known_probes(photos, spec, cache)
+    fresh = prober(unknown, spec, cache) if unknown.num_rows else PROBE_SCHEMA.empty_table()
+    found = pa.concat_tables([known, fresh.cast(PROBE_SCHEMA)])
+    at = pc.index_in(_photo_key(table), value_set=_photo_key(found))
+    rows = found.take(pc.if_else(ok, at, pa.scalar(None, pa.int32())))
+    for name in _PROBE_COLUMNS:
+        col = rows.column(name.removeprefix("_probe_"))
+        if name == "_probe_stage":
+            col = pc.if_else(ok, col, "schema")
+        elif name == "_probe_reason":
+            col = pc.if_else(ok, col, schema)
+        table = table.append_column(name, col)
     return table
 
 
@@ -324,7 +354,8 @@ def validate_manifest(
     ``limits`` (an ``ImageLimits``; default :data:`DEFAULT_LIMITS`) apply to references,
     ``restore_limits`` (default: the same) to restore photos. ``storage_options`` are used for
     remote photo URIs. Only a table without the required columns raises (:class:`ManifestError`).
-    For manifests at scale use :func:`validate_on_ray`, which runs the same checks on Ray Data.
+    ``cache``: earlier probes (only photos it cannot vouch for are probed). For manifests at
+    scale use :func:`validate_on_ray`, which probes on Ray's workers.
     """
     spec = _spec(limits, restore_limits, storage_options, max_workers)
     return judge(probe_table(table, spec, cache), min_refs=min_refs, max_refs=max_refs)
@@ -340,26 +371,38 @@ def _spec(
     return ProbeSpec(limits, restore_limits or limits, dict(storage_options) if storage_options else None, threads)
 
 
-_CACHES: dict[str, ProbeCache] = {}
-"""Per worker process: the probe cache of each recent validation (by object id), fetched once."""
+def _probe_chunk(photos: pa.Table, spec: ProbeSpec, cache: pa.Table) -> pa.Table:
+    """Ray task: :func:`pipelines.probe.probe_photos` on a chunk of photos and their cache rows.
 
-
-def _probe_batch(batch: pa.Table, spec: ProbeSpec, cache_ref: list[Any]) -> pa.Table:
-    """Ray Data task: :func:`probe_table` on one batch.
-
-    A task, not an actor: tasks run in Ray's pooled worker processes, which stay warm between
-    validations (a fresh actor costs a process start and imports on every run). The probe cache
-    is fetched from the object store once per process and validation.
+    Plain tasks, not a Ray Data pipeline: they run in Ray's pooled worker processes, so a rerun
+    that has a handful of photos to probe pays milliseconds of scheduling, not a pipeline's start.
     """
-    import ray
+    return probe_photos(photos, spec, ProbeCache(cache))
 
-    key = cache_ref[0].hex()
-    cache = _CACHES.get(key)
-    if cache is None:
-        while len(_CACHES) >= 2:  # keep the last validations' caches only
-            _CACHES.pop(next(iter(_CACHES)))
-        cache = _CACHES[key] = ProbeCache(ray.get(cache_ref[0]))
-    return probe_table(batch, spec, cache)
+
+def _ray_prober(concurrency: int | None, batch_size: int) -> Prober:
+    """A :data:`Prober` that spreads the photos over Ray tasks of ``batch_size`` photos (at most
+    ``concurrency`` running, default one per cluster CPU), each sent only its photos' cache rows."""
+
+    def prober(photos: pa.Table, spec: ProbeSpec, cache: ProbeCache | None) -> pa.Table:
+        import ray
+
+        known = CACHE_SCHEMA.empty_table() if cache is None else cache.table
+        known = known.filter(pc.is_in(known.column("uri"), value_set=photos.column("uri")))
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        task = ray.remote(num_cpus=1)(_probe_chunk)
+        limit, pending, parts = max(1, min(concurrency or cpus, cpus or 1)), [], []
+        for start in range(0, photos.num_rows, batch_size):
+            chunk = photos.slice(start, batch_size)
+            if len(pending) >= 2 * limit:  # keep every CPU busy, the queue short
+                ready, pending = ray.wait(pending, num_returns=1)
+                parts += ray.get(ready)
+            mine = known.filter(pc.is_in(known.column("uri"), value_set=chunk.column("uri")))
+            pending.append(task.remote(chunk, spec, mine))
+        parts += ray.get(pending)
+        return pa.concat_tables([p.cast(PROBE_SCHEMA) for p in parts])
+
+    return prober
 
 
 def validate_on_ray(
@@ -375,47 +418,22 @@ def validate_on_ray(
     batch_size: int = 256,
     threads: int = 8,
 ) -> ValidationResult:
-    """Validate the manifest at ``url`` on Ray Data (Ray must be initialised).
+    """Validate the manifest at ``url``, probing photos on Ray's workers (Ray must be initialised).
 
-    ``read_parquet`` with the manifest's filesystem -> ``map_batches`` of probing tasks
-    (``concurrency``: at most this many at once, default one per cluster CPU; each reads
-    ``threads`` photos at a time) -> the probe columns meet on the driver for :func:`judge`.
-    The driver never holds a photo. ``cache_url``: the :class:`~pipelines.probe.ProbeCache`
-    read before and written after (None: no cache).
+    The manifest is read once, as columns, on the driver; :func:`probe_table` lists the photos'
+    folders and joins them with the :class:`~pipelines.probe.ProbeCache` at ``cache_url`` (None:
+    no cache), and only new or changed photos go to Ray tasks of ``batch_size`` photos
+    (``concurrency`` at once, default one per cluster CPU; each reads ``threads`` photos at a
+    time). The driver never holds a photo. The cache is written back when a photo was read.
     """
-    import ray
-
-    from pipelines.manifest import check_manifest_schema, ray_read_manifest
+    from pipelines.manifest import read_manifest
 
     spec = _spec(limits, restore_limits, storage_options, threads)
-    check_manifest_schema(url, spec.storage_options)
+    table = read_manifest(url, spec.storage_options)
     cache = ProbeCache.read(cache_url, spec.storage_options)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order, old_order = True, ctx.execution_options.preserve_order
-    old_progress, ctx.enable_progress_bars = ctx.enable_progress_bars, False
-    try:
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        top = max(1, min(concurrency or cpus, cpus or 1))
-        ds = ray_read_manifest(url, spec.storage_options).map_batches(
-            _probe_batch,
-            fn_kwargs={"spec": spec, "cache_ref": [ray.put(cache.table)]},
-            batch_size=batch_size,
-            batch_format="pyarrow",
-            concurrency=top,
-            num_cpus=1,
-        )
-        parts = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
-    finally:
-        ctx.execution_options.preserve_order = old_order
-        ctx.enable_progress_bars = old_progress
-    if not parts:
-        from pipelines.manifest import read_manifest
-
-        return validate_manifest(read_manifest(url, spec.storage_options), limits=spec.limits,
-                                 restore_limits=spec.restore_limits, min_refs=min_refs, max_refs=max_refs)
-    probed = pa.concat_tables(parts, promote_options="default")
+    probed = probe_table(table, spec, cache, _ray_prober(concurrency, batch_size))
     result = judge(probed, min_refs=min_refs, max_refs=max_refs)
-    if cache_url:
+    if cache_url and result.probes["photos_read"]:
         cache.merged(cache_rows(probed, spec)).write(cache_url, spec.storage_options)
     return result
 

@@ -355,6 +355,12 @@ def test_a_changed_photo_is_probed_again_and_changes_the_job_key(ray_session, lf
         )
     }
 
+    copies[2].unlink()  # deleted since the last run: quarantined with its reason, every time
+    for _ in range(2):
+        gone = quarantine_map(validate_on_ray(url, cache_url=cache))
+        assert gone[(T, name, "ref", str(copies[2]))] == ("read", "unreadable: file not found")
+        assert gone[(T, name, "restore", str(copies[3]))][0] == "image"
+
 
 def test_validate_on_ray_reads_s3_and_caches_by_etag(ray_session, lfw_bench, s3_url, s3_storage_options):
     import s3fs
@@ -381,6 +387,124 @@ def test_validate_on_ray_reads_s3_and_caches_by_etag(ray_session, lfw_bench, s3_
     changed = validate_on_ray(url, storage_options=s3_storage_options, cache_url=cache)
     assert changed.probes["photos_read"] == 1
     assert changed.jobs[(T, name)].ref_sha256s[0] == sha(photos[5])
+
+
+# ---------------------------------------------------------------------------------------------
+# a rerun touches only what changed (listing + probe cache), on local files and on S3
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["local", "file-url", "s3"])
+def photo_store(request: pytest.FixtureRequest, tmp_path: Path):
+    """``(base url, storage options, filesystem)`` of an empty folder on local disk (as a path
+    or a ``file://`` URL) or on moto S3."""
+    import fsspec
+
+    if request.param != "s3":
+        base = tmp_path / "store"
+        url = base.as_uri() if request.param == "file-url" else str(base)
+        return url, None, fsspec.filesystem("file", auto_mkdir=True)
+    opts = request.getfixturevalue("s3_storage_options")
+    return request.getfixturevalue("s3_url"), opts, fsspec.filesystem("s3", **opts)
+
+
+def _spy_probes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The URIs that :func:`pipelines.probe.probe_uri` is asked about from now on."""
+    import pipelines.probe as probe
+
+    seen: list[str] = []
+    real = probe.probe_uri
+
+    def spy(uri: str, *args, **kwargs):
+        seen.append(uri)
+        return real(uri, *args, **kwargs)
+
+    monkeypatch.setattr(probe, "probe_uri", spy)
+    return seen
+
+
+@pytest.mark.integration
+def test_a_rerun_probes_only_new_changed_or_missing_photos(photo_store, lfw_bench, monkeypatch):
+    from pipelines.probe import ProbeCache, ProbeSpec
+    from pipelines.validate import cache_rows, judge, probe_table
+
+    base, opts, fs = photo_store
+    name, photos = next((n, p) for n, p in lfw_bench.items() if len(p) >= 7)
+    uris = [f"{base}/{name}/{i}.jpg" for i in range(6)]
+    for uri, p in zip(uris, photos):
+        fs.pipe_file(uri, p.read_bytes())
+    text = f"{base}/bad/text.jpg"
+    fs.pipe_file(text, b"not a photo")
+    rows = [row(name, "ref", u) for u in uris[:4]] + [row(name, "restore", uris[4]), row(name, "ref", text)]
+    rows.append(row("other", "ref", f"{base}/nowhere/gone.jpg"))  # a folder that cannot be listed
+    spec = ProbeSpec(DEFAULT_LIMITS, DEFAULT_LIMITS, opts)
+    probed = probe_table(pa.Table.from_pylist(rows), spec)
+    cache = ProbeCache().merged(cache_rows(probed, spec))
+    first = judge(probed)
+    key = first.jobs[(T, name)].job_key("b", {})
+
+    seen = _spy_probes(monkeypatch)
+    again = validate_manifest(pa.Table.from_pylist(rows), storage_options=opts, cache=cache)
+    assert seen == [f"{base}/nowhere/gone.jpg"]  # a missing photo is checked again, nothing else
+    assert again.jobs[(T, name)].job_key("b", {}) == key
+    assert quarantine_map(again) == quarantine_map(first)  # the bad row keeps its reason from the cache
+    assert quarantine_map(again)[(T, name, "ref", text)][0] == "image"
+
+    fs.pipe_file(uris[1], photos[6].read_bytes())  # changed
+    fs.rm(uris[2])  # deleted since the last run
+    rows.append(row(name, "ref", uris[5]))  # new
+    seen.clear()
+    changed = validate_manifest(pa.Table.from_pylist(rows), storage_options=opts, cache=cache)
+    assert sorted(seen) == sorted([uris[1], uris[2], uris[5], f"{base}/nowhere/gone.jpg"])
+    assert changed.jobs[(T, name)].ref_uris == [uris[0], uris[1], uris[3], uris[5]]
+    assert changed.jobs[(T, name)].ref_sha256s[1] == sha(photos[6])
+    assert changed.jobs[(T, name)].job_key("b", {}) != key
+    assert quarantine_map(changed)[(T, name, "ref", uris[2])] == ("read", "unreadable: file not found")
+    assert quarantine_map(changed)[(T, name, "ref", text)] == quarantine_map(first)[(T, name, "ref", text)]
+
+
+def test_an_unchanged_photo_is_not_read_again(lfw_bench, tmp_path: Path):
+    """Same size and mtime: the listing vouches for the photo and its bytes are not read (new
+    bytes slipped in under the old mtime go unseen; that is what a version is for)."""
+    import os
+
+    from pipelines.probe import ProbeCache, ProbeSpec
+    from pipelines.validate import cache_rows, probe_table
+
+    name, photos = next((n, p) for n, p in lfw_bench.items() if len(p) >= 3)
+    copies = []
+    for i, p in enumerate(photos[:3]):
+        copies.append(tmp_path / "photos" / f"{i}.jpg")
+        copies[-1].parent.mkdir(exist_ok=True)
+        copies[-1].write_bytes(p.read_bytes())
+    rows = [row(name, "ref", p) for p in copies]
+    spec = ProbeSpec(DEFAULT_LIMITS, DEFAULT_LIMITS)
+    cache = ProbeCache().merged(cache_rows(probe_table(pa.Table.from_pylist(rows), spec), spec))
+    st = copies[0].stat()
+    copies[0].write_bytes(b"\0" * st.st_size)  # unreadable as a photo, same size ...
+    os.utime(copies[0], ns=(st.st_atime_ns, st.st_mtime_ns))  # ... and the same mtime
+    again = validate_manifest(pa.Table.from_pylist(rows), cache=cache)
+    assert again.quarantine.num_rows == 0
+    assert again.jobs[(T, name)].ref_sha256s[0] == sha(photos[0])
+    assert again.probes == {"rows": 3, "photos_read": 0, "photos_cached": 3}
+
+
+def test_a_photo_the_listing_cannot_vouch_for_is_stat_not_read(lfw_bench, tmp_path, monkeypatch):
+    """A bare relative path has no folder to list: one stat, and the cache still spares the read."""
+    from pipelines.probe import ProbeCache, ProbeSpec
+    from pipelines.validate import cache_rows, probe_table
+
+    name, photos = next((n, p) for n, p in lfw_bench.items() if len(p) >= 3)
+    monkeypatch.chdir(tmp_path)
+    for i, p in enumerate(photos[:3]):
+        Path(f"{i}.jpg").write_bytes(p.read_bytes())
+    rows = [row(name, "ref", f"{i}.jpg") for i in range(3)]
+    spec = ProbeSpec(DEFAULT_LIMITS, DEFAULT_LIMITS)
+    cache = ProbeCache().merged(cache_rows(probe_table(pa.Table.from_pylist(rows), spec), spec))
+    seen = _spy_probes(monkeypatch)
+    again = validate_manifest(pa.Table.from_pylist(rows), cache=cache)
+    assert sorted(seen) == ["0.jpg", "1.jpg", "2.jpg"]
+    assert again.probes == {"rows": 3, "photos_read": 0, "photos_cached": 3}
 
 
 def test_restore_rows_are_judged_from_the_header(lfw_bench, tmp_path: Path):
