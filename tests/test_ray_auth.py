@@ -225,3 +225,14 @@ def test_cluster_gcs_and_job_api_refuse_a_client_without_the_token(head):
     assert client.get_job_status(job) == JobStatus.SUCCEEDED
     assert "42" in client.get_job_logs(job)
     assert not any("should-not-run" in (j.entrypoint or "") for j in client.list_jobs())
+
+
+JOIN = "import ray, sys; ray.init(address=sys.argv[1]); print(len(ray.nodes()), 'node')"
+
+
+@pytest.mark.integration
+def test_a_driver_with_the_token_joins_the_cluster(head):
+    """The client side of the refusals above: the token from where Ray looks for it is enough."""
+    proc = subprocess.run([sys.executable, "-c", JOIN, head["gcs"]], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("1 node")

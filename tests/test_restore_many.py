@@ -148,13 +148,13 @@ def test_degrade_takes_folders_like_restore(layout, tmp_path, capsys):
 
 
 HEAVY = ("ray", "mlflow", "pyarrow", "s3fs", "pandas", "cv2", "dlib", "face_recognition_models", "skimage",
-         "pfstorer.metrics", "pfstorer.evaluate", "pipelines", "serving", "demo")
+         "scipy.stats", "pfstorer.metrics", "pfstorer.evaluate", "pipelines", "serving", "demo")
 
 
 def test_restoring_imports_none_of_the_platform(photos, tmp_path):
     """What `pfstorer restore` imports on its way to the first photo: torch, diffusers, the image
-    code. Ray, MLflow, Arrow, the metrics' face models and the other packages' commands cost
-    seconds of every start-up and are not needed to restore."""
+    code. Ray, MLflow, Arrow, the metrics' face models, scipy.stats (for diffusers' schedulers)
+    and the other packages' commands cost seconds of every start-up and are not needed to restore."""
     base = "compact" if (REPO / "pfstorer" / "weights" / "compact" / "model.safetensors").exists() else "tiny"
     code = (
         "import sys\n"
