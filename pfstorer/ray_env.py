@@ -46,7 +46,13 @@ def ensure_token() -> Path | None:
     if os.environ.get(_TOKEN_ENV):
         return None
     path = token_path()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError:  # no writable home (a locked-down CI user): a private folder, for this process tree
+        if os.environ.get(_TOKEN_PATH_ENV):
+            raise
+        path = Path(tempfile.mkdtemp(prefix="pfstorer-ray-")) / "auth_token"
+        os.environ[_TOKEN_PATH_ENV] = str(path)
     if not path.exists():
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".auth_token.")  # mode 0600
         try:

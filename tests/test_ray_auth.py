@@ -86,6 +86,17 @@ def test_an_existing_token_is_kept_and_made_private(token_file):
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
 
 
+def test_without_a_writable_home_the_token_goes_to_a_private_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    (tmp_path / "file").write_text("")
+    home = tmp_path / "file" / "home"  # ~/.ray cannot be made there, not even by root
+    monkeypatch.setenv("HOME", str(home))
+    path = ensure_token()
+    assert os.environ["RAY_AUTH_TOKEN_PATH"] == str(path) and not str(path).startswith(str(home))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
 def test_a_token_in_the_environment_writes_no_file(token_file, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
     assert ensure_token() is None and not token_file.exists()
