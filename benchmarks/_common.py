@@ -11,6 +11,40 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+TUNE_PEOPLE = 30  # bench people on which personalization settings may be chosen; the rest report
+
+
+def bench_split(names: list[str], part: str, exclude: set[str] = frozenset(), tune: int = TUNE_PEOPLE) -> list[str]:
+    """The ``tune`` or ``report`` part of the bench people ``names``, in the order given.
+
+    Fixed once, by name: the ``tune`` people are the ``tune`` names with the smallest SHA-256, so
+    the split depends on nobody's results and adding a person moves no one else. Settings are
+    chosen on ``tune``; what is reported comes from ``report``. ``exclude`` (the demo's people)
+    are in neither.
+    """
+    import hashlib
+
+    if part not in ("tune", "report"):
+        raise ValueError(f"part must be 'tune' or 'report', got {part!r}")
+    kept = [n for n in names if n not in exclude]
+    chosen = set(sorted(kept, key=lambda n: hashlib.sha256(n.encode()).hexdigest())[:tune])
+    return [n for n in kept if (n in chosen) == (part == "tune")]
+
+
+def bootstrap_interval(values: list[float], groups: list[int], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % bootstrap interval of the mean of ``values`` when whole ``groups`` (people) are resampled:
+    photos of one person are not independent, so people, not photos, are drawn."""
+    import numpy as np
+
+    by: dict[int, list[float]] = {}
+    for v, g in zip(values, groups, strict=True):
+        by.setdefault(g, []).append(v)
+    sums = np.array([sum(v) for v in by.values()])
+    counts = np.array([len(v) for v in by.values()])
+    pick = np.random.default_rng(seed).integers(0, len(sums), size=(draws, len(sums)))
+    means = sums[pick].sum(1) / counts[pick].sum(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
 
 
 def cpu_model() -> str:

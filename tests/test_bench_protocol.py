@@ -1,0 +1,48 @@
+"""The evaluation protocol of the personalization benchmark: which bench people settings may be
+chosen on (tune) and which report, and intervals over people rather than photos."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _common import TUNE_PEOPLE, bench_split, bootstrap_interval  # noqa: E402
+
+NAMES = [f"Person_{i:03d}" for i in range(100)]
+
+
+def test_tune_and_report_split_every_bench_person_once():
+    tune, report = bench_split(NAMES, "tune"), bench_split(NAMES, "report")
+    assert len(tune) == TUNE_PEOPLE == 30 and len(report) == 70
+    assert set(tune).isdisjoint(report) and set(tune) | set(report) == set(NAMES)
+    assert tune == [n for n in NAMES if n in set(tune)]  # the order given is kept
+    assert tune != NAMES[:30]  # by hash of the name, not the first names alphabetically
+
+
+def test_the_split_depends_on_names_only():
+    tune = bench_split(NAMES, "tune")
+    assert bench_split(list(reversed(NAMES)), "tune") == list(reversed(tune))
+    # a person added later lands on one side without moving anyone else
+    more = bench_split(NAMES + ["Zed_Newcomer"], "tune")
+    assert len(set(more) ^ set(tune)) <= 2
+
+
+def test_demo_people_are_in_neither_part():
+    demo = {NAMES[0], NAMES[1]}
+    both = bench_split(NAMES, "tune", exclude=demo) + bench_split(NAMES, "report", exclude=demo)
+    assert demo.isdisjoint(both) and len(both) == 98
+    with pytest.raises(ValueError, match="tune"):
+        bench_split(NAMES, "bench")
+
+
+def test_bootstrap_resamples_people_not_photos():
+    # one person with many identical photos must not make the interval narrow
+    values = [10.0] * 50 + [0.0, 0.0]
+    people = [0] * 50 + [1, 2]
+    lo, hi = bootstrap_interval(values, people)
+    assert lo <= 0.5 and hi >= 9.5  # whether person 0 is drawn decides almost everything
+    lo, hi = bootstrap_interval([1.0] * 6, [0, 0, 1, 1, 2, 2])
+    assert lo == hi == 1.0
