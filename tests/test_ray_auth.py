@@ -88,7 +88,8 @@ def test_an_existing_token_is_kept_and_made_private(token_file):
 
 def test_without_a_writable_home_the_token_goes_to_a_private_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
-    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    # empty reads as unset; setenv (unlike delenv of an absent name) restores what ensure_token sets
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "")
     (tmp_path / "file").write_text("")
     home = tmp_path / "file" / "home"  # ~/.ray cannot be made there, not even by root
     monkeypatch.setenv("HOME", str(home))
