@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from _services import free_port
 
 from pfstorer.ray_env import ensure_token, read_token
 
@@ -49,12 +49,6 @@ def _http_status(url: str, token: str | None) -> int:
             return resp.status
     except urllib.error.HTTPError as err:
         return err.code
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the token file -------------------------------------------------------------------------------
@@ -186,7 +180,7 @@ def head():
     """``ray start --head --block`` with the dashboard on 127.0.0.1 and ports of its own (beside the
     session's Ray); stopped by signalling its process group, never ``ray stop`` (which stops
     every Ray on the machine)."""
-    ports = {k: _free_port() for k in ("port", "dashboard-port", "dashboard-agent-listen-port",
+    ports = {k: free_port() for k in ("port", "dashboard-port", "dashboard-agent-listen-port",
                                        "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")}
     ensure_token()
     cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--num-cpus=1",
