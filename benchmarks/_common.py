@@ -81,6 +81,15 @@ def device_name(device: str) -> str:
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} cores (torch threads {torch.get_num_threads()})"
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (benchmarks serve on loopback only)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def command_line() -> str:
     return " ".join([Path(sys.executable).name, *sys.argv])
 

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import shlex
-import socket
 import statistics
 import sys
 import tempfile
@@ -44,13 +43,7 @@ from pfstorer.settings import use_offline_env  # noqa: E402
 use_offline_env()
 for _k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
     os.environ.setdefault(_k, "testing")
-from _common import RESULTS, cpu_model, lfw_people  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _common import RESULTS, cpu_model, free_port, lfw_people  # noqa: E402
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -202,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         (root / "keys.yaml").write_text("tenants:\n" + "".join(f"  {t}: ['{hash_key(k)}']\n" for t, k in keys.items()))
         prepare_ray(local=True)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         serve_cfg = {
             "api_keys_file": str(root / "keys.yaml"),

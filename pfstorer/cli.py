@@ -167,6 +167,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         # uint8 end to end: a 4096 px photo costs 3 bytes a pixel, not 12, on the way in and out
         return load_image(source, limits=image_limits, dtype=torch.uint8)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     todo = batch.pending(args.skip_existing)
     read_first: dict[str, torch.Tensor] = {}
     if not batch.many and todo:  # one photo: its problems are reported before the model loads
@@ -316,6 +318,11 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
                    help="match the input's colours after stitching")
     p.add_argument("--max-pixels", type=int,
                    help="refuse larger inputs (default: settings limits.max_image_pixels, 4096 x 4096)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch threads (default: all cores). Outputs are bit for bit the server's for the "
+                        "same image, seed and settings at the server's thread count (a replica uses "
+                        "floor(serve.num_cpus), /readyz says torch_threads); another count may change a few "
+                        "pixels by one level (float sums in another order)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_restore)
 

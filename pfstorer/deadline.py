@@ -10,8 +10,16 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Protocol
 
 from .errors import PFStorerError
+
+
+class Checkpoint(Protocol):
+    """What long work calls between its steps: raises to stop it (a :class:`Deadline`), and may
+    block while other work runs (a server's fair share of one model)."""
+
+    def check(self) -> None: ...
 
 
 class DeadlineExceededError(PFStorerError):

@@ -27,6 +27,18 @@ class UnsupportedMediaError(InputError):
     status = 415
 
 
+class ParameterError(InputError):
+    """A parameter outside what this server or command allows (more steps than its limit)."""
+
+    status = 422
+
+
+class TooSmallError(InputError):
+    """An image, or a requested output, with a side under the minimum a restore can use."""
+
+    status = 422
+
+
 class TooLargeError(InputError):
     """An image over the byte or pixel limits (refused before decoding where possible)."""
 

@@ -27,7 +27,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from pfstorer.errors import InputError, TooLargeError, UnsupportedMediaError
+from pfstorer.errors import InputError, TooLargeError, TooSmallError, UnsupportedMediaError
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -232,7 +232,7 @@ def _open(data: bytes, limits: ImageLimits, name: str) -> Image.Image:
         raise TooLargeError(f"{name} is {w}x{h} = {w * h:,} pixels, over the limit of {limits.max_pixels:,} pixels")
     if min(w, h) < limits.min_side:
         im.close()
-        raise InputError(f"{name} is {w}x{h}, smaller than the minimum side of {limits.min_side} px")
+        raise TooSmallError(f"{name} is {w}x{h}, smaller than the minimum side of {limits.min_side} px")
     return im
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .adapter import Adapter
 from .errors import InputError, TooLargeError
-from .deadline import Deadline
+from .deadline import Checkpoint
 from .colorfix import BAND
 from .images import from_unit, to_unit
 from .model import RestorationModel
@@ -207,7 +207,7 @@ def restore_batch(
     color_fix: ColorFix = "wavelet",
     pad_to_tile: bool | None = None,
     progress: bool = False,
-    deadline: Deadline | None = None,
+    deadline: Checkpoint | None = None,
 ) -> torch.Tensor:
     """Restore a batch ``[B,3,H,W]`` (uint8, or float in [0,1]); row i uses adapter ``slots[i]`` and
     seed ``seeds[i]``. The result has the input's dtype (float32 for float inputs), on the CPU.
@@ -221,7 +221,9 @@ def restore_batch(
 
     ``deadline`` is checked before every batch of tiles that goes through a network: past it, or
     once cancelled, the restore stops with :class:`~pfstorer.deadline.DeadlineExceededError` or
-    :class:`~pfstorer.deadline.CancelledError`.
+    :class:`~pfstorer.deadline.CancelledError`. A server passes its fair share of the model here
+    instead (:class:`~pfstorer.deadline.Checkpoint`): the check may then wait while another
+    request's tiles run.
 
     ``tile``/``overlap`` are in output pixels (defaults: the model's native size, 1/4 of it).
     ``pad_to_tile`` pads a photo smaller than a tile up to a whole tile (cropped again at the end;

@@ -115,7 +115,9 @@ class ServeSettings(_Section):
         None, description="YAML/JSON file of hashed API keys -> tenant (None: see serving docs)."
     )
     max_ongoing_requests: int = Field(
-        4, ge=1, description="Requests one replica works on at once."
+        16, ge=1, description="Requests one replica holds at once, running or waiting in its fair queue "
+        "(one running request per tenant, tile batches interleaved across tenants). Keep it above "
+        "max_tenant_requests, so one tenant's requests never fill it and hold another's at the router.",
     )
     max_queued_requests: int = Field(
         16, ge=-1, description="Requests waiting per caller before 503 + Retry-After (-1: no cap)."
@@ -144,6 +146,18 @@ class ServeSettings(_Section):
     )
     default_steps: int | None = Field(
         None, ge=1, description="Denoising steps when a request gives none (unset: the base preset's)."
+    )
+    max_steps: int = Field(
+        50, ge=1, description="Most denoising steps one request may ask for (422 above): with "
+        "max_pixel_steps, a request's cost is known and bounded from its header.",
+    )
+    fair_credit_s: float = Field(
+        1.0, ge=0, description="Model seconds a tenant back from idle may use before it shares the model "
+        "with busier tenants: a small request runs to its end at once, and nobody banks idle time.",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Time a client has to send its request line and headers; the connection is "
+        "closed after it (a half-sent request never holds a connection open).",
     )
     max_pixel_steps: int = Field(
         4096 * 4096 * 4, ge=1, description="Compute budget of one request: output width*height times "

@@ -14,7 +14,8 @@ Errors are JSON ``{"detail": "..."}``: 401 no/unknown key; 404 unknown identity 
 tenant's - the same body); 408 body not sent within ``serve.body_timeout_s``; 409 adapter
 trained on another base; 413 body or pixels over the limits (checked before reading/decoding) or
 output pixels x steps over ``serve.max_pixel_steps``; 415 not an image; 400 corrupt image or bad
-form; 422 bad parameter values; 429 + ``Retry-After`` when the tenant already has
+form; 422 bad parameter values, more steps than ``serve.max_steps``, or an input or output side
+under the minimum; 429 + ``Retry-After`` when the tenant already has
 ``serve.max_tenant_requests`` in flight; 503 + ``Retry-After`` when the model's queue is full or
 the adapter index is unreadable, 503 when a restore ran past ``serve.request_timeout_s`` (the work
 is stopped between tile batches). A client that hangs up cancels its restore (logged, 499).
@@ -28,7 +29,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from pfstorer.errors import AdapterMismatchError, TooLargeError
+from pfstorer.errors import AdapterMismatchError, ParameterError, PFStorerError, TooLargeError, TooSmallError
 from serving.adapters import NOT_FOUND_MESSAGE, AdapterNotFound
 
 __all__ = [
@@ -44,12 +45,15 @@ __all__ = [
     "RestoreParams",
     "api",
     "check_budget",
+    "check_output",
+    "check_steps",
     "error_doc",
     "error_response",
     "json_error",
     "negotiate",
     "not_found",
     "restore_form_schema",
+    "status_of",
     "unwrap",
 ]
 
@@ -197,18 +201,44 @@ def check_budget(out_pixels: int, steps: int, limit: int) -> None:
                             f"compute budget of {limit:,} pixel-steps per request (serve.max_pixel_steps)")
 
 
+def check_steps(steps: int, limit: int) -> None:
+    """Refuse more denoising steps than the server allows (422): with the compute budget, what
+    keeps one request's cost known and bounded before it runs."""
+    if steps > limit:
+        raise ParameterError(f"{steps} denoising steps is over this server's limit of {limit} (serve.max_steps)")
+
+
+def check_output(height: int, width: int, scale: float, min_side: int) -> tuple[int, int]:
+    """The output size of a ``height`` x ``width`` photo at ``scale``, refused when it is too large
+    (413) or has a side under ``min_side`` (422, as an input would be)."""
+    from pfstorer.sampling import MAX_OUTPUT_PIXELS
+
+    out_h, out_w = max(1, round(height * scale)), max(1, round(width * scale))
+    if out_h * out_w > MAX_OUTPUT_PIXELS:
+        raise TooLargeError(f"output of {out_w}x{out_h} at scale {scale:g} would be over the limit of "
+                            f"{MAX_OUTPUT_PIXELS:,} pixels")
+    if min(out_h, out_w) < min_side:
+        raise TooSmallError(f"output of {out_w}x{out_h} at scale {scale:g} would have a side under the "
+                            f"minimum of {min_side} px")
+    return out_h, out_w
+
+
 def unwrap(exc: BaseException) -> BaseException:
     """The user's exception behind a Ray task error (``RayTaskError(cause)``)."""
     cause = getattr(exc, "cause", None)
     return cause if isinstance(cause, BaseException) else exc
 
 
-def error_response(exc: BaseException) -> JSONResponse:
+def status_of(exc: PFStorerError) -> int:
+    """The HTTP status of a request's error (an adapter for another base is a conflict)."""
+    return 409 if isinstance(exc, AdapterMismatchError) else int(exc.status)
+
+
+def error_response(exc: PFStorerError) -> JSONResponse:
     """A PFStorerError -> its HTTP answer (AdapterNotFound -> the one 404 body)."""
     if isinstance(exc, AdapterNotFound):
         return not_found()
-    status = 409 if isinstance(exc, AdapterMismatchError) else int(getattr(exc, "status", 400))
-    return json_error(status, str(exc))
+    return json_error(status_of(exc), str(exc))
 
 
 _ACCEPTED = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}

@@ -86,7 +86,9 @@ class BatchItem:
 
     key: str  # "tenant/identity", "" = base only
     entry: Any  # its adapter index entry (None for base only)
-    image: Any  # a uint8 tensor [3,H,W]
+    image: Any  # a uint8 tensor [3,H,W]; None until decoded from ``data`` (at its start)
     params: dict[str, Any]
     since: float  # when the request reached the replica
     deadline: Deadline = dataclasses.field(default_factory=Deadline)
+    tenant: str = ""  # whose request it is (its fair share of the model)
+    data: bytes = b""  # the encoded photo

@@ -20,14 +20,19 @@ from pfstorer.cli import json_option
 __all__ = ["register_cli"]
 
 
-def _init_ray(address: str | None, num_cpus: float | None = None, metrics_port: int | None = None) -> bool:
-    """Start or join Ray; True if this process started it (and should shut it down)."""
+def _init_ray(address: str | None, num_cpus: float | None = None, metrics_port: int | None = None,
+              header_timeout_s: float | None = None) -> bool:
+    """Start or join Ray; True if this process started it (and should shut it down). A Ray
+    started here passes ``header_timeout_s`` to its Serve proxies (:mod:`serving.http_guard`)."""
     import os
 
     from pfstorer.ray_env import prepare_ray
+    from serving.http_guard import proxy_env
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     prepare_ray(local=not address)
+    if not address and header_timeout_s is not None:
+        os.environ.update(proxy_env(header_timeout_s))  # the node's processes inherit it
     import ray
 
     if ray.is_initialized():
@@ -99,7 +104,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from serving.app import APP_NAME, build_application
 
-    started = _init_ray(settings.ray_address, metrics_port=settings.serve.metrics_port)
+    started = _init_ray(settings.ray_address, metrics_port=settings.serve.metrics_port,
+                        header_timeout_s=settings.serve.header_timeout_s)
     # SIGTERM (Kubernetes, systemd, `kill`) stops as Ctrl-C does: Serve and the Ray this process
     # started are shut down in order, so no Ray process outlives it. Set after ray.init, whose
     # core worker installs a handler that dumps a stack and aborts.
@@ -110,10 +116,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         serve.run(build_application(settings), name=APP_NAME, route_prefix="/", blocking=False)
         import ray
 
-        metrics = ray.nodes()[0].get("MetricsExportPort") if started else None
+        node = ray.nodes()[0] if started else {}
+        metrics = node.get("MetricsExportPort")  # bound to the node's address: loopback on a local Ray
         print(f"pfstorer serving base {settings.base!r} on http://{host}:{port} "
               f"(index {settings.index_url}); docs at /docs"
-              + (f"; Prometheus metrics at http://127.0.0.1:{metrics}/metrics" if metrics else "")
+              + (f"; Prometheus metrics at http://{node['NodeManagerAddress']}:{metrics}/metrics" if metrics else "")
               + "; Ctrl-C or SIGTERM stops", flush=True)
         import time
 

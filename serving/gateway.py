@@ -32,6 +32,8 @@ from serving.api import (
     RestoreParams,
     api,
     check_budget,
+    check_output,
+    check_steps,
     error_doc,
     error_response,
     json_error,
@@ -41,9 +43,11 @@ from serving.api import (
     unwrap,
 )
 from serving.auth import ApiKeys, extract_key
+from serving.messages import Refused, Restored
 from serving.metrics import GatewayMetrics
+from serving.serve_compat import request_id
 
-log = logging.getLogger("pfstorer.serving")
+log = logging.getLogger("ray.serve")  # Serve's documented logger: replica log files, with request ids
 
 __all__ = ["Gateway"]
 
@@ -271,7 +275,8 @@ class Gateway:
             413: error_doc(413, "Body or image over the size/pixel limits (refused before decoding), or output "
                       "pixels x steps over the compute budget (serve.max_pixel_steps)."),
             415: error_doc(415, "Not a supported image type (HEIC needs the heic extra), or not multipart/form-data."),
-            422: error_doc(422, "Invalid parameter values or adapter."),
+            422: error_doc(422, "Invalid parameter values or adapter; more steps than serve.max_steps; an input "
+                      "or output with a side under the minimum."),
             429: {
                 "model": ErrorBody,
                 "description": "This tenant already has serve.max_tenant_requests restores in flight.",
@@ -293,21 +298,24 @@ class Gateway:
         tenant = self._tenant(request)  # before reading the body
         if tenant is None:
             return self._answered(None, "restore", arrived, self._unauthorized())
+        rid = request_id()  # the response's X-Request-ID (Serve's proxy sets it)
         refused = self._admit(tenant)
         if refused is not None:
             return self._answered(tenant, "restore", arrived, refused)
         code = CLIENT_GONE  # unless an answer is made
         try:
-            response = await self._restore(request, tenant, arrived)
+            response = await self._restore(request, tenant, arrived, rid)
             code = response.status_code
+            if 400 <= code < 500 or code == 503:  # the request's own problem or load: one line, no traceback
+                log.info("restore refused: tenant=%s request=%s status=%d reason=%r", tenant, rid, code,
+                         bytes(response.body[:300]).decode(errors="replace"))
             return response
         finally:
             self._release(tenant)
             self.metrics.record(tenant, "restore", code, time.monotonic() - arrived)
 
-    async def _restore(self, request: Request, tenant: str, arrived: float) -> Response:
+    async def _restore(self, request: Request, tenant: str, arrived: float, rid: str) -> Response:
         from pfstorer.images import probe_image
-        from pfstorer.sampling import MAX_OUTPUT_PIXELS
         from registry import is_safe_key, model_key
         from ray.serve.exceptions import BackPressureError
         from starlette.datastructures import UploadFile
@@ -350,19 +358,17 @@ class Gateway:
             if entry is None:  # nonexistent or another tenant's: the same answer
                 return not_found()
             key = model_key(tenant, params.identity)
+        s = self.settings.serve
+        steps = params.steps or s.default_steps or self._preset_steps
         try:  # the header only: the photo crosses to the model encoded, and is decoded there
             h, w = await asyncio.to_thread(probe_image, data, limits=self.limits, name="image")
-        except PFStorerError as exc:
-            return error_response(exc)
-        s = self.settings.serve
-        out_px = round(h * params.scale) * round(w * params.scale)
-        if out_px > MAX_OUTPUT_PIXELS:
-            return json_error(413, f"output of {w}x{h} at scale {params.scale} would be too large")
-        try:
-            check_budget(out_px, params.steps or s.default_steps or self._preset_steps, s.max_pixel_steps)
+            out_h, out_w = check_output(h, w, params.scale, self.limits.min_side)
+            check_steps(steps, s.max_steps)
+            check_budget(out_h * out_w, steps, s.max_pixel_steps)
         except PFStorerError as exc:
             return error_response(exc)
         p = params.model_dump()
+        p["tenant"], p["request_id"] = tenant, rid
         p["steps"] = params.steps or s.default_steps
         p["format"] = params.format or negotiate(request.headers.get("accept"))
         p["deadline_s"] = max(0.0, s.request_timeout_s - (time.monotonic() - arrived))
@@ -388,20 +394,25 @@ class Gateway:
                 return json_error(CLIENT_GONE, "request cancelled")
             if isinstance(cause, DeploymentUnavailableError):
                 return self._retry_later(503, "model unavailable")
-            log.exception("restore failed")
+            log.exception("restore failed: tenant=%s request=%s", tenant, rid)
             return json_error(500, "internal error")
+        if isinstance(result, Refused):
+            if result.status == 404:
+                return not_found()
+            return json_error(result.status, result.reason)
+        assert isinstance(result, Restored), type(result)
         elapsed = time.perf_counter() - t0
         self._latency_s = 0.8 * self._latency_s + 0.2 * elapsed
         return Response(
-            content=result["body"],
-            media_type=result["media_type"],
+            content=result.body,
+            media_type=result.media_type,
             headers={
-                ADAPTER_HEADER: result["adapter"],
-                BASE_HEADER: result["base"],
+                ADAPTER_HEADER: result.adapter,
+                BASE_HEADER: result.base,
                 "X-PFStorer-Seed": str(params.seed),
-                "X-PFStorer-Steps": str(result["steps"]),
-                "Server-Timing": f"queue;dur={result['queue_s'] * 1e3:.1f}, "
-                f"restore;dur={result['compute_s'] * 1e3:.1f}, total;dur={elapsed * 1e3:.1f}",
+                "X-PFStorer-Steps": str(result.steps),
+                "Server-Timing": f"queue;dur={result.queue_s * 1e3:.1f}, "
+                f"restore;dur={result.compute_s * 1e3:.1f}, total;dur={elapsed * 1e3:.1f}",
                 "Cache-Control": "no-store",
                 "Vary": "Accept",
             },

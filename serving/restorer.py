@@ -1,11 +1,16 @@
 """The model deployment: one base per replica, people's adapters hot-loaded into device slots.
 
 ``Restorer.restore`` takes a photo's encoded bytes and the multiplexed model id
-``"tenant/identity"``, decodes it on the replica, acquires the person's adapter (index ->
-sha256-verified bytes -> host RAM -> device slot, :mod:`serving.adapters`) and restores it,
-alone or in a cross-request batch (:mod:`serving.batching`), stopping at the request's deadline
-or when the caller goes away. Adapters whose person left the index are swept from host RAM and
-device slots.
+``"tenant/identity"``, waits for its start in the replica's fair queue, decodes it, acquires the
+person's adapter (index -> sha256-verified bytes -> host RAM -> device slot,
+:mod:`serving.adapters`) and restores it, alone or in a cross-request batch
+(:mod:`serving.batching`), stopping at the request's deadline or when the caller goes away.
+Adapters whose person left the index are swept from host RAM and device slots.
+
+No tenant can slow another (:mod:`serving.fair_share`): each running request computes in its own
+thread and the model passes between them at every tile batch, to the tenant that has used the
+least model time; a tenant's own requests run one after another. A request's errors come back
+as a :class:`~serving.messages.Refused` answer, never as an exception (:mod:`serving.messages`).
 
 Outputs are those of ``pfstorer restore`` bit for bit for the same image, adapter, seed, steps,
 scale, colour fix, ``--tile`` = ``serve.tile_size``, device and torch thread count (each replica
@@ -22,6 +27,7 @@ import contextvars
 import functools
 import logging
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -38,12 +44,14 @@ from serving.adapters import (
     ResidentAdapter,
     SlotPool,
 )
-from serving.api import check_budget
+from serving.api import check_budget, check_output, check_steps, status_of
 from serving.batching import BatchItem, BatchStats, batch_signature, plan_runs
+from serving.fair_share import FairShare, Lease, RunQueue
+from serving.messages import Refused, Restored
 from serving.metrics import AdapterMetrics
 from serving.serve_compat import announce_loaded_models, clear_multiplexed_model_id, loaded_models
 
-log = logging.getLogger("pfstorer.serving")
+log = logging.getLogger("ray.serve")  # Serve's documented logger: replica log files, with request ids
 
 __all__ = ["Restorer"]
 
@@ -110,8 +118,11 @@ class Restorer:
         self.registry = AdapterRegistry.from_settings(settings, read_only=True,
                                                       index_max_age_s=settings.serve.index_max_age_s)
         self.turns = AffinityLock(self._is_resident, max_skips=max(4, 2 * s.adapter_slots))
-        # every touch of the model or the slots happens on this one thread, in order
-        self._torch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pfstorer-torch")
+        self.share = FairShare(credit_s=s.fair_credit_s)
+        self.queue = RunQueue(self.share, s.adapter_slots)
+        # one thread per running request (and slot copies); FairShare lets one compute at a time
+        self._torch = concurrent.futures.ThreadPoolExecutor(
+            s.max_ongoing_requests + 2, thread_name_prefix="pfstorer-torch")
         self._io = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="pfstorer-io")
         self._sweeper: asyncio.Task[None] | None = None
         self._fetched: dict[str, tuple[str, float]] = {}  # key -> (source, ms) of this turn's read
@@ -133,11 +144,18 @@ class Restorer:
     async def _io_call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
-    async def _torch_call(self, fn: Any, *args: Any, deadline: Deadline | None = None) -> Any:
-        """Run on the model thread; if the request is cancelled, cancel ``deadline`` (the work
-        stops at its next tile batch) and still wait for it to finish, so the next holder of the
-        turn never overlaps it."""
-        fut = asyncio.get_running_loop().run_in_executor(self._torch, fn, *args)
+    async def _on_model(self, fn: Callable[[Lease], Any], tenants: Iterable[str],
+                        deadline: Deadline | None = None) -> Any:
+        """Run ``fn(lease)`` in a model thread holding the model for ``tenants`` (the lease is
+        the work's checkpoint between tile batches). If the request is cancelled, cancel
+        ``deadline`` (the work stops at its next tile batch) and still wait for the thread, so
+        nothing outlives the request that started it."""
+
+        def work() -> Any:
+            with self.share.lease(tenants, deadline) as lease:
+                return fn(lease)
+
+        fut = asyncio.get_running_loop().run_in_executor(self._torch, work)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
@@ -153,6 +171,10 @@ class Restorer:
 
     def _is_resident(self, key: str) -> bool:
         return key in self._resident()
+
+    async def _load_slot(self, slot: int, tensors: Any, key: str) -> None:
+        """Copy an adapter into a device slot (on the model, as its tenant's work)."""
+        await self._on_model(lambda _: self.slots.load(slot, tensors), [key.split("/", 1)[0]])
 
     def _entry(self, key: str) -> Any:
         from registry import parse_model_key
@@ -194,7 +216,7 @@ class Restorer:
         adapter, _ = await self._io_call(self._verified, entry)
         slot = self.pool.take()
         try:
-            await self._torch_call(self.slots.load, slot, adapter.tensors)
+            await self._load_slot(slot, adapter.tensors, key)
         except BaseException:
             self.pool.give(slot)
             raise
@@ -211,7 +233,7 @@ class Restorer:
             if resident.sha256 != entry.sha256:  # new version published, or wiped by the sweeper
                 t0 = time.perf_counter()
                 adapter, _ = await self._io_call(self._verified, entry)
-                await self._torch_call(self.slots.load, resident.slot, adapter.tensors)
+                await self._load_slot(resident.slot, adapter.tensors, key)
                 resident.sha256, resident.label = entry.sha256, entry.label
                 self._record_slot_load(key, t0)
             elif was_resident:
@@ -224,9 +246,10 @@ class Restorer:
 
     def _restore_sync(
         self, images_u8: list[torch.Tensor], slots: list[int] | None, seeds: list[int], strengths: list[float],
-        p: dict[str, Any], deadline: Deadline,
+        p: dict[str, Any], lease: Lease,
     ) -> torch.Tensor:
-        """Rows of one shape and parameters; row i with device slot ``slots[i]`` (None: all base)."""
+        """Rows of one shape and parameters; row i with device slot ``slots[i]`` (None: all base).
+        ``lease`` is checked before every tile batch: the deadline, and the model's fair share."""
         from pfstorer.sampling import restore_batch
 
         # uint8 in, uint8 out, as `pfstorer restore` does: the same bits as the offline CLI
@@ -244,7 +267,7 @@ class Restorer:
             tile=self.settings.serve.tile_size,
             tile_batch=self.settings.serve.tile_batch,
             color_fix=p["color_fix"],
-            deadline=deadline,
+            deadline=lease,
         )
 
     # -- forgetting (faces are biometric data) ---------------------------------------------------
@@ -270,11 +293,13 @@ class Restorer:
         resident = self._resident()
         if any(k not in current for k in list(resident)):
             async with self.turns.turn(""):
-                for key in [k for k in list(resident) if k not in current]:
+                # a running request's person is wiped at the next sweep, once it has ended
+                for key in [k for k in list(resident) if k not in current and k not in self.queue.people]:
                     adapter = resident.pop(key, None)
                     if adapter is None:
                         continue
-                    await self._torch_call(self.slots.clear, adapter.slot)
+                    slot = adapter.slot
+                    await self._on_model(lambda _, slot=slot: self.slots.clear(slot), [""])
                     adapter.sha256 = adapter.label = None
                     adapter.release()
                     wiped += 1
@@ -306,38 +331,52 @@ class Restorer:
         return results
 
     async def _run(self, jobs: list[BatchItem]) -> list[dict[str, Any]]:
-        """Rows of one signature with at most ``adapter_slots`` people, in one call, holding
-        the turn from the first slot acquisition to the end (the slots stay pinned)."""
+        """Rows of one signature with at most ``adapter_slots`` people, in one call.
+
+        The run waits for its start (:class:`RunQueue`), acquires its people's slots holding
+        the replica's turn, then computes in its own thread, sharing the model tile batch by tile
+        batch with the other running requests. Its people stay in their slots until it ends:
+        every acquisition first makes the running requests' people the most recently used, and
+        they never outnumber the slots, so the LRU evicts somebody else."""
         entries = {j.key: j.entry for j in jobs if j.key}  # the newest entry of each person
+        tenants = {j.tenant for j in jobs}
         failed: dict[str, Exception] = {}
-        async with self.turns.turn(jobs[0].key):
+        async with self.queue.start(tenants, entries):
             t1 = time.perf_counter()
-            residents: dict[str, ResidentAdapter] = {}
-            for key, entry in entries.items():
-                try:
-                    residents[key] = await self._acquire(key, entry)
-                except Exception as exc:  # this person's rows fail, the others run
-                    failed[key] = exc
+            async with self.turns.turn(jobs[0].key):
+                for key in self.queue.people - entries.keys():
+                    if self._is_resident(key):
+                        await self.get_adapter(key)  # resident: only its place in the LRU changes
+                residents: dict[str, ResidentAdapter] = {}
+                for key, entry in entries.items():
+                    try:
+                        residents[key] = await self._acquire(key, entry)
+                    except Exception as exc:  # this person's rows fail, the others run
+                        failed[key] = exc
             if any(r.released for r in residents.values()):
                 raise RuntimeError("an adapter slot was evicted while its batch was being formed")
             rows = [j for j in jobs if j.key not in failed]
             images = None
             if rows:
+                for j in rows:  # decoded only now: a waiting request holds its encoded bytes alone
+                    if j.image is None:
+                        j.image = await self._io_call(self._decode, j.data)
                 slots = [residents[j.key].slot if j.key else self.base_slot for j in rows]
                 deadline = Deadline.any_of([j.deadline for j in rows])
+                work = functools.partial(
+                    self._restore_sync,
+                    [j.image for j in rows],
+                    slots if residents else None,
+                    [int(j.params["seed"]) for j in rows],
+                    [float(j.params.get("strength", 1.0)) for j in rows],
+                    rows[0].params,
+                )
                 try:
-                    images = await self._torch_call(
-                        self._restore_sync,
-                        [j.image for j in rows],
-                        slots if residents else None,
-                        [int(j.params["seed"]) for j in rows],
-                        [float(j.params.get("strength", 1.0)) for j in rows],
-                        rows[0].params,
-                        deadline,
-                        deadline=deadline,
-                    )
+                    images = await self._on_model(work, {j.tenant for j in rows}, deadline)
                 except (DeadlineExceededError, CancelledError) as exc:
                     self.stopped["cancelled" if isinstance(exc, CancelledError) else "deadline"] += 1
+                    raise
+                except PFStorerError:
                     raise
                 except Exception as exc:
                     self.device_failed = self.device_failed or device_failure(exc)
@@ -357,6 +396,12 @@ class Restorer:
             })  # fmt: skip
         return out
 
+    def _decode(self, data: bytes) -> torch.Tensor:
+        from pfstorer.images import decode_image
+
+        # straight to uint8: the photo crossed the object store encoded
+        return decode_image(data, limits=self.limits, dtype=torch.uint8)
+
     async def _in_batch(self, job: BatchItem) -> dict[str, Any]:
         """Queue ``job`` for the next batch, outside its multiplexed model id (people mix)."""
         context = contextvars.copy_context()
@@ -365,28 +410,41 @@ class Restorer:
         return await task
 
     # -- API ------------------------------------------------------------------------------------
-    async def restore(self, data: bytes, params: dict[str, Any]) -> dict[str, Any]:
+    async def restore(self, data: bytes, params: dict[str, Any]) -> Restored | Refused:
         """Restore one photo (its encoded bytes) for the person of the multiplexed model id.
 
-        ``params["deadline_s"]``: seconds left for the work (the Gateway's request deadline);
-        ``format``/``quality``: the output encoding. Returns the encoded image and timings.
+        ``params["tenant"]``: whose request it is (the fair share); ``params["deadline_s"]``:
+        seconds left for the work (the Gateway's request deadline); ``format``/``quality``: the
+        output encoding. A problem of the request itself (a corrupt photo, an unknown person,
+        its deadline) is answered with :class:`Refused`; exceptions are the server's faults.
         """
-        from pfstorer.images import decode_image
+        try:
+            return await self._restore(data, params)
+        except PFStorerError as exc:
+            return Refused(status_of(exc), str(exc))
+
+    async def _restore(self, data: bytes, params: dict[str, Any]) -> Restored:
+        from pfstorer.images import MEDIA_TYPES, encode_image, probe_image
 
         self._ensure_sweeper()
         self.requests += 1
+        s = self.settings.serve
         deadline = Deadline(params.get("deadline_s"))
         key = serve.get_multiplexed_model_id() or ""
-        # straight to uint8 in an I/O thread: the photo crossed the object store encoded
-        image_u8 = await self._io_call(functools.partial(decode_image, data, limits=self.limits, dtype=torch.uint8))
         # what the request leaves open, the base decides
         chosen = self.model.config.sampling.override(
             sampler=params.get("sampler"), steps=params.get("steps"), t_start=params.get("t_start"))
         params = {**params, **chosen.model_dump()}
-        h, w = image_u8.shape[-2:]
-        check_budget(round(h * params["scale"]) * round(w * params["scale"]), chosen.steps,
-                     self.settings.serve.max_pixel_steps)
-        job = BatchItem(key, None, image_u8, params, time.perf_counter(), deadline)
+        # the header is enough to refuse: the pixels are decoded once the request starts
+        h, w = await self._io_call(functools.partial(probe_image, data, limits=self.limits, name="image"))
+        out_h, out_w = check_output(h, w, params["scale"], self.limits.min_side)
+        check_steps(chosen.steps, s.max_steps)
+        check_budget(out_h * out_w, chosen.steps, s.max_pixel_steps)
+        image = None
+        if self.batching:  # a batch is formed by image size: decode now
+            image = await self._io_call(self._decode, data)
+        job = BatchItem(key, None, image, params, time.perf_counter(), deadline,
+                        tenant=str(params.get("tenant") or ""), data=data)
         if key:
             job.entry = await self._io_call(self._entry, key)
             tf = time.perf_counter()
@@ -403,13 +461,11 @@ class Restorer:
             raise
         if "error" in result:
             raise result["error"]
-        from pfstorer.images import MEDIA_TYPES, encode_image
-
         fmt = str(params.get("format") or "png").upper()
-        quality = int(params.get("quality") or self.settings.serve.output_quality)
-        body = await self._io_call(encode_image, result.pop("image"), fmt, quality)
-        return {"body": body, "media_type": MEDIA_TYPES[fmt], "base": self.fingerprint, "steps": params["steps"],
-                **result}
+        quality = int(params.get("quality") or s.output_quality)
+        body = await self._io_call(encode_image, result["image"], fmt, quality)
+        return Restored(body=body, media_type=MEDIA_TYPES[fmt], adapter=result["adapter"], base=self.fingerprint,
+                        steps=params["steps"], queue_s=result["queue_s"], compute_s=result["compute_s"])
 
     def check_health(self) -> None:
         """Ray Serve's replica health check (every ``health_check_period_s``): a replica whose
@@ -448,6 +504,8 @@ class Restorer:
             "host_cached": len(self.host),
             "host_cached_bytes": self.host.nbytes,
             "affinity_lock": {"granted": self.turns.granted, "reordered": self.turns.reordered},
+            "fair_share": {"handovers": self.share.handovers, "running": self.queue.running,
+                           "waiting": self.queue.waiting},
             "batches": self.batch_stats.summary(),
             "forgotten": dict(self.forgotten),
             "stopped": dict(self.stopped),

@@ -7,6 +7,8 @@
   ``.models``), to know which people are resident and to wipe forgotten ones.
 - :func:`announce_loaded_models`: after such a wipe, tell the router the replica's model set
   changed (``_push_multiplexed_replica_info``).
+- :func:`request_id`: the id Serve's proxy gave the HTTP request (the client's ``X-Request-ID``,
+  or a new one), which it also returns in the response's ``X-Request-ID``: logs name it.
 
 ``tests/test_serve_compat.py`` checks each against the installed Ray, so an upgrade that breaks
 one fails there, by name, before it can fail in production.
@@ -27,6 +29,13 @@ def clear_multiplexed_model_id() -> None:
 
     current = context._get_serve_request_context()
     context._serve_request_context.set(dataclasses.replace(current, multiplexed_model_id=""))
+
+
+def request_id() -> str:
+    """The current request's id (``X-Request-ID``), as Serve's proxy set it."""
+    from ray.serve import context
+
+    return context._get_serve_request_context().request_id
 
 
 def loaded_models(loader: Callable[..., Any]) -> dict[str, Any] | None:

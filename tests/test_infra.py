@@ -232,6 +232,14 @@ def test_rayservice_serve_config() -> None:
     )
     assert gpu_slots >= auto["max_replicas"] * dep["ray_actor_options"]["num_gpus"]
     assert "/readyz" in (K8S / "README.md").read_text() + (K8S / "rayservice.yaml").read_text()
+    # every node's Serve proxy closes connections whose request head is late
+    from serving.http_guard import proxy_env
+
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        for c in containers(group["template"]):
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert proxy_env(10)["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"]
+            assert float(env["PFSTORER_SERVE__HEADER_TIMEOUT_S"]) > 0
 
 
 def test_rayservice_app_args_are_settings_overrides() -> None:

@@ -9,7 +9,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 
-from serving.serve_compat import WRAPPER_ATTR, announce_loaded_models, clear_multiplexed_model_id, loaded_models
+from serving.serve_compat import (
+    WRAPPER_ATTR,
+    announce_loaded_models,
+    clear_multiplexed_model_id,
+    loaded_models,
+    request_id,
+)
 
 
 def test_clearing_the_multiplexed_model_id_of_a_copied_context() -> None:
@@ -28,6 +34,19 @@ def test_clearing_the_multiplexed_model_id_of_a_copied_context() -> None:
 
     outer, inner = asyncio.run(main())
     assert (outer, inner) == ("acme/anna", "")  # only the copy is cleared
+
+
+def test_the_request_id_of_the_current_request() -> None:
+    import dataclasses
+
+    from ray.serve import context
+
+    async def main() -> str:
+        current = context._get_serve_request_context()
+        context._serve_request_context.set(dataclasses.replace(current, request_id="abc-123"))
+        return request_id()
+
+    assert asyncio.run(main()) == "abc-123"
 
 
 def test_the_multiplex_wrapper_keeps_its_models_and_push_flag() -> None:

@@ -337,6 +337,9 @@ class Stack:
         self.model: Any = None
         self.cli: subprocess.Popen | None = None
         self.cli_out: Path | None = None
+        self.photo512: Path | None = None
+        self.cli512: subprocess.Popen | None = None
+        self.cli512_out: Path | None = None
         self._refs: dict[tuple, bytes] = {}
 
     def headers(self, tenant: str) -> dict[str, str]:
@@ -417,6 +420,19 @@ def stack(ray_session, mlflow_local, lfw_bench, tmp_path_factory) -> Any:
          str(s.adapter_dirs[(tenant, name)]), "--input", str(s.photo[(tenant, name)]), "--out",
          str(s.cli_out), "--seed", "100", "--steps", str(STEPS), "--tile", str(TILE), "--quiet"],
         env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+    # a 512 px photo (tiled: 64 px tiles), base only, with --threads 1 and nothing else pinning threads
+    from PIL import Image
+
+    s.photo512 = root / "photo512.jpg"  # under the 300 KB upload limit
+    Image.open(lfw_bench[people[0]][5]).convert("RGB").resize((512, 512), Image.BICUBIC).save(s.photo512, quality=95)
+    s.cli512_out = root / "cli512.png"
+    s.cli512 = subprocess.Popen(
+        [sys.executable, "-m", "pfstorer.cli", "restore", "--base", "tiny", "--input", str(s.photo512), "--out",
+         str(s.cli512_out), "--seed", "7", "--steps", str(STEPS), "--tile", str(TILE), "--threads", "1", "--quiet"],
+        env={k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
 
@@ -522,6 +538,17 @@ def test_each_person_matches_offline_restore(stack: Stack, client: Any) -> None:
     assert rc == 0, stack.cli.stdout.read().decode()
     first = stack.people[next(iter(stack.people))][0]
     assert stack.cli_out.read_bytes() == outputs[(next(iter(stack.people)), first)]
+
+
+@pytest.mark.integration
+def test_a_tiled_512px_photo_matches_the_cli_at_the_replicas_thread_count(stack: Stack, client: Any) -> None:
+    """The CLI's --threads is what makes it match: its process has no thread variable set."""
+    r = _post(client, stack, next(iter(stack.people)), stack.photo512, seed=7)
+    assert r.status_code == 200, r.text
+    assert client.get("/readyz").json()["torch_threads"] == 1
+    rc = stack.cli512.wait(timeout=300)
+    assert rc == 0, stack.cli512.stdout.read().decode()
+    assert stack.cli512_out.read_bytes() == r.content
 
 
 @pytest.mark.integration

@@ -2,11 +2,14 @@
 
 One client must not be able to take the API down: malformed requests get a clear 4xx, never a
 500 or a hang; stalled uploads time out (408) without blocking anyone else; a restore over the
-compute budget is refused (413); a long restore stops at its deadline (503) or when its client
-hangs up; one tenant flooding gets 429 while another tenant is served; a flood of every tenant
-gets 503 and never delays a probe; an unreadable adapter index is a 503. After all of it, a valid
-request of another tenant still succeeds promptly, the Prometheus figures count what each tenant
-got, and SIGTERM stops the server with no Ray process left behind.
+compute budget, too many steps or an output under the minimum side is refused (413, 422); a long
+restore stops at its deadline (503) or when its client hangs up; one tenant flooding gets 429
+while another tenant is served; one tenant keeping the model busy with the largest requests it
+may send does not slow another's small ones; a half-sent request head is closed; client errors
+log one line, never a traceback; a flood of every tenant gets 503 and never delays a probe; an
+unreadable adapter index is a 503. After all of it, a valid request of another tenant still
+succeeds promptly, the Prometheus figures count what each tenant got (on loopback only), and
+SIGTERM stops the server with no Ray process left behind.
 """
 
 from __future__ import annotations
@@ -15,10 +18,14 @@ import concurrent.futures
 import contextlib
 import io
 import os
+import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +38,8 @@ from serving.auth import generate_key, hash_key
 pytestmark = pytest.mark.integration
 
 BODY_TIMEOUT_S = 2.0
+HEADER_TIMEOUT_S = 2.0
+MAX_STEPS = 50  # the tiny base samples 50 steps by default
 REQUEST_TIMEOUT_S = 12.0
 TENANT_CAP = 2
 GATEWAY_CAP = 2 * TENANT_CAP  # two tenants fill the Gateway; a third is refused
@@ -51,9 +60,14 @@ def _png(side: int, colour: tuple[int, int, int] = (120, 90, 60)) -> bytes:
 
 class Server:
     def __init__(self, url: str, keys: dict[str, str], index: Path, proc: subprocess.Popen, metrics_port: int,
-                 log: Path) -> None:
+                 log: Path, ray_tmp: Path) -> None:
         self.url, self.keys, self.index, self.proc = url, keys, index, proc
-        self.metrics_port, self.log = metrics_port, log
+        self.metrics_port, self.log, self.ray_tmp = metrics_port, log, ray_tmp
+
+    def ray_logs(self) -> dict[str, str]:
+        """Every log file of the server's Ray node (its replicas' included): name -> text."""
+        return {f.name: f.read_text(errors="replace") for f in self.ray_tmp.rglob("logs/**/*")
+                if f.is_file() and f.suffix in (".log", ".err", ".out")}
 
     def headers(self, tenant: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[tenant]}"}
@@ -106,8 +120,11 @@ serve:
   gateway_max_requests: {GATEWAY_CAP}
   metrics_port: {metrics_port}
   index_max_age_s: 0.5
+  header_timeout_s: {HEADER_TIMEOUT_S}
+  max_steps: {MAX_STEPS}
 """)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ray_tmp = Path(tempfile.mkdtemp(prefix="pfab"))  # short: Ray's socket paths must stay short
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TMPDIR": str(ray_tmp)}
     log = open(root / "serve.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "pfstorer.cli", "serve", "--config", str(root / "settings.yaml")],
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -123,7 +140,7 @@ serve:
         assert time.monotonic() < deadline, "pfstorer serve did not become ready"
         time.sleep(0.5)
     try:
-        yield Server(url, keys, root / "index.parquet", proc, metrics_port, root / "serve.log")
+        yield Server(url, keys, root / "index.parquet", proc, metrics_port, root / "serve.log", ray_tmp)
     finally:
         with contextlib.suppress(ProcessLookupError):  # the SIGTERM test has stopped it already
             os.killpg(proc.pid, signal.SIGINT)
@@ -132,6 +149,7 @@ serve:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _prompt(server: Server, tenant: str = "globex", within: float = 15.0) -> float:
@@ -190,10 +208,98 @@ def test_output_formats_by_field_and_accept(server: Server) -> None:
 
 def test_compute_budget_is_refused_up_front(server: Server) -> None:
     t0 = time.monotonic()
-    r = server.post("acme", _png(512), steps=50)  # 512 x 512 x 50 pixel-steps
+    r = server.post("acme", _png(512), steps=MAX_STEPS)  # 512 x 512 x 50 pixel-steps
     assert _json_status(r) == 413 and "compute budget" in r.json()["detail"] and f"{BUDGET:,}" in r.json()["detail"]
     assert time.monotonic() - t0 < 5  # refused from the header, no work done
     _prompt(server)
+
+
+def test_too_many_steps_and_too_small_outputs_are_refused(server: Server) -> None:
+    r = server.post("acme", _png(64), steps=MAX_STEPS + 1)
+    assert _json_status(r) == 422 and "serve.max_steps" in r.json()["detail"], r.text
+    r = server.post("acme", _png(64), steps=1, scale=0.001)  # would be a 1x1 image
+    assert _json_status(r) == 422 and "minimum" in r.json()["detail"], r.text
+    r = server.post("acme", _png(8), steps=1)  # an input under the minimum side: the same answer
+    assert _json_status(r) == 422 and "minimum" in r.json()["detail"], r.text
+
+
+def _latencies(server: Server, tenant: str, n: int) -> list[float]:
+    times = []
+    for i in range(n):
+        t0 = time.monotonic()
+        r = server.post(tenant, _png(128), steps=4, seed=i, timeout=60)
+        assert r.status_code == 200, r.text
+        times.append(time.monotonic() - t0)
+    return times
+
+
+def test_a_tenant_keeping_the_model_busy_does_not_slow_another(server: Server) -> None:
+    """acme keeps the replica busy with the largest requests its budget and share allow (each
+    runs until its deadline, and is sent again); globex's small requests, one at a time, stay
+    within 3x of their latency on the idle replica, measured in the same run."""
+    idle = _latencies(server, "globex", 6)[1:]  # the first warms the path
+    heavy, done = _png(256), threading.Event()
+
+    def saturate() -> list[int]:
+        codes = []
+        while not done.is_set():
+            codes.append(server.post("acme", heavy, steps=LONG_STEPS, timeout=60).status_code)
+        return codes
+
+    with concurrent.futures.ThreadPoolExecutor(TENANT_CAP) as pool:
+        futures = [pool.submit(saturate) for _ in range(TENANT_CAP)]
+        time.sleep(1.0)  # both heavy requests are running
+        try:
+            loaded = _latencies(server, "globex", 6)
+        finally:
+            done.set()
+        codes = [c for f in futures for c in f.result()]
+    assert set(codes) == {503}, codes  # every heavy request kept the model busy until its deadline
+    p95_loaded = sorted(loaded)[-1]  # 6 samples: the nearest-rank 95th percentile is the largest
+    assert p95_loaded <= 3 * statistics.median(idle), (idle, loaded)
+
+
+def test_a_half_sent_request_head_is_closed(server: Server) -> None:
+    port = int(server.url.rsplit(":", 1)[1])
+    partial = socket.create_connection(("127.0.0.1", port), timeout=30)
+    silent = socket.create_connection(("127.0.0.1", port), timeout=30)
+    t0 = time.monotonic()
+    partial.sendall(f"POST /v1/restore HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {server.keys['acme']}\r\n"
+                    .encode())
+    try:
+        for s in (partial, silent):
+            data = s.recv(65536)
+            assert data.startswith(b"HTTP/1.1 408"), data
+            assert s.recv(65536) == b""  # and closed
+        assert time.monotonic() - t0 < HEADER_TIMEOUT_S + 3
+    finally:
+        partial.close()
+        silent.close()
+    _prompt(server)  # a whole request on a new connection is served as always
+
+
+def test_client_errors_log_one_line_without_a_traceback(server: Server) -> None:
+    truncated = _png(64)[:60]  # a valid header, a body that does not decode: found on the replica
+    rid = "abuse-truncated-1"
+    r = server.post("acme", truncated, steps=1, headers={"X-Request-ID": rid})
+    assert _json_status(r) == 400 and r.headers["X-Request-ID"] == rid
+    deadline = time.monotonic() + 20
+    while True:  # log files are flushed asynchronously
+        logs = server.ray_logs()
+        ours = {name: [line for line in text.splitlines() if f"request={rid}" in line] for name, text in logs.items()}
+        ours = {name: lines for name, lines in ours.items() if lines}
+        if ours or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert ours, "the refusal was not logged"
+    for lines in ours.values():  # one line in each file that has it (Serve also copies it to stderr)
+        assert len(lines) == 1 and "tenant=acme" in lines[0] and "status=400" in lines[0], ours
+    for name, text in logs.items():  # Serve's own lines for the request (its access log) are INFO too
+        assert not [line for line in text.splitlines() if rid in line and "ERROR" in line], name
+    replicas = {name: text for name, text in logs.items() if name.startswith("replica_")}
+    assert replicas, sorted(logs)
+    for name, text in replicas.items():  # no request of this whole suite made a replica fail
+        assert "Request failed" not in text and "Traceback" not in text, (name, text[-3000:])
 
 
 def _stalled_upload(server: Server, tenant: str) -> socket.socket:
@@ -325,6 +431,13 @@ def _metric(server: Server, name: str, **labels: str) -> float:
 
 def test_prometheus_counts_each_tenant(server: Server) -> None:
     import httpx
+    import psutil
+
+    start = next(line for line in server.log.read_text().splitlines() if "Prometheus metrics at" in line)
+    assert f"Prometheus metrics at http://127.0.0.1:{server.metrics_port}/metrics" in start, start
+    listening = {c.laddr.ip for c in psutil.net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == server.metrics_port}
+    assert listening == {"127.0.0.1"}, listening
 
     r = httpx.get(f"{server.url}/v1/identities", headers=server.headers("initech"), timeout=10)
     assert r.status_code == 200

@@ -155,7 +155,7 @@ def test_precedence_overrides_env_file_defaults(
     s = Settings.load()
     assert s.workers == 5 and s.serve.port == 2222  # env > file
     assert s.base == "compact" and s.serve.max_queued_requests == 5  # file > defaults
-    assert s.serve.max_ongoing_requests == 4  # defaults
+    assert s.serve.max_ongoing_requests == 16  # defaults
     assert s.device == "cpu"
 
     o = Settings.load(workers=7, serve={"port": 3333}, base=None, ray_address=None)
@@ -229,7 +229,7 @@ def test_serve_deployment_options() -> None:
     fixed = Settings.load(serve={"num_replicas": 2, "num_gpus": 1}).serve.deployment_options()
     assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
     assert fixed["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
-    assert fixed["max_queued_requests"] == 16 and fixed["max_ongoing_requests"] == 4
+    assert fixed["max_queued_requests"] == 16 and fixed["max_ongoing_requests"] == 16
     auto = Settings.load(serve={"autoscaling": {"min_replicas": 0, "max_replicas": 5}})
     opts = auto.serve.deployment_options()
     assert "num_replicas" not in opts
