@@ -43,11 +43,7 @@ use_offline_env()
 LFW = REPO.parent / "shared" / "data" / "lfw128"
 RESULTS = REPO / "benchmarks" / "results"
 
-# Measured anchors (H200, SD-2.1-size UNet, bf16): 16 identities packed into one batch of 32
-# take 212.5 ms per personalization step; the paper's 500 steps.
-ANCHOR_STEP_S = 0.2125
-ANCHOR_PACK = 16
-ANCHOR_STEPS = 500
+ANCHOR_STEPS = 500  # the paper's personalization steps
 
 
 def lfw_people(min_photos: int) -> list[tuple[str, list[str]]]:
@@ -139,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kill-workers", type=int, default=0, help="SIGKILL a training worker this many times")
     ap.add_argument("--bad-rows", type=int, default=0, help="broken manifest rows to add")
     ap.add_argument("--gpus", type=int, default=64, help="GPU count for the 100k extrapolation")
+    ap.add_argument("--gpu-step-ms", type=float, default=None,
+                    help="a packed personalization step on one GPU, as `bench_perf.py --device cuda` measured it "
+                         "(its results file); without it, no GPU extrapolation is printed")
+    ap.add_argument("--gpu-pack", type=int, default=16, help="identities per packed GPU step (with --gpu-step-ms)")
     ap.add_argument("--state-dir", default=None, help="default: a fresh temporary directory")
     ap.add_argument("--name", default="scheduler_cpu")
     ap.add_argument("--no-save", action="store_true")
@@ -220,10 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     # the one-writer registry path is serial: its cost per identity bounds the whole run's rate
     serial_ms = 1000 * mean(publish) + index_ms
 
-    gpu_s_per_id = ANCHOR_STEPS * ANCHOR_STEP_S / ANCHOR_PACK
+    gpu_s_per_id = ANCHOR_STEPS * args.gpu_step_ms / 1000 / args.gpu_pack if args.gpu_step_ms else None
     ids = 100_000
-    compute_h = ids * gpu_s_per_id / args.gpus / 3600
-    cluster_rate = args.gpus / gpu_s_per_id  # identities/s the GPUs can train
+    compute_h = ids * gpu_s_per_id / args.gpus / 3600 if gpu_s_per_id else None
+    cluster_rate = args.gpus / gpu_s_per_id if gpu_s_per_id else None  # identities/s the GPUs can train
     registry_rate = 1000 / serial_ms if serial_ms > 0 else float("inf")
     overhead_h = ids * overhead_ms / 1000 / 3600
 
@@ -283,17 +283,19 @@ def main(argv: list[str] | None = None) -> int:
     ok = (s1.failed == 0 and once["exactly_once"] == s1.done == args.identities
           and s1.quarantined_rows == args.bad_rows == sum(s1.quarantine_reasons.values()))
     result["checks_passed"] = ok
-    verdict = (
+    gpu = (
         f"100,000 identities at {ANCHOR_STEPS} steps: compute = {ANCHOR_STEPS} x "
-        f"{ANCHOR_STEP_S * 1000:.1f} ms / {ANCHOR_PACK} packed = {gpu_s_per_id:.2f} GPU-s per "
-        f"identity (measured H200 anchor) -> {ids * gpu_s_per_id / 3600:,.0f} GPU-hours, "
+        f"{args.gpu_step_ms:.1f} ms / {args.gpu_pack} packed = {gpu_s_per_id:.2f} GPU-s per "
+        f"identity (--gpu-step-ms, as given) -> {ids * gpu_s_per_id / 3600:,.0f} GPU-hours, "
         f"{compute_h:.1f} h on {args.gpus} GPUs, which finish an identity every "
-        f"{1000 / cluster_rate:.0f} ms. The scheduler's measured overhead is "
+        f"{1000 / cluster_rate:.0f} ms. " if gpu_s_per_id else "")
+    verdict = gpu + (
+        f"The scheduler's measured overhead is "
         f"{overhead_ms:.0f} ms per identity ({overhead_h:.1f} h for 100k if it were all serial); "
         f"the queue and the uploads run in parallel with training, but registration through one "
         f"SQLite writer is serial at {serial_ms:.0f} ms per identity, i.e. at most "
         f"{registry_rate:.1f} identities/s"
-        + (
+        + ("." if cluster_rate is None else
             f" - below the {cluster_rate:.1f}/s the {args.gpus} GPUs produce, so at that scale the "
             f"registry, not the GPUs, would set the pace ({ids * serial_ms / 1000 / 3600:.1f} h). "
             f"The remedy (not measured here): an MLflow server on Postgres, several publisher "

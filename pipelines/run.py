@@ -153,7 +153,9 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--state-dir", metavar="DIR", help="local state (default .pfstorer-state)")
     p.add_argument("--config", metavar="FILE", help="pfstorer settings file (YAML/TOML)")
     p.add_argument("--s3-endpoint-url", metavar="URL", help="S3 endpoint for s3:// URLs")
-    p.add_argument("--dry-train", action="store_true", help="skip the UNet (scheduler benchmarks)")
+    p.add_argument("--dry-train", action="store_true",
+                   help="skip the UNet: untrained adapters, for scheduler benchmarks; refused unless the store, "
+                        "index and MLflow are the state dir's own (never a production registry)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cmd_run)

@@ -58,6 +58,23 @@ class RunPlan:
         return Path(self.settings.state_dir) / "runs" / self.run_id
 
 
+def check_dry_train_registry(settings: Any) -> None:
+    """Refuse a dry run (untrained adapters, for scheduler benchmarks) that would publish into a
+    configured registry: it may only write the local one inside ``state_dir`` (the defaults of
+    ``store_url``, ``index_url`` and ``tracking_uri``), which no server reads unless told to."""
+    from pfstorer.errors import PFStorerError
+
+    root = str(settings.state_dir)
+    outside = [name for name, url in (("store_url", settings.store_url), ("index_url", settings.index_url))
+               if "://" in str(url) or not str(url).startswith(root)]
+    if not str(settings.tracking_uri).startswith(f"sqlite:///{root}"):
+        outside.append("tracking_uri")
+    if outside:
+        raise PFStorerError(
+            f"--dry-train publishes untrained adapters, so it only writes the local registry in the state "
+            f"dir ({root}); {', '.join(outside)} point elsewhere: leave them unset (or use another --state-dir)")
+
+
 def _make_settings(settings: Any, overrides: Mapping[str, Any]) -> Any:
     from pfstorer.settings import Settings
 
@@ -183,6 +200,8 @@ def prepare_run(
     t_start = time.perf_counter()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     settings = _make_settings(settings, overrides)
+    if dry_train:
+        check_dry_train_registry(settings)
     run_id = run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     opts = storage_options_of(settings)
     timings: dict[str, float] = {}

@@ -395,3 +395,24 @@ def test_run_on_s3_with_mlflow_server(
     again = run_manifest(manifest, settings, pack=4, quarantine_out=f"{s3_url}/q2.parquet")
     assert (again.skipped, again.trained) == (4, 0)
     assert _versions(registry, tenant, names) == {n: [1] for n in names}
+
+
+def test_a_dry_run_never_publishes_into_a_configured_registry(tmp_path):
+    from pfstorer.errors import PFStorerError
+    from pfstorer.settings import Settings
+    from pipelines.run_plan import check_dry_train_registry
+
+    check_dry_train_registry(Settings(state_dir=tmp_path))  # the state dir's own registry: allowed
+    for field, url in (("store_url", "s3://prod/adapters"), ("index_url", str(tmp_path.parent / "index.parquet")),
+                       ("tracking_uri", "http://mlflow.prod:5000")):
+        with pytest.raises(PFStorerError, match=field):
+            check_dry_train_registry(Settings(state_dir=tmp_path, **{field: url}))
+    # through the command: refused before Ray starts or anything is written
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pfstorer.cli", "run", "--manifest", str(tmp_path / "m.parquet"),
+                           "--dry-train", "--state-dir", str(tmp_path / "state"), "--store", "s3://prod/adapters"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--dry-train" in proc.stderr and "store_url" in proc.stderr, proc.stderr
+    assert not (tmp_path / "state" / "runs").exists()
