@@ -100,7 +100,7 @@ def full_finetune(model, refs: Sequence[torch.Tensor], *, steps: int, lr: float,
     personalization (same crops, degradations, timesteps, starts and distance), no adapters."""
     from pfstorer.degradations import random_crop_resize, synthesize_lq
     from pfstorer.model import RestorationModel
-    from pfstorer.sampling import make_scheduler
+    from pfstorer.sampling import diffuse
     from pfstorer.training import loss_fn
 
     # a fresh model, not copy.deepcopy: the SFT hooks are closures over their own model
@@ -112,7 +112,6 @@ def full_finetune(model, refs: Sequence[torch.Tensor], *, steps: int, lr: float,
     m.train()
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    ac = make_scheduler(m, "ddpm").alphas_cumprod.to(m.device, torch.float32)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     size, b = m.config.sample_size, config.batch_size
@@ -132,10 +131,9 @@ def full_finetune(model, refs: Sequence[torch.Tensor], *, steps: int, lr: float,
         start = torch.rand(b, generator=gen) < p_start
         t = torch.where(start, torch.full_like(t, t_start), t).to(m.device)
         noise = torch.randn(z0.shape, generator=gen).to(m.device)
-        a = ac[t].view(-1, 1, 1, 1)
         src = torch.where(start.view(-1, 1, 1, 1).to(m.device), lq_lat, z0)
         with torch.autocast(m.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            pred = m.denoise((a.sqrt() * src.float() + (1 - a).sqrt() * noise).to(m.dtype), t, lq_lat)
+            pred = m.denoise(diffuse(m, src.float(), noise, t).to(m.dtype), t, lq_lat)
         loss = dist(pred.float(), m.target(z0.float(), noise))
         opt.zero_grad(set_to_none=True)
         loss.backward()

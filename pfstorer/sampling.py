@@ -51,6 +51,28 @@ def make_scheduler(model: RestorationModel, sampler: Sampler):
     raise InputError(f"unknown sampler {sampler!r}; use ddim or ddpm")
 
 
+def alphas_cumprod(model: RestorationModel) -> torch.Tensor:
+    """The base's noise schedule, alpha-bar_t for every training timestep (float32, CPU; shared:
+    index it, never write it)."""
+    c = model.config
+    key = (c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule)
+    if key not in _ALPHAS_CUMPROD:
+        _ALPHAS_CUMPROD[key] = make_scheduler(model, "ddpm").alphas_cumprod.float()
+    return _ALPHAS_CUMPROD[key]
+
+
+_ALPHAS_CUMPROD: dict[tuple, torch.Tensor] = {}
+
+
+def diffuse(model: RestorationModel, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Forward noising, z_t = sqrt(alpha-bar_t) z0 + sqrt(1 - alpha-bar_t) noise, one timestep per
+    row (DDPM's closed form of q(z_t | z0), which the paper's eqs. 2 and 4 train against). The one
+    place it is written; :func:`restore_batch` applies the same map in place, band by band, to
+    start from the LQ diffused to ``t_start``."""
+    a = alphas_cumprod(model)[t.cpu()].to(z0.device, z0.dtype).view(-1, *[1] * (z0.ndim - 1))
+    return a.sqrt() * z0 + (1 - a).sqrt() * noise.to(z0.device, z0.dtype)
+
+
 @dataclass(frozen=True)
 class Update:
     """One sampler step as a per-pixel linear map: ``x_prev = a * x_t + b * pred + c * noise``.
@@ -317,7 +339,7 @@ def restore_batch(
             z[i].copy_(torch.randn(z.shape[1:], generator=gen))
 
     if t_start < cfg.num_train_timesteps:  # start from the LQ diffused to t_start: z = sqrt(a) lq + sqrt(1-a) z
-        a_start = float(make_scheduler(model, sampler).alphas_cumprod[t_start])
+        a_start = float(alphas_cumprod(model)[t_start])  # diffuse(), in place and in bands
         z.mul_(math.sqrt(1 - a_start))
         for y0 in range(0, hz, BAND):
             y1 = min(hz, y0 + BAND)

@@ -316,15 +316,9 @@ class PackedTrainer:
         return out
 
     def _noisy(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        ac = self._alphas_cumprod()[t].to(z0.device, z0.dtype).view(-1, 1, 1, 1)
-        return ac.sqrt() * z0 + (1 - ac).sqrt() * noise.to(z0.device, z0.dtype)
+        from .sampling import diffuse
 
-    def _alphas_cumprod(self) -> torch.Tensor:
-        if not hasattr(self, "_ac"):
-            from .sampling import make_scheduler
-
-            self._ac = make_scheduler(self.model, "ddpm").alphas_cumprod
-        return self._ac
+        return diffuse(self.model, z0, noise, t)
 
     def step(self) -> list[Adapter]:
         """One optimisation step of all active identities; returns the adapters that finished."""

@@ -207,7 +207,7 @@ class _Probe:
 
         from pfstorer.degradations import degrade
         from pfstorer.images import resize
-        from pfstorer.sampling import make_scheduler
+        from pfstorer.sampling import alphas_cumprod
 
         cfg = model.config
         g = cfg.granularity
@@ -229,7 +229,7 @@ class _Probe:
             self.groups.append(("" if k == 0 else f"{name}/", hq, lq, noise))
         self.t_start = cfg.sampling.t_start if cfg.sampling.t_start < cfg.num_train_timesteps else None
         self.ts = [int(cfg.train_t_max * f) for f in (0.1, 0.5, 0.9)]
-        self.ac = make_scheduler(model, "ddpm").alphas_cumprod.float()
+        self.ac = alphas_cumprod(model)
 
     @staticmethod
     def _psnr(x, y) -> float:
@@ -247,6 +247,8 @@ class _Probe:
     def measure(self, model, step: int) -> dict[str, Any]:
         import torch
 
+        from pfstorer.sampling import diffuse
+
         out: dict[str, Any] = {"step": step}
         was_training = model.training
         model.eval()
@@ -260,8 +262,8 @@ class _Probe:
                     cases.append((f"x0_psnr_lq_t{self.t_start}", self.t_start, lq))
                 for name, t, start in cases:
                     a = self.ac[t].to(dev)
-                    z_t = a.sqrt() * start + (1 - a).sqrt() * noise
                     tt = torch.full((len(z0),), t, device=dev, dtype=torch.long)
+                    z_t = diffuse(model, start, noise, tt)
                     pred = torch.cat([model.denoise(z_t[i:i + 8], tt[i:i + 8], lq[i:i + 8])
                                       for i in range(0, len(z0), 8)])
                     x0 = pred if model.config.prediction == "x0_residual" else (z_t - (1 - a).sqrt() * pred) / a.sqrt()
@@ -323,7 +325,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     from safetensors.torch import load_file
 
     from pfstorer.model import load_base
-    from pfstorer.sampling import make_scheduler
+    from pfstorer.sampling import alphas_cumprod, diffuse
 
     c = TrainBaseConfig.model_validate(loop_config["config"])
     if c.threads:
@@ -389,7 +391,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}  # on the device
     elif ema is not None:
         ema = {k: v.to(device, torch.float32) for k, v in ema.items()}
-    ac = make_scheduler(model, "ddpm").alphas_cumprod.to(device, torch.float32)
+    ac = alphas_cumprod(model).to(device)
     t_max = model.config.train_t_max
     t_start = model.config.sampling.t_start
     # Rows drawn as sampling starts: the LQ diffused to t_start (only for presets that start there).
@@ -421,7 +423,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         start = (torch.rand(per_worker, generator=gen) < p_start).to(device)  # rows as sampling starts
         t = torch.where(start, torch.full_like(t, t_start), t)
         a = ac[t].view(-1, 1, 1, 1)
-        z_t = a.sqrt() * torch.where(start.view(-1, 1, 1, 1), lq_lat, z0).float() + (1 - a).sqrt() * noise
+        z_t = diffuse(model, torch.where(start.view(-1, 1, 1, 1), lq_lat, z0).float(), noise, t)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, c)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
