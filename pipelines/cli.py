@@ -35,10 +35,14 @@ def _storage_options(
 
     if is_local_url(url):
         return None
-    opts = dict(base) if base else default_storage_options(url)
+    return with_endpoint(args, dict(base) if base else default_storage_options(url))
+
+
+def with_endpoint(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with ``--s3-endpoint-url`` on top: the one place the flag is applied."""
     if getattr(args, "s3_endpoint_url", None):
-        opts["endpoint_url"] = args.s3_endpoint_url
-    return opts
+        return {**options, "endpoint_url": args.s3_endpoint_url}
+    return options
 
 
 def _add_endpoint(p: argparse.ArgumentParser) -> None:
@@ -59,9 +63,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from pipelines.validate import validate_from_settings, write_quarantine
 
     settings = _settings(args, ray_address=getattr(args, "ray_address", None))
-    opts = dict(settings.storage_options)
-    if args.s3_endpoint_url:
-        opts["endpoint_url"] = args.s3_endpoint_url
+    opts = with_endpoint(args, dict(settings.storage_options))
     with stdout_to_stderr(args.json), using_ray(settings):
         try:
             result = validate_from_settings(
@@ -143,9 +145,7 @@ def _cmd_forget(args: argparse.Namespace) -> int:
             index_url=args.index,
             state_dir=args.state_dir,
         )
-        opts = dict(settings.storage_options)
-        if args.s3_endpoint_url:
-            opts["endpoint_url"] = args.s3_endpoint_url
+        opts = with_endpoint(args, dict(settings.storage_options))
         registry = AdapterRegistry.from_settings(settings, storage_options=opts or None)
         report = registry.forget(args.tenant, args.identity)
     except PFStorerError as exc:
@@ -194,9 +194,7 @@ def _cmd_restore_batch(args: argparse.Namespace) -> int:
         storage_options=json_option(args.store_options, "--store-options"),
         ray_address=args.ray_address,
     )
-    opts = dict(settings.storage_options)
-    if args.s3_endpoint_url:
-        opts["endpoint_url"] = args.s3_endpoint_url
+    opts = with_endpoint(args, dict(settings.storage_options))
     with stdout_to_stderr(args.json), using_ray(settings):
         try:
             report = restore_manifest(

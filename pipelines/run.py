@@ -90,6 +90,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pfstorer.cli import stdout_to_stderr
     from pfstorer.errors import PFStorerError
     from pfstorer.settings import Settings
+    from pipelines.cli import with_endpoint
 
     with stdout_to_stderr(args.json):
         try:
@@ -101,8 +102,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
                 max_retries=args.max_retries,
             )
-            if args.s3_endpoint_url:
-                settings.storage_options = {**settings.storage_options, "endpoint_url": args.s3_endpoint_url}
+            settings.storage_options = with_endpoint(args, dict(settings.storage_options))
             summary = run_manifest(
                 args.manifest, settings, steps=args.steps, pack=args.pack,
                 quarantine_out=args.quarantine_out, dry_train=args.dry_train,
