@@ -84,7 +84,7 @@ def setup_people(root: Path, n: int, tenants: list[str]) -> tuple[Any, dict[tupl
 def microbench_loads(registry: Any, model: Any, repeats: int) -> dict[str, Any]:
     """Cold (store -> verified -> slot) vs warm (host RAM -> slot) adapter loads, in process."""
     from pfstorer.personalization import AdapterSlots
-    from serving.adapters import HostAdapterCache
+    from registry.adapter_cache import HostAdapterCache
 
     entries = registry.index.list()
     slots = AdapterSlots.for_model(model, 1)

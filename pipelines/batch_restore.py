@@ -35,7 +35,6 @@ import hashlib
 import logging
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
@@ -132,6 +131,7 @@ class BatchRestorer:
         from pfstorer.model import load_base
         from pfstorer.personalization import AdapterSlots
         from registry import AdapterRegistry
+        from registry.adapter_cache import HostAdapterCache
 
         torch.set_num_threads(max(1, int(config.threads)))
         self.config = config
@@ -144,7 +144,7 @@ class BatchRestorer:
         self.registry = AdapterRegistry.from_urls(
             config.store_url or config.out_url, None, config.index_url, storage_options=opts, index_max_age_s=30.0
         )
-        self.cache: OrderedDict[str, Any] = OrderedDict()
+        self.cache = HostAdapterCache(config.host_cache_adapters)
         self.limits = ImageLimits(
             max_bytes=config.max_image_bytes,
             max_pixels=config.max_image_pixels,
@@ -160,13 +160,8 @@ class BatchRestorer:
         entry = self.registry.resolve(tenant, identity)
         if entry is None:
             raise AdapterError(f"no adapter for {tenant}/{identity} in the index")
-        adapter = self.cache.get(entry.sha256)
-        if adapter is None:
-            adapter = self.registry.load_adapter(entry, self.model)
-            self.cache[entry.sha256] = adapter
-            while len(self.cache) > max(1, self.config.host_cache_adapters):
-                self.cache.popitem(last=False)
-        self.cache.move_to_end(entry.sha256)
+        adapter, _ = self.cache.get(entry.sha256, f"{tenant}/{identity}",
+                                    lambda: self.registry.load_adapter(entry, self.model))
         return entry, adapter
 
     def _read(self, uri: str) -> bytes:

@@ -36,14 +36,8 @@ from ray import serve
 from pfstorer.deadline import CancelledError, Deadline, DeadlineExceededError
 from pfstorer.errors import AdapterMismatchError, PFStorerError
 from pfstorer.settings import Settings
-from serving.adapters import (
-    AdapterNotFound,
-    AffinityLock,
-    HostAdapterCache,
-    LoadStats,
-    ResidentAdapter,
-    SlotPool,
-)
+from registry.adapter_cache import HostAdapterCache, LoadStats
+from serving.adapters import AdapterNotFound, AffinityLock, ResidentAdapter, SlotPool
 from serving.api import check_budget, check_output, check_steps, status_of
 from serving.batching import BatchItem, BatchStats, batch_signature, plan_runs
 from serving.fair_share import FairShare, Lease, RunQueue

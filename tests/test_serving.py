@@ -32,10 +32,10 @@ from serving.adapters import (
     NOT_FOUND_MESSAGE,
     AdapterNotFound,
     AffinityLock,
-    HostAdapterCache,
     ResidentAdapter,
     SlotPool,
 )
+from registry.adapter_cache import HostAdapterCache
 from serving.auth import ApiKeys, KeyFileError, extract_key, generate_key, hash_key
 
 STEPS = 2
