@@ -9,8 +9,9 @@ the repository (``--work``, made once and reused). Then, each phase in its own d
 - ``validate``: ``pfstorer manifest validate``'s path (:func:`pipelines.validate.validate_on_ray`)
   with a fresh probe cache (first run), the same manifest again (nothing changed: a listing of
   the photos' folders), and again after 1 % of the photos were re-encoded (those are read again
-  and nothing else). On local files, and on S3 (a moto server started here; the photos are
-  uploaded once per run) with ``--s3-rows`` rows (0: skip S3).
+  and nothing else). On local files, and on S3 with ``--s3-rows`` rows (default: the same
+  manifest; 0: skip S3): a moto server in its own process (not competing with this one for the
+  GIL), the photos uploaded once per run by ``--upload-threads`` threads.
 - ``restore``: ``pfstorer restore-batch``'s path (:func:`pipelines.batch_restore.restore_manifest`)
   on ``--restore-rows`` photos with the ``tiny`` base (``--restore-steps`` denoising steps) and
   ``--people`` adapters (rows of other people are error rows: no adapter), then again (every
@@ -21,7 +22,10 @@ changed rerun at most twice the unchanged one; every run quarantines the same ro
 reasons.
 
     python benchmarks/bench_validate.py                       # the recorded run (100k rows)
-    python benchmarks/bench_validate.py --rows 2000 --s3-rows 2000 --restore-rows 0 --no-save   # a quick look
+    python benchmarks/bench_validate.py --restore-rows 0      # validation only, local and S3 at 100k
+    python benchmarks/bench_validate.py --rows 2000 --restore-rows 0 --no-save   # a quick look
+
+``--note`` adds a line to the results (e.g. what else ran on the machine).
 
 Writes ``benchmarks/results/validate_cpu.json`` and ``.md`` (``validate_rerun_cpu`` when the
 restore phase is skipped; nothing with ``--no-save``).
@@ -30,12 +34,14 @@ restore phase is skipped; nothing with ``--no-save``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,11 +148,12 @@ def phase_validate(args: argparse.Namespace) -> dict:
     }
 
 
-def change_photos(manifest: str, opts: dict | None, every: int = 100) -> int:
+def change_photos(manifest: str, opts: dict | None, every: int = 100, threads: int = 8) -> int:
     """Re-encode every ``every``-th good photo of the manifest with a new marked pixel (new bytes,
-    size and version); the number of photos changed."""
+    size and version), ``threads`` at a time; the number of photos changed."""
     import io
     import random
+    from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
 
@@ -155,34 +162,73 @@ def change_photos(manifest: str, opts: dict | None, every: int = 100) -> int:
 
     uris = sorted({u for u in read_manifest(manifest, opts).column("uri").to_pylist() if "/bad/" not in u})[::every]
     mark = tuple(random.randrange(256) for _ in range(3))
-    for uri in uris:
+
+    def change(uri: str) -> None:
         fs, path = url_to_fs(uri, opts)
         im = Image.open(io.BytesIO(fs.cat_file(path))).convert("RGB")
         im.putpixel((1, 1), mark)
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=90)
         fs.pipe_file(path, buf.getvalue())
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(change, uris))
     return len(uris)
 
 
-def s3_copy(work: Path, manifest: Path, endpoint: str) -> tuple[str, dict]:
-    """The manifest and its photos uploaded to a fresh bucket on the moto server at
-    ``endpoint``; ``(manifest url, storage options)``."""
+@contextlib.contextmanager
+def moto_server(log: Path) -> Iterator[str]:
+    """A moto S3 server in its own process on a free port of 127.0.0.1; yields its URL."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"moto server exited ({proc.returncode}); see {log}") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def s3_copy(work: Path, manifest: Path, endpoint: str, threads: int) -> tuple[str, dict]:
+    """The manifest and its photos uploaded (``threads`` at a time) to a fresh bucket on the moto
+    server at ``endpoint``; ``(manifest url, storage options)``."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import boto3
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-    import s3fs
 
     from pipelines.manifest import write_manifest
 
     opts = {"endpoint_url": endpoint, "key": "testing", "secret": "testing",
             "client_kwargs": {"region_name": "us-east-1"}}
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket="bench")
-    fs = s3fs.S3FileSystem(**opts)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                          aws_secret_access_key="testing")
+    client.create_bucket(Bucket="bench")
+    files = [p for p in (work / "photos").rglob("*") if p.is_file()]
     t0 = time.perf_counter()
-    fs.put(str(work / "photos"), "bench/photos", recursive=True)
-    print(f"  photos uploaded to moto S3 ({time.perf_counter() - t0:.0f} s)", flush=True)
+    with ThreadPoolExecutor(threads) as pool:  # a boto3 client is thread-safe
+        list(pool.map(lambda p: client.put_object(Bucket="bench", Key=f"photos/{p.relative_to(work / 'photos')}",
+                                                  Body=p.read_bytes()), files))
+    print(f"  {len(files)} photos uploaded to moto S3 ({time.perf_counter() - t0:.0f} s)", flush=True)
     table = pq.read_table(manifest)
     uri = pc.replace_substring(table.column("uri"), str(work / "photos"), "s3://bench/photos")
     table = table.set_column(table.column_names.index("uri"), "uri", uri)
@@ -302,22 +348,12 @@ def restore_phases(args: argparse.Namespace) -> dict:
 
 def s3_runs(args: argparse.Namespace, work: Path) -> dict:
     """:func:`validate_runs` on a moto S3 copy of a ``--s3-rows`` manifest."""
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # not a line per request
     s3_work = work if args.s3_rows == args.rows else work / f"s3-{args.s3_rows}"
     s3_work.mkdir(parents=True, exist_ok=True)
     local = make_photos(s3_work, args.s3_rows)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        url, opts = s3_copy(s3_work, local, f"http://{host}:{port}")
+    with moto_server(s3_work / "moto.log") as endpoint:
+        url, opts = s3_copy(s3_work, local, endpoint, args.upload_threads)
         return validate_runs(args, "moto S3", url, opts, "s3://bench/state/probe-cache.parquet")
-    finally:
-        server.stop()
 
 
 def validate_table(results: dict[str, dict]) -> list[dict]:
@@ -349,6 +385,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/pfstorer-bench-validate", help="photos and state (outside the repo)")
     ap.add_argument("--cpus", type=int, default=2, help="Ray CPUs (probe tasks, restore actors)")
     ap.add_argument("--threads", type=int, default=8, help="photos read at a time per probe task")
+    ap.add_argument("--upload-threads", type=int, default=16, help="threads uploading the photos to moto S3")
+    ap.add_argument("--note", default="", help="a line added to the results (e.g. what else ran on the machine)")
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--phase", choices=["validate", "restore"], help=argparse.SUPPRESS)
     ap.add_argument("--manifest", help=argparse.SUPPRESS)
@@ -389,8 +427,11 @@ def main() -> None:
         ])
         md += (f"\n\nRestore phase: `tiny` base, {args.restore_steps} denoising steps, "
                f"{args.people} adapters, {args.cpus} Ray Data actors of 1 CPU, batches of 8.")
+    if args.note:
+        md += f"\n\nNote: {args.note}"
     print(md)
     payload = {
+        "note": args.note, "load_average_at_end": os.getloadavg(),
         "device": f"CPU {_common.cpu_model()} x{os.cpu_count()} cores, no GPU",
         "command": _common.command_line(),
         "rows": args.rows, "s3_rows": args.s3_rows, "restore_rows": args.restore_rows, "ray_cpus": args.cpus,

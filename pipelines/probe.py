@@ -1,4 +1,4 @@
-"""Probing the photos of a manifest: a listing per folder, and a read only when a photo is new.
+"""Probing the photos of a manifest: listings in bulk, and a read only when a photo is new.
 
 A probe judges one photo under the image limits. References are read whole, hashed (their
 sha256 goes into the person's job key) and decoded; restore photos are judged from their header
@@ -6,7 +6,8 @@ alone (the first :data:`HEADER_BYTES`), because the restore itself decodes them 
 
 Every probe is remembered in a :class:`ProbeCache` under ``(uri, limits)`` with the photo's
 size and version (ETag, generation or mtime). Before probing, the photos' folders are listed in
-bulk (:func:`list_versions`: one ``ls`` per folder, i.e. one S3 ListObjectsV2 per 1,000 keys) and
+bulk (:func:`list_versions`: folders that crowd under one parent in one recursive listing of it,
+i.e. one S3 ListObjectsV2 per 1,000 keys, the others one ``ls`` each; :func:`listing_plan`) and
 joined with the cache as Arrow columns (:meth:`ProbeCache.lookup`): a photo whose listed size and
 version equal its cache row's is not touched at all, so a rerun of an unchanged manifest costs the
 listing. The others (new, changed, deleted, or not found by the listing) are probed one by one
@@ -36,6 +37,7 @@ from registry import is_local_url, url_to_fs
 from registry.storage import MTIME_KEYS
 
 __all__ = [
+    "BULK_FOLDERS",
     "CACHE_SCHEMA",
     "HEADER_BYTES",
     "PROBE_SCHEMA",
@@ -45,6 +47,7 @@ __all__ = [
     "file_version",
     "known_probes",
     "list_versions",
+    "listing_plan",
     "probe_photos",
     "probe_uri",
 ]
@@ -115,6 +118,10 @@ class ProbeSpec:
         if role == "restore":
             return "header:" + _limits_digest(self.restore_limits)
         return "full:" + _limits_digest(self.limits)
+
+    def tags(self, roles: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+        """:meth:`tag` of each of ``roles``, as a column."""
+        return pc.if_else(pc.equal(roles, "restore"), self.tag("restore"), self.tag("ref"))
 
 
 def _limits_digest(limits: ImageLimits) -> str:
@@ -237,51 +244,86 @@ def probe_photos(photos: pa.Table, spec: ProbeSpec, cache: ProbeCache | None = N
     return pa.Table.from_pydict(columns, schema=PROBE_SCHEMA)
 
 
+#: A folder holding at least this many of a manifest's photo folders is listed once, recursively,
+#: rather than each of them apart (:func:`list_versions`).
+BULK_FOLDERS = 10
+
+
+def listing_plan(uris: pa.Array | pa.ChunkedArray) -> list[tuple[str, bool]]:
+    """The listings that cover the folders of ``uris``: ``(folder, recursive)`` pairs.
+
+    The rule: photo folders are grouped by their parent; a parent holding at least
+    :data:`BULK_FOLDERS` of them is listed once, recursively (``find``: on S3 one ListObjectsV2
+    per 1,000 keys under it, however many folders), and every other folder on its own (``ls``).
+    So ``bucket/photos/000/p000001/00.jpg`` and its 999 neighbour people cost one paginated
+    listing of ``bucket/photos/000``, while a few scattered folders never list their parents'
+    unrelated keys. A bucket or a file system's root is never listed recursively.
+    """
+    folders = pc.unique(_parent(uris.filter(_in_a_folder(uris))))
+    has_parent = _in_a_folder(folders)
+    counts = pc.value_counts(_parent(folders.filter(has_parent)))
+    bulk = counts.field("values").filter(pc.greater_equal(counts.field("counts"), BULK_FOLDERS))
+    alone = folders.filter(pc.invert(pc.and_(has_parent, pc.is_in(_parent(folders), value_set=bulk))))
+    return [(f, True) for f in bulk.to_pylist()] + [(f, False) for f in alone.to_pylist()]
+
+
+def _in_a_folder(paths: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Whether each path has a folder to list: not a bucket, a file system's root or a bare name."""
+    return pc.match_substring_regex(paths, r"[^/:]/[^/]+$")
+
+
+def _parent(paths: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    return pc.replace_substring_regex(paths, r"/[^/]+$", "")
+
+
 def list_versions(
     uris: pa.Array | pa.ChunkedArray,
     storage_options: Mapping[str, Any] | None = None,
     threads: int = 8,
 ) -> pa.Table:
-    """``uri``, ``size``, ``version`` of every file in the folders of ``uris``: one ``ls`` per
-    folder (S3: a ListObjectsV2 per 1,000 keys) instead of one ``info`` per photo.
+    """``uri``, ``size``, ``version`` of every file in the folders of ``uris``, listed in bulk
+    (:func:`listing_plan`) instead of one ``info`` per photo.
 
-    URIs are rebuilt from the folder as the manifest spells it, so they equal the manifest's. A
-    folder that cannot be listed adds nothing: its photos are then probed one by one, which says
-    why a missing one fails.
+    URIs are rebuilt from the listed folder as the manifest spells it, so they equal the
+    manifest's; files outside the photos' folders (a recursive listing's other keys) are dropped.
+    A folder that cannot be listed adds nothing: its photos are then probed one by one, which
+    says why a missing one fails.
     """
-    nested = pc.match_substring_regex(uris, r"./[^/]+$")
-    folders = pc.unique(pc.replace_substring_regex(uris.filter(nested), r"/[^/]+$", "")).to_pylist()
-
     systems: dict[str, Any] = {}  # protocol -> filesystem, resolved once, not once per folder
 
-    def one(folder: str) -> list[tuple[str, int | None, str | None]]:
+    def one(root: str, recursive: bool) -> list[tuple[str, int | None, str | None]]:
         try:
-            protocol = fsspec.utils.get_protocol(folder)
+            protocol = fsspec.utils.get_protocol(root)
             if protocol not in systems:
-                systems[protocol] = url_to_fs(folder, storage_options)[0]
-            entries = systems[protocol].ls(fsspec.core.strip_protocol(folder), detail=True, refresh=True)
+                systems[protocol] = url_to_fs(root, storage_options)[0]
+            fs, path = systems[protocol], fsspec.core.strip_protocol(root)
+            if recursive:  # names below path, spelled from root
+                entries = fs.find(path, detail=True).values()
+                named = [(root + e["name"][len(path):], e) for e in entries if e["name"].startswith(path + "/")]
+            else:  # names in path
+                entries = fs.ls(path, detail=True, refresh=True)
+                named = [(f"{root}/{e['name'].rsplit('/', 1)[-1]}", e) for e in entries]
         except Exception:
             return []
-        return [
-            (f"{folder}/{e['name'].rsplit('/', 1)[-1]}", e.get("size"), file_version(e))
-            for e in entries
-            if e.get("type") == "file"
-        ]
+        return [(uri, e.get("size"), file_version(e)) for uri, e in named if e.get("type") == "file"]
 
-    if all(is_local_url(f) for f in folders):  # Python work: threads would only pass the GIL around
-        listed = [one(f) for f in folders]
+    plan = listing_plan(uris)
+    if all(is_local_url(root) for root, _ in plan):  # Python work: threads would only pass the GIL around
+        listed = [one(*unit) for unit in plan]
     else:  # remote listings wait on the network: they overlap
-        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(folders)))) as pool:
-            listed = list(pool.map(one, folders))
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(plan)))) as pool:
+            listed = list(pool.map(lambda unit: one(*unit), plan))
     files = [f for part in listed for f in part]
     uri, size, version = zip(*files) if files else ((), (), ())
-    return pa.table(
+    table = pa.table(
         {
             "uri": pa.array(uri, pa.string()),
             "size": pa.array(size, pa.int64()),
             "version": pa.array(version, pa.string()),
         }
     )
+    folders = pc.unique(_parent(uris))
+    return table.filter(pc.is_in(_parent(table.column("uri")), value_set=folders))
 
 
 def known_probes(photos: pa.Table, spec: ProbeSpec, cache: ProbeCache | None) -> tuple[pa.Table, pa.Table]:
@@ -292,11 +334,10 @@ def known_probes(photos: pa.Table, spec: ProbeSpec, cache: ProbeCache | None) ->
         return PROBE_SCHEMA.empty_table(), photos
     listed = list_versions(photos.column("uri"), spec.storage_options, spec.threads)
     at = pc.index_in(photos.column("uri"), value_set=listed.column("uri"))
-    restore = pc.equal(photos.column("role"), "restore")
     keys = pa.table(
         {
             "uri": photos.column("uri"),
-            "limits": pc.if_else(restore, spec.tag("restore"), spec.tag("ref")),
+            "limits": spec.tags(photos.column("role")),
             "size": listed.column("size").take(at),
             "version": listed.column("version").take(at),
         }

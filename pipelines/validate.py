@@ -33,6 +33,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import ValidationError
@@ -134,11 +135,12 @@ class ValidationResult:
         return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
     def summary(self) -> dict[str, Any]:
-        roles = self.good.column("role").to_pylist() if self.good.num_rows else []
+        roles = pc.value_counts(self.good.column("role"))
+        count = dict(zip(roles.field("values").to_pylist(), roles.field("counts").to_pylist(), strict=True))
         return {
             "good_rows": self.good.num_rows,
-            "good_refs": roles.count("ref"),
-            "good_restore": roles.count("restore"),
+            "good_refs": count.get("ref", 0),
+            "good_restore": count.get("restore", 0),
             "people_ready": len(self.jobs),
             "quarantined_rows": self.quarantine.num_rows,
             "quarantined_by_reason": self.reason_counts(),
@@ -191,7 +193,7 @@ def _schema_reasons(table: pa.Table) -> pa.ChunkedArray:
     distinct (tenant, identity, role, uri given) rather than once per row."""
     parts = {c: pc.fill_null(table.column(c), "") for c in ("tenant", "identity", "role")}
     parts["uri"] = pc.if_else(pc.fill_null(pc.not_equal(table.column("uri"), ""), False), "u", "")
-    keys = pa.table({**parts, "_row": pa.array(range(table.num_rows), pa.int64())})
+    keys = pa.table({**parts, "_row": _row_numbers(table.num_rows)})
     distinct = keys.select(list(parts)).group_by(list(parts)).aggregate([])
     reasons = pa.array([_schema_reason(r) for r in distinct.to_pylist()], pa.string())
     joined = keys.join(distinct.append_column("_reason", reasons), list(parts), join_type="left outer")
@@ -200,7 +202,7 @@ def _schema_reasons(table: pa.Table) -> pa.ChunkedArray:
 
 def _photo_key(table: pa.Table) -> pa.ChunkedArray:
     """One string per ``(uri, role)``: a photo is probed once per role (the limits differ)."""
-    return pc.binary_join_element_wise(table.column("uri"), table.column("role"), "\x00")
+    return _joined(table.column("uri"), table.column("role"))
 
 
 def probe_table(
@@ -243,11 +245,10 @@ def cache_rows(probed: pa.Table, spec: ProbeSpec) -> pa.Table:
     )
     keep = pc.and_(keep, pc.fill_null(pc.not_equal(stage, "schema"), True))
     sel = probed.filter(keep)
-    tags = [spec.tag(role) for role in sel.column("role").to_pylist()]
     return pa.table(
         {
             "uri": sel.column("uri"),
-            "limits": pa.array(tags, pa.string()),
+            "limits": spec.tags(sel.column("role")),
             "size": sel.column("_probe_size"),
             "version": sel.column("_probe_version"),
             "sha256": sel.column("_probe_sha256"),
@@ -263,79 +264,153 @@ def judge(probed: pa.Table, *, min_refs: int = 3, max_refs: int = 20) -> Validat
     """The per-person stages (``dedup``, ``refs``) over :func:`probe_table`'s output; the result.
 
     Runs where all of a manifest's probe results meet (the driver): it reads only the small
-    columns, never a photo.
+    columns, never a photo, and judges them as Arrow columns (sorts, hash lookups, counts); only
+    the ready people's rows become Python objects, as their :class:`IdentityJob`. A photo is
+    probed once per ``(uri, role)``, so rows that share both share their probe.
     """
     n = probed.num_rows
-    cols = {c: probed.column(c).to_pylist() for c in ("tenant", "identity", "role", "uri", *_PROBE_COLUMNS[:5])}
-    sha, width, height = cols["_probe_sha256"], cols["_probe_width"], cols["_probe_height"]
-    bad: dict[int, tuple[str, str]] = {
-        i: (stage, reason)
-        for i, (stage, reason) in enumerate(zip(cols["_probe_stage"], cols["_probe_reason"], strict=True))
-        if reason is not None
-    }
-    tenant, identity, role, uri = cols["tenant"], cols["identity"], cols["role"], cols["uri"]
-
-    people: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for i in range(n):
-        if i not in bad:
-            people[(tenant[i], identity[i])].append(i)
-    ready: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
-    for person, idxs in people.items():
-        idxs.sort(key=lambda i: (role[i] != "ref", uri[i], i))
-        seen_bytes: dict[str, int] = {}
-        seen_uri: dict[str, int] = {}
-        refs: list[int] = []
-        restores: list[int] = []
-        for i in idxs:
-            if uri[i] in seen_uri:
-                bad[i] = ("dedup", f"duplicate: same photo as {uri[seen_uri[uri[i]]]}")
-                continue
-            if sha[i] is not None and sha[i] in seen_bytes:
-                bad[i] = ("dedup", f"duplicate: same bytes as {uri[seen_bytes[sha[i]]]}")
-                continue
-            seen_uri[uri[i]] = i
-            if sha[i] is not None:
-                seen_bytes[sha[i]] = i
-            (refs if role[i] == "ref" else restores).append(i)
-        for i in refs[max_refs:]:
-            bad[i] = ("refs", f"too many references: keeping the first {max_refs} by uri")
-        refs = refs[:max_refs]
-        if len(refs) < min_refs:
-            for i in refs + restores:
-                bad[i] = ("refs", f"person has {len(refs)} good references, needs >= {min_refs}")
-            continue
-        ready[person] = (refs, restores)
+    flagged, ready = _person_stages(probed, min_refs, max_refs)
+    at = pc.index_in(_row_numbers(n), value_set=flagged.column("_row"))
+    probe_failed = pc.is_valid(probed.column("_probe_reason"))
+    reason = pc.if_else(probe_failed, probed.column("_probe_reason"), flagged.column("reason").take(at))
+    stage = pc.if_else(probe_failed, probed.column("_probe_stage"), flagged.column("stage").take(at))
+    ok = pc.is_null(reason)
 
     manifest = probed.drop_columns(list(_PROBE_COLUMNS))
-    good_idx = pa.array([i for i in range(n) if i not in bad], pa.int64())
-    bad_idx = [i for i in range(n) if i in bad]
-    good = manifest.take(good_idx)
-    for name, col in (("sha256", "_probe_sha256"), ("width", "_probe_width"), ("height", "_probe_height")):
-        good = good.append_column(name, probed.column(col).take(good_idx))
-    quarantine = manifest.take(pa.array(bad_idx, pa.int64()))
-    quarantine = quarantine.append_column(
-        "reason", pa.array([bad[i][1] for i in bad_idx], pa.string())
-    ).append_column("stage", pa.array([bad[i][0] for i in bad_idx], pa.string()))
+    results = probed.select(["_probe_sha256", "_probe_width", "_probe_height"])
+    good = _with_results(manifest.filter(ok), results.filter(ok))
+    bad = pc.invert(ok)
+    quarantine = manifest.filter(bad)
+    quarantine = quarantine.append_column("reason", reason.filter(bad)).append_column("stage", stage.filter(bad))
 
-    wanted = sorted({i for refs, restores in ready.values() for i in refs + restores})
-    full = dict(zip(wanted, manifest.take(pa.array(wanted, pa.int64())).to_pylist(), strict=True))
+    jobs: dict[tuple[str, str], IdentityJob] = {}
+    records = _with_results(manifest.take(ready.column("_row")), results.take(ready.column("_row")))
+    for record, restore in zip(records.to_pylist(), ready.column("_restore").to_pylist(), strict=True):
+        person = (record["tenant"], record["identity"])
+        job = jobs.get(person)
+        if job is None:
+            job = jobs[person] = IdentityJob(*person, refs=[], ref_sha256s=[], restores=[])
+        if restore:
+            job.restores.append(record)
+        else:
+            job.refs.append(record)
+            job.ref_sha256s.append(record["sha256"] or "")
 
-    def row_out(i: int) -> dict[str, Any]:
-        return {**full[i], "sha256": sha[i], "width": width[i], "height": height[i]}
-
-    jobs = {
-        person: IdentityJob(
-            tenant=person[0],
-            identity=person[1],
-            refs=[row_out(i) for i in refs],
-            ref_sha256s=[sha[i] or "" for i in refs],
-            restores=[row_out(i) for i in restores],
-        )
-        for person, (refs, restores) in sorted(ready.items())
+    cached = probed.column("_probe_cached")
+    stats = {
+        "rows": n,
+        "photos_read": pc.sum(pc.equal(cached, False)).as_py() or 0,
+        "photos_cached": pc.sum(pc.equal(cached, True)).as_py() or 0,
     }
-    cached = probed.column("_probe_cached").to_pylist()
-    stats = {"rows": n, "photos_read": cached.count(False), "photos_cached": cached.count(True)}
     return ValidationResult(good=good, quarantine=quarantine, jobs=jobs, manifest=manifest, probes=stats)
+
+
+def _with_results(rows: pa.Table, results: pa.Table) -> pa.Table:
+    """``rows`` with ``results``' ``_probe_sha256``, ``_probe_width``, ``_probe_height`` as
+    ``sha256``, ``width``, ``height`` (in place of manifest columns of those names)."""
+    for col in results.column_names:
+        name, names = col.removeprefix("_probe_"), rows.column_names
+        if name in names:
+            rows = rows.set_column(names.index(name), name, results.column(col))
+        else:
+            rows = rows.append_column(name, results.column(col))
+    return rows
+
+
+def _row_numbers(n: int) -> pa.Array:
+    return pa.array(np.arange(n, dtype=np.int64))
+
+
+def _joined(*columns: Any) -> pa.ChunkedArray:
+    """One string per row, equal where every column is (null where any is)."""
+    return pc.binary_join_element_wise(*columns, "\x00")
+
+
+def _person_stages(probed: pa.Table, min_refs: int, max_refs: int) -> tuple[pa.Table, pa.Table]:
+    """``(flagged, ready)`` over the rows whose probe passed: ``flagged`` (``_row``, ``stage``,
+    ``reason``) the rows the ``dedup`` and ``refs`` stages quarantine, ``ready`` (``_row``,
+    ``_restore``) the rows of ready people, by person, references first, then by uri.
+
+    Within a person, rows are taken references first, then by uri, then in manifest order, and a
+    row is a duplicate when a row taken before it has its uri or its bytes. In columns: per role,
+    the first row of each person's bytes (or, without sha256, uri) is taken, and the others name
+    it; a restore photo is first checked against the references taken.
+    """
+    rows = pa.table(
+        {
+            "_row": _row_numbers(probed.num_rows),
+            **{c: probed.column(c) for c in ("tenant", "identity", "uri")},
+            "sha": probed.column("_probe_sha256"),
+            "_restore": pc.not_equal(probed.column("role"), "ref"),
+        }
+    ).filter(pc.is_null(probed.column("_probe_reason")))
+    rows = rows.sort_by([(c, "ascending") for c in ("tenant", "identity", "_restore", "uri", "_row")])
+    taken_refs, dup_refs = _first_of_each(rows.filter(pc.invert(rows.column("_restore"))))
+
+    restores = rows.filter(rows.column("_restore"))
+    same_uri = pc.is_in(_person_key(restores, "uri"), value_set=_person_key(taken_refs, "uri"))
+    at = pc.index_in(_person_key(restores, "sha"), value_set=_person_key(taken_refs, "sha"), skip_nulls=True)
+    of_a_ref = pc.or_(same_uri, pc.is_valid(at))
+    dup_of_ref = _flags(
+        restores.column("_row"), "dedup",
+        pc.if_else(same_uri, _duplicate("photo", restores.column("uri")),
+                   _duplicate("bytes", taken_refs.column("uri").take(at))),
+    ).filter(of_a_ref)
+    taken_restores, dup_restores = _first_of_each(restores.filter(pc.invert(of_a_ref)))
+
+    # references past max_refs (by uri) are dropped; a person left with fewer than min_refs is out
+    person = _person_key(taken_refs)
+    too_many = pc.greater_equal(pc.subtract(_row_numbers(len(person)), pc.index_in(person, value_set=person)), max_refs)
+    counts = pc.value_counts(person)
+    taken = pa.concat_tables([taken_refs.filter(pc.invert(too_many)), taken_restores])
+    at = pc.index_in(_person_key(taken), value_set=counts.field("values"))
+    kept = pc.min_element_wise(pc.fill_null(counts.field("counts").take(at), 0), max_refs)
+    short = pc.less(kept, min_refs)
+    flagged = pa.concat_tables(
+        [
+            dup_refs,
+            dup_of_ref,
+            dup_restores,
+            _flags(taken_refs.column("_row"), "refs", f"too many references: keeping the first {max_refs} by uri")
+            .filter(too_many),
+            _flags(taken.column("_row"), "refs", pc.binary_join_element_wise(
+                "person has ", pc.cast(kept, pa.string()), f" good references, needs >= {min_refs}", ""
+            )).filter(short),
+        ]
+    )
+    ready = taken.filter(pc.invert(short)).select(["tenant", "identity", "_restore", "uri", "_row"])
+    ready = ready.sort_by([(c, "ascending") for c in ready.column_names]).select(["_row", "_restore"])
+    return flagged, ready
+
+
+def _person_key(rows: pa.Table, *columns: str) -> pa.ChunkedArray:
+    """One string per row of ``rows``: its person and ``columns`` (null where any is)."""
+    return _joined(*(rows.column(c) for c in ("tenant", "identity", *columns)))
+
+
+def _flags(rows: pa.Array | pa.ChunkedArray, stage: str, reason: str | pa.Array | pa.ChunkedArray) -> pa.Table:
+    """Quarantine verdicts (``_row``, ``stage``, ``reason``) for the manifest rows ``rows``."""
+    if isinstance(reason, str):
+        reason = pa.repeat(reason, len(rows))
+    return pa.table({"_row": rows, "stage": pa.repeat(stage, len(rows)), "reason": reason})
+
+
+def _first_of_each(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """``(taken, duplicates)`` of ``rows`` (sorted; one role): the first row of each person's
+    bytes (uri where there is no sha256) is taken; each other one is a ``dedup`` row naming it."""
+    what = pc.coalesce(pc.binary_join_element_wise("b", rows.column("sha"), ":"),
+                       pc.binary_join_element_wise("u", rows.column("uri"), ":"))
+    key = _joined(rows.column("tenant"), rows.column("identity"), what)
+    first = pc.index_in(key, value_set=key)
+    taken = pc.equal(first, pc.cast(_row_numbers(rows.num_rows), pa.int32()))
+    first_uri = rows.column("uri").take(first)
+    same_photo = pc.equal(rows.column("uri"), first_uri)
+    reason = pc.if_else(same_photo, _duplicate("photo", rows.column("uri")), _duplicate("bytes", first_uri))
+    return rows.filter(taken), _flags(rows.column("_row"), "dedup", reason).filter(pc.invert(taken))
+
+
+def _duplicate(what: str, uris: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    return pc.binary_join_element_wise(f"duplicate: same {what} as ", uris, "")
 
 
 def validate_manifest(

@@ -517,3 +517,243 @@ def test_restore_rows_are_judged_from_the_header(lfw_bench, tmp_path: Path):
     job = result.jobs[(T, name)]
     assert [(r["uri"], r["width"], r["height"], r["sha256"]) for r in job.restores] == [(str(cut), 128, 128, None)]
     assert quarantine_map(result)[(T, "other", "ref", str(cut))] == ("image", "image is corrupt or truncated")
+
+
+# ---------------------------------------------------------------------------------------------
+# listing in bulk: one recursive listing for many folders under one parent
+# ---------------------------------------------------------------------------------------------
+
+
+def test_listing_plan_lists_a_crowded_parent_once_and_scattered_folders_apart():
+    from pipelines.probe import BULK_FOLDERS, listing_plan
+
+    crowded = [f"s3://b/photos/000/p{i:03d}/{k}.jpg" for i in range(BULK_FOLDERS) for k in range(3)]
+    sparse = [f"/data/few/p{i}/0.jpg" for i in range(BULK_FOLDERS - 1)]
+    rest = ["s3://b/top.jpg", "s3://b/solo/x/1.jpg", "file:///d/x.jpg", "rel/x.jpg"]
+    unlisted = ["file:///root.jpg", "/root.jpg", "s3://nokey", "bare.jpg", "a//b.jpg"]  # probed one by one
+    plan = listing_plan(pa.array(crowded + sparse + rest + unlisted))
+    assert sorted(plan) == sorted(
+        [("s3://b/photos/000", True)]
+        + [(f"/data/few/p{i}", False) for i in range(BULK_FOLDERS - 1)]
+        + [("s3://b", False), ("s3://b/solo/x", False), ("file:///d", False), ("rel", False)]
+    )
+    assert listing_plan(pa.array([], pa.string())) == []
+
+
+@pytest.mark.integration
+def test_a_bulk_listing_finds_exactly_the_manifests_folders(photo_store, monkeypatch):
+    """Folders sharing a parent: one ``find`` below it (nothing else of it listed), the same
+    sizes and versions as a stat of each photo; a scattered folder: one ``ls``."""
+    import pipelines.probe as probe
+    from registry import url_to_fs
+
+    base, opts, fs = photo_store
+    monkeypatch.setattr(probe, "BULK_FOLDERS", 3)
+    uris = [f"{base}/people/p{i}/{k}.jpg" for i in range(4) for k in range(2)] + [f"{base}/other/x/o.jpg"]
+    for i, uri in enumerate(uris):
+        fs.pipe_file(uri, b"x" * (i + 1))
+    fs.pipe_file(f"{base}/people/zzz/unlisted.jpg", b"z")  # a folder of no manifest row
+    fs.pipe_file(f"{base}/people/p0/sub/deeper.jpg", b"d")  # below a folder
+    lister = url_to_fs(base, opts)[0]
+    calls: list[tuple[str, str]] = []
+    for name in ("find", "ls"):
+        real = getattr(lister, name)
+        monkeypatch.setattr(lister, name, lambda p, *a, _n=name, _r=real, **k: calls.append((_n, p)) or _r(p, *a, **k))
+    asked = uris[::2] + [uris[-1]]  # some photos of each folder: the listing has their neighbours too
+    listed = probe.list_versions(pa.array(asked), opts)
+    [root] = [p for name, p in calls if name == "find"]
+    assert root.endswith("/people")  # a local find walks below it with ls
+    assert [p for name, p in calls if name == "ls" and not p.startswith(root)] == [root[:-7] + "/other/x"]
+    assert sorted(listed.column("uri").to_pylist()) == sorted(uris)
+    for got in listed.to_pylist():
+        info = fs.info(got["uri"])
+        assert (got["size"], got["version"]) == (info["size"], probe.file_version(info))
+
+
+@pytest.mark.integration
+def test_an_s3_listing_costs_a_call_per_1000_keys_not_one_per_folder(s3_url, s3_storage_options):
+    """40 people of 2 photos under one prefix: one ListObjectsV2 call, not 40."""
+    import fsspec
+
+    from pipelines.probe import list_versions
+
+    fs = fsspec.filesystem("s3", **s3_storage_options)
+    uris = [f"{s3_url}/photos/p{i:03d}/{k}.jpg" for i in range(40) for k in range(2)]
+    fs.pipe({u: b"x" for u in uris})
+    calls: list[str] = []
+    events = fs.s3.meta.events
+    events.register("before-call.s3.ListObjectsV2", lambda **kw: calls.append("list"), unique_id="count-lists")
+    try:
+        listed = list_versions(pa.array(uris), s3_storage_options)
+    finally:
+        events.unregister("before-call.s3.ListObjectsV2", unique_id="count-lists")
+    assert listed.num_rows == len(uris) and calls == ["list"]
+
+
+@pytest.mark.integration
+def test_a_rerun_listed_in_bulk_probes_only_the_changed_photo(photo_store, lfw_bench, monkeypatch):
+    import pipelines.probe as probe
+    from pipelines.probe import ProbeCache, ProbeSpec
+    from pipelines.validate import cache_rows, probe_table
+
+    base, opts, fs = photo_store
+    monkeypatch.setattr(probe, "BULK_FOLDERS", 2)
+    people = [(n, p) for n, p in lfw_bench.items() if len(p) >= 4][:3]
+    rows = []
+    for name, photos in people:
+        for k, p in enumerate(photos[:3]):
+            fs.pipe_file(f"{base}/people/{name}/{k}.jpg", p.read_bytes())
+            rows.append(row(name, "ref", f"{base}/people/{name}/{k}.jpg"))
+    spec = ProbeSpec(DEFAULT_LIMITS, DEFAULT_LIMITS, opts)
+    first = probe_table(pa.Table.from_pylist(rows), spec)
+    cache = ProbeCache().merged(cache_rows(first, spec))
+    keys = {k: j.job_key("b", {}) for k, j in judge_probed(first).jobs.items()}
+
+    seen = _spy_probes(monkeypatch)
+    again = validate_manifest(pa.Table.from_pylist(rows), storage_options=opts, cache=cache)
+    assert seen == [] and again.probes == {"rows": 9, "photos_read": 0, "photos_cached": 9}
+    assert {k: j.job_key("b", {}) for k, j in again.jobs.items()} == keys
+
+    (changed_name, changed_photos), changed = people[1], f"{base}/people/{people[1][0]}/2.jpg"
+    fs.pipe_file(changed, changed_photos[3].read_bytes())
+    rerun = validate_manifest(pa.Table.from_pylist(rows), storage_options=opts, cache=cache)
+    assert seen == [changed] and rerun.probes == {"rows": 9, "photos_read": 1, "photos_cached": 8}
+    assert rerun.jobs[(T, changed_name)].ref_sha256s[2] == sha(changed_photos[3])
+    assert {k: j.job_key("b", {}) for k, j in rerun.jobs.items() if k[1] != changed_name} == {
+        k: v for k, v in keys.items() if k[1] != changed_name
+    }
+    assert rerun.jobs[(T, changed_name)].job_key("b", {}) != keys[(T, changed_name)]
+
+
+def judge_probed(probed: pa.Table, **kwargs):
+    from pipelines.validate import judge
+
+    return judge(probed, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# judging as columns: the same result as taking each person's rows one by one
+# ---------------------------------------------------------------------------------------------
+
+
+def probed_rows(rows: list[dict]) -> pa.Table:
+    """A :func:`probe_table`-like table from rows with ``sha`` and optional ``reason``."""
+    from pipelines.probe import PROBE_SCHEMA
+
+    names = [f"_probe_{n}" for n in PROBE_SCHEMA.names[2:]]
+    table = pa.Table.from_pylist(
+        [
+            {"tenant": r["tenant"], "identity": r["identity"], "role": r["role"], "uri": r["uri"], "batch": i,
+             "_probe_sha256": r.get("sha"), "_probe_width": 128, "_probe_height": 96,
+             "_probe_stage": "image" if r.get("reason") else None, "_probe_reason": r.get("reason"),
+             "_probe_size": 10, "_probe_version": "v", "_probe_cached": r.get("cached", False)}
+            for i, r in enumerate(rows)
+        ]
+    )
+    return table.cast(pa.schema([*table.schema][:5] + [pa.field(n, PROBE_SCHEMA.field(n[7:]).type) for n in names]))
+
+
+def judged_one_by_one(rows: list[dict], min_refs: int, max_refs: int) -> tuple[dict, dict]:
+    """The per-person stages taken row by row (the reference): ``(row -> (stage, reason),
+    person -> (ref rows, restore rows))`` for the rows of :func:`probed_rows`."""
+    bad = {i: ("image", r["reason"]) for i, r in enumerate(rows) if r.get("reason")}
+    people: dict[tuple[str, str], list[int]] = {}
+    for i, r in enumerate(rows):
+        if i not in bad:
+            people.setdefault((r["tenant"], r["identity"]), []).append(i)
+    ready = {}
+    for person, idxs in sorted(people.items()):
+        by_uri, by_bytes, refs, restores = {}, {}, [], []
+        for i in sorted(idxs, key=lambda i: (rows[i]["role"] != "ref", rows[i]["uri"], i)):
+            uri, digest = rows[i]["uri"], rows[i].get("sha")
+            if uri in by_uri:
+                bad[i] = ("dedup", f"duplicate: same photo as {by_uri[uri]}")
+            elif digest is not None and digest in by_bytes:
+                bad[i] = ("dedup", f"duplicate: same bytes as {by_bytes[digest]}")
+            else:
+                by_uri[uri] = uri
+                if digest is not None:
+                    by_bytes[digest] = uri
+                (refs if rows[i]["role"] == "ref" else restores).append(i)
+        for i in refs[max_refs:]:
+            bad[i] = ("refs", f"too many references: keeping the first {max_refs} by uri")
+        refs = refs[:max_refs]
+        if len(refs) < min_refs:
+            bad.update({i: ("refs", f"person has {len(refs)} good references, needs >= {min_refs}") for i in refs + restores})
+        else:
+            ready[person] = (refs, restores)
+    return bad, ready
+
+
+def check_judged(rows: list[dict], min_refs: int, max_refs: int) -> None:
+    result = judge_probed(probed_rows(rows), min_refs=min_refs, max_refs=max_refs)
+    bad, ready = judged_one_by_one(rows, min_refs, max_refs)
+    assert result.quarantine.column("batch").to_pylist() == sorted(bad)
+    assert list(zip(result.quarantine.column("stage").to_pylist(), result.quarantine.column("reason").to_pylist(),
+                    strict=True)) == [bad[i] for i in sorted(bad)]
+    assert result.good.column("batch").to_pylist() == [i for i in range(len(rows)) if i not in bad]
+    assert list(result.jobs) == list(ready)
+    for person, (refs, restores) in ready.items():
+        job = result.jobs[person]
+        assert [r["batch"] for r in job.refs] == refs and [r["batch"] for r in job.restores] == restores
+        assert job.ref_sha256s == [rows[i].get("sha") or "" for i in refs]
+        assert all((r["sha256"], r["width"], r["height"]) == (rows[r["batch"]].get("sha"), 128, 96)
+                   for r in job.refs + job.restores)
+    assert result.probes == {"rows": len(rows), "photos_read": len(rows), "photos_cached": 0}
+
+
+def test_judge_keeps_the_reference_count_boundaries():
+    rows = []
+    for refs, person in ((2, "two"), (3, "three"), (20, "twenty"), (21, "twenty-one")):
+        rows += [{"tenant": T, "identity": person, "role": "ref", "uri": f"{person}/{k:02d}.jpg", "sha": f"{person}{k}"}
+                 for k in range(refs)]
+        rows.append({"tenant": T, "identity": person, "role": "restore", "uri": f"{person}/lq.jpg"})
+    result = judge_probed(probed_rows(rows), min_refs=3, max_refs=20)
+    assert [k[1] for k in result.jobs] == ["three", "twenty", "twenty-one"]
+    assert [len(j.refs) for j in result.jobs.values()] == [3, 20, 20]
+    assert quarantine_map(result) == {
+        **{(T, "two", role, f"two/{name}.jpg"): ("refs", "person has 2 good references, needs >= 3")
+           for role, name in (("ref", "00"), ("ref", "01"), ("restore", "lq"))},
+        (T, "twenty-one", "ref", "twenty-one/20.jpg"): ("refs", "too many references: keeping the first 20 by uri"),
+    }
+    check_judged(rows, 3, 20)
+
+
+def test_judge_takes_the_first_of_each_photo_and_each_bytes():
+    rows = [
+        {"tenant": T, "identity": "a", "role": "ref", "uri": u, "sha": s}
+        for u, s in (("b.jpg", "s1"), ("a.jpg", "s1"), ("c.jpg", "s2"), ("c.jpg", "s2"), ("d.jpg", "s3"))
+    ] + [
+        {"tenant": T, "identity": "a", "role": "restore", "uri": "b.jpg"},  # its ref was a byte copy: kept
+        {"tenant": T, "identity": "a", "role": "restore", "uri": "c.jpg"},  # a reference: same photo
+        {"tenant": T, "identity": "a", "role": "restore", "uri": "e.jpg"},
+        {"tenant": T, "identity": "a", "role": "restore", "uri": "e.jpg"},
+        {"tenant": T, "identity": "b", "role": "ref", "uri": "a.jpg", "sha": "s1"},  # another person's: fine
+    ]
+    result = judge_probed(probed_rows(rows), min_refs=1, max_refs=20)
+    assert quarantine_map(result) == {
+        (T, "a", "ref", "b.jpg"): ("dedup", "duplicate: same bytes as a.jpg"),
+        (T, "a", "ref", "c.jpg"): ("dedup", "duplicate: same photo as c.jpg"),
+        (T, "a", "restore", "c.jpg"): ("dedup", "duplicate: same photo as c.jpg"),
+        (T, "a", "restore", "e.jpg"): ("dedup", "duplicate: same photo as e.jpg"),
+    }
+    assert [r["uri"] for r in result.jobs[(T, "a")].restores] == ["b.jpg", "e.jpg"]
+    check_judged(rows, 1, 20)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_judge_equals_judging_row_by_row(seed: int):
+    """Random manifests (photos shared within and across people and roles, byte copies, failed
+    probes, restore photos with and without sha256), random reference bounds."""
+    rng = random.Random(seed)
+    probes: dict[tuple[str, str], dict] = {}  # one probe per (uri, role), as probe_table gives
+    rows = []
+    for _ in range(rng.randrange(50, 300)):
+        role = rng.choice(["ref", "ref", "restore"])
+        uri = f"{rng.choice(['x', 'y'])}/{rng.randrange(30):02d}.jpg"
+        if (uri, role) not in probes:
+            digest = f"s{rng.randrange(12)}" if role == "ref" or seed % 2 else None
+            probes[(uri, role)] = {"sha": digest, "reason": "bad" if rng.random() < 0.1 else None}
+        rows.append({"tenant": rng.choice([T, "zeta"]), "identity": f"p{rng.randrange(6)}", "role": role, "uri": uri,
+                     **probes[(uri, role)]})
+    check_judged(rows, rng.randrange(0, 5), rng.randrange(1, 8))
