@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any
@@ -67,33 +68,69 @@ def stop_stack(run_dir: Path) -> None:
 
 
 class CallTimer:
-    """Wraps the public methods of an ``MlflowClient`` and records each call's seconds by name."""
+    """Times every HTTP request MLflow's client makes (``requests.Session.request``), by endpoint:
+    what each call costs and how many one identity needs (wrapper methods such as ``log_text``
+    make several)."""
 
     def __init__(self) -> None:
         self.calls: dict[str, list[float]] = collections.defaultdict(list)
         self._lock = threading.Lock()
 
-    def wrap(self, client: Any) -> None:
-        for name in dir(type(client)):
-            if name.startswith("_") or not callable(getattr(type(client), name, None)):
-                continue
-            setattr(client, name, self._timed(name, getattr(client, name)))
+    def install(self) -> None:
+        import requests
 
-    def _timed(self, name: str, fn: Any) -> Any:
-        @functools.wraps(fn)
-        def call(*args: Any, **kwargs: Any) -> Any:
+        original = requests.Session.request
+        timer = self
+
+        @functools.wraps(original)
+        def request(session: Any, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
             t0 = time.perf_counter()
             try:
-                return fn(*args, **kwargs)
+                return original(session, method, url, *args, **kwargs)
             finally:
-                dt = time.perf_counter() - t0
-                with self._lock:
-                    self.calls[name].append(dt)
-        return call
+                timer.record(method, url, time.perf_counter() - t0)
+
+        requests.Session.request = request
+
+    def record(self, method: str, url: str, seconds: float) -> None:
+        path = urllib.parse.urlsplit(url).path
+        for marker in ("/mlflow-artifacts/artifacts/", "/mlflow/"):
+            if marker in path:
+                head, _, rest = path.partition(marker)
+                path = marker.strip("/") + ("" if marker.endswith("artifacts/") else "/" + rest)
+                break
+        with self._lock:
+            self.calls[f"{method} {path}"].append(seconds)
 
     def reset(self) -> None:
         with self._lock:
             self.calls.clear()
+
+
+def stack_cpu_s(run_dir: Path | None) -> dict[str, float]:
+    """CPU seconds used so far by the MLflow server and PostgreSQL (each process tree) and by
+    this process (the publisher threads): what a registration costs whatever else runs here."""
+    import psutil
+
+    out = {"client": sum(os.times()[:2])}
+    for name in ("mlflow", "postgres"):
+        pidfile = run_dir / f"{name}.pid" if run_dir else None
+        if pidfile is None or not pidfile.is_file():
+            continue
+        try:
+            root = psutil.Process(int(pidfile.read_text()))
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        total = 0.0
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        out[name] = total
+    return out
 
 
 def records(n: int, tenant: str, store: str) -> list[Any]:
@@ -140,7 +177,7 @@ def publish_all(settings: Settings, recs: list[Any], threads: int, timer: CallTi
     pub = Publisher(settings, lineage={"pipeline_run": "bench", "manifest_uri": "bench://manifest"},
                     params={"steps": 0, "dry_train": True}, on_failed=on_failed, on_indexed=on_indexed,
                     drained=lambda: True, threads=threads, index_batch=1000, index_interval_s=2.0)
-    timer.wrap(pub._get_registry().models.client)
+    _ = pub._get_registry().models.client
     timer.reset()
     t0 = time.perf_counter()
     for r in recs:
@@ -154,6 +191,7 @@ def publish_all(settings: Settings, recs: list[Any], threads: int, timer: CallTi
 def verify(settings: Settings, tenant: str, recs: list[Any]) -> dict[str, int]:
     """Every identity: one version, with its job key, behind ``prod``; index row for it."""
     from registry import AdapterRegistry
+    from registry.keys import model_name
 
     reg = AdapterRegistry.from_settings(settings)
     bad = collections.Counter()
@@ -161,7 +199,7 @@ def verify(settings: Settings, tenant: str, recs: list[Any]) -> dict[str, int]:
     by_name: dict[str, list[Any]] = collections.defaultdict(list)
     token = None
     while True:  # all versions of the tenant, by pages (one search, not one per identity)
-        page = client.search_model_versions(f"name LIKE 'pfstorer/{tenant}/%'", max_results=10000, page_token=token)
+        page = client.search_model_versions(f"name LIKE '{model_name(tenant, 'x')[:-1]}%'", max_results=10000, page_token=token)
         for mv in page:
             by_name[mv.name].append(mv)
         token = page.token
@@ -169,7 +207,7 @@ def verify(settings: Settings, tenant: str, recs: list[Any]) -> dict[str, int]:
             break
     index = {(e.tenant, e.identity): e for e in reg.index.list(tenant)}
     for r in recs:
-        versions = by_name.get(f"pfstorer/{tenant}/{r.job.identity}", [])
+        versions = by_name.get(model_name(tenant, r.job.identity), [])
         if len(versions) != 1:
             bad["versions!=1"] += 1
         elif versions[0].tags.get("job_key") != r.job.job_key:
@@ -190,6 +228,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="publisher threads (default: the Publisher's)")
     ap.add_argument("--server-workers", type=int, default=2, help="mlflow server --workers")
     ap.add_argument("--tracking-uri", default=None, help="a running MLflow server (default: start one on PostgreSQL)")
+    ap.add_argument("--run-dir", type=Path, default=None,
+                    help="with --tracking-uri: the PFSTORER_LOCAL_DIR of its infra/local stack (for CPU accounting)")
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--stem", default="registry_cpu")
     args = ap.parse_args()
@@ -211,7 +251,11 @@ def main() -> None:
                             index_url=str(tmp / "index.parquet"))
         recs = records(args.identities, tenant, store)
         timer = CallTimer()
+        timer.install()
+        run_dir = args.run_dir if args.tracking_uri else tmp / "local"
+        cpu0 = stack_cpu_s(run_dir)
         seconds, stats, failed = publish_all(settings, recs, args.threads, timer)
+        cpu1 = stack_cpu_s(run_dir)
         calls = {k: list(v) for k, v in timer.calls.items()}
         # a retried run: the same job keys again must find their versions and create nothing
         again_n = min(len(recs), 200)
@@ -226,6 +270,8 @@ def main() -> None:
 
     n = len(recs)
     rate = n / seconds
+    cpu_ms = {k: round(1000 * (cpu1[k] - cpu0[k]) / n, 2) for k in cpu1 if k in cpu0}
+    cpu_total_ms = sum(cpu_ms.values())
     rows = [{"call": k, "calls": len(v), "per_identity": round(len(v) / n, 2),
              "mean_ms": 1000 * sum(v) / len(v), "p50_ms": 1000 * sorted(v)[len(v) // 2],
              "p99_ms": 1000 * sorted(v)[min(len(v) - 1, int(0.99 * len(v)))]}
@@ -235,7 +281,10 @@ def main() -> None:
                round(sum(len(v) for v in calls.values()) / n, 2), "failed": len(failed),
                "exactly_once_violations": sum(bad.values()), "retry_run_identities": again_n,
                "retry_run_s": round(again_s, 2), "retry_run_calls": again_calls,
-               "retry_run_failed": len(again_failed)}
+               "retry_run_failed": len(again_failed),
+               "cpu_ms_per_identity": cpu_ms,
+               # what 2 otherwise idle cores could register at this CPU cost (other load aside)
+               "identities_per_s_cpu_bound_2_cores": round(2000 / cpu_total_ms, 1) if cpu_total_ms else None}
     payload = {
         "device": f"{_common.cpu_model()}, {os.cpu_count()} cores, no GPU",
         "command": _common.command_line(),
@@ -247,7 +296,8 @@ def main() -> None:
         "summary": summary, "calls": rows, "violations": bad,
         "failures_sample": failed[:5],
     }
-    table = _common.markdown_table([summary | {"retry_run_calls": json.dumps(again_calls)}])
+    table = _common.markdown_table([summary | {"retry_run_calls": json.dumps(again_calls),
+                                                "cpu_ms_per_identity": json.dumps(cpu_ms)}])
     table += "\n\nMLflow client calls during the timed run:\n\n" + _common.markdown_table(rows)
     table += (f"\n\nOther load on the machine: load average {payload['load_average_before']} before, "
               f"{payload['load_average_after']} after (1/5/15 min, {os.cpu_count()} cores).")

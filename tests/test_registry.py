@@ -21,6 +21,7 @@ from registry import (
     ArtifactStore,
     IndexEntry,
     ModelRegistry,
+    StoredRegistration,
     check_key,
     is_safe_key,
     job_key,
@@ -463,6 +464,62 @@ def test_racing_registrations_of_one_job_leave_one_version(mlflow_db: MlflowServ
     assert len(models.versions(tenant, "bob")) == 2
     assert models._settle(tenant, "bob", "k1", 0) == versions[0].version
     assert [v.version for v in models.versions(tenant, "bob")] == [versions[0].version]
+
+
+@pytest.mark.integration
+def test_batch_registration_is_lean_and_exactly_once(
+    tmp_path: Path, mlflow_db: MlflowService, monkeypatch: pytest.MonkeyPatch
+):
+    """A publisher's batch: each new person costs 3 MLflow calls plus one shared listing, a job
+    run 4; a foreign adapter fails alone; the same batch again creates nothing; lineage is whole
+    and forget removes it all."""
+    import requests
+
+    reg = local_registry(tmp_path, mlflow_db)
+    tenant = unique_name("acme")
+    people = ["ann", "bob", "cat", "dan"]
+    runs = {p: reg.models.log_job_run(tenant, p, {"steps": 5}, [0.5, 0.25], {"final": 0.25}, job_key=f"k-{p}")
+            for p in people[:1]}
+    calls: list[str] = []
+    original = requests.Session.request
+
+    def counted(session, method, url, *args, **kwargs):
+        calls.append(f"{method} {url.rsplit('/api/', 1)[-1]}")
+        return original(session, method, url, *args, **kwargs)
+
+    monkeypatch.setattr(requests.Session, "request", counted)
+    runs.update({p: reg.models.log_job_run(tenant, p, {"steps": 5}, [0.5, 0.25], {"final": 0.25}, job_key=f"k-{p}")
+                 for p in people[1:]})
+    run_calls, calls[:] = list(calls), []
+
+    def batch() -> list[StoredRegistration]:
+        items = [StoredRegistration(tenant, p, f"s3://b/{tenant}/{p}/k-{p}", "a" * 64,
+                                    {"identity": p, "tenant": tenant, "base_fingerprint": BASE}, lineage(),
+                                    runs[p], f"k-{p}") for p in people]
+        items.append(StoredRegistration(tenant, "eve", "s3://b/x", "b" * 64, {"identity": "bob"}, lineage(),
+                                        None, "k-eve"))
+        return items
+
+    first = reg.register_stored_many(batch())
+    assert [e.version for e in first[:4]] == [1, 1, 1, 1]
+    assert isinstance(first[4], AdapterError) and "belongs to identity 'bob'" in str(first[4])
+    if mlflow_db.tracking_uri.startswith("http"):  # count what crossed the wire
+        assert len(run_calls) == 4 * 3, run_calls  # run, params+metrics, job.json, end
+        assert len(calls) == 3 * 4 + 1, calls  # model, version, alias each; one listing
+    again = reg.register_stored_many(batch())
+    assert [e.version for e in again[:4]] == [1, 1, 1, 1]
+    listed = reg.models.versions_of(model_name(tenant, p) for p in people)
+    for p in people:
+        (v,) = listed[model_name(tenant, p)]
+        assert v.tags["job_key"] == f"k-{p}" and v.run_id == runs[p] and reg.models.get_prod(tenant, p) is not None
+        assert v.tags["manifest_hash"] == "ab" * 32 and v.tags["base_fingerprint"] == BASE
+        run = reg.models.client.get_run(runs[p])
+        assert run.info.status == "FINISHED" and run.data.params["steps"] == "5"
+        assert [m.value for m in reg.models.client.get_metric_history(runs[p], "loss")] == [0.5, 0.25]
+        assert reg.models.client.list_artifacts(runs[p])[0].path == "job.json"
+    report = reg.forget(tenant, "cat")
+    assert report.model_deleted and report.versions_deleted == 1 and report.runs_deleted == 1
+    assert_forgotten(reg, tenant, "cat")
 
 
 @pytest.mark.integration
