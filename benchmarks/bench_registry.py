@@ -127,6 +127,8 @@ def stack_cpu_s(run_dir: Path | None) -> dict[str, float]:
             try:
                 t = p.cpu_times()
                 total += t.user + t.system
+                if p is root:  # children that ended (PostgreSQL's per-connection backends)
+                    total += t.children_user + t.children_system
             except psutil.Error:
                 pass
         out[name] = total

@@ -2,7 +2,9 @@
 
 Why here and not in the workers: SQLite (the default tracking store) takes one writer at a time,
 so N workers writing would mostly wait on locks and retries - here one thread writes
-(``threads`` > 1 for a tracking *server*, whose database takes parallel writers); an index on S3
+(``threads`` > 1 for a tracking *server*, whose database takes parallel writers: 8 by default,
+each taking up to ``publish_batch`` waiting adapters at a time, whose versions share one MLflow
+listing - see :meth:`registry.ModelRegistry.register_many`); an index on S3
 is a whole-file PUT, so two racing writers lose rows; and each index write rewrites the Parquet
 file, so one write per adapter would cost O(N^2) over a run - batches make it O(N^2 / batch).
 Uploads, the heavy bytes, stay parallel in the workers.
@@ -61,7 +63,7 @@ class Publisher:
         self.lineage, self.params = dict(lineage), dict(params)
         self._on_failed, self._on_indexed, self._drained = on_failed, on_indexed, drained
         if threads is None:
-            threads = 1 if settings is None or str(settings.tracking_uri).startswith("sqlite:") else 4
+            threads = 1 if settings is None or str(settings.tracking_uri).startswith("sqlite:") else 8
         self.index_batch, self.index_interval_s = index_batch, index_interval_s
         self.publish_batch = max(1, publish_batch)
         self._outbox: _queue.Queue[JobRecord | None] = _queue.Queue()

@@ -20,19 +20,13 @@ mkdir -p "$RUN_DIR"
 BACKEND="${MLFLOW_BACKEND_STORE_URI:-sqlite:///$RUN_DIR/mlflow.db}"
 ARTIFACTS="${MLFLOW_ARTIFACTS_DESTINATION:-$RUN_DIR/mlflow-artifacts}"
 WORKERS="${MLFLOW_WORKERS:-1}"
-PIDFILE="$RUN_DIR/mlflow.pid"
-LOG="$RUN_DIR/mlflow.log"
-ENVFILE="$RUN_DIR/mlflow.env"
+service mlflow
 
 need_venv mlflow mlflow-skinny
 # The server's job executor would spawn huey consumers (not installed, not used by pfstorer).
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 
-if alive "$PIDFILE" mlflow; then
-    say "MLflow already running (pid $(cat "$PIDFILE")); its settings:"
-    cat "$ENVFILE"
-    exit 0
-fi
+running_already "MLflow" mlflow
 port_free "$BIND_ADDRESS" "$PORT" || die "port $PORT on $BIND_ADDRESS is in use (set MLFLOW_PORT)"
 
 case "$ARTIFACTS" in

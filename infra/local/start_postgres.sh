@@ -26,9 +26,7 @@ PORT="${PG_PORT:-${PORT:-5432}}"
 PG_USER="${PG_USER:-mlflow}"
 PG_DB="${PG_DB:-mlflow}"
 PG_PASSWORD="${PG_PASSWORD:-mlflow-local}"
-PIDFILE="$RUN_DIR/postgres.pid"
-LOG="$RUN_DIR/postgres.log"
-ENVFILE="$RUN_DIR/postgres.env"
+service postgres
 DATA="$RUN_DIR/postgres"
 
 "$PY" -c "import psycopg2" 2>/dev/null \
@@ -42,13 +40,8 @@ if [ -z "${PG_BIN:-}" ]; then
 fi
 [ -n "$PG_BIN" ] && [ -x "$PG_BIN/initdb" ] && [ -x "$PG_BIN/postgres" ] \
     || die "PostgreSQL server binaries not found (apt-get install postgresql, or set PG_BIN)"
-mkdir -p "$RUN_DIR"
 
-if alive "$PIDFILE" postgres; then
-    say "PostgreSQL already running (pid $(cat "$PIDFILE")); its settings:"
-    cat "$ENVFILE"
-    exit 0
-fi
+running_already "PostgreSQL" postgres
 port_free "$BIND_ADDRESS" "$PORT" || die "port $PORT on $BIND_ADDRESS is in use (set PG_PORT)"
 
 # initdb and postgres refuse to run as root: drop to an unprivileged user (setpriv execs, so the
