@@ -25,6 +25,7 @@ import collections
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -237,6 +238,7 @@ def main() -> None:
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="pfstorer-bench-registry-"))
+    tmp.chmod(0o711)  # PostgreSQL may run as another user (under root): it must reach tmp/local
     load_before = os.getloadavg()
     started = None
     try:
@@ -268,6 +270,7 @@ def main() -> None:
     finally:
         if started is not None:
             stop_stack(tmp / "local")
+        shutil.rmtree(tmp, ignore_errors=True)
     load_after = os.getloadavg()
 
     n = len(recs)

@@ -59,7 +59,11 @@ if [ ! -f "$DATA/PG_VERSION" ]; then
     mkdir -p "$DATA"
     PWFILE="$(mktemp "$RUN_DIR/pgpass.XXXXXX")"
     printf '%s\n' "$PG_PASSWORD" >"$PWFILE"
-    if [ ${#AS[@]} -gt 0 ]; then chown "$RUN_AS" "$DATA" "$PWFILE"; fi
+    if [ ${#AS[@]} -gt 0 ]; then
+        chown "$RUN_AS" "$DATA" "$PWFILE"
+        "${AS[@]}" test -r "$PWFILE" || { rm -f "$PWFILE"; die "user $RUN_AS cannot reach $RUN_DIR: a parent \
+directory is private (chmod o+x it, or set PFSTORER_LOCAL_DIR elsewhere)"; }
+    fi
     if ! (cd / && "${AS[@]}" "$PG_BIN/initdb" -D "$DATA" -U "$PG_USER" --pwfile="$PWFILE" \
             --auth-local=trust --auth-host=scram-sha-256 -E UTF8 --no-sync >"$RUN_DIR/initdb.log" 2>&1); then
         rm -f "$PWFILE"
