@@ -2,7 +2,9 @@
 
 Why here and not in the workers: SQLite (the default tracking store) takes one writer at a time,
 so N workers writing would mostly wait on locks and retries - here one thread writes
-(``threads`` > 1 for a tracking *server*, whose database takes parallel writers); an index on S3
+(``threads`` > 1 for a tracking *server*, whose database takes parallel writers: 8 by default,
+each taking up to ``publish_batch`` waiting adapters at a time, whose versions share one MLflow
+listing - see :meth:`registry.ModelRegistry.register_many`); an index on S3
 is a whole-file PUT, so two racing writers lose rows; and each index write rewrites the Parquet
 file, so one write per adapter would cost O(N^2) over a run - batches make it O(N^2 / batch).
 Uploads, the heavy bytes, stay parallel in the workers.
@@ -50,6 +52,7 @@ class Publisher:
         on_indexed: Callable[[list[str], str | None], None],
         drained: Callable[[], bool],
         threads: int | None = None,
+        publish_batch: int = 16,
         index_batch: int = 500,
         index_interval_s: float = 5.0,
     ) -> None:
@@ -60,8 +63,9 @@ class Publisher:
         self.lineage, self.params = dict(lineage), dict(params)
         self._on_failed, self._on_indexed, self._drained = on_failed, on_indexed, drained
         if threads is None:
-            threads = 1 if settings is None or str(settings.tracking_uri).startswith("sqlite:") else 4
+            threads = 1 if settings is None or str(settings.tracking_uri).startswith("sqlite:") else 8
         self.index_batch, self.index_interval_s = index_batch, index_interval_s
+        self.publish_batch = max(1, publish_batch)
         self._outbox: _queue.Queue[JobRecord | None] = _queue.Queue()
         self._indexq: _queue.Queue[tuple[str, Any] | None] = _queue.Queue()
         self.stats = {"published": 0, "publish_s": 0.0, "index_writes": 0, "index_s": 0.0,
@@ -84,13 +88,16 @@ class Publisher:
                 self._registry = AdapterRegistry.from_settings(self.settings)
             return self._registry
 
-    def _publish_one(self, rec: JobRecord) -> Any:
-        """MLflow run + registered version of one adapter; returns its IndexEntry.
+    def _log_run(self, rec: JobRecord) -> Any:
+        """The MLflow run of one handed-off adapter; returns what to register (a
+        :class:`registry.StoredRegistration`).
 
         No "already registered?" lookup first: the plan left out every job key the registry
         knows, and the queue hands each job to the publisher once; registration itself is
         idempotent by job key all the same.
         """
+        from registry import StoredRegistration
+
         reg = self._get_registry()
         job, stored = rec.job, rec.stored
         assert stored is not None
@@ -104,12 +111,41 @@ class Publisher:
             job.tenant, job.identity, params, meta.get("loss_curve") or [], metrics, job_key=job.job_key,
             tags={"pipeline_run": str(self.lineage.get("pipeline_run", ""))},
         )
+        rec.run_id = run_id
         lineage = {"ref_sha256s": sorted(r.sha256 for r in job.refs), **self.lineage}
-        entry = reg.register_stored(job.tenant, job.identity, stored.uri, stored.sha256, meta, lineage,
-                                    run_id=run_id, job_key=job.job_key)
-        rec.version, rec.run_id = entry.version, run_id
-        rec.stored = dataclasses.replace(stored, meta={})  # the loss curve is in MLflow now: keep the actor small
-        return entry
+        return StoredRegistration(job.tenant, job.identity, stored.uri, stored.sha256, meta, lineage,
+                                  run_id, job.job_key)
+
+    def _publish_batch(self, recs: list[JobRecord]) -> None:
+        """MLflow run of each record, then their versions in one batch
+        (:meth:`registry.AdapterRegistry.register_stored_many`); entries go to the indexer."""
+        t0 = time.perf_counter()
+        todo: list[tuple[JobRecord, Any]] = []
+        for rec in recs:
+            try:
+                todo.append((rec, self._log_run(rec)))
+            except Exception as exc:
+                log.exception("publishing job %s failed", rec.job.job_id)
+                self._on_failed(rec.job.job_id, f"publish: {short_error(exc)}")
+        try:
+            results = self._get_registry().register_stored_many([r for _, r in todo]) if todo else []
+        except Exception as exc:  # the registry could not even be built
+            results = [exc] * len(todo)
+        for (rec, _), result in zip(todo, results):
+            if isinstance(result, Exception):
+                log.error("publishing job %s failed: %s", rec.job.job_id, short_error(result))
+                self._on_failed(rec.job.job_id, f"publish: {short_error(result)}")
+                continue
+            rec.version = result.version
+            assert rec.stored is not None
+            rec.stored = dataclasses.replace(rec.stored, meta={})  # the loss curve is in MLflow now: keep the actor small
+            self._indexq.put((rec.job.job_id, result))
+        dt = time.perf_counter() - t0
+        for rec in recs:
+            rec.publish_s = dt / len(recs)
+        with self._stats_lock:
+            self.stats["published"] += len(recs)
+            self.stats["publish_s"] += dt
 
     def _publish_loop(self) -> None:
         if self.settings is not None:
@@ -118,26 +154,27 @@ class Publisher:
             except Exception:
                 log.exception("cannot open the registry yet (retried per adapter)")
         while True:
+            batch: list[JobRecord] = []
             rec = self._outbox.get()
-            if rec is None:
+            stop = rec is None
+            if rec is not None:
+                batch.append(rec)
+            while not stop and len(batch) < self.publish_batch:  # whatever else waits, up to a batch
+                try:
+                    more = self._outbox.get_nowait()
+                except _queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                else:
+                    batch.append(more)
+            if batch and self.settings is None:
+                for r in batch:
+                    self._indexq.put((r.job.job_id, None))
+            elif batch:
+                self._publish_batch(batch)
+            if stop:
                 return
-            jid = rec.job.job_id
-            if self.settings is None:
-                self._indexq.put((jid, None))
-                continue
-            t0 = time.perf_counter()
-            try:
-                entry = self._publish_one(rec)
-            except Exception as exc:
-                log.exception("publishing job %s failed", jid)
-                self._on_failed(jid, f"publish: {short_error(exc)}")
-                entry = None
-            rec.publish_s = dt = time.perf_counter() - t0
-            with self._stats_lock:
-                self.stats["published"] += 1
-                self.stats["publish_s"] += dt
-            if entry is not None:
-                self._indexq.put((jid, entry))
 
     def _flush(self, batch: list[tuple[str, Any]]) -> None:
         if not batch:

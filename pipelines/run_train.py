@@ -107,7 +107,7 @@ def execute_run(
     upload raises (default ``max(settings.max_retries, 0)``, at most 3). ``train_storage``: Ray
     Train's storage path (default ``{state_dir}/ray-train``; on a multi-node cluster use shared
     storage such as ``s3://...``). ``publish_threads``: parallel MLflow writers (default 1 on
-    SQLite, 4 for a tracking server). ``on_progress`` gets the queue's :class:`~pipelines.records.QueueProgress` (counts,
+    SQLite, 8 for a tracking server). ``on_progress`` gets the queue's :class:`~pipelines.records.QueueProgress` (counts,
     current workers with their pids) about four times a second, from a background thread.
     """
     s = plan.settings

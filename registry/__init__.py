@@ -38,7 +38,7 @@ read-modify-write, guarded by a file lock on local paths. On object stores, keep
 """
 
 from registry.artifacts import ArtifactStore, adapter_tags, read_adapter_meta
-from registry.facade import AdapterRegistry, ForgetReport, entry_of_version, local_defaults
+from registry.facade import AdapterRegistry, ForgetReport, StoredRegistration, entry_of_version, local_defaults
 from registry.index import INDEX_SCHEMA, AdapterIndex, IndexEntry
 from registry.keys import (
     ADAPTER_FILES,
@@ -56,7 +56,7 @@ from registry.keys import (
     parse_model_key,
     sha256_file,
 )
-from registry.models import ModelRegistry, ModelVersionInfo
+from registry.models import ModelRegistry, ModelVersionInfo, Registration
 from registry.storage import default_storage_options, is_local_url, url_to_fs
 
 __all__ = [
@@ -74,6 +74,8 @@ __all__ = [
     "ForgetReport",
     "IndexEntry",
     "ModelRegistry",
+    "Registration",
+    "StoredRegistration",
     "ModelVersionInfo",
     "adapter_tags",
     "check_key",

@@ -14,7 +14,7 @@ from pfstorer.errors import AdapterError, PFStorerError
 from registry.keys import ADAPTER_JSON, ADAPTER_TENSORS, DEFAULT_STATE_DIR, check_key, is_safe_key, sha256_file
 from registry.artifacts import ArtifactStore, adapter_tags, read_adapter_meta
 from registry.index import AdapterIndex, IndexEntry
-from registry.models import ModelRegistry, ModelVersionInfo
+from registry.models import ModelRegistry, ModelVersionInfo, Registration
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +44,20 @@ class ForgetReport:
             or self.runs_purged
             or self.files_deleted
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredRegistration:
+    """An adapter in the store to register (the arguments of :meth:`AdapterRegistry.register_stored`)."""
+
+    tenant: str
+    identity: str
+    uri: str
+    sha256: str
+    meta: Mapping[str, Any]
+    lineage: Mapping[str, Any] | None
+    run_id: str | None
+    job_key: str
 
 
 def local_defaults(state_dir: str | os.PathLike[str] = DEFAULT_STATE_DIR) -> dict[str, str]:
@@ -189,14 +203,34 @@ class AdapterRegistry:
         """Register an adapter already in the store (MLflow version, lineage tags, alias ``prod``)
         and return the index entry to write: the step :meth:`publish` and the run's publisher,
         which batches index writes, share. Idempotent by ``job_key``."""
-        _check_owner(meta, tenant, identity, uri)
-        tags = adapter_tags(dict(meta))
-        tags.update(lineage or {})
-        version = self.models.register(tenant, identity, uri, sha256, tags, run_id=run_id, job_key=job_key)
-        return IndexEntry(
-            tenant=tenant, identity=identity, version=int(version), uri=uri, sha256=sha256,
-            base_fingerprint=meta.get("base_fingerprint"), job_key=job_key, updated_at=datetime.now(UTC),
-        )
+        (result,) = self.register_stored_many([StoredRegistration(tenant, identity, uri, sha256, meta, lineage,
+                                                                  run_id, job_key)])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def register_stored_many(self, items: list[StoredRegistration]) -> list[IndexEntry | Exception]:
+        """:meth:`register_stored` for several people at once (one MLflow listing for all of
+        them, :meth:`ModelRegistry.register_many`); per item its entry or what stopped it."""
+        out: list[IndexEntry | Exception | None] = [None] * len(items)
+        todo: list[tuple[int, Registration]] = []
+        for i, it in enumerate(items):
+            try:
+                _check_owner(it.meta, it.tenant, it.identity, it.uri)
+            except AdapterError as exc:
+                out[i] = exc
+                continue
+            tags = adapter_tags(dict(it.meta))
+            tags.update(it.lineage or {})
+            todo.append((i, Registration(it.tenant, it.identity, it.uri, it.sha256, tags, it.run_id, it.job_key)))
+        versions = self.models.register_many(r for _, r in todo) if todo else []
+        for (i, _), version in zip(todo, versions):
+            it = items[i]
+            out[i] = version if isinstance(version, Exception) else IndexEntry(
+                tenant=it.tenant, identity=it.identity, version=int(version), uri=it.uri, sha256=it.sha256,
+                base_fingerprint=it.meta.get("base_fingerprint"), job_key=it.job_key, updated_at=datetime.now(UTC),
+            )
+        return out  # type: ignore[return-value]
 
     # -- read ---------------------------------------------------------------------------------
     def resolve(self, tenant: str, identity: str) -> IndexEntry | None:

@@ -98,6 +98,23 @@ class ModelVersionInfo:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class Registration:
+    """One adapter to register (the arguments of :meth:`ModelRegistry.register`)."""
+
+    tenant: str
+    identity: str
+    artifact_uri: str
+    sha256: str
+    lineage: Mapping[str, Any]
+    run_id: str | None = None
+    job_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.job_key and self.lineage.get("job_key"):
+            object.__setattr__(self, "job_key", self.lineage["job_key"])
+
+
 _TAG_LIMIT = 5000  # well under MLflow's limits for every store
 
 
@@ -166,6 +183,30 @@ class ModelRegistry:
         )
         return sorted((ModelVersionInfo.from_mlflow(mv) for mv in found), key=lambda v: v.version)
 
+    def versions_of(self, names: Iterable[str]) -> dict[str, list[ModelVersionInfo]]:
+        """All versions of several registered models by name, oldest first, in one search per
+        100 names (``name IN (...)``); a name without versions maps to []."""
+        names = sorted(set(names))
+        out: dict[str, list[ModelVersionInfo]] = {n: [] for n in names}
+        for i in range(0, len(names), 100):
+            quoted = ", ".join(f"'{n}'" for n in names[i : i + 100])
+            token = None
+            while True:
+                page = _retry(
+                    lambda: self.client.search_model_versions(
+                        f"name IN ({quoted})", max_results=10000, page_token=token
+                    ),
+                    what=f"search versions of {len(names[i : i + 100])} models",
+                )
+                for mv in page:
+                    out.setdefault(mv.name, []).append(ModelVersionInfo.from_mlflow(mv))
+                token = page.token
+                if not token:
+                    break
+        for found in out.values():
+            found.sort(key=lambda v: v.version)
+        return out
+
     def find_version(self, tenant: str, identity: str, job_key: str) -> ModelVersionInfo | None:
         """The version registered by this job key (for idempotency), or None."""
         for v in self.versions(tenant, identity):
@@ -192,10 +233,15 @@ class ModelRegistry:
         return ModelVersionInfo.from_mlflow(mv)
 
     # -- writes --------------------------------------------------------------------------------
-    def _ensure_model(self, tenant: str, identity: str) -> str:
+    def _ensure_model(self, tenant: str, identity: str) -> bool:
+        """Create the person's registered model; True if this call created it (so it has no
+        versions yet), False if it existed (or a retried create may have made it)."""
         name = model_name(tenant, identity)
+        tries = 0
 
-        def create() -> None:
+        def create() -> bool:
+            nonlocal tries
+            tries += 1
             try:
                 self.client.create_registered_model(
                     name,
@@ -205,9 +251,10 @@ class ModelRegistry:
             except Exception as exc:
                 if _error_code(exc) != "RESOURCE_ALREADY_EXISTS":
                     raise
+                return False
+            return tries == 1
 
-        _retry(create, what=f"create registered model {name}")
-        return name
+        return _retry(create, what=f"create registered model {name}")
 
     def register(
         self,
@@ -226,69 +273,134 @@ class ModelRegistry:
         ``manifest_uri``, ``manifest_hash``, ``config``, ``metrics``, ``base_licence``... The
         ``job_key`` (argument or ``lineage["job_key"]``) makes this idempotent: if a version with
         that tag exists (also after a retried, half-finished call) its number is returned.
+        One registration of :meth:`register_many`.
         """
-        job_key = job_key or lineage.get("job_key")
-        name = self._ensure_model(tenant, identity)
-        tags = {str(k): _tag(v) for k, v in lineage.items() if v is not None}
+        (result,) = self.register_many(
+            [Registration(tenant, identity, artifact_uri, sha256, lineage, run_id, job_key)]
+        )
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def register_many(self, items: Iterable[Registration]) -> list[int | Exception]:
+        """Register several adapters (of different people); per item its version number, or the
+        exception that stopped it (the others go on). Idempotent by job key as :meth:`register`.
+
+        MLflow calls for a new person: create the registered model, create the version, set the
+        alias - and one listing of the versions for the whole batch (``name IN``), which both
+        settles racing writers of one job key (:meth:`_settle`) and finds the newest version for
+        ``prod``. "Is this job registered already?" is asked only when the model existed before,
+        and before any retried create (a call that timed out may have created the version).
+        """
+        items = list(items)
+        results: list[int | Exception] = []
+        for it in items:
+            try:
+                results.append(self._create_version(it))
+            except Exception as exc:
+                results.append(exc)
+        names = [model_name(it.tenant, it.identity) for it, r in zip(items, results) if isinstance(r, int)]
+        try:
+            listed = self.versions_of(names) if names else {}
+        except Exception as exc:
+            return [exc if isinstance(r, int) else r for r in results]
+        for i, (it, version) in enumerate(zip(items, results)):
+            if not isinstance(version, int):
+                continue
+            name = model_name(it.tenant, it.identity)
+            try:
+                versions = listed.get(name, [])
+                if it.job_key:
+                    version, versions = self._settle_versions(name, it.job_key, version, versions)
+                    listed[name] = versions
+                self._move_prod(it.tenant, it.identity, versions)
+                results[i] = version
+            except Exception as exc:
+                results[i] = exc
+        return results
+
+    def _create_version(self, it: Registration) -> int:
+        """Registered model (if new) and version of one :class:`Registration` (not yet settled)."""
+        job_key = it.job_key
+        name = model_name(it.tenant, it.identity)
+        check_first = not self._ensure_model(it.tenant, it.identity)
+        tags = {str(k): _tag(v) for k, v in it.lineage.items() if v is not None}
         tags.update(
-            tenant=tenant,
-            identity=identity,
-            sha256=sha256,
-            artifact_uri=artifact_uri,
+            tenant=it.tenant,
+            identity=it.identity,
+            sha256=it.sha256,
+            artifact_uri=it.artifact_uri,
         )
         if job_key:
             tags["job_key"] = job_key
 
         def create() -> int:
-            if job_key and (found := self.find_version(tenant, identity, job_key)) is not None:
-                return found.version
+            nonlocal check_first
+            if job_key and check_first:
+                found = self.find_version(it.tenant, it.identity, job_key)
+                if found is not None:
+                    return found.version
+            check_first = True
             mv = self.client.create_model_version(
                 name,
-                source=artifact_uri,
-                run_id=run_id,
+                source=it.artifact_uri,
+                run_id=it.run_id,
                 tags=tags,
-                description=f"adapter sha256 {sha256}",
+                description=f"adapter sha256 {it.sha256}",
                 await_creation_for=0,
             )
             return int(mv.version)
 
-        version = _retry(create, what=f"create version of {name}")
-        if job_key:
-            version = self._settle(tenant, identity, job_key, version)
-        self._move_prod(tenant, identity)
-        return version
+        return _retry(create, what=f"create version of {name}")
 
     def _settle(self, tenant: str, identity: str, job_key: str, version: int) -> int:
         """Two writers racing on one job key (a retried task beside a slow original) may both
         have created a version: keep the oldest, delete the others; every racer returns it."""
-        same = [v for v in self.versions(tenant, identity) if v.tags.get("job_key") == job_key]
-        if len(same) <= 1:
-            return same[0].version if same else version
         name = model_name(tenant, identity)
+        return self._settle_versions(name, job_key, version, self.versions(tenant, identity))[0]
+
+    def _settle_versions(
+        self, name: str, job_key: str, version: int, versions: list[ModelVersionInfo]
+    ) -> tuple[int, list[ModelVersionInfo]]:
+        """:meth:`_settle` on a listing already made: (the version kept, the versions left)."""
+        same = [v for v in versions if v.tags.get("job_key") == job_key]
+        if len(same) <= 1:
+            return (same[0].version if same else version), versions
         for v in same[1:]:
             with contextlib.suppress(Exception):  # the other racer may have deleted it already
                 self.client.delete_model_version(name, str(v.version))
-        return same[0].version
+        gone = {v.version for v in same[1:]}
+        return same[0].version, [v for v in versions if v.version not in gone]
 
-    def _move_prod(self, tenant: str, identity: str) -> None:
-        """Point ``prod`` at the newest version. Racing writers (see :meth:`_settle`) may delete
-        that version or set the alias in the same instant: then read the versions again."""
+    def _set_alias(self, name: str, version: str) -> None:
+        """``prod`` -> ``version``: straight to the registry store. ``MlflowClient``'s own method
+        first reads the registered model (a prompt check pfstorer's models never need), one more
+        round trip per registration."""
+        registry_client = getattr(self.client, "_get_registry_client", None)
+        target = registry_client() if callable(registry_client) else self.client
+        target.set_registered_model_alias(name, PROD_ALIAS, version)
+
+    def _move_prod(
+        self, tenant: str, identity: str, versions: list[ModelVersionInfo] | None = None
+    ) -> None:
+        """Point ``prod`` at the newest version (of ``versions`` if given, a fresh listing else).
+        Racing writers (see :meth:`_settle`) may delete that version or set the alias in the same
+        instant: then read the versions again."""
         name = model_name(tenant, identity)
         attempts = 8
         for attempt in range(attempts):
-            versions = self.versions(tenant, identity)
+            if versions is None:
+                versions = self.versions(tenant, identity)
             if not versions:
                 return
             newest = str(versions[-1].version)
             try:
-                _retry(
-                    lambda: self.client.set_registered_model_alias(name, PROD_ALIAS, newest),
-                    what=f"set {name}@{PROD_ALIAS}",
-                )
+                _retry(lambda: self._set_alias(name, newest), what=f"set {name}@{PROD_ALIAS}")
                 return
             except Exception as exc:
                 if attempt == attempts - 1 or not _is_race(exc):
                     raise
+                versions = None
                 time.sleep(0.02 * (attempt + 1) * (0.5 + random.random()))
 
     def _experiment_id(self, tenant: str) -> str:
@@ -355,15 +467,14 @@ class ModelRegistry:
         plist = [Param(k, str(v)[:6000]) for k, v in sorted(flat.items())]
         mlist = [Metric("loss", v, now, i) for i, v in enumerate(curve)]
         mlist += [Metric(str(k), float(v), now, len(curve)) for k, v in sorted(metrics.items())]
-        for i in range(0, len(plist), 100):
+        # params and metrics in as few batches as MLflow takes (100 params, 1000 entities each):
+        # one call for a usual job
+        while plist or mlist:
+            params_now, plist = plist[:100], plist[100:]
+            metrics_now, mlist = mlist[: 1000 - len(params_now)], mlist[1000 - len(params_now) :]
             _retry(
-                lambda i=i: self.client.log_batch(run_id, params=plist[i : i + 100]),
-                what="log params",
-            )
-        for i in range(0, len(mlist), 1000):
-            _retry(
-                lambda i=i: self.client.log_batch(run_id, metrics=mlist[i : i + 1000]),
-                what="log metrics",
+                lambda p=params_now, m=metrics_now: self.client.log_batch(run_id, metrics=m, params=p),
+                what="log params and metrics",
             )
         record = {
             "tenant": tenant,
@@ -374,11 +485,24 @@ class ModelRegistry:
             "loss_curve": curve,
         }
         _retry(
-            lambda: self.client.log_text(run_id, canonical_json(record), "job.json"),
+            lambda: self._log_json(run.info.artifact_uri, record, "job.json"),
             what="log job.json",
         )
         _retry(lambda: self.client.set_terminated(run_id, "FINISHED"), what="end run")
         return run_id
+
+    def _log_json(self, artifact_uri: str, record: Mapping[str, Any], file_name: str) -> None:
+        """Write ``record`` as ``file_name`` into a run's artifacts, given the run's artifact URI
+        (``MlflowClient.log_text`` would first fetch the run to learn it: one more round trip)."""
+        import tempfile
+
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        repo = get_artifact_repository(artifact_uri, tracking_uri=self.tracking_uri)
+        with tempfile.TemporaryDirectory(prefix="pfstorer-run-") as tmp:
+            path = Path(tmp) / file_name
+            path.write_text(canonical_json(record))
+            repo.log_artifact(str(path))
 
     def job_runs(
         self, tenant: str, identity: str | None = None, *, include_deleted: bool = False

@@ -7,6 +7,8 @@
   tests apart), artifacts in a temporary directory.
 - ``mlflow_server``: an ``mlflow server`` subprocess on 127.0.0.1 (SQLite backend, artifacts
   proxied to ``s3://pfstorer-test/mlflow-artifacts`` on the moto server).
+- ``mlflow_pg_server``: an ``mlflow server`` on a throwaway PostgreSQL (``infra/local``), as on
+  the cluster; skipped where PostgreSQL is not installed.
 - ``unique_name()``: a fresh safe key (for tenants/identities that must not collide).
 
 No Ray here: the core fixtures add it.
@@ -14,13 +16,16 @@ No Ray here: the core fixtures add it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -33,6 +38,7 @@ __all__ = [
     "MlflowService",
     "free_port",
     "mlflow_local",
+    "mlflow_pg_server",
     "mlflow_server",
     "s3_bucket",
     "s3_endpoint_url",
@@ -42,6 +48,7 @@ __all__ = [
 ]
 
 S3_BUCKET = "pfstorer-test"
+LOCAL_INFRA = Path(__file__).resolve().parents[1] / "infra" / "local"
 
 
 def free_port() -> int:
@@ -136,26 +143,21 @@ def _mlflow_executable() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "mlflow"]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(
-    tmp_path_factory: pytest.TempPathFactory, s3_endpoint_url: str, s3_bucket: str
+@contextlib.contextmanager
+def _mlflow_server(
+    root: Path, backend: str, artifacts: str, env: dict[str, str] | None = None
 ) -> Iterator[MlflowService]:
-    """``mlflow server`` on 127.0.0.1 (SQLite backend, artifacts on moto S3). ~15-25 s to start
-    on 2 busy cores: request it only from tests that need a remote tracking server."""
-    root = tmp_path_factory.mktemp("mlflow-server")
+    """``mlflow server --workers 1`` on a free port of 127.0.0.1 over ``backend``, artifacts
+    proxied to ``artifacts``; stopped (its whole process group) on exit."""
     port = free_port()
-    backend = f"sqlite:///{root / 'mlflow.db'}"
     log_path = root / "server.log"
     env = dict(
         os.environ,
-        MLFLOW_S3_ENDPOINT_URL=s3_endpoint_url,
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
         MLFLOW_DISABLE_TELEMETRY="true",
         DO_NOT_TRACK="true",
         # the job executor spawns huey consumers (not installed): off
         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+        **(env or {}),
     )
     cmd = _mlflow_executable() + [
         "server",
@@ -163,7 +165,7 @@ def mlflow_server(
         "--port", str(port),
         "--workers", "1",
         "--backend-store-uri", backend,
-        "--artifacts-destination", f"s3://{s3_bucket}/mlflow-artifacts",
+        "--artifacts-destination", artifacts,
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -194,6 +196,74 @@ def mlflow_server(
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(
+    tmp_path_factory: pytest.TempPathFactory, s3_endpoint_url: str, s3_bucket: str
+) -> Iterator[MlflowService]:
+    """``mlflow server`` on 127.0.0.1 (SQLite backend, artifacts on moto S3). ~15-25 s to start
+    on 2 busy cores: request it only from tests that need a remote tracking server."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    s3_env = {
+        "MLFLOW_S3_ENDPOINT_URL": s3_endpoint_url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    with _mlflow_server(
+        root, f"sqlite:///{root / 'mlflow.db'}", f"s3://{s3_bucket}/mlflow-artifacts", s3_env
+    ) as service:
+        yield service
+
+
+def _postgres_missing() -> str | None:
+    """Why PostgreSQL cannot be started here (None: it can)."""
+    import glob
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg2") is None:
+        return "psycopg2 is not installed (pip install psycopg2-binary; part of the dev extra)"
+    bins = [os.environ.get("PG_BIN", ""), os.path.dirname(shutil.which("initdb") or "")]
+    bins += sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+    if not any(b and os.access(os.path.join(b, "postgres"), os.X_OK) for b in bins):
+        return "PostgreSQL server binaries not found (apt-get install postgresql, or set PG_BIN)"
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        return "running as root needs setpriv (util-linux) to start PostgreSQL as another user"
+    return None
+
+
+@pytest.fixture(scope="session")
+def mlflow_pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowService]:
+    """``mlflow server`` on a throwaway PostgreSQL (``infra/local/start_postgres.sh``, fsync off;
+    as root the server runs as an unprivileged user), artifacts in a local directory. Skipped,
+    naming what to install, where PostgreSQL or psycopg2 is missing. ~20-40 s to start on 2 busy
+    cores."""
+    if (why := _postgres_missing()) is not None:
+        pytest.skip(why)
+    root = tmp_path_factory.mktemp("mlflow-pg-server")
+    # not under pytest's tmp root: that is private to this user, and the server's user must
+    # reach its data directory
+    run_dir = Path(tempfile.mkdtemp(prefix="pfstorer-pg-"))
+    env = dict(
+        os.environ,
+        PFSTORER_LOCAL_DIR=str(run_dir),
+        PFSTORER_VENV=str(Path(sys.executable).parents[1]),
+        PG_PORT=str(free_port()),
+        PG_OPTIONS="-c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+    )
+    try:
+        out = subprocess.run(
+            [str(LOCAL_INFRA / "start_postgres.sh")], env=env, capture_output=True, text=True, timeout=120
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"start_postgres.sh failed:\n{out.stderr[-3000:]}")
+        backend = out.stdout.strip().removeprefix("export MLFLOW_BACKEND_STORE_URI=")
+        with _mlflow_server(root, backend, str(root / "artifacts")) as service:
+            yield service
+    finally:
+        subprocess.run([str(LOCAL_INFRA / "stop.sh"), "postgres"], env=env, capture_output=True, timeout=60)
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def prometheus_sum(port: int, name: str, **labels: str) -> float:

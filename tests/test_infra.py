@@ -148,6 +148,7 @@ def test_infra_has_the_expected_files() -> None:
         "k8s/config.yaml",
         "local/README.md",
         "local/start_mlflow.sh",
+        "local/start_postgres.sh",
         "local/start_s3.sh",
         "local/stop.sh",
     ):

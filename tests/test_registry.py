@@ -21,6 +21,7 @@ from registry import (
     ArtifactStore,
     IndexEntry,
     ModelRegistry,
+    StoredRegistration,
     check_key,
     is_safe_key,
     job_key,
@@ -260,16 +261,40 @@ def test_index_concurrent_writers_lose_nothing(tmp_path: Path):
 
 
 # ---------------------------------------------------------------------------------------------
-# MLflow (real SQLite store)
+# MLflow: a real SQLite store, and a real mlflow server on PostgreSQL (as on the cluster)
 # ---------------------------------------------------------------------------------------------
 
 
-def local_registry(tmp_path: Path, mlflow: MlflowService) -> AdapterRegistry:
+@pytest.fixture(params=["sqlite", "postgres-server"])
+def mlflow_db(request: pytest.FixtureRequest) -> MlflowService:
+    """MLflow straight on SQLite (the default) and an ``mlflow server`` on PostgreSQL."""
+    return request.getfixturevalue("mlflow_local" if request.param == "sqlite" else "mlflow_pg_server")
+
+
+@pytest.fixture
+def store_of(
+    mlflow_db: MlflowService, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, dict | None]:
+    """(store URL, storage options) that go with ``mlflow_db``: a local folder beside SQLite; S3
+    (moto) behind a server, which refuses local paths as version sources (as on the cluster).
+    The options are also in ``PFSTORER_STORAGE_OPTIONS`` for the CLI."""
+    if not mlflow_db.tracking_uri.startswith("http"):
+        return str(tmp_path / "adapters"), None
+    options = request.getfixturevalue("s3_storage_options")
+    monkeypatch.setenv("PFSTORER_STORAGE_OPTIONS", json.dumps(options))
+    return f"{request.getfixturevalue('s3_url')}/adapters", options
+
+
+def local_registry(
+    tmp_path: Path, mlflow: MlflowService, store: tuple[str, dict | None] | None = None
+) -> AdapterRegistry:
+    store_url, options = store or (str(tmp_path / "adapters"), None)
     return AdapterRegistry.from_urls(
-        str(tmp_path / "adapters"),
+        store_url,
         mlflow.tracking_uri,
         str(tmp_path / "index.parquet"),
         artifact_location=mlflow.artifact_location,
+        storage_options=options,
     )
 
 
@@ -372,8 +397,8 @@ def publish_flow(reg: AdapterRegistry, tmp_path: Path, tenant: str) -> None:
 
 
 @pytest.mark.integration
-def test_publish_fetch_forget_local(tmp_path: Path, mlflow_local: MlflowService):
-    reg = local_registry(tmp_path, mlflow_local)
+def test_publish_fetch_forget(tmp_path: Path, mlflow_db: MlflowService, store_of: tuple):
+    reg = local_registry(tmp_path, mlflow_db, store_of)
     publish_flow(reg, tmp_path, unique_name("acme"))
 
 
@@ -389,9 +414,9 @@ def test_corrupted_upload_registers_nothing(tmp_path: Path, mlflow_local: Mlflow
 
 
 @pytest.mark.integration
-def test_register_is_idempotent_by_job_key(mlflow_local: MlflowService):
+def test_register_is_idempotent_by_job_key(mlflow_db: MlflowService):
     tenant = unique_name("acme")
-    models = ModelRegistry(mlflow_local.tracking_uri, artifact_location=mlflow_local.artifact_location)
+    models = ModelRegistry(mlflow_db.tracking_uri, artifact_location=mlflow_db.artifact_location)
     v1 = models.register(tenant, "bob", "s3://b/x/k1", "a" * 64, {"job_key": "k1", "config": {"a": 1}})
     assert v1 == 1
     assert models.register(tenant, "bob", "s3://b/x/k1", "a" * 64, {"job_key": "k1"}) == 1
@@ -405,11 +430,12 @@ def test_register_is_idempotent_by_job_key(mlflow_local: MlflowService):
 
 
 @pytest.mark.integration
-def test_racing_registrations_of_one_job_leave_one_version(mlflow_local: MlflowService):
+def test_racing_registrations_of_one_job_leave_one_version(mlflow_db: MlflowService):
     """A retried task beside a slow original: three register the same job key at once, ten times
-    over (before the alias writes retried on a lost race, about 1 round in 5 raised on SQLite)."""
-    models = ModelRegistry(mlflow_local.tracking_uri, artifact_location=mlflow_local.artifact_location)
-    for _ in range(10):
+    over (before the alias writes retried on a lost race, about 1 round in 5 raised on SQLite;
+    4 rounds behind the server, whose calls take longer)."""
+    models = ModelRegistry(mlflow_db.tracking_uri, artifact_location=mlflow_db.artifact_location)
+    for _ in range(4 if mlflow_db.tracking_uri.startswith("http") else 10):
         tenant = unique_name("acme")
         results: list[int] = []
         errors: list[BaseException] = []
@@ -441,15 +467,71 @@ def test_racing_registrations_of_one_job_leave_one_version(mlflow_local: MlflowS
 
 
 @pytest.mark.integration
-def test_cli_forget_local(tmp_path: Path, mlflow_local: MlflowService, capsys):
+def test_batch_registration_is_lean_and_exactly_once(
+    tmp_path: Path, mlflow_db: MlflowService, monkeypatch: pytest.MonkeyPatch
+):
+    """A publisher's batch: each new person costs 3 MLflow calls plus one shared listing, a job
+    run 4; a foreign adapter fails alone; the same batch again creates nothing; lineage is whole
+    and forget removes it all."""
+    import requests
+
+    reg = local_registry(tmp_path, mlflow_db)
+    tenant = unique_name("acme")
+    people = ["ann", "bob", "cat", "dan"]
+    runs = {p: reg.models.log_job_run(tenant, p, {"steps": 5}, [0.5, 0.25], {"final": 0.25}, job_key=f"k-{p}")
+            for p in people[:1]}
+    calls: list[str] = []
+    original = requests.Session.request
+
+    def counted(session, method, url, *args, **kwargs):
+        calls.append(f"{method} {url.rsplit('/api/', 1)[-1]}")
+        return original(session, method, url, *args, **kwargs)
+
+    monkeypatch.setattr(requests.Session, "request", counted)
+    runs.update({p: reg.models.log_job_run(tenant, p, {"steps": 5}, [0.5, 0.25], {"final": 0.25}, job_key=f"k-{p}")
+                 for p in people[1:]})
+    run_calls, calls[:] = list(calls), []
+
+    def batch() -> list[StoredRegistration]:
+        items = [StoredRegistration(tenant, p, f"s3://b/{tenant}/{p}/k-{p}", "a" * 64,
+                                    {"identity": p, "tenant": tenant, "base_fingerprint": BASE}, lineage(),
+                                    runs[p], f"k-{p}") for p in people]
+        items.append(StoredRegistration(tenant, "eve", "s3://b/x", "b" * 64, {"identity": "bob"}, lineage(),
+                                        None, "k-eve"))
+        return items
+
+    first = reg.register_stored_many(batch())
+    assert [e.version for e in first[:4]] == [1, 1, 1, 1]
+    assert isinstance(first[4], AdapterError) and "belongs to identity 'bob'" in str(first[4])
+    if mlflow_db.tracking_uri.startswith("http"):  # count what crossed the wire
+        assert len(run_calls) == 4 * 3, run_calls  # run, params+metrics, job.json, end
+        assert len(calls) == 3 * 4 + 1, calls  # model, version, alias each; one listing
+    again = reg.register_stored_many(batch())
+    assert [e.version for e in again[:4]] == [1, 1, 1, 1]
+    listed = reg.models.versions_of(model_name(tenant, p) for p in people)
+    for p in people:
+        (v,) = listed[model_name(tenant, p)]
+        assert v.tags["job_key"] == f"k-{p}" and v.run_id == runs[p] and reg.models.get_prod(tenant, p) is not None
+        assert v.tags["manifest_hash"] == "ab" * 32 and v.tags["base_fingerprint"] == BASE
+        run = reg.models.client.get_run(runs[p])
+        assert run.info.status == "FINISHED" and run.data.params["steps"] == "5"
+        assert [m.value for m in reg.models.client.get_metric_history(runs[p], "loss")] == [0.5, 0.25]
+        assert reg.models.client.list_artifacts(runs[p])[0].path == "job.json"
+    report = reg.forget(tenant, "cat")
+    assert report.model_deleted and report.versions_deleted == 1 and report.runs_deleted == 1
+    assert_forgotten(reg, tenant, "cat")
+
+
+@pytest.mark.integration
+def test_cli_forget(tmp_path: Path, mlflow_db: MlflowService, store_of: tuple, capsys):
     from pipelines.cli import main
 
     tenant = unique_name("acme")
-    reg = local_registry(tmp_path, mlflow_local)
+    reg = local_registry(tmp_path, mlflow_db, store_of)
     reg.publish(make_adapter(tmp_path / "src", tenant, "bob"), tenant, "bob", "k1", lineage())
     argv = [
-        "forget", "--tenant", tenant, "--identity", "bob", "--store", str(tmp_path / "adapters"),
-        "--tracking-uri", mlflow_local.tracking_uri, "--index", str(tmp_path / "index.parquet"),
+        "forget", "--tenant", tenant, "--identity", "bob", "--store", store_of[0],
+        "--tracking-uri", mlflow_db.tracking_uri, "--index", str(tmp_path / "index.parquet"),
     ]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out

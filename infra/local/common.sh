@@ -30,6 +30,21 @@ alive() {
     ps -p "$pid" -o command= 2>/dev/null | grep -q -- "$2"
 }
 
+# service NAME: set PIDFILE, LOG and ENVFILE of a service under RUN_DIR (created)
+service() {
+    mkdir -p "$RUN_DIR"
+    PIDFILE="$RUN_DIR/$1.pid" LOG="$RUN_DIR/$1.log" ENVFILE="$RUN_DIR/$1.env"
+}
+
+# running_already LABEL PATTERN: if the service runs, print its exports again and exit 0
+running_already() {
+    if alive "$PIDFILE" "$2"; then
+        say "$1 already running (pid $(cat "$PIDFILE")); its settings:"
+        cat "$ENVFILE"
+        exit 0
+    fi
+}
+
 # port_free HOST PORT: true if nothing listens there
 port_free() {
     "$PY" - "$1" "$2" <<'PYEOF'

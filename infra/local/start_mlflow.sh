@@ -5,7 +5,8 @@
 #
 # Knobs:
 #   MLFLOW_PORT (or PORT)           default 5000
-#   MLFLOW_BACKEND_STORE_URI        default sqlite:///$PFSTORER_LOCAL_DIR/mlflow.db
+#   MLFLOW_BACKEND_STORE_URI        default sqlite:///$PFSTORER_LOCAL_DIR/mlflow.db; start_postgres.sh
+#                                   exports a postgresql+psycopg2:// one (as in infra/k8s)
 #   MLFLOW_ARTIFACTS_DESTINATION    default $PFSTORER_LOCAL_DIR/mlflow-artifacts; an s3://bucket/prefix
 #                                   uses the local S3 server when start_s3.sh runs (or any S3 given by
 #                                   MLFLOW_S3_ENDPOINT_URL / AWS credentials)
@@ -19,17 +20,13 @@ mkdir -p "$RUN_DIR"
 BACKEND="${MLFLOW_BACKEND_STORE_URI:-sqlite:///$RUN_DIR/mlflow.db}"
 ARTIFACTS="${MLFLOW_ARTIFACTS_DESTINATION:-$RUN_DIR/mlflow-artifacts}"
 WORKERS="${MLFLOW_WORKERS:-1}"
-PIDFILE="$RUN_DIR/mlflow.pid"
-LOG="$RUN_DIR/mlflow.log"
-ENVFILE="$RUN_DIR/mlflow.env"
+service mlflow
 
 need_venv mlflow mlflow-skinny
+# The server's job executor would spawn huey consumers (not installed, not used by pfstorer).
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 
-if alive "$PIDFILE" mlflow; then
-    say "MLflow already running (pid $(cat "$PIDFILE")); its settings:"
-    cat "$ENVFILE"
-    exit 0
-fi
+running_already "MLflow" mlflow
 port_free "$BIND_ADDRESS" "$PORT" || die "port $PORT on $BIND_ADDRESS is in use (set MLFLOW_PORT)"
 
 case "$ARTIFACTS" in

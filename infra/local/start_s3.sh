@@ -10,18 +10,11 @@ set -euo pipefail
 
 PORT="${S3_PORT:-${PORT:-5001}}"
 BUCKET="${BUCKET:-pfstorer}"
-PIDFILE="$RUN_DIR/s3.pid"
-LOG="$RUN_DIR/s3.log"
-ENVFILE="$RUN_DIR/s3.env"
+service s3
 
 need_venv moto_server 'moto[server]'
-mkdir -p "$RUN_DIR"
 
-if alive "$PIDFILE" moto_server; then
-    say "local S3 already running (pid $(cat "$PIDFILE")); its settings:"
-    cat "$ENVFILE"
-    exit 0
-fi
+running_already "local S3" moto_server
 port_free "$BIND_ADDRESS" "$PORT" || die "port $PORT on $BIND_ADDRESS is in use (set S3_PORT)"
 
 ENDPOINT="http://$BIND_ADDRESS:$PORT"
