@@ -34,7 +34,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from pfstorer.errors import PFStorerError
 
