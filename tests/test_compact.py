@@ -77,6 +77,7 @@ def test_personalization_rows_can_start_where_restore_starts(compact, lfw_bench,
     import torch
 
     from pfstorer.images import load_image
+    from pfstorer.sampling import alphas_cumprod
     from pfstorer.training import PackedTrainer, PersonalizeConfig, PersonalizeJob
 
     refs = [load_image(p) for p in next(iter(lfw_bench.values()))[:3]]
@@ -93,7 +94,7 @@ def test_personalization_rows_can_start_where_restore_starts(compact, lfw_bench,
     t_start = compact.config.sampling.t_start
     if p_lq_start:
         assert main.tolist() == [t_start, t_start]
-        a = float(trainer._alphas_cumprod()[t_start])
+        a = float(alphas_cumprod(compact)[t_start])
         noise = (x[:2] - a**0.5 * lq[:2]) / (1 - a) ** 0.5  # x_t = sqrt(a) LQ + sqrt(1 - a) noise
         assert abs(float(noise.std()) - 1.0) < 0.1
     else:
