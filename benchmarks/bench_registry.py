@@ -50,11 +50,11 @@ def start_stack(run_dir: Path, workers: int) -> dict[str, str]:
     """PostgreSQL + ``mlflow server`` on it (infra/local scripts); their exports."""
     env = dict(os.environ, PFSTORER_LOCAL_DIR=str(run_dir), PFSTORER_VENV=str(Path(sys.executable).parents[1]),
                PG_PORT=str(_common.free_port()), MLFLOW_PORT=str(_common.free_port()),
-               MLFLOW_WORKERS=str(workers))
+               MLFLOW_WORKERS=str(workers), START_TIMEOUT_S="300")
     exports: dict[str, str] = {}
     for script in ("start_postgres.sh", "start_mlflow.sh"):
         out = subprocess.run([str(LOCAL / script)], env={**env, **exports}, capture_output=True, text=True,
-                             timeout=300)
+                             timeout=600)
         if out.returncode != 0:
             raise SystemExit(f"{script} failed:\n{out.stderr[-3000:]}")
         for line in out.stdout.splitlines():
@@ -268,7 +268,7 @@ def main() -> None:
         again_calls = {k: len(v) for k, v in timer.calls.items()}
         bad = verify(settings, tenant, recs)
     finally:
-        if started is not None:
+        if not args.tracking_uri:  # also after a failed start: PostgreSQL may be up alone
             stop_stack(tmp / "local")
         shutil.rmtree(tmp, ignore_errors=True)
     load_after = os.getloadavg()

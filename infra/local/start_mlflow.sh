@@ -11,6 +11,8 @@
 #                                   uses the local S3 server when start_s3.sh runs (or any S3 given by
 #                                   MLFLOW_S3_ENDPOINT_URL / AWS credentials)
 #   MLFLOW_WORKERS                  default 1
+#   START_TIMEOUT_S                 how long to wait for /health, default 90 (the first start
+#                                   creates the schema: a few seconds on an idle machine)
 # plus those in common.sh. Stop with infra/local/stop.sh.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -47,10 +49,10 @@ start_daemon "$PIDFILE" "$LOG" "$VENV/bin/mlflow" server \
     --serve-artifacts --artifacts-destination "$ARTIFACTS"
 
 # Wait for GET /health (the first start creates the database schema: a few seconds).
-if ! "$PY" - "$URI/health" "$(cat "$PIDFILE")" <<'PYEOF'
+if ! "$PY" - "$URI/health" "$(cat "$PIDFILE")" "${START_TIMEOUT_S:-90}" <<'PYEOF'
 import os, sys, time, urllib.request
-url, pid = sys.argv[1], int(sys.argv[2])
-deadline = time.time() + 90
+url, pid, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+deadline = time.time() + limit
 while True:
     try:
         with urllib.request.urlopen(url, timeout=2) as r:
@@ -63,7 +65,7 @@ while True:
     except OSError:
         sys.exit("mlflow server exited")
     if time.time() > deadline:
-        sys.exit(f"mlflow server did not answer {url} in 90 s: {err}")
+        sys.exit(f"mlflow server did not answer {url} in {limit:.0f} s: {err}")
     time.sleep(0.2)
 PYEOF
 then
