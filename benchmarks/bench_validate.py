@@ -109,8 +109,18 @@ def make_photos(work: Path, rows: int) -> Path:
     return manifest
 
 
+def rss_mib(field: str = "VmHWM") -> float:
+    """This process's peak (``VmHWM``) or present (``VmRSS``) resident memory. Not ``ru_maxrss``:
+    a child started by fork and exec inherits its parent's peak there."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith(f"{field}:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return rss_mib("VmHWM")
 
 
 def init_ray(cpus: int) -> None:
@@ -134,6 +144,7 @@ def phase_validate(args: argparse.Namespace) -> dict:
     fs, path = url_to_fs(cache, opts)
     if args.fresh and fs.exists(path):
         fs.rm(path)
+    start_mib = rss_mib("VmRSS")
     t0 = time.perf_counter()
     result = validate_on_ray(args.manifest, storage_options=opts, cache_url=cache, threads=args.threads)
     elapsed = time.perf_counter() - t0
@@ -143,7 +154,8 @@ def phase_validate(args: argparse.Namespace) -> dict:
         "rows": result.manifest.num_rows, "elapsed_s": elapsed, "rows_per_s": result.manifest.num_rows / elapsed,
         "photos_read": s["photos_read"], "photos_cached": s["photos_cached"],
         "people_ready": s["people_ready"], "quarantined_rows": s["quarantined_rows"],
-        "quarantined_by_reason": s["quarantined_by_reason"], "driver_peak_rss_mib": peak_rss_mib(),
+        "quarantined_by_reason": s["quarantined_by_reason"], "driver_start_rss_mib": start_mib,
+        "driver_peak_rss_mib": peak_rss_mib(),
         "quarantine_digest": hashlib.sha256(json.dumps(bad).encode()).hexdigest()[:16],
     }
 
@@ -368,6 +380,7 @@ def validate_table(results: dict[str, dict]) -> list[dict]:
             "photos read": p["photos_read"],
             "cached": p["photos_cached"],
             "quarantined": p["quarantined_rows"],
+            "driver MiB at start": round(p["driver_start_rss_mib"]),
             "driver peak MiB": round(p["driver_peak_rss_mib"]),
         }
         for storage, runs in results.items()
@@ -402,6 +415,7 @@ def main() -> None:
         return
 
     args.s3_rows = args.rows if args.s3_rows is None else args.s3_rows
+    load_at_start = os.getloadavg()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -431,7 +445,7 @@ def main() -> None:
         md += f"\n\nNote: {args.note}"
     print(md)
     payload = {
-        "note": args.note, "load_average_at_end": os.getloadavg(),
+        "note": args.note, "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg(),
         "device": f"CPU {_common.cpu_model()} x{os.cpu_count()} cores, no GPU",
         "command": _common.command_line(),
         "rows": args.rows, "s3_rows": args.s3_rows, "restore_rows": args.restore_rows, "ray_cpus": args.cpus,
