@@ -40,8 +40,8 @@ test: install    ## run the whole test suite (unit + integration with real Ray, 
 	# waiting for Ray, MLflow or a subprocess, so two overlap well on two cores.
 	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
-test-fast: install ## unit tests only
-	$(VENV)/bin/pytest -q tests -m "not integration"
+test-fast: install ## unit tests only (tests/unit: no Ray, MLflow, S3 or subprocess; under 2 minutes)
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) tests/unit
 
 demo: install    ## run the main job end to end on embedded defaults (see README)
 	$(VENV)/bin/pfstorer demo $(if $(PHOTOS),--photos $(PHOTOS)) $(DEMO_ARGS)

@@ -5,7 +5,7 @@ Every step draws, per identity, ``batch_size`` random crops of the references, d
 ``TrainingSpeed(prefetch=True)`` (the default) the next step's draws run in background threads
 while the UNet trains (``auto``, the default, does so on a GPU only). The table gives, per step: the wall time, the time the training thread
 waited for its batches, and the time spent drawing (in any thread). The adapters are the same
-either way (tests/test_core.py checks it bit for bit).
+either way (tests/unit/test_core.py checks it bit for bit).
 
     python benchmarks/bench_prefetch.py                      # compact, pack 4, 30 steps (CPU)
     python benchmarks/bench_prefetch.py --device cuda --pack 16

@@ -1,7 +1,7 @@
 """The quality a base model must reach on unseen faces before anything built on it counts.
 
 One definition for the benchmark (``benchmarks/bench_base.py``) and the test of the shipped weights
-(``tests/test_compact.py``). Inputs are mean scores of the degraded inputs and of their restorations
+(``tests/unit/test_compact.py``). Inputs are mean scores of the degraded inputs and of their restorations
 against the originals: ``psnr`` (dB), ``st_lpips``, ``id_facenet`` (FaceNet cosine x 100) and
 ``sharpness`` (the face's fine detail over the truth's, :mod:`pfstorer.metrics.sharpness`).
 

@@ -82,7 +82,7 @@ class Update:
     of the image can be stepped *in place* as soon as its blended prediction is known (no
     full-size temporaries, no scheduler state per call). For noise-predicting presets the
     coefficients replicate diffusers' ``DDIMScheduler.step`` / ``DDPMScheduler.step`` (checked in
-    tests/test_sampling.py).
+    tests/unit/test_sampling.py).
     """
 
     t: int

@@ -34,7 +34,7 @@ def gaussian_weights(height: int, width: int, sigma_ratio: float = 0.15) -> torc
     ``sigma_ratio`` 0.15 (of the tile side) puts 0.4% of the peak weight on a tile's border pixels,
     where a network lacks context (zero padding), while the neighbour tile, centred a quarter
     tile away at the default overlap, covers them with ~50x the weight: border artefacts do not
-    leak into the blend. 0.3 left 26% there and seams showed (tests/test_tiling.py); 0.1
+    leak into the blend. 0.3 left 26% there and seams showed (tests/unit/test_tiling.py); 0.1
     (StableSR) makes the hand-over between tiles abrupt when tiles disagree, and its corner weight
     (1e-11) underflows in float16.
     """

@@ -10,7 +10,7 @@
 - :func:`request_id`: the id Serve's proxy gave the HTTP request (the client's ``X-Request-ID``,
   or a new one), which it also returns in the response's ``X-Request-ID``: logs name it.
 
-``tests/test_serve_compat.py`` checks each against the installed Ray, so an upgrade that breaks
+``tests/unit/test_serve_compat.py`` checks each against the installed Ray, so an upgrade that breaks
 one fails there, by name, before it can fail in production.
 """
 

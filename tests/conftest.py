@@ -21,8 +21,28 @@ for _k, _v in {
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-from _ray import *  # noqa: E402,F401,F403  (session-scoped real Ray)
-from _services import *  # noqa: E402,F401,F403  (session-scoped moto S3, MLflow server)
+# Fixtures of the real services, shared by name (pytest finds them here).
+from _ray import ray_session  # noqa: E402,F401
+from _services import (  # noqa: E402,F401
+    mlflow_local,
+    mlflow_pg_server,
+    mlflow_server,
+    s3_bucket,
+    s3_endpoint_url,
+    s3_storage_options,
+    s3_url,
+)
+from _validate_cases import case  # noqa: E402,F401
+
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/integration/ starts real services or processes: mark it so
+    ``-m "not integration"`` and ``make test-fast`` (tests/unit/ alone) select the same tests."""
+    for item in items:
+        if INTEGRATION in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -14,8 +13,8 @@ import torch
 from PIL import Image
 
 import pfstorer.metrics as M
-from pfstorer.errors import InputError
 from pfstorer.cli import METRIC_NAMES, build_parser
+from pfstorer.errors import InputError
 from pfstorer.evaluate import GRID_HEADER, GRID_PAD, evaluate_folders, make_grid
 
 

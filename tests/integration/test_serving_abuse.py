@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _services import free_port, prometheus_sum
 
 from serving.auth import generate_key, hash_key
+
+from _services import free_port, prometheus_sum
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ from pfstorer.adapter import Adapter
 from pfstorer.cli import build_parser, main
 from pfstorer.errors import PFStorerError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(args: list[str], capsys) -> tuple[int, str, str]:

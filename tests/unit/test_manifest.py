@@ -1,4 +1,4 @@
-"""Manifest schema, Parquet round trips (local, partitioned, S3), hashing, from-folders."""
+"""Manifest schema, Parquet round trips (local, partitioned), hashing, from-folders."""
 
 from __future__ import annotations
 
@@ -21,15 +21,7 @@ from pipelines.manifest import (
     write_manifest,
 )
 
-ROWS = [
-    {"tenant": "acme", "identity": "alice", "role": "ref", "uri": "/p/alice/1.jpg", "credit": "me"},
-    {"tenant": "acme", "identity": "alice", "role": "restore", "uri": "/p/alice/2.jpg"},
-    {"tenant": "001", "identity": "bob.b", "role": "ref", "uri": "s3://b/bob/1.jpg", "notes": "x"},
-]
-
-
-def _rows_with_extra() -> list[dict]:
-    return [dict(r, camera=f"cam{i}", iso=100 * i) for i, r in enumerate(ROWS)]
+from _manifest_cases import ROWS, rows_with_extra
 
 
 def test_schema_matches_pydantic_model():
@@ -50,7 +42,7 @@ def test_schema_matches_pydantic_model():
 
 
 def test_round_trip_local_keeps_extra_columns(tmp_path: Path):
-    url = write_manifest(_rows_with_extra(), tmp_path / "sub" / "m.parquet")
+    url = write_manifest(rows_with_extra(), tmp_path / "sub" / "m.parquet")
     table = read_manifest(url)
     assert table.num_rows == 3
     assert table.column_names[:7] == MANIFEST_SCHEMA.names
@@ -74,7 +66,7 @@ def test_bad_rows_are_written_as_given(tmp_path: Path):
 
 
 def test_partitioned_dataset_read(tmp_path: Path):
-    table = pa.Table.from_pylist(_rows_with_extra())
+    table = pa.Table.from_pylist(rows_with_extra())
     ds.write_dataset(
         table, tmp_path / "ds", format="parquet", partitioning=["tenant"], partitioning_flavor="hive"
     )
@@ -113,7 +105,7 @@ def test_unreadable_manifest_errors(tmp_path: Path):
 
 
 def test_manifest_hash_order_independent_and_content_sensitive():
-    table = pa.Table.from_pylist(_rows_with_extra())
+    table = pa.Table.from_pylist(rows_with_extra())
     h = manifest_hash(table)
     assert len(h) == 64
     order = list(range(table.num_rows))
@@ -189,21 +181,3 @@ def test_cli_from_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     assert "8 photos of 2 people (6 references, 2 to restore)" in capsys.readouterr().out
     assert read_manifest(out).column("role").to_pylist().count("restore") == 2
     assert main(["manifest", "from-folders", str(tmp_path / "nope"), "--tenant", "acme", "--out", str(out)]) == 2
-
-
-@pytest.mark.integration
-def test_round_trip_s3(s3_url: str, s3_storage_options: dict, tmp_path: Path):
-    rows = _rows_with_extra()
-    url = write_manifest(rows, f"{s3_url}/m.parquet", s3_storage_options)
-    table = read_manifest(url, s3_storage_options)
-    assert table.num_rows == 3
-    assert table.column("camera").to_pylist() == ["cam0", "cam1", "cam2"]
-    assert table.column("notes").to_pylist() == [None, None, "x"]
-    assert manifest_hash(table) == manifest_hash(read_manifest(write_manifest(rows, tmp_path / "m.parquet")))
-    # a partitioned dataset on S3
-    write_manifest(rows, f"{s3_url}/ds", s3_storage_options, partition_by=["tenant"])
-    got = read_manifest(f"{s3_url}/ds", s3_storage_options)
-    assert sorted(got.column("tenant").to_pylist()) == ["001", "acme", "acme"]
-    assert manifest_hash(got) == manifest_hash(table)
-    with pytest.raises(ManifestError):
-        read_manifest(f"{s3_url}/missing.parquet", s3_storage_options)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 # decimals (1.49, -0.05, +5.11) and numbers with thousands separators (100,400): integers alone are
 # counts and settings (8 in flight, 20 people), not measurements

@@ -1,20 +1,17 @@
-"""The shared adapter layer: store, index, MLflow registry, facade (local and S3 + mlflow server)."""
+"""The shared adapter layer on real services: S3 (moto server), MLflow (SQLite, an ``mlflow
+server``, and one on PostgreSQL where its binaries are installed).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from _services import MlflowService, unique_name
-from safetensors.numpy import save_file
 
-from pfstorer.errors import AdapterError, PFStorerError
+from pfstorer.errors import AdapterError
 from registry import (
     AdapterIndex,
     AdapterRegistry,
@@ -22,41 +19,12 @@ from registry import (
     IndexEntry,
     ModelRegistry,
     StoredRegistration,
-    check_key,
-    is_safe_key,
     job_key,
-    model_key,
     model_name,
-    parse_model_key,
 )
 
-BASE = "tiny-0123456789abcdef"
-
-
-def make_adapter(
-    root: Path, tenant: str | None, identity: str, seed: int = 0, *, corrupt: bool = False
-) -> Path:
-    """An adapter directory as pfstorer writes it (tensors + JSON with their sha256)."""
-    d = root / f"{identity}-{seed}"
-    d.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    save_file({"x": rng.standard_normal(4).astype(np.float32)}, str(d / "adapter.safetensors"))
-    meta = {
-        "format_version": 1,
-        "identity": identity,
-        "tenant": tenant,
-        "base_fingerprint": BASE,
-        "config": {"steps": 5, "lr": 1e-3},
-        "steps": 5,
-        "final_losses": {"diff": 0.1 + seed, "gen": 0.2},
-        "tensors_sha256": hashlib.sha256((d / "adapter.safetensors").read_bytes()).hexdigest(),
-    }
-    (d / "adapter.json").write_text(json.dumps(meta))
-    if corrupt:  # bytes change after the JSON was written: the hash no longer matches
-        data = bytearray((d / "adapter.safetensors").read_bytes())
-        data[-1] ^= 0xFF
-        (d / "adapter.safetensors").write_bytes(bytes(data))
-    return d
+from _registry_cases import BASE, FlakyStore, make_adapter
+from _services import MlflowService, unique_name
 
 
 def lineage(**extra) -> dict:
@@ -68,96 +36,6 @@ def lineage(**extra) -> dict:
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# keys
-# ---------------------------------------------------------------------------------------------
-
-
-def test_keys_and_names():
-    for ok in ("AJ_Cook", "a", "x.y-z_1", "A" * 128):
-        assert is_safe_key(ok)
-    for bad in ("../x", "a/b", "", ".hidden", "a..b", "a b", "A" * 129, None, 3, "é"):
-        assert not is_safe_key(bad)
-    assert is_safe_key("acme-1", "tenant") and not is_safe_key("a.b", "tenant")
-    with pytest.raises(PFStorerError, match="not a safe key"):
-        check_key("../x")
-    assert model_name("acme", "A.B") == "pfstorer.acme.A.B"
-    assert model_key("acme", "bob") == "acme/bob"
-    assert parse_model_key("acme/bob") == ("acme", "bob")
-    for bad in ("", "acme", "acme/../x", "a.b/c"):
-        with pytest.raises(PFStorerError):
-            parse_model_key(bad)
-
-
-def test_job_key_is_stable_and_sensitive():
-    k = job_key(["b" * 64, "a" * 64], BASE, {"steps": 5, "lr": 1e-3})
-    assert len(k) == 32 and int(k, 16) >= 0
-    assert k == job_key(["a" * 64, "b" * 64], BASE, {"lr": 1e-3, "steps": 5})  # order-free
-    assert k != job_key(["a" * 64], BASE, {"steps": 5, "lr": 1e-3})
-    assert k != job_key(["a" * 64, "b" * 64], BASE + "x", {"steps": 5, "lr": 1e-3})
-    assert k != job_key(["a" * 64, "b" * 64], BASE, {"steps": 6, "lr": 1e-3})
-
-
-# ---------------------------------------------------------------------------------------------
-# store and index (no MLflow)
-# ---------------------------------------------------------------------------------------------
-
-
-class FlakyStore(ArtifactStore):
-    """A store whose transport flips one byte of the tensors on the way (the bytes that land
-    differ from the bytes sent)."""
-
-    def _upload(self, local_path: Path, remote_path: str) -> None:
-        data = bytearray(local_path.read_bytes())
-        if local_path.name == "adapter.safetensors":
-            data[len(data) // 2] ^= 0x01
-        self.fs.pipe_file(remote_path, bytes(data))
-
-
-def test_store_put_verify_fetch(tmp_path: Path):
-    store = ArtifactStore(tmp_path / "store")
-    src = make_adapter(tmp_path / "src", "acme", "bob")
-    uri, sha = store.put_adapter(src, "acme", "bob", "k1")
-    assert sha == hashlib.sha256((src / "adapter.safetensors").read_bytes()).hexdigest()
-    assert uri == (tmp_path / "store" / "acme" / "bob" / "k1").as_uri()
-    assert store.exists("acme", "bob", "k1") and not store.exists("acme", "bob", "k2")
-    assert [Path(u).name for u in store.list_files("acme", "bob")] == [
-        "adapter.json",
-        "adapter.safetensors",
-    ]  # no temporary files left
-    got = store.fetch_adapter(uri, tmp_path / "cache" / "x", sha)
-    assert (got / "adapter.safetensors").read_bytes() == (src / "adapter.safetensors").read_bytes()
-    # a wrong expectation fails and leaves nothing
-    with pytest.raises(AdapterError, match="fails verification"):
-        store.fetch_adapter(uri, tmp_path / "cache" / "y", "0" * 64)
-    assert not (tmp_path / "cache" / "y").exists()
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["x"]
-    # a locally corrupt adapter, and a transport that corrupts, both refuse to store
-    with pytest.raises(AdapterError, match="corrupt"):
-        store.put_adapter(make_adapter(tmp_path / "src", "acme", "eve", corrupt=True), "acme", "eve", "k1")
-    flaky = FlakyStore(tmp_path / "store")
-    with pytest.raises(AdapterError, match="upload of adapter.safetensors .* is corrupt"):
-        flaky.put_adapter(make_adapter(tmp_path / "src", "acme", "ann"), "acme", "ann", "k1")
-    assert store.list_files("acme", "ann") == [] and store.list_files("acme", "eve") == []
-    with pytest.raises(PFStorerError):
-        store.put_adapter(src, "acme", "../x", "k1")
-    assert store.delete_identity("acme", "bob") == 2
-    assert store.list_files("acme") == [] and not store.exists("acme", "bob")
-
-
-def test_a_killed_uploaders_leftovers_are_swept_by_the_next_upload(tmp_path: Path):
-    store = ArtifactStore(tmp_path / "store")
-    person = tmp_path / "store" / "acme" / "bob"
-    dead, live = person / ".tmp-k0-dead", person / ".tmp-k1-live"
-    for d in (dead, live):
-        d.mkdir(parents=True)
-        (d / "adapter.safetensors").write_bytes(b"half an upload")
-    old = time.time() - ArtifactStore.STALE_UPLOAD_S - 60
-    os.utime(dead / "adapter.safetensors", (old, old))
-    store.put_adapter(make_adapter(tmp_path / "src", "acme", "bob"), "acme", "bob", "k2")
-    assert sorted(p.name for p in person.iterdir()) == [".tmp-k1-live", "k2"]  # a live upload is kept
-    assert store.sweep_uploads("acme", "bob", older_than_s=0) == 1 and sorted(p.name for p in person.iterdir()) == ["k2"]
-    assert store.sweep_uploads("acme", "nobody") == 0
 
 
 @pytest.mark.integration
@@ -170,99 +48,6 @@ def test_leftover_uploads_on_s3_are_told_by_their_last_modified(s3_url: str, s3_
     assert store.sweep_uploads(tenant, "bob", older_than_s=0) == 1
     store.fs.invalidate_cache()
     assert [p.rsplit("/", 1)[-1] for p in store.fs.ls(f"{store.root}/{tenant}/bob")] == ["k0"]
-
-
-def test_index_upsert_visible_to_second_instance(tmp_path: Path):
-    url = tmp_path / "state" / "index.parquet"
-    writer, reader = AdapterIndex(url), AdapterIndex(url)
-    assert reader.get("acme", "bob") is None and reader.list() == []
-    e1 = IndexEntry("acme", "bob", 1, "file:///x/1", "a" * 64, BASE, "k1")
-    writer.upsert([e1, IndexEntry("other", "bob", 3, "file:///y", "b" * 64)])
-    got = reader.get("acme", "bob")
-    assert (got.version, got.uri, got.sha256, got.job_key) == (1, "file:///x/1", "a" * 64, "k1")
-    assert got.updated_at is not None and got.label == "acme/bob@1"
-    assert [e.key for e in reader.list("acme")] == ["acme/bob"]
-    writer.upsert([IndexEntry("acme", "bob", 2, "file:///x/2", "c" * 64, BASE, "k2")])
-    assert reader.get("acme", "bob").version == 2  # the reader re-reads the changed file
-    assert reader.remove("other", "bob") and not reader.remove("other", "bob")
-    assert writer.get("other", "bob") is None
-    assert len(writer) == 1
-    # a reader that checks at most every 60 s keeps its cached view meanwhile
-    lazy = AdapterIndex(url, max_age_s=60)
-    assert lazy.get("acme", "bob").version == 2
-    writer.upsert([IndexEntry("acme", "ann", 1, "file:///z", "d" * 64)])
-    assert lazy.get("acme", "ann") is None and lazy.refresh(force=True)
-    assert lazy.get("acme", "ann") is not None
-
-
-def test_index_check_is_what_readiness_asks(tmp_path: Path):
-    """A missing or unreadable index fails the check; a readable one passes, empty or not."""
-    url = tmp_path / "index.parquet"
-    index = AdapterIndex(url)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        index.check()
-    AdapterIndex(url).upsert([IndexEntry("acme", "bob", 1, "file:///x", "a" * 64)])
-    index.check()
-    url.write_bytes(b"PAR1" + b"\0" * 64)  # a truncated Parquet file
-    with pytest.raises(Exception, match="(?i)parquet"):
-        index.check()
-    with pytest.raises(Exception, match="(?i)parquet"):
-        index.check()  # still broken: the check says so every time, it does not flap
-    url.unlink()
-    with pytest.raises(FileNotFoundError):
-        index.check()
-    AdapterIndex(url).upsert([IndexEntry("acme", "ann", 1, "file:///z", "b" * 64)])
-    index.check()
-    assert [e.identity for e in index.list()] == ["ann"]
-
-
-def test_index_lookups_never_wait_for_a_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """While one thread parses a changed index, lookups answer from the entries they have."""
-    url = tmp_path / "index.parquet"
-    writer, reader = AdapterIndex(url), AdapterIndex(url)
-    writer.upsert([IndexEntry("acme", "bob", 1, "file:///x/1", "a" * 64)])
-    assert reader.get("acme", "bob").version == 1
-    writer.upsert([IndexEntry("acme", "bob", 2, "file:///x/2", "a" * 64)])
-    parsing, release = threading.Event(), threading.Event()
-    real_read = reader._read
-
-    def slow_read():
-        parsing.set()
-        release.wait(10)
-        return real_read()
-
-    monkeypatch.setattr(reader, "_read", slow_read)
-    t = threading.Thread(target=reader.refresh)
-    t.start()
-    assert parsing.wait(10)
-    t0 = time.monotonic()
-    assert reader.get("acme", "bob").version == 1  # the old entry, at once
-    assert time.monotonic() - t0 < 1.0
-    release.set()
-    t.join(10)
-    assert reader.get("acme", "bob").version == 2  # swapped in once parsed
-
-
-def test_index_concurrent_writers_lose_nothing(tmp_path: Path):
-    url = tmp_path / "index.parquet"
-    a, b = AdapterIndex(url), AdapterIndex(url)
-
-    def write(index: AdapterIndex, prefix: str) -> None:
-        for i in range(15):
-            index.upsert([IndexEntry("acme", f"{prefix}{i}", 1, f"file:///{prefix}{i}", "e" * 64)])
-
-    threads = [threading.Thread(target=write, args=(ix, p)) for ix, p in ((a, "a"), (b, "b"))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(AdapterIndex(url).list("acme")) == 30
-    assert not list(tmp_path.glob("index.parquet.tmp-*"))
-
-
-# ---------------------------------------------------------------------------------------------
-# MLflow: a real SQLite store, and a real mlflow server on PostgreSQL (as on the cluster)
-# ---------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(params=["sqlite", "postgres-server"])
@@ -539,89 +324,6 @@ def test_cli_forget(tmp_path: Path, mlflow_db: MlflowService, store_of: tuple, c
     assert_forgotten(reg, tenant, "bob")
     assert main(argv) == 0 and "nothing stored" in capsys.readouterr().out
     assert main(argv[:4] + ["../x"] + argv[5:]) == 2
-
-
-def test_read_adapter_in_memory(tmp_path: Path):
-    store = ArtifactStore(tmp_path / "store")
-    src = make_adapter(tmp_path / "src", "acme", "bob")
-    uri, sha = store.put_adapter(src, "acme", "bob", "k1")
-    data, meta = store.read_adapter(uri, sha)
-    assert data == (src / "adapter.safetensors").read_bytes() and meta["identity"] == "bob"
-    with pytest.raises(AdapterError, match="fails verification"):
-        store.read_adapter(uri, "0" * 64)
-    stored = tmp_path / "store" / "acme" / "bob" / "k1" / "adapter.safetensors"
-    stored.write_bytes(stored.read_bytes()[:-1] + b"!")  # bit rot in the store
-    with pytest.raises(AdapterError, match="fails verification"):
-        store.read_adapter(uri, sha)
-    with pytest.raises(AdapterError, match="fails verification"):
-        store.fetch_adapter(uri, tmp_path / "dest", sha)
-    assert not (tmp_path / "dest").exists()
-
-
-def test_serving_path_never_imports_mlflow(tmp_path: Path):
-    """A read-only registry (no tracking URI) resolves and reads without importing MLflow."""
-    import subprocess
-    import sys
-
-    store = ArtifactStore(tmp_path / "store")
-    uri, sha = store.put_adapter(make_adapter(tmp_path / "src", "acme", "bob"), "acme", "bob", "k1")
-    AdapterIndex(tmp_path / "index.parquet").upsert([IndexEntry("acme", "bob", 1, uri, sha)])
-    code = (
-        "import sys\n"
-        "from registry import AdapterRegistry\n"
-        f"reg = AdapterRegistry.from_urls({str(tmp_path / 'store')!r}, None, "
-        f"{str(tmp_path / 'index.parquet')!r})\n"
-        "entry = reg.resolve('acme', 'bob')\n"
-        "data, meta = reg.read(entry)\n"
-        "assert meta['identity'] == 'bob', meta\n"
-        "assert 'mlflow' not in sys.modules, 'mlflow imported'\n"
-        "print('ok', entry.label, flush=True)\n"
-        # skip interpreter teardown: pyarrow's thread pool sometimes aborts it ("terminate called
-        # without an active exception", ~1 run in 6), which says nothing about MLflow imports
-        "import os; os._exit(0)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-        cwd=Path(__file__).resolve().parents[1],
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok acme/bob@1"
-
-
-def test_from_settings_reads_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    for var in ("PFSTORER_STORE_URL", "PFSTORER_TRACKING_URI", "PFSTORER_CONFIG"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("PFSTORER_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("PFSTORER_INDEX_URL", str(tmp_path / "elsewhere" / "index.parquet"))
-    monkeypatch.setenv("PFSTORER_S3_ENDPOINT_URL", "http://127.0.0.1:1")
-    reg = AdapterRegistry.from_settings()
-    from registry import default_storage_options
-
-    assert default_storage_options("s3://bucket/index.parquet") == {"endpoint_url": "http://127.0.0.1:1"}
-    assert default_storage_options(str(tmp_path / "index.parquet")) == {}
-    assert reg.store.url == str(tmp_path / "state" / "adapters")
-    assert reg.index.url == str(tmp_path / "elsewhere" / "index.parquet")
-    assert reg.models.tracking_uri == f"sqlite:///{tmp_path / 'state' / 'mlflow.db'}"
-    assert reg.models.artifact_location == (tmp_path / "state" / "mlartifacts").as_uri()
-    assert not (tmp_path / "state").exists()  # nothing is created before it is used
-
-
-def test_local_defaults_layout(tmp_path: Path):
-    from registry import local_defaults
-
-    urls = local_defaults(tmp_path / "state")
-    assert urls["tracking_uri"] == f"sqlite:///{tmp_path / 'state' / 'mlflow.db'}"
-    assert urls["store_url"] == str(tmp_path / "state" / "adapters")
-    assert urls["index_url"] == str(tmp_path / "state" / "index.parquet")
-    serving = AdapterRegistry.from_urls(urls["store_url"], None, urls["index_url"])
-    assert serving.resolve("acme", "bob") is None and serving.resolve("acme", "../x") is None
-    with pytest.raises(PFStorerError, match="without an MLflow"):
-        serving.forget("acme", "bob")
-
-
-# ---------------------------------------------------------------------------------------------
-# S3 (moto server) + mlflow server subprocess with S3 artifacts
-# ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.integration

@@ -11,9 +11,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from _services import free_port
 
 from serving.http_guard import install_header_deadline
+
+from _services import free_port
 
 DEADLINE_S = 0.5
 

@@ -14,7 +14,7 @@ import pytest
 
 from pfstorer.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FAST = ["--base", "tiny", "--steps", "1", "--seed", "3", "--quiet"]
 
 

@@ -71,8 +71,8 @@ def test_without_photos_the_demo_falls_back_to_a_labelled_astronaut_smoke_run(tm
         views = [Image.open(p).convert("RGB").tobytes() for p in [*person.refs, *person.held_out]]
         assert len(set(views)) == 6  # augmented, not one photo six times
     # with the sample people beside the checkout there is no fallback
-    people, smoke = choose_people(None, tmp_path / "state", ("t-a", "t-b"), shared=Path(__file__).parents[2] / "shared" / "data")
-    if (Path(__file__).parents[2] / "shared" / "data" / "demo").is_dir():
+    people, smoke = choose_people(None, tmp_path / "state", ("t-a", "t-b"), shared=Path(__file__).parents[3] / "shared" / "data")
+    if (Path(__file__).parents[3] / "shared" / "data" / "demo").is_dir():
         assert smoke is False and len(people) >= 2 and {p.tenant for p in people} == {"t-a", "t-b"}
 
     class Summary:

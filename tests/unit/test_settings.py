@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from pfstorer.settings import CONFIG_ENV, Settings
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -261,7 +261,7 @@ def test_every_pfstorer_variable_in_the_code_is_a_setting() -> None:
     (nested sections through ``__``), so a variable is never read behind Settings' back."""
     import re
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     fields = {f.upper() for f in Settings.model_fields}
     nested = {
         f"{name.upper()}__{sub.upper()}"

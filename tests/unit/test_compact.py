@@ -74,7 +74,6 @@ def test_compact_passes_the_base_gates_on_bench_photos(compact, lfw_bench: dict[
 @pytest.mark.parametrize("p_lq_start", [0.0, 1.0])
 def test_personalization_rows_can_start_where_restore_starts(compact, lfw_bench, monkeypatch, p_lq_start):
     # p_lq_start = 1: every L_diff row is what restore feeds the base (the LQ diffused to t_start)
-    import torch
 
     from pfstorer.images import load_image
     from pfstorer.sampling import alphas_cumprod

@@ -13,9 +13,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from _services import unique_name
 
 from pipelines.manifest import write_manifest
+
+from _services import unique_name
 
 pytestmark = pytest.mark.integration
 

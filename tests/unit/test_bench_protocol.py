@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from _common import TUNE_PEOPLE, bench_split, bootstrap_interval  # noqa: E402
 
 NAMES = [f"Person_{i:03d}" for i in range(100)]
