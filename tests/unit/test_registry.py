@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -118,9 +119,9 @@ def test_index_upsert_visible_to_second_instance(tmp_path: Path):
     # a reader that checks at most every 60 s keeps its cached view meanwhile
     lazy = AdapterIndex(url, max_age_s=60)
     assert lazy.get("acme", "bob").version == 2
-    writer.upsert([IndexEntry("acme", "ann", 1, "file:///z", "d" * 64)])
-    assert lazy.get("acme", "ann") is None and lazy.refresh(force=True)
-    assert lazy.get("acme", "ann") is not None
+    writer.upsert([IndexEntry("acme", "bob", 3, "file:///x/3", "d" * 64)])
+    assert lazy.get("acme", "bob").version == 2 and lazy.refresh(force=True)
+    assert lazy.get("acme", "bob").version == 3
 
 
 def test_index_check_is_what_readiness_asks(tmp_path: Path):
@@ -131,12 +132,14 @@ def test_index_check_is_what_readiness_asks(tmp_path: Path):
         index.check()
     AdapterIndex(url).upsert([IndexEntry("acme", "bob", 1, "file:///x", "a" * 64)])
     index.check()
-    url.write_bytes(b"PAR1" + b"\0" * 64)  # a truncated Parquet file
-    with pytest.raises(Exception, match="(?i)parquet"):
+    (url / "_index.json").write_bytes(b"{\0" * 64)  # a damaged index
+    with pytest.raises(Exception, match="(?i)unreadable"):
         index.check()
-    with pytest.raises(Exception, match="(?i)parquet"):
+    with pytest.raises(Exception, match="(?i)unreadable"):
         index.check()  # still broken: the check says so every time, it does not flap
-    url.unlink()
+    with pytest.raises(Exception, match="(?i)unreadable"):
+        index.get("acme", "bob")  # and lookups fail rather than answer "nobody"
+    shutil.rmtree(url)
     with pytest.raises(FileNotFoundError):
         index.check()
     AdapterIndex(url).upsert([IndexEntry("acme", "ann", 1, "file:///z", "b" * 64)])
@@ -145,30 +148,30 @@ def test_index_check_is_what_readiness_asks(tmp_path: Path):
 
 
 def test_index_lookups_never_wait_for_a_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """While one thread parses a changed index, lookups answer from the entries they have."""
+    """While the background thread reads a changed bucket, lookups answer from what they have."""
     url = tmp_path / "index.parquet"
-    writer, reader = AdapterIndex(url), AdapterIndex(url)
+    writer, reader = AdapterIndex(url), AdapterIndex(url, max_age_s=0.05)
     writer.upsert([IndexEntry("acme", "bob", 1, "file:///x/1", "a" * 64)])
     assert reader.get("acme", "bob").version == 1
     writer.upsert([IndexEntry("acme", "bob", 2, "file:///x/2", "a" * 64)])
     parsing, release = threading.Event(), threading.Event()
-    real_read = reader._read
+    real_read = reader._read_file
 
-    def slow_read():
+    def slow_read(path: str):
         parsing.set()
         release.wait(10)
-        return real_read()
+        return real_read(path)
 
-    monkeypatch.setattr(reader, "_read", slow_read)
-    t = threading.Thread(target=reader.refresh)
-    t.start()
-    assert parsing.wait(10)
+    monkeypatch.setattr(reader, "_read_file", slow_read)
+    time.sleep(0.1)  # the bucket is stale now
     t0 = time.monotonic()
-    assert reader.get("acme", "bob").version == 1  # the old entry, at once
+    assert reader.get("acme", "bob").version == 1  # the old entry, at once; a reload is queued
+    assert parsing.wait(10)
+    assert reader.get("acme", "bob").version == 1  # still at once while the reload reads
     assert time.monotonic() - t0 < 1.0
     release.set()
-    t.join(10)
-    assert reader.get("acme", "bob").version == 2  # swapped in once parsed
+    reader.wait_background()
+    assert reader.get("acme", "bob").version == 2  # swapped in once read
 
 
 def test_index_concurrent_writers_lose_nothing(tmp_path: Path):
@@ -185,7 +188,7 @@ def test_index_concurrent_writers_lose_nothing(tmp_path: Path):
     for t in threads:
         t.join()
     assert len(AdapterIndex(url).list("acme")) == 30
-    assert not list(tmp_path.glob("index.parquet.tmp-*"))
+    assert not list(url.rglob(".tmp-*"))
 
 
 def test_read_adapter_in_memory(tmp_path: Path):
