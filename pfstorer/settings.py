@@ -323,7 +323,7 @@ class Settings(BaseSettings):
         None, description="Adapter artifact store (fsspec URL). Default: {state_dir}/adapters."
     )
     index_url: str | None = Field(
-        None, description="Adapter index Parquet (fsspec URL). Default: {state_dir}/index.parquet."
+        None, description="Adapter index: a folder of Parquet files per tenant and hash bucket (fsspec URL). Default: {state_dir}/index.parquet."
     )
     probe_cache_url: str | None = Field(
         None,

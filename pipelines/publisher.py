@@ -4,9 +4,9 @@ Why here and not in the workers: SQLite (the default tracking store) takes one w
 so N workers writing would mostly wait on locks and retries - here one thread writes
 (``threads`` > 1 for a tracking *server*, whose database takes parallel writers: 8 by default,
 each taking up to ``publish_batch`` waiting adapters at a time, whose versions share one MLflow
-listing - see :meth:`registry.ModelRegistry.register_many`); an index on S3
-is a whole-file PUT, so two racing writers lose rows; and each index write rewrites the Parquet
-file, so one write per adapter would cost O(N^2) over a run - batches make it O(N^2 / batch).
+listing - see :meth:`registry.ModelRegistry.register_many`); and index writes are batched:
+each adds one small file per bucket it touches (:mod:`registry.index`), so fewer, larger
+batches mean fewer files to compact.
 Uploads, the heavy bytes, stay parallel in the workers.
 """
 

@@ -139,7 +139,7 @@ class _Registered:
 
     def __init__(self, registry: Any, tenants: set[str]) -> None:
         self.registry = registry
-        self.indexed = {(e.tenant, e.identity): e for e in registry.index.list()}
+        self.indexed = {(e.tenant, e.identity): e for t in sorted(tenants) for e in registry.index.list(t)}
         self.known = _registered_models(registry, tenants)
         self.repairs: list[Any] = []
 

@@ -19,9 +19,11 @@ Three places hold an adapter, each behind a URL:
   registered model per person, ``pfstorer.{tenant}.{identity}``; each version's source is the
   store URI, its tags carry the lineage; alias ``prod`` points at the newest version. A run per
   job (experiment ``pfstorer/{tenant}``) holds params, the loss curve and metrics.
-- **index** (:class:`AdapterIndex`, one Parquet file at a URL): (tenant, identity) -> (version,
-  uri, sha256, base fingerprint, job key). Serving reads only this, so MLflow stays off the
-  request path. Writes replace the file atomically; readers notice a change by its size/mtime/ETag.
+- **index** (:class:`AdapterIndex`, a dataset of small Parquet files per tenant and hash bucket
+  at a URL): (tenant, identity) -> (version, uri, sha256, base fingerprint, job key). Serving
+  reads only this, so MLflow stays off the request path. A write adds immutable delta files
+  (cost of the batch, not of the index), compacted in the background; a replica caches only the
+  buckets it was asked about and revalidates them in the background.
 
 :class:`AdapterRegistry` ties them together: ``publish`` (idempotent by job key, write -> verify
 -> register -> index), ``resolve``, ``fetch`` (sha256-verified, cached) and ``forget`` (faces are
@@ -32,14 +34,14 @@ Keys: tenants match ``[A-Za-z0-9][A-Za-z0-9_-]{0,63}`` (no dots, so the register
 ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}`` without ``..``. Serving's multiplexed model id is
 ``tenant/identity`` (:func:`model_key`).
 
-Concurrency: the registry retries transient database errors (SQLite locks); the index is
-read-modify-write, guarded by a file lock on local paths. On object stores, keep one index writer
-(the pipeline driver publishes; workers only train) - a PUT is atomic, two racing writers are not.
+Concurrency: the registry retries transient database errors (SQLite locks); index writers
+never read-modify-write (each adds its own files), so any number may write, locally or on object
+stores; two writers of the same person at once: the later file wins.
 """
 
 from registry.artifacts import ArtifactStore, adapter_tags, read_adapter_meta
 from registry.facade import AdapterRegistry, ForgetReport, StoredRegistration, entry_of_version, local_defaults
-from registry.index import INDEX_SCHEMA, AdapterIndex, IndexEntry
+from registry.index import INDEX_SCHEMA, AdapterIndex, IndexEntry, write_bulk
 from registry.keys import (
     ADAPTER_FILES,
     ADAPTER_JSON,
@@ -73,6 +75,7 @@ __all__ = [
     "ArtifactStore",
     "ForgetReport",
     "IndexEntry",
+    "write_bulk",
     "ModelRegistry",
     "Registration",
     "StoredRegistration",

@@ -129,6 +129,11 @@ class HostAdapterCache:
                         self.stats.record("host_evict")
             return adapter, "store"
 
+    def keys(self) -> list[str]:
+        """The ``tenant/identity`` keys held (what a sweep must look up)."""
+        with self._lock:
+            return [e.key for e in self._lru.values()]
+
     def discard(self, keep: Callable[[str, str], bool]) -> int:
         """Drop every entry for which ``keep(key, sha256)`` is false; return how many."""
         with self._lock:

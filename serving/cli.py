@@ -158,7 +158,7 @@ def register_cli(subparsers: Any) -> None:
     )
     p.add_argument("--base", help="base model preset or checkpoint (settings: base)")
     p.add_argument("--weights", help="checkpoint for the preset (sd21)")
-    p.add_argument("--index", metavar="URL", help="adapter index Parquet (settings: index_url)")
+    p.add_argument("--index", metavar="URL", help="adapter index URL (settings: index_url)")
     p.add_argument("--store", metavar="URL", help="adapter store (settings: store_url)")
     p.add_argument("--store-options", metavar="JSON",
                    help='fsspec options for s3:// URLs, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')

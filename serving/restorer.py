@@ -277,11 +277,22 @@ class Restorer:
             except Exception:
                 log.exception("adapter sweep failed")
 
+    def _current(self, keys: set[str]) -> dict[str, str]:
+        """``tenant/identity`` -> sha256 in the index, for the people this replica holds only
+        (lookups by key through the index's cache: a replica never reads whole tenants)."""
+        out = {}
+        for key in keys:
+            tenant, _, identity = key.partition("/")
+            entry = self.registry.index.get(tenant, identity)
+            if entry is not None:
+                out[key] = entry.sha256
+        return out
+
     async def sweep(self) -> dict[str, int]:
         """Drop adapters whose person left the index (forgotten) from host RAM and device slots
         (slot tensors zeroed); returns counts. Runs every ``serve.sweep_interval_s`` on each replica."""
-        entries = await self._io_call(self.registry.index.list)
-        current = {e.key: e.sha256 for e in entries}
+        held = set(self.host.keys()) | set(self._resident())
+        current = await self._io_call(self._current, held)
         host = self.host.discard(lambda key, sha: current.get(key) == sha)
         wiped = 0
         resident = self._resident()

@@ -83,11 +83,12 @@ class Server:
 
 
 def _empty_index(path: Path) -> None:
-    import pyarrow.parquet as pq
+    import shutil
 
-    from registry import INDEX_SCHEMA
+    from registry import AdapterIndex
 
-    pq.write_table(INDEX_SCHEMA.empty_table(), path)
+    shutil.rmtree(path, ignore_errors=True)
+    AdapterIndex(path)._create()
 
 
 @pytest.fixture(scope="module")
@@ -378,7 +379,7 @@ def test_an_unreadable_index_is_a_503(server: Server) -> None:
     def ready() -> int:
         return httpx.get(f"{server.url}/readyz", timeout=30).status_code
 
-    server.index.write_bytes(b"PAR1" + os.urandom(64))  # a truncated Parquet file
+    (server.index / "_index.json").write_bytes(b"{" + os.urandom(64))  # a damaged index
     try:
         time.sleep(1.0)  # the index is re-checked every 0.5 s here
         r = server.post("acme", _png(64), identity="someone", steps=1)
@@ -386,7 +387,9 @@ def test_an_unreadable_index_is_a_503(server: Server) -> None:
         assert int(r.headers["Retry-After"]) >= 1
         _prompt(server)  # base-only restores need no index
         assert ready() == 503  # readiness says so too
-        server.index.unlink()
+        import shutil
+
+        shutil.rmtree(server.index)
         time.sleep(1.0)
         assert ready() == 503  # and a missing index is not ready either
     finally:
