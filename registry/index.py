@@ -186,12 +186,12 @@ class AdapterIndex:
         path = self._join(META_FILE)
         try:
             data = self.fs.cat_file(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             if self.fs.isfile(self.path):
                 raise ValueError(f"adapter index {self.url} is a single file from an earlier version, "
-                                 "not an index directory: rebuild it with AdapterIndex.import_file") from None
+                                 "not an index folder: rebuild it with AdapterIndex.import_file") from None
             return None
-        except (IsADirectoryError, NotADirectoryError) as exc:
+        except IsADirectoryError as exc:
             raise ValueError(f"adapter index {self.url} is unreadable: {exc}") from exc
         try:
             meta = json.loads(data)
