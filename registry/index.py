@@ -12,8 +12,8 @@ stores) and are never changed, so no reader sees a half-written index; a file th
 under a reader (compacted away) makes it list the bucket again. Within a bucket the file that
 sorts last wins; a removal is a tombstone row until compaction drops it.
 
-A reader keeps only the buckets it was asked about, in a bounded LRU cache, and revalidates a
-bucket at most every ``max_age_s`` seconds: in the background when ``max_age_s > 0`` (a lookup
+A reader keeps only the rows of the people it was asked about (by bucket, in a bounded LRU
+cache) and revalidates a bucket at most every ``max_age_s`` seconds: in the background when ``max_age_s > 0`` (a lookup
 answers at once from what it has), at every lookup when it is 0.
 """
 
@@ -129,7 +129,7 @@ class AdapterIndex:
 
     ``max_age_s``: how stale a lookup may be (0: every lookup lists its bucket; more: buckets are
     revalidated in the background, a lookup never waits). ``max_rows``: the cache bound (rows
-    of the buckets a replica was asked about). ``compact_after``: a bucket with more delta
+    of the people a replica was asked about, present or not). ``compact_after``: a bucket with more delta
     files than this is compacted in the background after a write.
     """
 
@@ -275,31 +275,41 @@ class AdapterIndex:
         return cols
 
     @staticmethod
-    def _apply(rows: dict[str, IndexEntry | None], tenant: str, cols: dict[str, list[Any]]) -> None:
+    def _apply(rows: dict[str, IndexEntry | None], tenant: str, cols: dict[str, list[Any]],
+               keep: set[str] | None) -> None:
         n = len(cols.get("identity", ()))
         opt = [cols.get(k) or [None] * n for k in ("base_fingerprint", "job_key", "updated_at", "removed")]
         for i, v, u, h, b, j, at, gone in zip(cols["identity"], cols["version"], cols["uri"], cols["sha256"],
                                               *opt, strict=True):
-            rows[i] = None if gone else IndexEntry(tenant, i, int(v), u, h, b, j, at)
+            if keep is None or i in keep:
+                rows[i] = None if gone else IndexEntry(tenant, i, int(v), u, h, b, j, at)
 
-    def _load_bucket(self, tenant: str, bucket: int, old: _Bucket | None = None) -> _Bucket:
-        """A bucket as stored now: only the files added since ``old`` when they sort after it,
-        else all of them. A file that vanished meanwhile (compacted) means listing again."""
+    def _load_bucket(self, tenant: str, bucket: int, old: _Bucket | None = None,
+                     want: Iterable[str] | None = None) -> _Bucket:
+        """A bucket as stored now, keeping the rows of ``want`` and of ``old`` only (all rows when
+        both are None): a replica holds the people it was asked about, not whole buckets. Reads
+        only the files added since ``old`` when they sort after its files and it knows every
+        person wanted, else all of them. A file that vanished meanwhile (compacted) means
+        listing again."""
+        keep = None if old is None and want is None else {*(old.rows if old else ()), *(want or ())}
         for _attempt in range(5):
             checked = time.monotonic()
             files = self._list_bucket(tenant, bucket)
-            if old is not None and files == old.files:
+            known = old is not None and keep is not None and keep <= old.rows.keys()
+            if known and files == old.files:
                 return _Bucket(old.files, old.rows, checked)
             new = files
             rows: dict[str, IndexEntry | None] = {}
-            if old is not None and old.files and set(old.files) <= set(files):
+            if known and old.files and set(old.files) <= set(files):
                 added = [f for f in files if f not in set(old.files)]
                 if added and min(added) > old.files[-1]:
                     new, rows = tuple(added), dict(old.rows)
+            else:
+                rows = dict.fromkeys(keep or (), None)  # not in any file: known to be absent
             try:
                 folder = self._bucket_dir(tenant, bucket)
                 for name in new:
-                    self._apply(rows, tenant, self._read_file(f"{folder}/{name}"))
+                    self._apply(rows, tenant, self._read_file(f"{folder}/{name}"), keep)
             except FileNotFoundError:
                 old = None
                 continue
@@ -366,8 +376,8 @@ class AdapterIndex:
             b = self._cache.get(key)
             if b is not None:
                 self._cache.move_to_end(key)
-        if b is None:
-            b = self._load_bucket(*key)
+        if b is None or identity not in b.rows:  # a person not asked about before: read the bucket
+            b = self._load_bucket(*key, b, [identity])
             self._store(key, b)
         elif time.monotonic() - b.checked >= self.max_age_s:
             if self.max_age_s <= 0:
