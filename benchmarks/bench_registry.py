@@ -14,18 +14,24 @@ then the same records are published again (a retried run) and nothing new may ap
 
     python benchmarks/bench_registry.py                       # 10,000 identities (recorded)
     python benchmarks/bench_registry.py -n 200 --no-save      # a quick look
+    python benchmarks/bench_registry.py --index               # the adapter index alone: 1,000,000
+                                                              # people over 100 tenants (recorded)
 
-Writes ``benchmarks/results/registry_cpu.json`` and ``.md`` (unless ``--no-save``).
+Writes ``benchmarks/results/registry_cpu.json`` and ``.md`` (unless ``--no-save``);
+``--index`` writes ``registry_index_cpu.json`` and ``.md``: upsert time at 10,000 and at
+1,000,000 people, and a replica-style reader's lookup latency and memory in its own process.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import datetime
 import functools
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -225,6 +231,199 @@ def verify(settings: Settings, tenant: str, recs: list[Any]) -> dict[str, int]:
     return dict(bad)
 
 
+# ---------------------------------------------------------------------------------------------
+# --index: the adapter index alone at scale (no MLflow, no PostgreSQL)
+# ---------------------------------------------------------------------------------------------
+
+
+def _rss_mb() -> tuple[float, float]:
+    """(VmRSS, VmHWM) of this process in MB."""
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) / 1024
+    return out["VmRSS"], out["VmHWM"]
+
+
+def build_index(root: Path, people: int, tenants: int) -> float:
+    """An index of ``people`` dry rows over ``tenants``, written in bulk (one compacted file per
+    bucket, as compaction leaves them); seconds taken."""
+    import pyarrow as pa
+
+    from registry.index import DELTA_SCHEMA, AdapterIndex, bucket_of, delta_bytes, delta_name  # noqa: F401
+
+    t0 = time.perf_counter()
+    index = AdapterIndex(root, compact_after=0)
+    meta = index._create()
+    buckets = int(meta["buckets"])
+    per_tenant = people // tenants
+    at = pa.scalar(datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC), pa.timestamp("us", tz="UTC"))
+    ids = [f"p{i:07d}" for i in range(per_tenant)]
+    by_bucket: dict[int, list[str]] = collections.defaultdict(list)
+    for ident in ids:
+        by_bucket[bucket_of(ident, buckets)].append(ident)
+    for t in range(tenants):
+        tenant = f"t{t:03d}"
+        for b, names in by_bucket.items():
+            n = len(names)
+            keys = [uuid.uuid5(uuid.NAMESPACE_URL, f"{tenant}/{i}").hex for i in names]
+            table = pa.table({
+                "tenant": [tenant] * n, "identity": names, "version": [1] * n,
+                "uri": [f"s3://pfstorer/adapters/{tenant}/{i}/{k}/adapter.safetensors" for i, k in zip(names, keys)],
+                "sha256": [k * 2 for k in keys], "base_fingerprint": ["dry-base"] * n, "job_key": keys,
+                "updated_at": pa.array([at.as_py()] * n, pa.timestamp("us", tz="UTC")), "removed": [False] * n,
+            }, schema=DELTA_SCHEMA)
+            import io
+
+            import pyarrow.parquet as pq
+
+            buf = io.BytesIO()
+            pq.write_table(table, buf)
+            index._put(f"{index._bucket_dir(tenant, b)}/{delta_name(kind='c')}", buf.getvalue())
+    return time.perf_counter() - t0
+
+
+def time_upserts(root: Path, people: int, tenants: int, rows: int, reps: int, spread: bool) -> dict[str, Any]:
+    """``reps`` upserts of ``rows`` rows (half updates, half new people) into one random tenant,
+    or one row per tenant when ``spread``; seconds per upsert and files written."""
+    import random
+
+    from registry import AdapterIndex, IndexEntry
+
+    rng = random.Random(1)
+    index = AdapterIndex(root)  # background compaction on, as in a run
+    per_tenant = people // tenants
+    times, files = [], []
+    for r in range(reps):
+        batch = []
+        for j in range(rows):
+            tenant = f"t{(j if spread else rng.randrange(tenants)) % tenants:03d}" if spread else None
+            batch.append((tenant, j))
+        tenant0 = f"t{rng.randrange(tenants):03d}"
+        entries = []
+        for tenant, j in batch:
+            t = tenant or tenant0
+            ident = f"p{rng.randrange(per_tenant):07d}" if j % 2 else f"n{r:03d}x{j:04d}"
+            entries.append(IndexEntry(t, ident, 2 + r, f"s3://pfstorer/adapters/{t}/{ident}/r{r}", f"{r:064x}",
+                                      "dry-base", f"r{r}"))
+        before = index.stats["files_written"]
+        t0 = time.perf_counter()
+        index.upsert(entries)
+        times.append(time.perf_counter() - t0)
+        files.append(index.stats["files_written"] - before)
+    index.wait_background(120)
+    times.sort()
+    return {"median_s": round(statistics.median(times), 4), "max_s": round(times[-1], 4),
+            "files_per_upsert": round(statistics.mean(files), 1), "compactions": index.stats["compactions"]}
+
+
+def reader_phase(root: Path, people: int, tenants: int, lookups: int) -> dict[str, Any]:
+    """Run in a fresh process: a replica-style reader (max_age 2 s) answering random lookups;
+    latency of first lookups (bucket read) and of repeat lookups (cache), its memory, and how
+    long until a new version written meanwhile is seen."""
+    import random
+
+    from registry import AdapterIndex, IndexEntry
+
+    rss0, _ = _rss_mb()
+    rng = random.Random(2)
+    per_tenant = people // tenants
+    asked = [(f"t{rng.randrange(tenants):03d}", f"p{rng.randrange(per_tenant):07d}") for _ in range(lookups)]
+    reader = AdapterIndex(root, max_age_s=2.0)
+    reader.check()
+    first = []
+    for t, i in asked:
+        t0 = time.perf_counter()
+        e = reader.get(t, i)
+        first.append(time.perf_counter() - t0)
+        assert e is not None and e.identity == i and e.tenant == t
+    again = []
+    t_end = time.monotonic() + 5.0  # long enough for revalidations (max age 2 s) to run meanwhile
+    while time.monotonic() < t_end or len(again) < lookups:
+        t, i = asked[rng.randrange(len(asked))]
+        t0 = time.perf_counter()
+        e = reader.get(t, i)
+        again.append(time.perf_counter() - t0)
+    rss1, hwm = _rss_mb()
+    t, i = asked[0]
+    old = reader.get(t, i)
+    AdapterIndex(root, compact_after=0).upsert([IndexEntry(t, i, old.version + 100, old.uri + "-new", old.sha256)])
+    t0 = time.monotonic()
+    while reader.get(t, i).version != old.version + 100:
+        if time.monotonic() - t0 > 30:
+            break
+        time.sleep(0.01)
+    seen_s = time.monotonic() - t0
+
+    def pct(xs: list[float], q: float) -> float:
+        xs = sorted(xs)
+        return round(1000 * xs[min(len(xs) - 1, int(q * len(xs)))], 3)
+
+    return {"lookups": lookups, "first_lookup_p50_ms": pct(first, 0.5), "first_lookup_p99_ms": pct(first, 0.99),
+            "cached_lookups": len(again), "cached_lookup_p50_ms": pct(again, 0.5),
+            "cached_lookup_p99_ms": pct(again, 0.99), "cached_lookup_max_ms": pct(again, 1.0),
+            "rows_cached": reader._cached_rows, "reader_rss_mb_before": round(rss0, 1),
+            "reader_rss_mb_after": round(rss1, 1), "reader_rss_delta_mb": round(rss1 - rss0, 1),
+            "reader_vmhwm_mb": round(hwm, 1), "new_version_seen_s": round(seen_s, 2),
+            "bucket_lists": reader.stats["lists"], "files_read": reader.stats["files_read"]}
+
+
+def index_main(args: argparse.Namespace) -> None:
+    """``--index``: build indexes of ``--small`` and ``--people`` dry rows, time upserts at both,
+    and lookups plus memory in a separate reader process at the large one."""
+    if args.reader_root:
+        print(json.dumps(reader_phase(Path(args.reader_root), args.people, args.tenants, args.lookups)), flush=True)
+        os._exit(0)
+    tmp = Path(tempfile.mkdtemp(prefix="pfstorer-bench-index-"))
+    load_before = os.getloadavg()
+    rows: list[dict[str, Any]] = []
+    reader: dict[str, Any] = {}
+    try:
+        for people in (args.small, args.people):
+            root = tmp / f"index-{people}.parquet"
+            built = build_index(root, people, args.tenants)
+            one = time_upserts(root, people, args.tenants, args.upsert_rows, args.reps, spread=False)
+            spread = time_upserts(root, people, args.tenants, args.upsert_rows, max(3, args.reps // 3), spread=True)
+            rows.append({"people": people, "tenants": args.tenants, "build_s": round(built, 1),
+                         "upsert_rows": args.upsert_rows, "upsert_one_tenant_median_s": one["median_s"],
+                         "upsert_one_tenant_max_s": one["max_s"], "files_per_upsert_one_tenant": one["files_per_upsert"],
+                         "upsert_all_tenants_median_s": spread["median_s"],
+                         "files_per_upsert_all_tenants": spread["files_per_upsert"],
+                         "compactions": one["compactions"] + spread["compactions"]})
+            print(rows[-1], flush=True)
+            if people == args.people:
+                out = subprocess.run([sys.executable, __file__, "--index", "--reader-root", str(root), "--people",
+                                      str(people), "--tenants", str(args.tenants), "--lookups", str(args.lookups)],
+                                     capture_output=True, text=True, timeout=1200)
+                if out.returncode != 0:
+                    raise SystemExit(f"reader failed:\n{out.stderr[-3000:]}")
+                reader = json.loads(out.stdout.strip().splitlines()[-1])
+                print(reader, flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    load_after = os.getloadavg()
+    ratio = round(rows[-1]["upsert_one_tenant_median_s"] / rows[0]["upsert_one_tenant_median_s"], 2)
+    payload = {
+        "device": f"{_common.cpu_model()}, {os.cpu_count()} cores, no GPU",
+        "command": _common.command_line(), "storage": "local disk (fsync per file)",
+        "load_average_before": [round(x, 1) for x in load_before],
+        "load_average_after": [round(x, 1) for x in load_after],
+        "upserts": rows, "upsert_median_ratio_large_to_small": ratio, "reader": reader,
+    }
+    table = _common.markdown_table(rows)
+    table += f"\n\nUpsert median at {rows[-1]['people']:,} / at {rows[0]['people']:,} people: {ratio}x.\n\n"
+    table += "Replica-style reader (separate process, max age 2 s) at the large index:\n\n"
+    table += _common.markdown_table([reader])
+    table += (f"\n\nOther load on the machine: load average {payload['load_average_before']} before, "
+              f"{payload['load_average_after']} after (1/5/15 min, {os.cpu_count()} cores).")
+    print(table)
+    if not args.no_save:
+        js, md = _common.write_results(args.stem, payload, table)
+        print(f"wrote {js} and {md}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", "--identities", type=int, default=10_000)
@@ -234,8 +433,22 @@ def main() -> None:
     ap.add_argument("--run-dir", type=Path, default=None,
                     help="with --tracking-uri: the PFSTORER_LOCAL_DIR of its infra/local stack (for CPU accounting)")
     ap.add_argument("--no-save", action="store_true")
-    ap.add_argument("--stem", default="registry_cpu")
+    ap.add_argument("--stem", default=None, help="results file stem (default: registry_cpu, "
+                    "registry_index_cpu with --index)")
+    ap.add_argument("--index", action="store_true", help="benchmark the adapter index alone at scale")
+    ap.add_argument("--people", type=int, default=1_000_000, help="--index: people in the large index")
+    ap.add_argument("--small", type=int, default=10_000, help="--index: people in the small index")
+    ap.add_argument("--tenants", type=int, default=100, help="--index: tenants the people are spread over")
+    ap.add_argument("--upsert-rows", type=int, default=100, help="--index: rows per upsert")
+    ap.add_argument("--reps", type=int, default=15, help="--index: upserts timed per index size")
+    ap.add_argument("--lookups", type=int, default=10_000, help="--index: lookups timed by the reader")
+    ap.add_argument("--reader-root", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.index:
+        args.stem = args.stem or "registry_index_cpu"
+        index_main(args)
+        return
+    args.stem = args.stem or "registry_cpu"
 
     tmp = Path(tempfile.mkdtemp(prefix="pfstorer-bench-registry-"))
     tmp.chmod(0o711)  # PostgreSQL may run as another user (under root): it must reach tmp/local
