@@ -431,7 +431,7 @@ class AdapterIndex:
 
     # -- writing ------------------------------------------------------------------------------
     def _write_rows(self, groups: dict[tuple[str, int], list[dict[str, Any]]]) -> None:
-        """One new delta file per bucket (in parallel on object stores); the buckets written are
+        """One new delta file per bucket, written in parallel; the buckets written are
         then checked for compaction in the background."""
 
         def one(item: tuple[tuple[str, int], list[dict[str, Any]]]) -> None:
@@ -439,10 +439,10 @@ class AdapterIndex:
             self._put(f"{self._bucket_dir(tenant, bucket)}/{delta_name()}", delta_bytes(rows))
 
         items = list(groups.items())
-        if self.local or len(items) < 2:
+        if len(items) < 2:
             for item in items:
                 one(item)
-        else:
+        else:  # PUTs and fsyncs wait on I/O, not on the GIL
             with ThreadPoolExecutor(min(16, len(items))) as pool:
                 list(pool.map(one, items))
         self.stats["files_written"] += len(items)
