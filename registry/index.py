@@ -292,7 +292,9 @@ class AdapterIndex:
         person wanted, else all of them. A file that vanished meanwhile (compacted) means
         listing again."""
         keep = None if old is None and want is None else {*(old.rows if old else ()), *(want or ())}
-        for _attempt in range(5):
+        for attempt in range(30):
+            if attempt:
+                time.sleep(min(0.05, 0.002 * attempt))  # a compaction is deleting what it merged
             checked = time.monotonic()
             files = self._list_bucket(tenant, bucket)
             known = old is not None and keep is not None and keep <= old.rows.keys()
