@@ -32,6 +32,7 @@ import re
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -163,6 +164,7 @@ class AdapterIndex:
         self._tasks: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._pending: set[tuple[Any, ...]] = set()
         self._worker: threading.Thread | None = None
+        self._ticker: threading.Thread | None = None
         self.stats: collections.Counter[str] = collections.Counter()  # files/rows read and written
 
     def __repr__(self) -> str:
@@ -211,13 +213,17 @@ class AdapterIndex:
             self._meta, self._meta_error, self._meta_checked = meta, error, time.monotonic()
 
     def _ensure_meta(self) -> bool:
-        """Whether the index exists (its meta read at most every ``max_age_s``); raises if its
-        meta is unreadable. After the first read a stale meta is re-read in the background."""
-        age = time.monotonic() - self._meta_checked
+        """Whether the index exists; raises if its meta is unreadable. With ``max_age_s > 0`` the
+        meta is re-read every ``max_age_s`` by a background thread (a probe or a lookup sees a
+        damaged or deleted index that soon, without waiting for the read); else at every call."""
         if self._meta_checked == float("-inf") or self.max_age_s <= 0:
             self._load_meta()
-        elif age >= self.max_age_s:
-            self._schedule(("meta",))
+        if self.max_age_s > 0 and self._ticker is None:
+            with self._lock:
+                if self._ticker is None:
+                    self._ticker = threading.Thread(target=_tick_meta, args=(weakref.ref(self), self.max_age_s),
+                                                    name="adapter-index-meta", daemon=True)
+                    self._ticker.start()
         if self._meta_error is not None:
             raise self._meta_error
         return self._meta is not None
@@ -344,9 +350,7 @@ class AdapterIndex:
         while True:
             task = self._tasks.get()
             try:
-                if task[0] == "meta":
-                    self._load_meta()
-                elif task[0] == "bucket":
+                if task[0] == "bucket":
                     key = task[1]
                     with self._lock:
                         old = self._cache.get(key)
@@ -530,6 +534,17 @@ class AdapterIndex:
         self.upsert(IndexEntry(t, i, int(v), u, h, b, j, at) for t, i, v, u, h, b, j, at in zip(
             cols["tenant"], cols["identity"], cols["version"], cols["uri"], cols["sha256"], *opt, strict=True))
         return n
+
+
+def _tick_meta(ref: weakref.ref[AdapterIndex], every_s: float) -> None:
+    """Re-read an index's meta every ``every_s`` seconds for as long as the index object lives."""
+    while True:
+        time.sleep(every_s)
+        index = ref()
+        if index is None:
+            return
+        index._load_meta()
+        del index
 
 
 def write_bulk(url: str | os.PathLike[str], tenant: str, entries: list[IndexEntry], buckets: int = DEFAULT_BUCKETS,

@@ -174,3 +174,17 @@ def test_a_single_file_index_of_an_earlier_version_is_refused_then_imported(tmp_
         AdapterIndex(old).check()
     new = AdapterIndex(tmp_path / "index.parquet")
     assert new.import_file(old) == 1 and new.get("acme", "bob").version == 4
+
+
+def test_a_replica_notices_a_damaged_index_without_a_lookup_waiting(tmp_path: Path):
+    url = tmp_path / "index.parquet"
+    AdapterIndex(url).upsert([entry("bob")])
+    replica = AdapterIndex(url, max_age_s=0.1)
+    replica.check()
+    assert replica.get("acme", "bob").version == 1
+    (url / "_index.json").write_bytes(b"not json")
+    time.sleep(0.5)  # the background re-read runs meanwhile; no lookup asked for it
+    with pytest.raises(ValueError, match="unreadable"):
+        replica.get("acme", "bob")
+    with pytest.raises(ValueError, match="unreadable"):
+        replica.check()
