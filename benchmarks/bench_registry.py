@@ -250,9 +250,12 @@ def _rss_mb() -> tuple[float, float]:
 def build_index(root: Path, people: int, tenants: int) -> float:
     """An index of ``people`` dry rows over ``tenants``, written in bulk (one compacted file per
     bucket, as compaction leaves them); seconds taken."""
-    import pyarrow as pa
+    import io
 
-    from registry.index import DELTA_SCHEMA, AdapterIndex, bucket_of, delta_bytes, delta_name  # noqa: F401
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from registry.index import DELTA_SCHEMA, AdapterIndex, bucket_of, delta_name
 
     t0 = time.perf_counter()
     index = AdapterIndex(root, compact_after=0)
@@ -275,10 +278,6 @@ def build_index(root: Path, people: int, tenants: int) -> float:
                 "sha256": [k * 2 for k in keys], "base_fingerprint": ["dry-base"] * n, "job_key": keys,
                 "updated_at": pa.array([at.as_py()] * n, pa.timestamp("us", tz="UTC")), "removed": [False] * n,
             }, schema=DELTA_SCHEMA)
-            import io
-
-            import pyarrow.parquet as pq
-
             buf = io.BytesIO()
             pq.write_table(table, buf)
             index._put(f"{index._bucket_dir(tenant, b)}/{delta_name(kind='c')}", buf.getvalue())
@@ -297,14 +296,10 @@ def time_upserts(root: Path, people: int, tenants: int, rows: int, reps: int, sp
     per_tenant = people // tenants
     times, files = [], []
     for r in range(reps):
-        batch = []
-        for j in range(rows):
-            tenant = f"t{(j if spread else rng.randrange(tenants)) % tenants:03d}" if spread else None
-            batch.append((tenant, j))
         tenant0 = f"t{rng.randrange(tenants):03d}"
         entries = []
-        for tenant, j in batch:
-            t = tenant or tenant0
+        for j in range(rows):
+            t = f"t{j % tenants:03d}" if spread else tenant0
             ident = f"p{rng.randrange(per_tenant):07d}" if j % 2 else f"n{r:03d}x{j:04d}"
             entries.append(IndexEntry(t, ident, 2 + r, f"s3://pfstorer/adapters/{t}/{ident}/r{r}", f"{r:064x}",
                                       "dry-base", f"r{r}"))
