@@ -341,14 +341,22 @@ class AdapterIndex:
             if task in self._pending:
                 return
             self._pending.add(task)
+            self._tasks.put(task)
             if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(target=self._work, name="adapter-index", daemon=True)
                 self._worker.start()
-        self._tasks.put(task)
 
     def _work(self) -> None:
+        """Background refreshes and compactions, one at a time; the thread ends after 30 s idle."""
         while True:
-            task = self._tasks.get()
+            try:
+                task = self._tasks.get(timeout=30.0)
+            except queue.Empty:
+                with self._lock:
+                    if self._tasks.empty():
+                        self._worker = None
+                        return
+                continue
             try:
                 if task[0] == "bucket":
                     key = task[1]
