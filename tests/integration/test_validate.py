@@ -10,15 +10,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pfstorer.settings import LimitsSettings
 from pipelines.manifest import read_manifest, write_manifest
 from pipelines.validate import (
-    DEFAULT_LIMITS,
     validate_manifest,
     validate_on_ray,
     write_quarantine,
 )
 
 from _validate_cases import T, check, quarantine_map, row, sha
+
+REFS = LimitsSettings().references()
 
 
 def test_write_quarantine_and_cli(ray_session, case, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
@@ -202,7 +204,7 @@ def test_a_rerun_probes_only_new_changed_or_missing_photos(photo_store, lfw_benc
     fs.pipe_file(text, b"not a photo")
     rows = [row(name, "ref", u) for u in uris[:4]] + [row(name, "restore", uris[4]), row(name, "ref", text)]
     rows.append(row("other", "ref", f"{base}/nowhere/gone.jpg"))  # a folder that cannot be listed
-    spec = ProbeSpec(DEFAULT_LIMITS, DEFAULT_LIMITS, opts)
+    spec = ProbeSpec(REFS, REFS, opts)
     probed = probe_table(pa.Table.from_pylist(rows), spec)
     cache = ProbeCache().merged(cache_rows(probed, spec))
     first = judge(probed)
@@ -292,7 +294,7 @@ def test_a_rerun_listed_in_bulk_probes_only_the_changed_photo(photo_store, lfw_b
         for k, p in enumerate(photos[:3]):
             fs.pipe_file(f"{base}/people/{name}/{k}.jpg", p.read_bytes())
             rows.append(row(name, "ref", f"{base}/people/{name}/{k}.jpg"))
-    spec = ProbeSpec(DEFAULT_LIMITS, DEFAULT_LIMITS, opts)
+    spec = ProbeSpec(REFS, REFS, opts)
     first = probe_table(pa.Table.from_pylist(rows), spec)
     cache = ProbeCache().merged(cache_rows(first, spec))
     keys = {k: j.job_key("b", {}) for k, j in judge_probed(first).jobs.items()}
