@@ -32,13 +32,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from .adapter import Adapter, AdapterMetadata
 from .config import PersonalizeConfig, TrainingSpeed
 from .errors import ReferenceCountError
 from .framing import frame_face
-from .model import RestorationModel, timestep_grid
 from .losses import LossTerms, diffusion_loss, distance, generative_loss, pers_loss
-from .personalization import AdapterWeights, PBRun, ReferenceCapture, block_specs, pool_reference
+from .model import RestorationModel, timestep_grid
+from .personalization import (
+    AdapterWeights,
+    PBRun,
+    ReferenceCapture,
+    block_specs,
+    pool_reference,
+)
 
 
 @dataclass

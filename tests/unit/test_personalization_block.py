@@ -5,8 +5,15 @@ from __future__ import annotations
 import torch
 
 from pfstorer.model import load_base
-from pfstorer.personalization import (AdapterSlots, AdapterWeights, BlockSpec, BlockTensors, PBRun,
-                                      PersonalizationBlock, block_specs)
+from pfstorer.personalization import (
+    AdapterSlots,
+    AdapterWeights,
+    BlockSpec,
+    BlockTensors,
+    PBRun,
+    PersonalizationBlock,
+    block_specs,
+)
 
 
 def _tensors(n: int, spec: BlockSpec, tokens: int, refs: int, alpha: torch.Tensor) -> BlockTensors:
