@@ -99,9 +99,9 @@ def full_finetune(model, refs: Sequence[torch.Tensor], *, steps: int, lr: float,
     """A copy of ``model`` with every weight trained on the references: the L_diff rows of
     personalization (same crops, degradations, timesteps, starts and distance), no adapters."""
     from pfstorer.degradations import random_crop_resize, synthesize_lq
+    from pfstorer.losses import distance
     from pfstorer.model import RestorationModel
     from pfstorer.sampling import diffuse
-    from pfstorer.losses import distance
 
     # a fresh model, not copy.deepcopy: the SFT hooks are closures over their own model
     m = RestorationModel(model.config).to(model.device, model.dtype)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pfstorer.base_objective import adversarial_weight, denoising_loss, noised_batch, x0_estimate
+from pfstorer.base_objective import (
+    adversarial_weight,
+    denoising_loss,
+    noised_batch,
+    x0_estimate,
+)
 from pfstorer.model import load_base
 from pfstorer.sampling import alphas_cumprod, diffuse
 
