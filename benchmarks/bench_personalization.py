@@ -99,9 +99,9 @@ def full_finetune(model, refs: Sequence[torch.Tensor], *, steps: int, lr: float,
     """A copy of ``model`` with every weight trained on the references: the L_diff rows of
     personalization (same crops, degradations, timesteps, starts and distance), no adapters."""
     from pfstorer.degradations import random_crop_resize, synthesize_lq
+    from pfstorer.losses import distance
     from pfstorer.model import RestorationModel
     from pfstorer.sampling import diffuse
-    from pfstorer.training import loss_fn
 
     # a fresh model, not copy.deepcopy: the SFT hooks are closures over their own model
     m = RestorationModel(model.config).to(model.device, model.dtype)
@@ -117,7 +117,7 @@ def full_finetune(model, refs: Sequence[torch.Tensor], *, steps: int, lr: float,
     size, b = m.config.sample_size, config.batch_size
     t_start = m.config.sampling.t_start
     p_start = config.p_lq_start if t_start < m.config.num_train_timesteps else 0.0
-    dist = loss_fn(config, m)
+    dist = distance(config, m)
     use_bf16 = bf16 and m.device.type == "cuda"
     for _ in range(steps):
         hq, lq = [], []
