@@ -17,7 +17,7 @@ from pipelines.validate import (
     validate_manifest,
 )
 
-from _validate_cases import T, check, png_header, quarantine_map, row, sha
+from _validate_cases import T, check, png_header, quarantine_map, row, sha, spy_probes
 
 REFS = LimitsSettings().references()
 
@@ -123,21 +123,6 @@ def test_missing_columns_raise_but_empty_table_is_fine():
     assert result.good.num_rows == 0 and result.quarantine.num_rows == 0 and result.jobs == {}
 
 
-def _spy_probes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The URIs that :func:`pipelines.probe.probe_uri` is asked about from now on."""
-    import pipelines.probe as probe
-
-    seen: list[str] = []
-    real = probe.probe_uri
-
-    def spy(uri: str, *args, **kwargs):
-        seen.append(uri)
-        return real(uri, *args, **kwargs)
-
-    monkeypatch.setattr(probe, "probe_uri", spy)
-    return seen
-
-
 def test_an_unchanged_photo_is_not_read_again(lfw_bench, tmp_path: Path):
     """Same size and mtime: the listing vouches for the photo and its bytes are not read (new
     bytes slipped in under the old mtime go unseen; that is what a version is for)."""
@@ -176,7 +161,7 @@ def test_a_photo_the_listing_cannot_vouch_for_is_stat_not_read(lfw_bench, tmp_pa
     rows = [row(name, "ref", f"{i}.jpg") for i in range(3)]
     spec = ProbeSpec(REFS, REFS)
     cache = ProbeCache().merged(cache_rows(probe_table(pa.Table.from_pylist(rows), spec), spec))
-    seen = _spy_probes(monkeypatch)
+    seen = spy_probes(monkeypatch)
     again = validate_manifest(pa.Table.from_pylist(rows), cache=cache)
     assert sorted(seen) == ["0.jpg", "1.jpg", "2.jpg"]
     assert again.probes == {"rows": 3, "photos_read": 0, "photos_cached": 3}
