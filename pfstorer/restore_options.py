@@ -32,9 +32,7 @@ class RestoreOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     scale: float = Field(1.0, gt=0, le=MAX_SCALE, description="Upscaling factor (super-resolution).")
-    steps: int | None = Field(
-        None, ge=1, le=MAX_T, description="Denoising steps."
-    )
+    steps: int | None = Field(None, ge=1, le=MAX_T, description="Denoising steps.")
     sampler: Sampler | None = Field(None, description="Diffusion sampler.")
     t_start: int | None = Field(
         None, ge=1, le=MAX_T,
@@ -46,12 +44,8 @@ class RestoreOptions(BaseModel):
         1.0, ge=0, le=1, description="How much of the person's adapter to apply (scales its gates alpha): "
         "0 is the base model bit for bit, 1 the adapter as trained.",
     )
-    tile: int | None = Field(
-        None, ge=1, description="Tile size in output pixels (unset: the model's native size)."
-    )
-    overlap: int | None = Field(
-        None, ge=0, description="Tile overlap in output pixels (unset: a quarter tile)."
-    )
+    tile: int | None = Field(None, ge=1, description="Tile size in output pixels (unset: the model's native size).")
+    overlap: int | None = Field(None, ge=0, description="Tile overlap in output pixels (unset: a quarter tile).")
     color_fix: ColorFix = Field("wavelet", description="Match the input's colours after stitching the tiles.")
 
     @classmethod
