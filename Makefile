@@ -38,7 +38,7 @@ install: $(VENV)/.installed  ## create .venv and install pfstorer with dev + eva
 test: install    ## run the whole test suite (unit + integration with real Ray, MLflow, moto S3)
 	# TEST_WORKERS processes, one test file at a time each: most of an integration test is
 	# waiting for Ray, MLflow or a subprocess, so two overlap well on two cores.
-	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 test-fast: install ## unit tests only (tests/unit: no Ray, MLflow, S3 or subprocess; under 2 minutes)
 	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) tests/unit

@@ -99,9 +99,9 @@ def full_finetune(model, refs: Sequence[torch.Tensor], *, steps: int, lr: float,
     """A copy of ``model`` with every weight trained on the references: the L_diff rows of
     personalization (same crops, degradations, timesteps, starts and distance), no adapters."""
     from pfstorer.degradations import random_crop_resize, synthesize_lq
+    from pfstorer.losses import distance
     from pfstorer.model import RestorationModel
     from pfstorer.sampling import diffuse
-    from pfstorer.training import loss_fn
 
     # a fresh model, not copy.deepcopy: the SFT hooks are closures over their own model
     m = RestorationModel(model.config).to(model.device, model.dtype)
@@ -117,7 +117,7 @@ def full_finetune(model, refs: Sequence[torch.Tensor], *, steps: int, lr: float,
     size, b = m.config.sample_size, config.batch_size
     t_start = m.config.sampling.t_start
     p_start = config.p_lq_start if t_start < m.config.num_train_timesteps else 0.0
-    dist = loss_fn(config, m)
+    dist = distance(config, m)
     use_bf16 = bf16 and m.device.type == "cuda"
     for _ in range(steps):
         hq, lq = [], []
@@ -178,6 +178,36 @@ def card_name(device: str) -> str:
     return f"CPU ({os.cpu_count()} cores), no GPU"
 
 
+class Progress:
+    """Each scored person, one JSON line in ``path`` (nothing kept when ``path`` is None), so a run
+    stopped at any point goes on with ``--resume PATH``; the first line holds the settings and a
+    file made with other ones is refused rather than mixed in."""
+
+    def __init__(self, path: Path | None, settings: dict[str, Any]) -> None:
+        self.path, self.done = path, {}
+        if path is None:
+            return
+        settings = json.loads(json.dumps(settings))
+        if path.exists() and path.stat().st_size:
+            lines = path.read_text().splitlines()
+            if json.loads(lines[0]) != settings:
+                raise SystemExit(f"error: {path} was made with other settings; use another --resume file")
+            for line in lines[1:]:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # the last line of a run killed while writing it
+                    continue
+                self.done[int(row["person"])] = row["scored"]
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(settings) + "\n")
+
+    def save(self, person: int, scored: dict[str, Any]) -> None:
+        if self.path is not None:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps({"person": person, "scored": scored}) + "\n")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from pfstorer.model import load_base
     from pfstorer.config import TrainingSpeed
@@ -201,59 +231,76 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     elif not args.gate_only:  # Table 2
         variants["Base + adapters, no alpha"] = PersonalizeConfig(steps=args.steps, learn_alpha=False, seed=args.seed)
     timings: dict[str, float] = {}
-    adapters: dict[str, dict[str, Any]] = {}
-    for row, cfg in variants.items():
-        same = next((r for r in adapters if variants[r] == cfg), None)
-        if same is not None:  # the same config twice (the sweep's default lambda_gen): the same adapters
-            adapters[row] = adapters[same]
+    sweep_rows = [row for row in variants if row.startswith("PFStorer, lambda_gen")]
+    table_rows = ["Input", "Base"] + (["Base + full fine-tune"] if not (args.lambda_gen_sweep or args.gate_only)
+                                      else []) + list(variants)
+    figures: dict[str, list[list[torch.Tensor]]] = {level: [] for level in levels}
+    # per person: {level: {row: [scores of each test photo]}}; kept in --resume's file as it grows
+    scored: dict[int, dict[str, dict[str, list]]] = {}
+    progress = Progress(args.resume, {
+        "base": model.fingerprint, "split": args.split, "refs": args.refs, "max_test": args.max_test,
+        "levels": levels, "rows": table_rows, "steps": args.steps, "sample_steps": args.sample_steps,
+        "seed": args.seed, "ft_lr": args.ft_lr, "identities": [p["identity"] for p in people]})
+    scored.update(progress.done)
+    if scored:
+        _log(f"resuming: {len(scored)} of {len(people)} people already scored ({args.resume})")
+    personalized = 0
+    for start in range(0, len(people), args.capacity):  # packed: the same adapters as one at a time
+        chunk = [(i, p) for i, p in enumerate(people[start:start + args.capacity], start) if i not in scored]
+        if not chunk:
             continue
-        t0 = time.perf_counter()
-        jobs = [PersonalizeJob(p["identity"], refs[p["identity"]], seed=args.seed + i) for i, p in enumerate(people)]
-        speed = TrainingSpeed(autocast_bf16=args.bf16 and model.device.type == "cuda")
-        got = personalize_many(model, jobs, config=cfg, capacity=args.capacity, speed=speed)
-        adapters[row] = {a.identity: a for a in got}
-        timings[f"personalize: {row}"] = time.perf_counter() - t0
-        _log(f"personalized {len(people)} people ({row}) in {timings[f'personalize: {row}']:.0f} s")
+        adapters: dict[str, dict[str, Any]] = {}
+        for row, cfg in variants.items():
+            same = next((r for r in adapters if variants[r] == cfg), None)
+            if same is not None:  # the same config twice (the sweep's default lambda_gen): the same adapters
+                adapters[row] = adapters[same]
+                continue
+            t0 = time.perf_counter()
+            jobs = [PersonalizeJob(p["identity"], refs[p["identity"]], seed=args.seed + i) for i, p in chunk]
+            speed = TrainingSpeed(autocast_bf16=args.bf16 and model.device.type == "cuda")
+            got = personalize_many(model, jobs, config=cfg, capacity=args.capacity, speed=speed)
+            adapters[row] = {a.identity: a for a in got}
+            timings[f"personalize: {row}"] = timings.get(f"personalize: {row}", 0.0) + time.perf_counter() - t0
+        personalized += len(chunk)
+        for i, p in chunk:
+            scored[i] = {}
+            ft = None
+            for level in levels:
+                rows = scored[i][level] = {row: [] for row in table_rows}
+                pairs = degraded_tests(i, p["tests"], level)
+                gts, lqs = [g for g, _ in pairs], [x for _, x in pairs]
+                seeds = [args.seed + 100 * i + j for j in range(len(lqs))]
+                rows["Input"] = [score(x, g) for x, g in zip(lqs, gts, strict=True)]
+                outs = _restore_all(model, lqs, None, seeds, args.sample_steps)
+                rows["Base"] = [score(x, g) for x, g in zip(outs, gts, strict=True)]
+                if "Base + full fine-tune" in rows:
+                    t0 = time.perf_counter()
+                    if ft is None:  # trained once, scored at every level
+                        ft = full_finetune(model, refs[p["identity"]], steps=args.steps, lr=args.ft_lr,
+                                           config=variants["PFStorer"], seed=args.seed + i, bf16=args.bf16)
+                    timings["full fine-tune"] = timings.get("full fine-tune", 0.0) + time.perf_counter() - t0
+                    outs = _restore_all(ft, lqs, None, seeds, args.sample_steps)
+                    rows["Base + full fine-tune"] = [score(x, g) for x, g in zip(outs, gts, strict=True)]
+                swept: dict[str, list[torch.Tensor]] = {}
+                for row in variants:
+                    outs = _restore_all(model, lqs, adapters[row][p["identity"]], seeds, args.sample_steps)
+                    rows[row] = [score(x, g) for x, g in zip(outs, gts, strict=True)]
+                    swept[row] = outs
+                if sweep_rows and len(figures[level]) < args.figure_rows:  # Fig. 9: the first test photo
+                    base_out = _restore_all(model, lqs[:1], None, seeds[:1], args.sample_steps)[0]
+                    figures[level].append([lqs[0], base_out] + [swept[r][0] for r in sweep_rows] + [gts[0]])
+            progress.save(i, scored[i])
+            _log(f"person {i + 1}/{len(people)} personalized, restored and scored")
 
     results: dict[str, Any] = {}
-    fine_tuned: dict[str, Any] = {}
-    sweep_rows = [row for row in variants if row.startswith("PFStorer, lambda_gen")]
-    figures: dict[str, list[list[torch.Tensor]]] = {level: [] for level in levels}
+    order = sorted(scored)
     for level in levels:
-        per_row: dict[str, list[dict[str, float | None]]] = {"Input": [], "Base": []}
-        owners: list[int] = []  # the person of each test photo, for intervals over people
-        if not (args.lambda_gen_sweep or args.gate_only):
-            per_row["Base + full fine-tune"] = []
-        per_row.update({row: [] for row in variants})
-        for i, p in enumerate(people):
-            pairs = degraded_tests(i, p["tests"], level)
-            gts, lqs = [g for g, _ in pairs], [x for _, x in pairs]
-            seeds = [args.seed + 100 * i + j for j in range(len(lqs))]
-            per_row["Input"] += [score(x, g) for x, g in zip(lqs, gts, strict=True)]
-            owners += [i] * len(lqs)
-            outs = _restore_all(model, lqs, None, seeds, args.sample_steps)
-            per_row["Base"] += [score(x, g) for x, g in zip(outs, gts, strict=True)]
-            if "Base + full fine-tune" in per_row:
-                t0 = time.perf_counter()
-                ft = fine_tuned.get(p["identity"])
-                if ft is None:  # trained once, scored at every level
-                    ft = fine_tuned[p["identity"]] = full_finetune(
-                        model, refs[p["identity"]], steps=args.steps, lr=args.ft_lr, config=variants["PFStorer"],
-                        seed=args.seed + i, bf16=args.bf16)
-                timings["full fine-tune"] = timings.get("full fine-tune", 0.0) + time.perf_counter() - t0
-                outs = _restore_all(ft, lqs, None, seeds, args.sample_steps)
-                per_row["Base + full fine-tune"] += [score(x, g) for x, g in zip(outs, gts, strict=True)]
-            swept: dict[str, list[torch.Tensor]] = {}
-            for row in variants:
-                outs = _restore_all(model, lqs, adapters[row][p["identity"]], seeds, args.sample_steps)
-                per_row[row] += [score(x, g) for x, g in zip(outs, gts, strict=True)]
-                swept[row] = outs
-            if sweep_rows and len(figures[level]) < args.figure_rows:  # Fig. 9: the first test photo
-                base_out = _restore_all(model, lqs[:1], None, seeds[:1], args.sample_steps)[0]
-                figures[level].append([lqs[0], base_out] + [swept[r][0] for r in sweep_rows] + [gts[0]])
-            _log(f"{level}: person {i + 1}/{len(people)} restored and scored")
+        per_row = {row: [x for i in order for x in scored[i][level][row]] for row in table_rows}
+        owners = [i for i in order for _ in scored[i][level]["Input"]]  # for intervals over people
         results[level] = {row: summarize(v) for row, v in per_row.items()}
         results[level]["gate"] = gate(level, results[level], per_photo_gains(per_row["PFStorer"], per_row["Base"], owners))
+    if personalized:  # what one identity costs at these settings, packed --capacity at a time
+        timings["personalize per identity (PFStorer)"] = timings["personalize: PFStorer"] / personalized
     report_figures = {}
     for level, rows in figures.items():
         if rows:
@@ -393,6 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the adapters and the fine-tune row (CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--resume", type=Path, metavar="FILE",
+                   help="keep each scored person in FILE (JSON lines) and skip those already there: a long "
+                        "run stopped at any point goes on from where it was")
     args = p.parse_args(argv)
     report = run(args)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -313,6 +313,7 @@ def make_adapters(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def phase_restore(args: argparse.Namespace) -> dict:
+    from pfstorer.restore_options import RestoreOptions
     from pipelines.batch_restore import restore_manifest
 
     manifest, index = Path(args.restore_manifest), Path(args.restore_index)
@@ -320,7 +321,7 @@ def phase_restore(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     report = restore_manifest(
         str(manifest), str(Path(args.work) / f"restore-{args.restore_rows}" / "out"), index_url=str(index),
-        base="tiny", device="cpu", steps=args.restore_steps, workers=args.cpus, cpus_per_worker=1, batch_size=8,
+        base="tiny", device="cpu", options=RestoreOptions(steps=args.restore_steps), workers=args.cpus, cpus_per_worker=1, batch_size=8,
     )
     elapsed = time.perf_counter() - t0
     return {

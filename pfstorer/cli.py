@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PFStorerError
+from .restore_options import RestoreOptions, add_restore_arguments
 
 EXIT_USER_ERROR = 2
 METRIC_NAMES = ("psnr", "ssim", "st_lpips", "id_facenet", "id_dlib", "lmse", "sharpness", "id_refs_facenet",
@@ -110,11 +111,10 @@ def _load_base(args: argparse.Namespace):
 
 
 def cmd_personalize(args: argparse.Namespace) -> int:
-    from .images import list_images, load_image
     from .config import TrainingSpeed
-    from .training import PersonalizeConfig, PersonalizeJob, personalize_many
-
+    from .images import list_images, load_image
     from .settings import Settings
+    from .training import PersonalizeConfig, PersonalizeJob, personalize_many
 
     paths = list_images(args.refs)
     given = {"steps": args.steps, "seed": args.seed, "lr": args.lr, "alpha_lr": args.alpha_lr,
@@ -137,16 +137,18 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    """--steps, --sampler, --t-start: unset, each comes from the base preset's sampling defaults."""
-    from .presets import get_preset
+def restore_defaults() -> RestoreOptions:
+    """The ``restore`` section of settings (config file, environment) that restore flags default to.
 
-    c = get_preset("compact").sampling
-    p.add_argument("--steps", type=int, help=f"denoising steps (default: the base's; compact: {c.steps})")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], help=f"sampler (default: the base's; compact: {c.sampler})")
-    p.add_argument("--t-start", type=int, metavar="T",
-                   help="timestep sampling starts from: below 1000 the LQ diffused to T, 1000 pure noise "
-                        f"(default: the base's; compact: {c.t_start})")
+    When settings do not load, ``--help`` still works with the built-in defaults; the command
+    itself then reports what is wrong with them.
+    """
+    from .settings import Settings
+
+    try:
+        return Settings.load().restore
+    except Exception:  # noqa: BLE001 - reported by the command that loads them
+        return RestoreOptions()
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -160,7 +162,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     batch = plan_batch(args.input, args.out, suffix=args.suffix, ext=args.ext)  # names refused before any work
     check_quality(args.quality)
-    limits = Settings.load().limits
+    settings = Settings.load()
+    options = RestoreOptions.from_args(args, settings.restore)
+    limits = settings.limits
     image_limits = ImageLimits(max_pixels=args.max_pixels or limits.max_image_pixels, max_bytes=limits.max_image_bytes)
 
     def read(source: str) -> torch.Tensor:
@@ -184,9 +188,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         image = read_first.pop(item.source, None)
         if image is None:
             image = read(item.source)
-        out = restore(model, image, adapter=adapter, seed=args.seed, scale=args.scale, steps=args.steps,
-                      sampler=args.sampler, t_start=args.t_start, strength=args.strength, tile=args.tile,
-                      overlap=args.overlap, color_fix=args.color_fix,
+        out = restore(model, image, adapter=adapter, options=options,
                       progress=not (args.quiet or batch.many))  # a batch shows photos, not steps
         save_image(out, item.dest, quality=args.quality)
         return (f"restored {item.source} ({image.shape[2]}x{image.shape[1]}) {who} -> {item.dest} "
@@ -307,15 +309,7 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     _add_inputs_outputs(p, "restore")
     p.add_argument("--quality", type=int, default=92, help="JPEG/WebP quality, 1..100")
     p.add_argument("--adapter", metavar="ADAPTER_DIR", help="the person's adapter (none: base model only)")
-    p.add_argument("--strength", type=float, default=1.0,
-                   help="how much of the adapter to apply, 0..1 (scales its gates alpha; 0 = the base model)")
-    p.add_argument("--scale", type=float, default=1.0, help="upscaling factor (e.g. 2, 4)")
-    add_sampling_args(p)
-    p.add_argument("--seed", type=int, default=0, help="noise seed (the same for every photo)")
-    p.add_argument("--tile", type=int, help="tile size in output pixels (default: the model's native size)")
-    p.add_argument("--overlap", type=int, help="tile overlap in output pixels (default: a quarter tile)")
-    p.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default="wavelet",
-                   help="match the input's colours after stitching")
+    add_restore_arguments(p, restore_defaults())
     p.add_argument("--max-pixels", type=int,
                    help="refuse larger inputs (default: settings limits.max_image_pixels, 4096 x 4096)")
     p.add_argument("--threads", type=int, metavar="N",

@@ -34,7 +34,7 @@ from .errors import InputError, WeightsUnavailableError
 from .presets import BaseConfig, get_preset
 
 if TYPE_CHECKING:
-    from .personalization import PBRun
+    from .personalization import BlockHook
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -91,7 +91,7 @@ class TimeAwareLQEncoder(nn.Module):
 @dataclass
 class _Conditioning:
     lq_feats: list[torch.Tensor]
-    pb: PBRun | None = None
+    pb: BlockHook | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -230,7 +230,7 @@ class RestorationModel(nn.Module):
 
     # -- denoising ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def conditioned(self, lq_feats: list[torch.Tensor], pb: PBRun | None = None) -> Iterator[_Conditioning]:
+    def conditioned(self, lq_feats: list[torch.Tensor], pb: BlockHook | None = None) -> Iterator[_Conditioning]:
         prev = self._cond
         self._cond = _Conditioning(lq_feats=lq_feats, pb=pb)
         try:
@@ -239,7 +239,7 @@ class RestorationModel(nn.Module):
             self._cond = prev
 
     def denoise(
-        self, z_t: torch.Tensor, t: torch.Tensor, lq: torch.Tensor, pb: PBRun | None = None
+        self, z_t: torch.Tensor, t: torch.Tensor, lq: torch.Tensor, pb: BlockHook | None = None
     ) -> torch.Tensor:
         """The denoiser's prediction for ``z_t`` at timesteps ``t`` (one per row) given the LQ latent:
         the noise (``prediction="epsilon"``) or the clean image (``"x0_residual"``), as
@@ -297,7 +297,7 @@ class RestorationModel(nn.Module):
         """What :meth:`denoise` is trained to output for ``z_t`` made from clean ``z0`` and ``noise``."""
         return z0 if self.config.prediction == "x0_residual" else noise
 
-    def _denoise(self, z_t: torch.Tensor, t: torch.Tensor, lq: torch.Tensor, pb: PBRun | None) -> torch.Tensor:
+    def _denoise(self, z_t: torch.Tensor, t: torch.Tensor, lq: torch.Tensor, pb: BlockHook | None) -> torch.Tensor:
         if t.ndim == 0:
             t = t.expand(z_t.shape[0])
         t = t.to(z_t.device)

@@ -1,10 +1,11 @@
-"""Personalization blocks (paper eq. 3): ``F_hat_i = F_i + alpha_i * PB(F_i, F_ref_i)``.
+"""Personalization blocks (paper section 3.2, eq. 3): ``F_hat_i = F_i + alpha_i * PB(F_i, F_ref_i)``.
 
-After every transformer block i of the frozen base sits a personalization block:
+After every transformer block i of the frozen base sits a :class:`PersonalizationBlock`:
 - text cross-attention from the block's features to the base prompt plus a learnable token ``*``
   (textual-inversion style; one token per identity, shared by all blocks),
 - image cross-attention from the same queries to reference features ``F_ref_i``: the frozen base's
-  own output of block i for a reference photo that runs *in the same batch*,
+  own output of block i for a reference photo, computed once per identity and cached
+  (:class:`ReferenceCapture`, :func:`pool_reference`),
 - an output projection, gated by ``alpha_i`` (a vector over channels, initialised to 0, so a fresh
   adapter reproduces the base exactly).
 
@@ -12,8 +13,9 @@ Every tensor carries a leading *slot* axis: one frozen base runs many identities
 row using its own slot (packed personalization, mixed-identity serving). One identity alone is
 simply one slot.
 
-Two forms of the same adapter:
-- :class:`AdapterWeights` — trainable. Reference features come from the batch.
+Two forms of the same adapter, one interface (``block_tensors`` -> :class:`BlockTensors`):
+- :class:`AdapterWeights` — trainable. Keys/values are projected at every call from the token and
+  from each row's cached reference tokens.
 - :class:`AdapterSlots` — inference. No reference photos are needed: at the end of
   personalization the frozen base is run once on up to ``cache_refs`` references (t = 0, the
   reference as its own LQ), their block features are pooled to ``ref_pool x ref_pool`` tokens and
@@ -29,7 +31,8 @@ projections are shared between the text and image attention of a block.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -79,8 +82,48 @@ def pool_reference(f: torch.Tensor, ref_pool: int) -> torch.Tensor:
     return _norm_tokens(F.adaptive_avg_pool2d(f, (side_h, side_w)))
 
 
+class BlockTensors(NamedTuple):
+    """One block's adapter tensors, one row per batch row; keys/values already projected."""
+
+    to_q: torch.Tensor  # [n, C, inner]
+    txt_k: torch.Tensor  # [n, T+1, inner]: the prompt followed by the token *
+    txt_v: torch.Tensor
+    ref_k: torch.Tensor  # [n, P, inner]: the reference features F_ref
+    ref_v: torch.Tensor
+    to_out: torch.Tensor  # [n, inner, C]
+    alpha: torch.Tensor  # [n, C]
+
+
+class PersonalizationBlock(nn.Module):
+    """``F_hat = F + alpha * PB(F, F_ref)`` (eq. 3) for the features ``F`` of one base block.
+
+    PB attends from ``F`` to the prompt + token ``*`` (text) and to the reference features
+    (image), shares the query between the two, and projects the sum back to ``C`` channels. It
+    holds no weights: they come per row in :class:`BlockTensors`, so one base serves many slots.
+    """
+
+    def __init__(self, spec: BlockSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, features: torch.Tensor, w: BlockTensors,
+                maps: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        h = self.spec.heads
+        qh = _heads(torch.bmm(_norm_tokens(features), w.to_q), h)  # [n, h, HW, d]
+        scores = torch.matmul(qh, _heads(w.txt_k, h).transpose(-1, -2)) / math.sqrt(self.spec.inner // h)
+        probs = scores.softmax(-1)  # [n, h, HW, T+1]: explicit, L_pers reads the token's map
+        if maps is not None:
+            # the last prompt token's map is the target, not a variable: detached, as ViCo does
+            maps.append((probs[..., -1].mean(1), probs[..., -2].mean(1).detach()))
+        txt = torch.matmul(probs, _heads(w.txt_v, h))
+        img = F.scaled_dot_product_attention(qh, _heads(w.ref_k, h), _heads(w.ref_v, h))
+        pb = torch.bmm(_merge(txt + img), w.to_out).transpose(1, 2).reshape(features.shape)
+        return features + w.alpha[:, :, None, None] * pb  # eq. 3
+
+
 class AdapterWeights(nn.Module):
-    """Trainable personalization blocks for ``slots`` identities of one base."""
+    """Trainable personalization blocks for ``slots`` identities of one base (keys/values are
+    projected from the token and the reference tokens at every call, so both learn)."""
 
     def __init__(self, specs: list[BlockSpec], token_dim: int, slots: int) -> None:
         super().__init__()
@@ -94,6 +137,7 @@ class AdapterWeights(nn.Module):
         self.txt_v = nn.ParameterList(nn.Parameter(torch.zeros(slots, token_dim, s.inner)) for s in specs)
         self.img_k = nn.ParameterList(nn.Parameter(torch.zeros(slots, s.channels, s.inner)) for s in specs)
         self.img_v = nn.ParameterList(nn.Parameter(torch.zeros(slots, s.channels, s.inner)) for s in specs)
+        self.blocks = tuple(PersonalizationBlock(s) for s in specs)  # a tuple: no state-dict entries
 
     @torch.no_grad()
     def init_slot(self, slot: int, generator: torch.Generator, prompt: torch.Tensor) -> None:
@@ -126,7 +170,17 @@ class AdapterWeights(nn.Module):
         return torch.bmm(text, self.txt_k[block][slots]), torch.bmm(text, self.txt_v[block][slots])
 
     def image_kv(self, block: int, slots: torch.Tensor, ref_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of the reference tokens ``[n, P, C]``: [n, P, inner]."""
         return torch.bmm(ref_tokens, self.img_k[block][slots]), torch.bmm(ref_tokens, self.img_v[block][slots])
+
+    def block_tensors(self, block: int, slots: torch.Tensor, prompt: torch.Tensor,
+                      ref_tokens: torch.Tensor | None) -> BlockTensors:
+        """Block ``block``'s tensors of each row, keys/values projected now (they are trained)."""
+        if ref_tokens is None:
+            raise ValueError("trainable adapters need each row's reference tokens")
+        tk, tv = self.text_kv(block, slots, prompt)
+        rk, rv = self.image_kv(block, slots, ref_tokens.to(self.to_q[block].dtype))
+        return BlockTensors(self.to_q[block][slots], tk, tv, rk, rv, self.to_out[block][slots], self.alpha[block][slots])
 
     @torch.no_grad()
     def export_slot(self, slot: int, prompt: torch.Tensor, ref_tokens: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -160,6 +214,7 @@ class AdapterSlots(nn.Module):
             self.register_buffer(f"txt_v_{i}", torch.zeros(slots, prompt_tokens + 1, s.inner))
             self.register_buffer(f"ref_k_{i}", torch.zeros(slots, ref_tokens[i], s.inner))
             self.register_buffer(f"ref_v_{i}", torch.zeros(slots, ref_tokens[i], s.inner))
+        self.blocks = tuple(PersonalizationBlock(s) for s in specs)  # a tuple: no state-dict entries
 
     @classmethod
     def for_model(cls, model, slots: int = 1) -> AdapterSlots:
@@ -173,6 +228,12 @@ class AdapterSlots(nn.Module):
 
     def buffer(self, name: str, block: int) -> torch.Tensor:
         return getattr(self, f"{name}_{block}")
+
+    def block_tensors(self, block: int, slots: torch.Tensor, prompt: torch.Tensor,
+                      ref_tokens: torch.Tensor | None = None) -> BlockTensors:
+        """Block ``block``'s tensors of each row, read from the cache (``prompt`` and
+        ``ref_tokens`` were projected when the adapter was exported)."""
+        return BlockTensors(*(self.buffer(name, block)[slots] for name in BlockTensors._fields))
 
     @torch.no_grad()
     def load(self, slot: int, tensors: dict[str, torch.Tensor]) -> None:
@@ -204,15 +265,33 @@ def _block_sides(model) -> list[int]:
     return [side // 2**level for _, level, _ in model.pb_blocks]
 
 
+class BlockHook(Protocol):
+    """What the base's transformer-block hooks call with each block's output (see
+    :meth:`~pfstorer.model.RestorationModel.denoise`)."""
+
+    def apply(self, block: int, sample: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class ReferenceCapture:
+    """Keeps each block's output unchanged: the frozen base's features ``F_ref_i`` of a reference."""
+
+    features: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def apply(self, block: int, sample: torch.Tensor) -> torch.Tensor:
+        self.features[block] = sample.detach()
+        return sample
+
+
 @dataclass
 class PBRun:
-    """What the personalization hooks need for one UNet call.
+    """The personalization blocks of one UNet call: eq. 3 after every transformer block.
 
-    Row r of the batch is personalized with adapter ``slots[r]``. In training, ``ref_tokens[i]``
-    holds each row's reference tokens at block i (``[n, P, C]``: the frozen base's pooled features
-    of one reference photo, see :func:`reference_features`). With ``capture`` set, each block's raw
-    output is kept (building the reference features). With ``maps`` a list, the
-    token/last-prompt-token attention maps are collected for L_pers.
+    Row r of the batch is personalized with adapter ``slots[r]``. ``ref_tokens[i]`` holds each
+    row's reference tokens at block i for trainable adapters (``[n, P, C]``, see
+    :func:`pool_reference`); cached adapters ignore it. With ``maps`` a list, the token's and the
+    last prompt token's attention maps are collected for L_pers (eq. 5). ``strength`` (per row)
+    scales alpha at inference: 0 is the base exactly, 1 the adapter as trained.
     """
 
     adapters: AdapterWeights | AdapterSlots
@@ -220,9 +299,8 @@ class PBRun:
     prompt: torch.Tensor
     ref_pool: int
     ref_tokens: list[torch.Tensor] | None = None
-    capture: dict[int, torch.Tensor] | None = None
     maps: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    strength: torch.Tensor | None = None  # per row, scales alpha at inference (None: 1)
+    strength: torch.Tensor | None = None
 
     def rows(self, index: list[int]) -> PBRun:
         """The same run for a batch made of rows ``index`` of this one (tiles of several images)."""
@@ -231,49 +309,8 @@ class PBRun:
                        ref_tokens=None if self.ref_tokens is None else [r[index] for r in self.ref_tokens])
 
     def apply(self, block: int, sample: torch.Tensor) -> torch.Tensor:
-        if self.capture is not None:
-            self.capture[block] = sample.detach()
-            return sample
-        main = sample
-        a = self.adapters
-        spec = a.specs[block]
-        slots = self.slots
-        x = _norm_tokens(main)  # [n, HW, C]
-        if isinstance(a, AdapterWeights):
-            q = torch.bmm(x, a.to_q[block][slots])
-            tk, tv = a.text_kv(block, slots, self.prompt)
-            rk, rv = a.image_kv(block, slots, self.ref_tokens[block].to(q.dtype))
-            to_out, alpha = a.to_out[block][slots], a.alpha[block][slots]
-        else:
-            q = torch.bmm(x, a.buffer("to_q", block)[slots])
-            tk, tv = a.buffer("txt_k", block)[slots], a.buffer("txt_v", block)[slots]
-            rk, rv = a.buffer("ref_k", block)[slots], a.buffer("ref_v", block)[slots]
-            to_out, alpha = a.buffer("to_out", block)[slots], a.buffer("alpha", block)[slots]
-            if self.strength is not None:  # 0: alpha = 0, the base exactly; 1: the adapter as trained
-                alpha = alpha * self.strength[:, None].to(alpha.dtype)
-        h = spec.heads
-        qh = _heads(q, h)
-        scores = torch.matmul(qh, _heads(tk, h).transpose(-1, -2)) / math.sqrt(spec.inner // h)
-        probs = scores.softmax(-1)  # [n, h, HW, T+1]: explicit, L_pers reads the token's map
-        if self.maps is not None:
-            # the last prompt token's map is the target, not a variable: detached, as ViCo does
-            self.maps.append((probs[..., -1].mean(1), probs[..., -2].mean(1).detach()))
-        txt = torch.matmul(probs, _heads(tv, h))
-        img = F.scaled_dot_product_attention(qh, _heads(rk, h), _heads(rv, h))
-        pb = torch.bmm(_merge(txt + img), to_out)  # [n, HW, C]
-        pb = pb.transpose(1, 2).reshape(main.shape)
-        return main + alpha[:, :, None, None] * pb
-
-
-def pers_loss(maps: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """ViCo's attention regulariser: the token's map should match the last prompt token's map.
-
-    Each map is normalised by its maximum over positions; squared differences are averaged over
-    positions and blocks. Returns one value per row.
-    """
-    losses = []
-    for tok, ref in maps:
-        tok = tok / tok.amax(-1, keepdim=True).clamp_min(1e-8)
-        ref = ref / ref.amax(-1, keepdim=True).clamp_min(1e-8)
-        losses.append(((tok - ref) ** 2).mean(-1))
-    return torch.stack(losses).mean(0)
+        ref = None if self.ref_tokens is None else self.ref_tokens[block]
+        tensors = self.adapters.block_tensors(block, self.slots, self.prompt, ref)
+        if self.strength is not None:
+            tensors = tensors._replace(alpha=tensors.alpha * self.strength[:, None].to(tensors.alpha.dtype))
+        return self.adapters.blocks[block](sample, tensors, self.maps)

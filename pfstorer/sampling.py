@@ -13,22 +13,21 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .adapter import Adapter
-from .errors import InputError, TooLargeError
-from .deadline import Checkpoint
 from .colorfix import BAND
+from .deadline import Checkpoint
+from .errors import InputError, TooLargeError
 from .images import from_unit, to_unit
 from .model import RestorationModel
 from .personalization import AdapterSlots, PBRun
+from .restore_options import ColorFix, RestoreOptions, Sampler
 from .tiling import blend_rows, tile_grid
 
-Sampler = Literal["ddim", "ddpm"]
-ColorFix = Literal["wavelet", "adain", "none"]
 MAX_OUTPUT_PIXELS = 8192 * 8192
 
 
@@ -412,13 +411,22 @@ def restore(
     image: torch.Tensor,
     *,
     adapter: Adapter | None = None,
-    seed: int = 0,
-    **kwargs,
+    options: RestoreOptions | None = None,
+    **kwargs: Any,
 ) -> torch.Tensor:
-    """Restore one image [3,H,W] in [0,1], optionally with one identity's adapter."""
+    """Restore one image [3,H,W] in [0,1], optionally with one identity's adapter.
+
+    ``options`` (default :class:`~pfstorer.restore_options.RestoreOptions`) says how; any of its
+    fields may also be given as a keyword (``scale=2, seed=1``), which wins. Other keywords
+    (``progress``, ``deadline``, ``tile_batch``, ``pad_to_tile``) go to :func:`restore_batch`.
+    """
+    given = {k: kwargs.pop(k) for k in list(kwargs) if k in RestoreOptions.model_fields}
+    opts = RestoreOptions.merged(options, **given)
     slots = None
     if adapter is not None:
         adapter.check_base(model)
         slots = AdapterSlots.for_model(model, 1)
         slots.load(0, adapter.tensors)
-    return restore_batch(model, image.unsqueeze(0), adapters=slots, slots=[0], seeds=[seed], **kwargs)[0]
+    return restore_batch(
+        model, image.unsqueeze(0), adapters=slots, slots=[0], seeds=[opts.seed], **opts.sampling_kwargs(), **kwargs
+    )[0]

@@ -26,7 +26,7 @@ import os
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -39,6 +39,10 @@ from pydantic_settings import (
 )
 
 from .config import PersonalizeConfig, TrainingSpeed
+from .restore_options import RestoreOptions
+
+if TYPE_CHECKING:
+    from .image_checks import ImageLimits
 
 __all__ = [
     "AutoscalingSettings",
@@ -258,7 +262,7 @@ class ServeSettings(_Section):
 
 
 class LimitsSettings(_Section):
-    """Limits on input photos (manifest validation and batch restore)."""
+    """Limits on input photos: the one table every command and the server build theirs from."""
 
     max_image_bytes: int = Field(
         20 * 1024 * 1024, ge=1, description="Larger files are refused before decoding."
@@ -266,7 +270,31 @@ class LimitsSettings(_Section):
     max_image_pixels: int = Field(
         4096 * 4096, ge=1, description="Larger images (width*height from the header) are refused."
     )
-    min_image_side: int = Field(64, ge=1, description="Images with a shorter side are refused.")
+    min_image_side: int = Field(
+        64, ge=1, description="References with a shorter side are refused (too little face to learn from)."
+    )
+    min_restore_side: int = Field(
+        16, ge=1, description="Photos to restore with a shorter side are refused (small ones are "
+        "what super-resolution is for)."
+    )
+    reference_formats: frozenset[str] = Field(
+        frozenset({"JPEG", "PNG", "WEBP"}), description="Image types accepted as references."
+    )
+
+    def references(self) -> ImageLimits:
+        """What a reference photo of a manifest or ``pfstorer personalize`` must pass."""
+        from .image_checks import ImageLimits
+
+        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
+                           min_side=self.min_image_side, formats=self.reference_formats)
+
+    def restores(self, *, max_bytes: int | None = None, max_pixels: int | None = None) -> ImageLimits:
+        """What a photo to restore must pass (any decodable type); a server passes its own upload
+        limits (``serve.max_upload_bytes``, ``serve.max_pixels``)."""
+        from .image_checks import ImageLimits
+
+        return ImageLimits(max_bytes=max_bytes or self.max_image_bytes,
+                           max_pixels=max_pixels or self.max_image_pixels, min_side=self.min_restore_side)
 
 
 class _ConfigFileSource(PydanticBaseSettingsSource):
@@ -369,6 +397,10 @@ class Settings(BaseSettings):
     train_speed: TrainingSpeed = Field(
         default_factory=TrainingSpeed,
         description="bf16 autocast and gradient checkpointing of personalization (not in job keys).",
+    )
+    restore: RestoreOptions = Field(
+        default_factory=RestoreOptions,
+        description="Defaults of every restore: the CLI, the Python API, HTTP and batch restore.",
     )
     serve: ServeSettings = Field(default_factory=ServeSettings, description="Serving.")
     limits: LimitsSettings = Field(default_factory=LimitsSettings, description="Input limits.")

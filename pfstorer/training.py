@@ -1,11 +1,11 @@
 """Personalization (paper section 3.2): train one adapter per identity on a frozen base.
 
-Loss per identity (eq. 5): ``L_diff + lambda_gen * L_gen + lambda_pers * L_pers``:
-- ``L_diff``: the diffusion loss (MSE to the preset's target: the noise, or the clean image for
-  ``x0_residual`` presets) with the LQ synthesized from a random reference crop (degradation
-  pipeline, clean with probability p_HQ) and a reference photo in the same batch (eq. 2);
-- ``L_gen``: the same with the null LQ input, so the adapter must carry the identity (eq. 4);
-- ``L_pers``: ViCo's attention regulariser on the token ``*`` (:func:`pers_loss`).
+Loss per identity (eq. 5, :mod:`pfstorer.losses`): ``L_diff + lambda_gen * L_gen + lambda_pers * L_pers``:
+- ``L_diff`` (eq. 2): the distance to the preset's target with the LQ synthesized from a random
+  reference crop (degradation pipeline, clean with probability p_HQ) and another reference photo
+  of the person (its features computed once and cached, :meth:`PackedTrainer.reference_features`);
+- ``L_gen`` (eq. 4): the same with the null LQ input, so the adapter must carry the identity;
+- ``L_pers``: ViCo's attention regulariser on the token ``*``.
 
 References that show a whole scene are first cut to their face, framed as the base saw faces in
 training (:mod:`pfstorer.framing`); face crops are used as they are.
@@ -32,12 +32,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from .adapter import Adapter, AdapterMetadata
 from .config import PersonalizeConfig, TrainingSpeed
 from .errors import ReferenceCountError
 from .framing import frame_face
+from .losses import LossTerms, diffusion_loss, distance, generative_loss, pers_loss
 from .model import RestorationModel, timestep_grid
-from .personalization import AdapterWeights, PBRun, block_specs, pers_loss, pool_reference
+from .personalization import (
+    AdapterWeights,
+    PBRun,
+    ReferenceCapture,
+    block_specs,
+    pool_reference,
+)
 
 
 @dataclass
@@ -335,24 +343,56 @@ class PackedTrainer:
         return done
 
     def _train_step(self, active: list[int]) -> None:
+        """One step of every active identity: all their rows in one batch of the frozen base,
+        the sum of each identity's eq. 5 loss, and a per-slot optimiser step."""
         c, m = self.config, self.model
         draws = {k: self._next_draw(self.slots[k]) for k in active}
-        if self._prefetch:  # the next step's batches are drawn while this one trains
-            pool = _prefetch_pool()
+        self._draw_ahead(active)
+        x, t, lq, row_slots, ref_tokens = self._pack(active, draws)
+        maps: list[tuple[torch.Tensor, torch.Tensor]] = []
+        pb = PBRun(self.weights, torch.tensor(row_slots, device=m.device), m.prompt, m.config.adapter.ref_pool,
+                   ref_tokens=ref_tokens, maps=maps)
+        with torch.autocast(m.device.type, torch.bfloat16, enabled=self.speed.autocast_bf16):
+            pred = m.denoise(x, t, lq, pb)
+        pers_rows = pers_loss(maps) if c.lambda_pers > 0 else None
+        total = torch.zeros((), device=m.device)
+        for j, k in enumerate(active):
+            terms = self._loss_terms(j, len(active), draws[k], pred, pers_rows, [i for i, s in enumerate(row_slots) if s == k])
+            loss_k = terms.total(c.lambda_gen, c.lambda_pers)
+            total = total + loss_k
+            self.slots[k].curve.append(float(loss_k.detach()))
+            self.slots[k].parts = terms.as_floats()
+        self.opt.zero_grad()
+        total.backward()
+        self.opt.step(active)
+        self.data_stats["steps"] += 1
+        for k in active:
+            self.slots[k].step += 1
+
+    def _draw_ahead(self, active: list[int]) -> None:
+        """Start drawing the next step's batches in the background, while this one trains."""
+        if not self._prefetch:
+            return
+        pool = _prefetch_pool()
+        for k in active:
+            slot = self.slots[k]
+            if slot.step + 1 < self.config.steps:
+                slot.ahead_from = (slot.rng.bit_generator.state, slot.gen.get_state())
+                slot.ahead = pool.submit(self._timed_draw, slot)
+                self.data_stats["ahead"] += 1
+
+    def _pack(self, active: list[int], draws: dict[int, dict[str, torch.Tensor]]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[torch.Tensor]]:
+        """The batch of one step: the L_diff rows of every identity (noised HQ or, for rows drawn
+        as sampling starts, noised LQ; eq. 2), then, with lambda_gen > 0, their L_gen rows (null
+        LQ; eq. 4). Returns the noisy inputs, timesteps, LQs, each row's slot and each row's
+        reference tokens per block."""
+        m = self.model
+        xs, ts, lqs, row_slots, refs = [], [], [], [], []
+        for gen in (False, True) if self.config.lambda_gen > 0 else (False,):
             for k in active:
-                slot = self.slots[k]
-                if slot.step + 1 < c.steps:
-                    slot.ahead_from = (slot.rng.bit_generator.state, slot.gen.get_state())
-                    slot.ahead = pool.submit(self._timed_draw, slot)
-                    self.data_stats["ahead"] += 1
-        b = c.batch_size
-        dev = m.device
-        xs, ts, lqs, slots, refs = [], [], [], [], []
-        n_groups = 2 if c.lambda_gen > 0 else 1
-        for g in range(n_groups):
-            for j, k in enumerate(active):
                 d = draws[k]
-                if g == 0:
+                if not gen:
                     src = torch.where(d["start"].view(-1, 1, 1, 1), d["lq"], d["z0"])
                     xs.append(self._noisy(src, d["noise"], d["t"]))
                     ts.append(d["t"])
@@ -361,44 +401,28 @@ class PackedTrainer:
                     xs.append(self._noisy(d["z0"], d["noise_gen"], d["t_gen"]))
                     ts.append(d["t_gen"])
                     lqs.append(m.null_lq(d["lq"]))
-                slots += [k] * b
+                row_slots += [k] * self.config.batch_size
                 refs.append((k, d["ref"]))
-        n_main = len(slots)
-        x, t, lq = torch.cat(xs), torch.cat(ts).to(dev), torch.cat(lqs)
         ref_tokens = [torch.cat([self.slots[k].ref_tokens[i][idx] for k, idx in refs]) for i in range(len(self.weights.specs))]
-        maps: list = []
-        pb = PBRun(self.weights, torch.tensor(slots, device=dev), m.prompt, m.config.adapter.ref_pool,
-                   ref_tokens=ref_tokens, maps=maps)
-        with torch.autocast(dev.type, torch.bfloat16, enabled=self.speed.autocast_bf16):
-            pred = m.denoise(x, t, lq, pb)
-        per_row_pers = pers_loss(maps) if c.lambda_pers > 0 else torch.zeros(n_main, device=dev)
-        total = torch.zeros((), device=dev)
-        nk = len(active)
-        dist = loss_fn(c, m)
-        for j, k in enumerate(active):
-            d = draws[k]
-            rows = slice(j * b, (j + 1) * b)
-            l_diff = dist(pred[rows].float(), m.target(d["z0"], d["noise"]).to(dev).float())
-            parts = {"diff": l_diff}
-            loss_k = l_diff
-            if c.lambda_gen > 0:
-                grows = slice((nk + j) * b, (nk + j + 1) * b)
-                parts["gen"] = dist(pred[grows].float(), m.target(d["z0"], d["noise_gen"]).to(dev).float())
-                loss_k = loss_k + c.lambda_gen * parts["gen"]
-            if c.lambda_pers > 0:
-                prow = [i for i, s in enumerate(slots) if s == k]
-                parts["pers"] = per_row_pers[prow].mean()
-                loss_k = loss_k + c.lambda_pers * parts["pers"]
-            total = total + loss_k
-            slot = self.slots[k]
-            slot.curve.append(float(loss_k.detach()))
-            slot.parts = {name: float(v.detach()) for name, v in parts.items()}
-        self.opt.zero_grad()
-        total.backward()
-        self.opt.step(active)
-        self.data_stats["steps"] += 1
-        for k in active:
-            self.slots[k].step += 1
+        return torch.cat(xs), torch.cat(ts).to(m.device), torch.cat(lqs), row_slots, ref_tokens
+
+    def _loss_terms(self, j: int, n_active: int, d: dict[str, torch.Tensor], pred: torch.Tensor,
+                    pers_rows: torch.Tensor | None, own_rows: list[int]) -> LossTerms:
+        """The eq. 5 terms of the ``j``-th active identity, from its rows of the packed prediction
+        (see :meth:`_pack`); ``own_rows``: all its rows, where its token's maps are."""
+        c, m, b = self.config, self.model, self.config.batch_size
+        dist = distance(c, m)
+
+        def target(noise: torch.Tensor) -> torch.Tensor:
+            return m.target(d["z0"], noise).to(m.device).float()
+
+        terms = LossTerms(diffusion_loss(dist, pred[j * b:(j + 1) * b].float(), target(d["noise"])))
+        if c.lambda_gen > 0:
+            null_rows = slice((n_active + j) * b, (n_active + j + 1) * b)
+            terms.gen = generative_loss(dist, pred[null_rows].float(), target(d["noise_gen"]))
+        if pers_rows is not None:
+            terms.pers = pers_rows[own_rows].mean()
+        return terms
 
     # -- evaluation and export ---------------------------------------------------------------
     @torch.no_grad()
@@ -435,10 +459,9 @@ class PackedTrainer:
         m = self.model
         shape = m.config.adapter
         lat = m.to_latent(torch.stack([center_square(r, m.config.sample_size) for r in refs]))
-        capture: dict[int, torch.Tensor] = {}
-        pb = PBRun(self.weights, torch.zeros(len(refs), dtype=torch.long), m.prompt, shape.ref_pool, capture=capture)
-        m.denoise(lat, torch.zeros(len(refs), dtype=torch.long, device=m.device), lat, pb)
-        return [pool_reference(capture[i], shape.ref_pool) for i in range(len(capture))]
+        capture = ReferenceCapture()
+        m.denoise(lat, torch.zeros(len(refs), dtype=torch.long, device=m.device), lat, capture)
+        return [pool_reference(capture.features[i], shape.ref_pool) for i in range(len(capture.features))]
 
     def reference_tokens(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """What an adapter caches of an identity's :meth:`reference_features`: per block
@@ -482,14 +505,6 @@ class PackedTrainer:
             yield from self.step()
             if progress is not None and n:
                 progress(n)
-
-
-def loss_fn(config: PersonalizeConfig, model: RestorationModel) -> Callable[..., torch.Tensor]:
-    """The distance of L_diff and L_gen: ``config.loss``, ``auto`` choosing by the base's prediction."""
-    loss = config.loss
-    if loss == "auto":
-        loss = "l1" if model.config.prediction == "x0_residual" else "mse"
-    return F.l1_loss if loss == "l1" else F.mse_loss
 
 
 def _limit_side(img: torch.Tensor, max_short: int) -> torch.Tensor:

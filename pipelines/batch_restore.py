@@ -45,6 +45,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pfstorer.errors import AdapterError, InputError, PFStorerError, TooLargeError
+from pfstorer.image_checks import ImageLimits
+from pfstorer.restore_options import RestoreOptions
+from pfstorer.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -101,22 +104,13 @@ class BatchConfig:
 
     index_url: str
     out_url: str
+    base: str
+    options: RestoreOptions  # its seed is the default of rows without a 'seed' column
+    limits: ImageLimits
     store_url: str | None = None
-    base: str = "tiny"
     weights: str | None = None
     device: str = "auto"
-    steps: int | None = None  # None: the base preset's sampling defaults
-    seed: int = 0
-    scale: float = 1.0
-    tile: int | None = None
-    overlap: int | None = None
-    sampler: str | None = None
-    t_start: int | None = None
-    color_fix: str = "wavelet"
     threads: int = 1
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 4096 * 4096
-    min_image_side: int = 16
     host_cache_adapters: int = 8
     storage_options: dict[str, Any] | None = None
 
@@ -127,7 +121,6 @@ class BatchRestorer:
     def __init__(self, config: BatchConfig) -> None:
         import torch
 
-        from pfstorer.images import ImageLimits
         from pfstorer.model import load_base
         from pfstorer.personalization import AdapterSlots
         from registry import AdapterRegistry
@@ -145,11 +138,7 @@ class BatchRestorer:
             config.store_url or config.out_url, None, config.index_url, storage_options=opts, index_max_age_s=30.0
         )
         self.cache = HostAdapterCache(config.host_cache_adapters)
-        self.limits = ImageLimits(
-            max_bytes=config.max_image_bytes,
-            max_pixels=config.max_image_pixels,
-            min_side=config.min_image_side,
-        )
+        self.limits = config.limits
 
     # -- one row ----------------------------------------------------------------------------
     def _adapter(self, tenant: str, identity: str) -> tuple[Any, Any]:
@@ -208,8 +197,7 @@ class BatchRestorer:
             self.current = entry.sha256
         out = restore_batch(
             self.model, image.unsqueeze(0), adapters=self.slots, slots=[0], seeds=[seed],
-            scale=c.scale, steps=c.steps, sampler=c.sampler, t_start=c.t_start, tile=c.tile, overlap=c.overlap,
-            color_fix=c.color_fix,
+            **c.options.sampling_kwargs(),
         )[0]
         dest = output_uri_for(c.out_url, tenant, identity, uri)
         self._write(dest, encode_png(out))
@@ -223,9 +211,9 @@ class BatchRestorer:
             t0 = time.perf_counter()
             seed = r.get("seed")
             try:
-                seed = self.config.seed if seed is None else int(seed)
+                seed = self.config.options.seed if seed is None else int(seed)
             except (TypeError, ValueError):
-                seed = self.config.seed
+                seed = self.config.options.seed
             result: dict[str, Any] = {
                 "tenant": r.get("tenant"),
                 "identity": r.get("identity"),
@@ -340,25 +328,16 @@ def restore_manifest(
     *,
     index_url: str,
     store_url: str | None = None,
-    base: str = "tiny",
+    base: str | None = None,
     weights: str | None = None,
     device: str = "auto",
-    steps: int | None = None,
-    seed: int = 0,
-    scale: float = 1.0,
-    tile: int | None = None,
-    overlap: int | None = None,
-    sampler: str | None = None,
-    t_start: int | None = None,
-    color_fix: str = "wavelet",
+    options: RestoreOptions | None = None,
+    limits: ImageLimits | None = None,
     storage_options: Mapping[str, Any] | None = None,
     workers: int = 1,
     cpus_per_worker: float = 1.0,
     gpus_per_worker: float = 0.0,
     batch_size: int = 4,
-    max_image_bytes: int = 20 * 1024 * 1024,
-    max_image_pixels: int = 4096 * 4096,
-    min_image_side: int = 16,
 ) -> BatchReport:
     """Restore every ``role=restore`` row of a manifest on Ray Data (Ray must be initialised).
 
@@ -377,12 +356,11 @@ def restore_manifest(
     check_manifest_schema(manifest_url, opts)
     before = read_results(out_url, opts)
     finished = _keys(before.filter(pc.equal(before.column("status"), "ok")))
+    defaults = Settings()
     config = BatchConfig(
-        index_url=index_url, out_url=out_url, store_url=store_url, base=base, weights=weights, device=device,
-        steps=steps, seed=seed, scale=scale, tile=tile, overlap=overlap, sampler=sampler, t_start=t_start,
-        color_fix=color_fix, threads=max(1, int(cpus_per_worker)),
-        max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
-        min_image_side=min_image_side, storage_options=opts,
+        index_url=index_url, out_url=out_url, store_url=store_url, base=base or defaults.base, weights=weights,
+        device=device, options=options or defaults.restore, limits=limits or defaults.limits.restores(),
+        threads=max(1, int(cpus_per_worker)), storage_options=opts,
     )
     batch_size = max(1, int(batch_size))
     results_url = f"{out_url}/{RESULTS_DIR}"

@@ -22,7 +22,8 @@ import json
 import sys
 from typing import Any
 
-from pfstorer.cli import add_sampling_args, json_option, stdout_to_stderr
+from pfstorer.cli import json_option, restore_defaults, stdout_to_stderr
+from pfstorer.restore_options import RestoreOptions, add_restore_arguments
 
 __all__ = ["main", "register_cli"]
 
@@ -205,22 +206,13 @@ def _cmd_restore_batch(args: argparse.Namespace) -> int:
                 base=settings.base,
                 weights=settings.base_weights,
                 device=args.device or settings.device,
-                steps=args.steps,
-                seed=args.seed,
-                scale=args.scale,
-                tile=args.tile,
-                overlap=args.overlap,
-                sampler=args.sampler,
-                t_start=args.t_start,
-                color_fix=args.color_fix,
+                options=RestoreOptions.from_args(args, settings.restore),
+                limits=settings.limits.restores(),
                 storage_options=opts or None,
                 workers=args.workers or settings.workers,
                 cpus_per_worker=args.cpus_per_worker if args.cpus_per_worker is not None else settings.cpus_per_worker,
                 gpus_per_worker=settings.gpus_per_worker,
                 batch_size=args.batch_size,
-                max_image_bytes=settings.limits.max_image_bytes,
-                max_image_pixels=settings.limits.max_image_pixels,
-                min_image_side=args.min_side,
             )
         except PFStorerError as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -313,16 +305,10 @@ def register_cli(subparsers: Any) -> None:
     b.add_argument("--base", help="base model preset or checkpoint (settings: base)")
     b.add_argument("--weights", help="checkpoint for the preset (sd21)")
     b.add_argument("--device", help="cpu, cuda or auto (settings: device)")
-    b.add_argument("--seed", type=int, default=0, help="noise seed (a manifest 'seed' column wins)")
-    b.add_argument("--scale", type=float, default=1.0, help="upscaling factor")
-    b.add_argument("--tile", type=int, help="tile size in output pixels (default: the model's native size)")
-    b.add_argument("--overlap", type=int, help="tile overlap in output pixels (default: a quarter tile)")
-    add_sampling_args(b)
-    b.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default="wavelet")
+    add_restore_arguments(b, restore_defaults())  # a manifest 'seed' column wins over --seed
     b.add_argument("--workers", type=int, help="Ray Data actors, one base model each (settings: workers)")
     b.add_argument("--cpus-per-worker", type=float, help="CPUs per actor (settings: cpus_per_worker)")
     b.add_argument("--batch-size", type=int, default=4, help="rows per map_batches call")
-    b.add_argument("--min-side", type=int, default=16, help="refuse photos with a shorter side")
     b.add_argument("--store-options", metavar="JSON", help="fsspec options for s3:// URLs")
     b.add_argument("--s3-endpoint-url", metavar="URL", help="S3 endpoint (MinIO, moto...)")
     b.add_argument("--ray-address", help="join this Ray cluster (default: start one here)")

@@ -171,7 +171,6 @@ def _train(
 
     from pipelines.job_queue import make_job_queue
     from pipelines.train_worker import WorkerConfig, train_loop
-    from pipelines.validate import limits_from_settings
 
     s = plan.settings
     started_ray = ensure_ray(s)
@@ -207,7 +206,7 @@ def _train(
             queue=queue, base=s.base, base_weights=s.base_weights, base_fingerprint=plan.base_fingerprint,
             config=plan.config.model_dump(mode="json"), store_url=s.store_url, pack=pack,
             train_speed=s.train_speed.model_dump(), storage_options=storage_options_of(s),
-            limits=limits_from_settings(s.limits), use_gpu=use_gpu, dry_train=plan.dry_train,
+            limits=s.limits.references(), use_gpu=use_gpu, dry_train=plan.dry_train,
             snapshot_interval_s=s.snapshot_interval_s,
         )
         trainer = TorchTrainer(

@@ -39,45 +39,24 @@ import pyarrow.compute as pc
 from pydantic import ValidationError
 
 from pfstorer.image_checks import ImageLimits
+from pfstorer.settings import LimitsSettings
 from pipelines.manifest import REQUIRED_COLUMNS, ManifestRow, _as_string_columns
 from pipelines.probe import CACHE_SCHEMA, PROBE_SCHEMA, ProbeCache, ProbeSpec, known_probes, probe_photos
 from registry import job_key as _job_key
 
 __all__ = [
-    "DEFAULT_LIMITS",
     "STAGES",
     "IdentityJob",
     "ImageLimits",
     "ValidationResult",
     "cache_rows",
     "judge",
-    "limits_from_settings",
     "probe_table",
     "validate_from_settings",
     "validate_manifest",
     "validate_on_ray",
     "write_quarantine",
 ]
-
-#: Limits for reference photos of faces: up to 20 MiB and 4096x4096 pixels (as serving), sides
-#: of at least 64 px, JPEG/PNG/WEBP.
-DEFAULT_LIMITS = ImageLimits(
-    max_bytes=20 * 1024 * 1024,
-    max_pixels=4096 * 4096,
-    min_side=64,
-    formats=frozenset({"JPEG", "PNG", "WEBP"}),
-)
-
-
-def limits_from_settings(limits: Any) -> ImageLimits:
-    """:class:`ImageLimits` for references from ``pfstorer.settings.LimitsSettings``."""
-    return ImageLimits(
-        max_bytes=limits.max_image_bytes,
-        max_pixels=limits.max_image_pixels,
-        min_side=limits.min_image_side,
-        formats=DEFAULT_LIMITS.formats,
-    )
-
 
 STAGES = ("schema", "read", "image", "dedup", "refs")
 
@@ -426,7 +405,7 @@ def validate_manifest(
 ) -> ValidationResult:
     """Validate a manifest table in this process; see the module docstring for the checks.
 
-    ``limits`` (an ``ImageLimits``; default :data:`DEFAULT_LIMITS`) apply to references,
+    ``limits`` (an ``ImageLimits``; default: settings' ``limits.references()``) apply to references,
     ``restore_limits`` (default: the same) to restore photos. ``storage_options`` are used for
     remote photo URIs. Only a table without the required columns raises (:class:`ManifestError`).
     ``cache``: earlier probes (only photos it cannot vouch for are probed). For manifests at
@@ -442,7 +421,7 @@ def _spec(
     storage_options: Mapping[str, Any] | None,
     threads: int,
 ) -> ProbeSpec:
-    limits = limits or DEFAULT_LIMITS
+    limits = limits or LimitsSettings().references()
     return ProbeSpec(limits, restore_limits or limits, dict(storage_options) if storage_options else None, threads)
 
 
@@ -528,7 +507,7 @@ def validate_from_settings(
     opts = storage_options if storage_options is not None else dict(settings.storage_options) or None
     return validate_on_ray(
         url,
-        limits=limits_from_settings(settings.limits),
+        limits=settings.limits.references(),
         min_refs=min_refs or settings.personalize.min_refs,
         max_refs=max_refs or settings.personalize.max_refs,
         storage_options=opts,

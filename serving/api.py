@@ -30,6 +30,7 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from pfstorer.errors import AdapterMismatchError, ParameterError, PFStorerError, TooLargeError, TooSmallError
+from pfstorer.restore_options import RestoreOptions
 from serving.adapters import NOT_FOUND_MESSAGE, AdapterNotFound
 
 __all__ = [
@@ -57,17 +58,17 @@ __all__ = [
     "unwrap",
 ]
 
-MAX_STEPS = 1000
-MAX_SCALE = 8.0
 CLIENT_GONE = 499  # "client closed request": logged, never a 5xx
 ADAPTER_HEADER = "X-PFStorer-Adapter"
 BASE_HEADER = "X-PFStorer-Base"
 
 
-class RestoreParams(BaseModel):
-    """Form fields of ``POST /v1/restore`` (besides the ``image`` file)."""
+class RestoreParams(RestoreOptions):
+    """Form fields of ``POST /v1/restore`` (besides the ``image`` file): :class:`RestoreOptions`
+    plus who and how to encode. A field left out takes the server's default (its settings'
+    ``restore`` section; ``steps``: ``serve.default_steps``, else the base's)."""
 
-    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not ignored
+    model_config = ConfigDict(frozen=True, extra="forbid")  # a misspelt field is an error, not ignored
 
     identity: str | None = Field(
         None,
@@ -75,31 +76,21 @@ class RestoreParams(BaseModel):
         "the base model only.",
         max_length=128,
     )
-    scale: float = Field(1.0, gt=0, le=MAX_SCALE, description="Upscaling factor (super-resolution).")
-    steps: int | None = Field(
-        None, ge=1, le=MAX_STEPS,
-        description="Denoising steps (default: the server's serve.default_steps, else the base's).",
+    tile: None = Field(  # type: ignore[assignment]
+        None, description="Fixed by the server (serve.tile_size): outputs stay reproducible and batchable.",
     )
-    seed: int = Field(0, ge=0, le=2**63 - 1, description="Noise seed; the same seed gives the same PNG.")
-    strength: float = Field(
-        1.0, ge=0, le=1, description="How much of the person's adapter to apply (scales its gates alpha): "
-        "0 is the base model bit for bit, 1 the adapter as trained.",
-    )
-    color_fix: Literal["wavelet", "adain", "none"] = Field(
-        "wavelet", description="Match the input's colours after stitching the tiles."
-    )
-    sampler: Literal["ddim", "ddpm"] | None = Field(None, description="Diffusion sampler (default: the base's).")
-    t_start: int | None = Field(
-        None, ge=1, le=MAX_STEPS,
-        description="Timestep sampling starts from: below the schedule's length (1000) the LQ diffused "
-        "to it, at 1000 pure noise (default: the base's).",
-    )
+    overlap: None = Field(None, description="Fixed by the server (a quarter tile).")  # type: ignore[assignment]
     format: Literal["png", "jpeg", "webp"] | None = Field(
         None, description="Output format (default: from the Accept header, else png).",
     )
     quality: int | None = Field(
         None, ge=1, le=100, description="JPEG/WebP quality (default: the server's serve.output_quality).",
     )
+
+    def options(self, defaults: RestoreOptions) -> RestoreOptions:
+        """The restore options of this request: the fields it gave over ``defaults``."""
+        given = self.model_fields_set & RestoreOptions.model_fields.keys()
+        return RestoreOptions.merged(defaults, **{k: getattr(self, k) for k in given})
 
 
 class ErrorBody(BaseModel):
@@ -146,6 +137,8 @@ def restore_form_schema() -> dict[str, Any]:
     for name, spec in RestoreParams.model_json_schema()["properties"].items():
         spec = dict(spec)
         spec.pop("title", None)
+        if spec.get("type") == "null":  # fixed by the server (tile, overlap): not a form field
+            continue
         if "anyOf" in spec:  # Optional[...] -> the non-null branch
             inner = next((s for s in spec.pop("anyOf") if s.get("type") != "null"), {})
             spec = {**inner, **spec}

@@ -19,24 +19,19 @@ Pure functions and records, no Ray or torch: unit-tested alone.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 from pfstorer.deadline import Deadline
+from pfstorer.restore_options import RestoreOptions
 
 __all__ = ["BatchItem", "BatchStats", "batch_signature", "plan_runs"]
 
 
-def batch_signature(shape: Sequence[int], params: Mapping[str, Any]) -> tuple[Hashable, ...]:
-    """What two requests must share to run in one ``restore_batch`` call (seeds and people may differ)."""
-    return (
-        tuple(int(s) for s in shape[-2:]),
-        float(params["scale"]),
-        int(params["steps"]),
-        str(params["sampler"]),
-        int(params["t_start"]),
-        str(params["color_fix"]),
-    )
+def batch_signature(shape: Sequence[int], options: RestoreOptions) -> tuple[Hashable, ...]:
+    """What two requests must share to run in one ``restore_batch`` call: everything but the
+    seed and the adapter strength (people may differ too)."""
+    return (tuple(int(s) for s in shape[-2:]), *options.model_dump(exclude={"seed", "strength"}).values())
 
 
 def plan_runs(items: Sequence[tuple[Hashable, str]], max_people: int) -> list[list[int]]:
@@ -87,7 +82,7 @@ class BatchItem:
     key: str  # "tenant/identity", "" = base only
     entry: Any  # its adapter index entry (None for base only)
     image: Any  # a uint8 tensor [3,H,W]; None until decoded from ``data`` (at its start)
-    params: dict[str, Any]
+    options: RestoreOptions  # resolved: the base's sampling defaults and the server's tiles filled in
     since: float  # when the request reached the replica
     deadline: Deadline = dataclasses.field(default_factory=Deadline)
     tenant: str = ""  # whose request it is (its fair share of the model)

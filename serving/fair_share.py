@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import itertools
 import threading
@@ -31,7 +32,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FairShare", "Lease", "RunQueue"]
+__all__ = ["FairShare", "Lease", "ModelThreads", "RunQueue"]
 
 _WAKE_S = 0.2  # how often a waiting thread looks at its deadline
 
@@ -259,3 +260,31 @@ class RunQueue:
         finally:
             self._take(ticket, -1)
             self._dispatch()
+
+
+class ModelThreads:
+    """Work on the model, each piece in its own thread holding a :class:`Lease` of the fair share."""
+
+    def __init__(self, share: FairShare, threads: int) -> None:
+        self.share = share
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="pfstorer-torch")
+
+    async def run(self, fn: Callable[[Lease], Any], tenants: Iterable[str], deadline: Any = None) -> Any:
+        """``fn(lease)`` in a model thread holding the model for ``tenants`` (the lease is the work's
+        checkpoint between tile batches). If the caller is cancelled, cancel ``deadline`` (the work
+        stops at its next tile batch) and still wait for the thread, so nothing outlives the request
+        that started it."""
+
+        def work() -> Any:
+            with self.share.lease(tenants, deadline) as lease:
+                return fn(lease)
+
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, work)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            if deadline is not None:
+                deadline.cancel()
+            with contextlib.suppress(BaseException):
+                await fut
+            raise

@@ -43,7 +43,7 @@ from serving.api import (
     unwrap,
 )
 from serving.auth import ApiKeys, extract_key
-from serving.messages import Refused, Restored
+from serving.messages import Refused, RestoreRequest, Restored
 from serving.metrics import GatewayMetrics
 from serving.serve_compat import request_id
 
@@ -359,21 +359,24 @@ class Gateway:
                 return not_found()
             key = model_key(tenant, params.identity)
         s = self.settings.serve
-        steps = params.steps or s.default_steps or self._preset_steps
+        options = params.options(self.settings.restore)
+        if options.steps is None and s.default_steps is not None:
+            options = options.model_copy(update={"steps": s.default_steps})
+        steps = options.steps or self._preset_steps
         try:  # the header only: the photo crosses to the model encoded, and is decoded there
             h, w = await asyncio.to_thread(probe_image, data, limits=self.limits, name="image")
-            out_h, out_w = check_output(h, w, params.scale, self.limits.min_side)
+            out_h, out_w = check_output(h, w, options.scale, self.limits.min_side)
             check_steps(steps, s.max_steps)
             check_budget(out_h * out_w, steps, s.max_pixel_steps)
         except PFStorerError as exc:
             return error_response(exc)
-        p = params.model_dump()
-        p["tenant"], p["request_id"] = tenant, rid
-        p["steps"] = params.steps or s.default_steps
-        p["format"] = params.format or negotiate(request.headers.get("accept"))
-        p["deadline_s"] = max(0.0, s.request_timeout_s - (time.monotonic() - arrived))
+        job = RestoreRequest(
+            tenant=tenant, request_id=rid, options=options,
+            format=params.format or negotiate(request.headers.get("accept")), quality=params.quality,
+            deadline_s=max(0.0, s.request_timeout_s - (time.monotonic() - arrived)),
+        )
         t0 = time.perf_counter()
-        response = self.restorer.options(multiplexed_model_id=key).restore.remote(data, p)
+        response = self.restorer.options(multiplexed_model_id=key).restore.remote(data, job)
         try:
             result = await response
         except asyncio.CancelledError:  # the client hung up: stop the model's work too
@@ -409,7 +412,7 @@ class Gateway:
             headers={
                 ADAPTER_HEADER: result.adapter,
                 BASE_HEADER: result.base,
-                "X-PFStorer-Seed": str(params.seed),
+                "X-PFStorer-Seed": str(options.seed),
                 "X-PFStorer-Steps": str(result.steps),
                 "Server-Timing": f"queue;dur={result.queue_s * 1e3:.1f}, "
                 f"restore;dur={result.compute_s * 1e3:.1f}, total;dur={elapsed * 1e3:.1f}",

@@ -10,7 +10,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Refused", "Restored"]
+from pfstorer.restore_options import RestoreOptions
+
+__all__ = ["Refused", "RestoreRequest", "Restored"]
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    """One photo to restore, as the Gateway admitted it (the photo's bytes travel beside it).
+
+    The person is the call's multiplexed model id, not a field: Serve routes on it.
+    """
+
+    tenant: str  # whose request it is: its fair share of the model
+    request_id: str
+    options: RestoreOptions  # the request's fields over the server's defaults; steps may be None (the base's)
+    format: str = "png"  # png, jpeg or webp
+    quality: int | None = None  # None: serve.output_quality
+    deadline_s: float | None = None  # seconds left for the work (the Gateway's request deadline)
 
 
 @dataclass(frozen=True)

@@ -132,4 +132,16 @@ def check(result, case) -> None:
     assert all(s is None for s, r in zip(shas, roles) if r == "restore")  # judged from the header
 
 
+def spy_probes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The URIs that :func:`pipelines.probe.probe_uri` is asked about from now on."""
+    import pipelines.probe as probe
 
+    seen: list[str] = []
+    real = probe.probe_uri
+
+    def spy(uri: str, *args, **kwargs):
+        seen.append(uri)
+        return real(uri, *args, **kwargs)
+
+    monkeypatch.setattr(probe, "probe_uri", spy)
+    return seen

@@ -10,15 +10,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pfstorer.settings import LimitsSettings
 from pipelines.manifest import read_manifest, write_manifest
 from pipelines.validate import (
-    DEFAULT_LIMITS,
     validate_manifest,
     validate_on_ray,
     write_quarantine,
 )
 
-from _validate_cases import T, check, quarantine_map, row, sha
+from _validate_cases import T, check, quarantine_map, row, sha, spy_probes
+
+REFS = LimitsSettings().references()
 
 
 def test_write_quarantine_and_cli(ray_session, case, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
@@ -173,21 +175,6 @@ def photo_store(request: pytest.FixtureRequest, tmp_path: Path):
     return request.getfixturevalue("s3_url"), opts, fsspec.filesystem("s3", **opts)
 
 
-def _spy_probes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The URIs that :func:`pipelines.probe.probe_uri` is asked about from now on."""
-    import pipelines.probe as probe
-
-    seen: list[str] = []
-    real = probe.probe_uri
-
-    def spy(uri: str, *args, **kwargs):
-        seen.append(uri)
-        return real(uri, *args, **kwargs)
-
-    monkeypatch.setattr(probe, "probe_uri", spy)
-    return seen
-
-
 @pytest.mark.integration
 def test_a_rerun_probes_only_new_changed_or_missing_photos(photo_store, lfw_bench, monkeypatch):
     from pipelines.probe import ProbeCache, ProbeSpec
@@ -202,13 +189,13 @@ def test_a_rerun_probes_only_new_changed_or_missing_photos(photo_store, lfw_benc
     fs.pipe_file(text, b"not a photo")
     rows = [row(name, "ref", u) for u in uris[:4]] + [row(name, "restore", uris[4]), row(name, "ref", text)]
     rows.append(row("other", "ref", f"{base}/nowhere/gone.jpg"))  # a folder that cannot be listed
-    spec = ProbeSpec(DEFAULT_LIMITS, DEFAULT_LIMITS, opts)
+    spec = ProbeSpec(REFS, REFS, opts)
     probed = probe_table(pa.Table.from_pylist(rows), spec)
     cache = ProbeCache().merged(cache_rows(probed, spec))
     first = judge(probed)
     key = first.jobs[(T, name)].job_key("b", {})
 
-    seen = _spy_probes(monkeypatch)
+    seen = spy_probes(monkeypatch)
     again = validate_manifest(pa.Table.from_pylist(rows), storage_options=opts, cache=cache)
     assert seen == [f"{base}/nowhere/gone.jpg"]  # a missing photo is checked again, nothing else
     assert again.jobs[(T, name)].job_key("b", {}) == key
@@ -292,12 +279,12 @@ def test_a_rerun_listed_in_bulk_probes_only_the_changed_photo(photo_store, lfw_b
         for k, p in enumerate(photos[:3]):
             fs.pipe_file(f"{base}/people/{name}/{k}.jpg", p.read_bytes())
             rows.append(row(name, "ref", f"{base}/people/{name}/{k}.jpg"))
-    spec = ProbeSpec(DEFAULT_LIMITS, DEFAULT_LIMITS, opts)
+    spec = ProbeSpec(REFS, REFS, opts)
     first = probe_table(pa.Table.from_pylist(rows), spec)
     cache = ProbeCache().merged(cache_rows(first, spec))
     keys = {k: j.job_key("b", {}) for k, j in judge_probed(first).jobs.items()}
 
-    seen = _spy_probes(monkeypatch)
+    seen = spy_probes(monkeypatch)
     again = validate_manifest(pa.Table.from_pylist(rows), storage_options=opts, cache=cache)
     assert seen == [] and again.probes == {"rows": 9, "photos_read": 0, "photos_cached": 9}
     assert {k: j.job_key("b", {}) for k, j in again.jobs.items()} == keys

@@ -178,14 +178,18 @@ def test_affinity_lock_no_starvation() -> None:
 
 
 def test_plan_runs_pins_at_most_slots_people_per_run() -> None:
+    from pfstorer.restore_options import RestoreOptions
     from serving.batching import batch_signature, plan_runs
 
-    p = {"scale": 1, "steps": 2, "sampler": "ddim", "t_start": 200, "color_fix": "wavelet"}
+    p = RestoreOptions(steps=2, sampler="ddim", t_start=200, tile=64)
     a = batch_signature((3, 128, 128), p)
     b = batch_signature((3, 128, 96), p)
-    c = batch_signature((3, 128, 128), {**p, "steps": 3})
-    assert a != b and a != c  # size and steps shape the computation; seeds and people do not
-    assert a != batch_signature((3, 128, 128), {**p, "t_start": 1000})  # nor does where sampling starts
+    c = batch_signature((3, 128, 128), p.model_copy(update={"steps": 3}))
+    assert a != b and a != c  # size and steps shape the computation
+    assert a != batch_signature((3, 128, 128), p.model_copy(update={"t_start": 1000}))  # so does where sampling starts
+    assert a != batch_signature((3, 128, 128), p.model_copy(update={"tile": 128}))  # and the tiles
+    # seeds and strengths do not: each row has its own
+    assert a == batch_signature((3, 128, 128), p.model_copy(update={"seed": 7, "strength": 0.5}))
     items = [(a, "t/p"), (a, "t/q"), (a, ""), (b, "t/p"), (a, "t/r"), (a, "t/p"), (a, "u/s"), (a, "t/q"), (c, "")]
     runs = plan_runs(items, max_people=2)
     # p, q and the base row share a run; r does not fit (two people already), so it opens the
@@ -218,7 +222,8 @@ def test_a_cuda_error_fails_the_replica_health_check_and_other_errors_do_not() -
 
     import torch
 
-    from serving.restorer import Restorer, device_failure
+    from serving.restorer import Restorer
+    from serving.runner import device_failure
 
     assert device_failure(RuntimeError("CUDA error: device-side assert triggered\nmore")) == (
         "CUDA error: device-side assert triggered")
@@ -226,9 +231,9 @@ def test_a_cuda_error_fails_the_replica_health_check_and_other_errors_do_not() -
     assert device_failure(torch.cuda.OutOfMemoryError("CUDA out of memory. CUDA error")) is None
     assert device_failure(RuntimeError("size mismatch")) is None
     assert device_failure(ValueError("CUDA error: no")) is None
-    replica = SimpleNamespace(device_failed=None, device="cuda")
+    replica = SimpleNamespace(runner=SimpleNamespace(device_failed=None), device="cuda")
     Restorer.check_health(replica)  # healthy: returns
-    replica.device_failed = "CUDA error: device-side assert triggered"
+    replica.runner.device_failed = "CUDA error: device-side assert triggered"
     with pytest.raises(RuntimeError, match="cuda failed: CUDA error"):
         Restorer.check_health(replica)
 

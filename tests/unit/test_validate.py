@@ -10,19 +10,21 @@ import pytest
 
 from pfstorer.errors import InputError, TooLargeError, UnsupportedMediaError
 from pfstorer.image_checks import decode_photo
+from pfstorer.settings import LimitsSettings
 from pipelines.manifest import ManifestError
 from pipelines.validate import (
-    DEFAULT_LIMITS,
     ImageLimits,
     validate_manifest,
 )
 
-from _validate_cases import T, check, png_header, quarantine_map, row, sha
+from _validate_cases import T, check, png_header, quarantine_map, row, sha, spy_probes
+
+REFS = LimitsSettings().references()
 
 
 def test_validate_quarantines_every_bad_row_with_its_reason(case):
     table = pa.Table.from_pylist(case["rows"])
-    result = validate_manifest(table, limits=DEFAULT_LIMITS)
+    result = validate_manifest(table, limits=REFS)
     check(result, case)
     summary = result.summary()
     assert summary["people_ready"] == 4
@@ -102,15 +104,15 @@ def test_restore_limits_apply_to_restore_rows(lfw_bench, tmp_path: Path):
 
 def test_photo_checks_refuse_bombs_before_decoding(lfw_bench):
     with pytest.raises(TooLargeError, match="too many pixels"):
-        decode_photo(png_header(100_000, 100_000), limits=DEFAULT_LIMITS)  # 10^10 pixels: never decoded
+        decode_photo(png_header(100_000, 100_000), limits=REFS)  # 10^10 pixels: never decoded
     with pytest.raises(TooLargeError, match="9000x9000"):
-        decode_photo(png_header(9000, 9000), limits=DEFAULT_LIMITS)
+        decode_photo(png_header(9000, 9000), limits=REFS)
     with pytest.raises(UnsupportedMediaError, match="is text"):
-        decode_photo(b"plain text, named .jpg", limits=DEFAULT_LIMITS)
+        decode_photo(b"plain text, named .jpg", limits=REFS)
     data = next(iter(lfw_bench.values()))[0].read_bytes()
-    assert decode_photo(data, limits=DEFAULT_LIMITS).size == (128, 128)
+    assert decode_photo(data, limits=REFS).size == (128, 128)
     with pytest.raises(InputError, match="corrupt or truncated"):
-        decode_photo(data[:-700], limits=DEFAULT_LIMITS)
+        decode_photo(data[:-700], limits=REFS)
 
 
 def test_missing_columns_raise_but_empty_table_is_fine():
@@ -119,21 +121,6 @@ def test_missing_columns_raise_but_empty_table_is_fine():
     empty = pa.table({c: pa.array([], pa.string()) for c in ("tenant", "identity", "role", "uri")})
     result = validate_manifest(empty)
     assert result.good.num_rows == 0 and result.quarantine.num_rows == 0 and result.jobs == {}
-
-
-def _spy_probes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The URIs that :func:`pipelines.probe.probe_uri` is asked about from now on."""
-    import pipelines.probe as probe
-
-    seen: list[str] = []
-    real = probe.probe_uri
-
-    def spy(uri: str, *args, **kwargs):
-        seen.append(uri)
-        return real(uri, *args, **kwargs)
-
-    monkeypatch.setattr(probe, "probe_uri", spy)
-    return seen
 
 
 def test_an_unchanged_photo_is_not_read_again(lfw_bench, tmp_path: Path):
@@ -151,7 +138,7 @@ def test_an_unchanged_photo_is_not_read_again(lfw_bench, tmp_path: Path):
         copies[-1].parent.mkdir(exist_ok=True)
         copies[-1].write_bytes(p.read_bytes())
     rows = [row(name, "ref", p) for p in copies]
-    spec = ProbeSpec(DEFAULT_LIMITS, DEFAULT_LIMITS)
+    spec = ProbeSpec(REFS, REFS)
     cache = ProbeCache().merged(cache_rows(probe_table(pa.Table.from_pylist(rows), spec), spec))
     st = copies[0].stat()
     copies[0].write_bytes(b"\0" * st.st_size)  # unreadable as a photo, same size ...
@@ -172,9 +159,9 @@ def test_a_photo_the_listing_cannot_vouch_for_is_stat_not_read(lfw_bench, tmp_pa
     for i, p in enumerate(photos[:3]):
         Path(f"{i}.jpg").write_bytes(p.read_bytes())
     rows = [row(name, "ref", f"{i}.jpg") for i in range(3)]
-    spec = ProbeSpec(DEFAULT_LIMITS, DEFAULT_LIMITS)
+    spec = ProbeSpec(REFS, REFS)
     cache = ProbeCache().merged(cache_rows(probe_table(pa.Table.from_pylist(rows), spec), spec))
-    seen = _spy_probes(monkeypatch)
+    seen = spy_probes(monkeypatch)
     again = validate_manifest(pa.Table.from_pylist(rows), cache=cache)
     assert sorted(seen) == ["0.jpg", "1.jpg", "2.jpg"]
     assert again.probes == {"rows": 3, "photos_read": 0, "photos_cached": 3}

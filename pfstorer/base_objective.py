@@ -1,0 +1,80 @@
+"""The base model's training objective (paper section 3.3): how a restoration base learns.
+
+- **inputs** (:func:`noised_batch`): random timesteps of ``[0, train_t_max)``, the range the
+  preset samples; for presets that sample from the LQ diffused to ``t_start``, a share of the rows
+  is drawn exactly so (the LQ, not the clean image, diffused to ``t_start``), so the first sampling
+  step is trained on what it will see;
+- **denoising loss** (:func:`denoising_loss`): the distance (MSE or L1) of the denoiser's output
+  to its target, the noise for epsilon presets and the clean image for ``x0_residual`` ones;
+  optionally weighted per row by ``max(1, 1/SNR(t))`` (Salimans & Ho's truncated-SNR weighting);
+- **detail** (:func:`adversarial_weight`, :mod:`pfstorer.adversarial`): the clean-image estimates
+  (:func:`x0_estimate`) of the rows drawn as sampling starts must look real to a patch
+  discriminator, so one-step sampling returns texture, not the posterior mean's blur.
+
+The same forward noising as sampling and personalization (:func:`pfstorer.sampling.diffuse`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from .sampling import diffuse
+
+if TYPE_CHECKING:
+    from .model import RestorationModel
+
+
+@dataclass
+class NoisedBatch:
+    """One step's noisy inputs: ``z_t``, their timesteps ``t``, the ``noise`` added, which rows
+    ``start`` from the LQ, and ``a`` = alpha-bar at each row's ``t`` ([n, 1, 1, 1])."""
+
+    z_t: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+    start: torch.Tensor
+    a: torch.Tensor
+
+
+def noised_batch(model: RestorationModel, z0: torch.Tensor, lq: torch.Tensor, gen: torch.Generator,
+                 p_start: float, alphas_cumprod: torch.Tensor) -> NoisedBatch:
+    """Draw timesteps, noise and sampling-start rows from ``gen`` (in that order) and diffuse.
+
+    A row drawn as a sampling start (probability ``p_start``) is the LQ diffused to the preset's
+    ``t_start``; every other row is the clean image at a random ``t``."""
+    n, dev = len(z0), z0.device
+    t = torch.randint(0, model.config.train_t_max, (n,), generator=gen).to(dev)
+    noise = torch.randn(z0.shape, generator=gen).to(dev)
+    start = (torch.rand(n, generator=gen) < p_start).to(dev)
+    t = torch.where(start, torch.full_like(t, model.config.sampling.t_start), t)
+    z_t = diffuse(model, torch.where(start.view(-1, 1, 1, 1), lq, z0).float(), noise, t)
+    return NoisedBatch(z_t, t, noise, start, alphas_cumprod[t].view(-1, 1, 1, 1))
+
+
+def denoising_loss(pred: torch.Tensor, target: torch.Tensor, a: torch.Tensor,
+                   distance: Literal["mse", "l1"] = "mse",
+                   weighting: Literal["eps", "trunc-snr"] = "eps") -> tuple[torch.Tensor, torch.Tensor]:
+    """The diffusion loss of a base and its unweighted value per row (the curve that is logged).
+
+    ``trunc-snr`` multiplies each row by ``max(1, 1/SNR(t)) = max(1, (1 - a) / a)``: for epsilon
+    presets, the image-space error where noise dominates."""
+    err = pred.float() - target
+    per_row = (err.abs() if distance == "l1" else err.pow(2)).flatten(1).mean(1)
+    if weighting == "trunc-snr":
+        return (per_row * ((1 - a) / a).clamp(min=1.0).view(-1)).mean(), per_row
+    return per_row.mean(), per_row
+
+
+def x0_estimate(model: RestorationModel, z_t: torch.Tensor, pred: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The clean image the denoiser's output implies: the output itself for ``x0_residual``
+    presets, ``(z_t - sqrt(1 - a) eps) / sqrt(a)`` for epsilon ones."""
+    return pred if model.config.prediction == "x0_residual" else (z_t - (1 - a).sqrt() * pred) / a.sqrt()
+
+
+def adversarial_weight(step: int, weight: float, start: int, ramp: int) -> float:
+    """Weight of the adversarial term at ``step``: 0 before ``start``, then rising linearly to
+    ``weight`` over ``ramp`` steps (the discriminator trains from step 0, so it is informative)."""
+    return weight * min(1.0, max(0.0, (step - start + 1) / max(1, ramp)))
