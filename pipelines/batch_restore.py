@@ -107,11 +107,11 @@ class BatchConfig:
     base: str
     options: RestoreOptions  # its seed is the default of rows without a 'seed' column
     limits: ImageLimits
+    host_cache_adapters: int  # settings serve.host_cache_adapters: the same host-RAM tier as a replica's
     store_url: str | None = None
     weights: str | None = None
     device: str = "auto"
     threads: int = 1
-    host_cache_adapters: int = 8
     storage_options: dict[str, Any] | None = None
 
 
@@ -356,10 +356,11 @@ def restore_manifest(
     check_manifest_schema(manifest_url, opts)
     before = read_results(out_url, opts)
     finished = _keys(before.filter(pc.equal(before.column("status"), "ok")))
-    defaults = Settings()
+    defaults = Settings.load()  # what the caller leaves open: settings (config file, environment)
     config = BatchConfig(
         index_url=index_url, out_url=out_url, store_url=store_url, base=base or defaults.base, weights=weights,
         device=device, options=options or defaults.restore, limits=limits or defaults.limits.restores(),
+        host_cache_adapters=defaults.serve.host_cache_adapters,
         threads=max(1, int(cpus_per_worker)), storage_options=opts,
     )
     batch_size = max(1, int(batch_size))
