@@ -411,6 +411,11 @@ def index_main(args: argparse.Namespace) -> None:
     table += f"\n\nUpsert median at {rows[-1]['people']:,} / at {rows[0]['people']:,} people: {ratio}x.\n\n"
     table += "Replica-style reader (separate process, max age 2 s) at the large index:\n\n"
     table += _common.markdown_table([reader])
+    _publish(args, payload, table)
+
+
+def _publish(args: argparse.Namespace, payload: dict, table: str) -> None:
+    """Print the table with the machine's load, and write it with the payload (unless --no-save)."""
     table += (f"\n\nOther load on the machine: load average {payload['load_average_before']} before, "
               f"{payload['load_average_after']} after (1/5/15 min, {os.cpu_count()} cores).")
     print(table)
@@ -512,12 +517,7 @@ def main() -> None:
     table = _common.markdown_table([summary | {"retry_run_calls": json.dumps(again_calls),
                                                 "cpu_ms_per_identity": json.dumps(cpu_ms)}])
     table += "\n\nMLflow client calls during the timed run:\n\n" + _common.markdown_table(rows)
-    table += (f"\n\nOther load on the machine: load average {payload['load_average_before']} before, "
-              f"{payload['load_average_after']} after (1/5/15 min, {os.cpu_count()} cores).")
-    print(table)
-    if not args.no_save:
-        js, md = _common.write_results(args.stem, payload, table)
-        print(f"wrote {js} and {md}")
+    _publish(args, payload, table)
     if bad or failed or again_failed:
         raise SystemExit(f"exactly-once check failed: {bad} failures {failed[:3]} {again_failed[:3]}")
 

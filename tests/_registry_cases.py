@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
-from registry import ArtifactStore
+from registry import AdapterIndex, ArtifactStore, IndexEntry
 
 BASE = "tiny-0123456789abcdef"
 
@@ -51,4 +52,15 @@ def make_adapter(
     return d
 
 
+def write_concurrently(indexes: tuple[AdapterIndex, AdapterIndex], people: int, uri_prefix: str) -> None:
+    """Two writers upsert ``people`` people each (a0.., b0..) at the same time, one row per call."""
 
+    def write(index: AdapterIndex, prefix: str) -> None:
+        for i in range(people):
+            index.upsert([IndexEntry("acme", f"{prefix}{i}", 1, f"{uri_prefix}{prefix}{i}", "e" * 64)])
+
+    threads = [threading.Thread(target=write, args=(ix, p)) for ix, p in zip(indexes, ("a", "b"), strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

@@ -24,7 +24,7 @@ from registry import (
     model_name,
 )
 
-from _registry_cases import BASE, FlakyStore, make_adapter
+from _registry_cases import BASE, FlakyStore, make_adapter, write_concurrently
 from _services import MlflowService, unique_name
 
 
@@ -384,15 +384,7 @@ def test_index_on_s3_writers_readers_compaction(s3_url: str, s3_storage_options:
     a, b = (AdapterIndex(url, s3_storage_options, compact_after=0) for _ in range(2))
     replica = AdapterIndex(url, s3_storage_options, max_age_s=0.3)
 
-    def write(index: AdapterIndex, prefix: str) -> None:
-        for i in range(6):
-            index.upsert([IndexEntry("acme", f"{prefix}{i}", 1, f"s3://x/{prefix}{i}", "e" * 64)])
-
-    threads = [threading.Thread(target=write, args=(ix, p)) for ix, p in ((a, "a"), (b, "b"))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    write_concurrently((a, b), 6, "s3://x/")
     assert len(AdapterIndex(url, s3_storage_options).list("acme")) == 12
     assert replica.get("acme", "a1").version == 1
     fs = s3fs.S3FileSystem(**s3_storage_options)

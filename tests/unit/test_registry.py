@@ -25,7 +25,7 @@ from registry import (
     parse_model_key,
 )
 
-from _registry_cases import BASE, FlakyStore, make_adapter
+from _registry_cases import BASE, FlakyStore, make_adapter, write_concurrently
 
 
 def test_keys_and_names():
@@ -178,15 +178,7 @@ def test_index_concurrent_writers_lose_nothing(tmp_path: Path):
     url = tmp_path / "index.parquet"
     a, b = AdapterIndex(url), AdapterIndex(url)
 
-    def write(index: AdapterIndex, prefix: str) -> None:
-        for i in range(15):
-            index.upsert([IndexEntry("acme", f"{prefix}{i}", 1, f"file:///{prefix}{i}", "e" * 64)])
-
-    threads = [threading.Thread(target=write, args=(ix, p)) for ix, p in ((a, "a"), (b, "b"))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    write_concurrently((a, b), 15, "file:///")
     assert len(AdapterIndex(url).list("acme")) == 30
     assert not list(url.rglob(".tmp-*"))
 
