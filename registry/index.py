@@ -380,9 +380,10 @@ class AdapterIndex:
             time.sleep(0.01)
 
     # -- reading ------------------------------------------------------------------------------
-    def get(self, tenant: str, identity: str) -> IndexEntry | None:
+    def get(self, tenant: str, identity: str, *, fresh: bool = False) -> IndexEntry | None:
         """This person's row: from the cache (revalidated at most every ``max_age_s``); only the
-        first lookup of a bucket waits for its files."""
+        first lookup of a bucket waits for its files. ``fresh`` reads the bucket's new files now,
+        for callers off the request path that must not act on a stale row (forgetting)."""
         if not self._ensure_meta():
             return None
         key = (tenant, bucket_of(identity, self.buckets))
@@ -393,8 +394,8 @@ class AdapterIndex:
         if b is None or identity not in b.rows:  # a person not asked about before: read the bucket
             b = self._load_bucket(*key, b, [identity])
             self._store(key, b)
-        elif time.monotonic() - b.checked >= self.max_age_s:
-            if self.max_age_s <= 0:
+        elif fresh or time.monotonic() - b.checked >= self.max_age_s:
+            if fresh or self.max_age_s <= 0:
                 b = self._load_bucket(*key, b)
                 self._store(key, b)
             else:

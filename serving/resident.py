@@ -171,12 +171,12 @@ class ResidentAdapters:
                 log.exception("adapter sweep failed")
 
     def _current(self, keys: set[str]) -> dict[str, str]:
-        """``tenant/identity`` -> sha256 in the index, for the people this replica holds only
-        (lookups by key through the index's cache: a replica never reads whole tenants)."""
+        """``tenant/identity`` -> sha256 in the index now, for the people this replica holds only
+        (lookups by key, their buckets re-read: a replica never reads whole tenants)."""
         out = {}
         for key in keys:
             tenant, _, identity = key.partition("/")
-            entry = self.registry.index.get(tenant, identity)
+            entry = self.registry.index.get(tenant, identity, fresh=True)
             if entry is not None:
                 out[key] = entry.sha256
         return out

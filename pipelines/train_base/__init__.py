@@ -55,11 +55,24 @@ Modules: :mod:`~pipelines.train_base.config` (what a run computes), :mod:`~pipel
 :mod:`~pipelines.train_base.blend` and :mod:`~pipelines.train_base.cli`.
 """
 
-from pipelines.base_data import Source, holdout_people, load_split
-from pipelines.train_base.blend import blend_weights
+from typing import Any
+
 from pipelines.train_base.cli import main, register_cli
-from pipelines.train_base.config import TrainBaseConfig, TrainBaseResult
-from pipelines.train_base.driver import train_base
 
 __all__ = ["Source", "TrainBaseConfig", "TrainBaseResult", "blend_weights", "holdout_people", "load_split",
            "main", "register_cli", "train_base"]
+
+# Imported on first use: `pfstorer --help` registers this command without loading torch or Ray.
+_LAZY = {
+    "Source": "pipelines.base_data", "holdout_people": "pipelines.base_data", "load_split": "pipelines.base_data",
+    "blend_weights": "pipelines.train_base.blend", "TrainBaseConfig": "pipelines.train_base.config",
+    "TrainBaseResult": "pipelines.train_base.config", "train_base": "pipelines.train_base.driver",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

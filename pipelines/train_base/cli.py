@@ -7,17 +7,16 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipelines.base_data import Source
-from pipelines.train_base.blend import blend_weights
-from pipelines.train_base.config import TrainBaseConfig
-from pipelines.train_base.driver import train_base
+if TYPE_CHECKING:
+    from pipelines.base_data import Source
 
 
 def _sources(data: list[str], face_px: list[float] | None, weights: list[float] | None) -> list[Source]:
     """``--data`` folders with their ``--face-px`` and ``--source-weights`` (one each, or none)."""
     from pfstorer.errors import InputError
+    from pipelines.base_data import Source
 
     for name, vals in (("--face-px", face_px), ("--source-weights", weights)):
         if vals is not None and len(vals) != len(data):
@@ -27,6 +26,9 @@ def _sources(data: list[str], face_px: list[float] | None, weights: list[float] 
 
 
 def _cmd(args: argparse.Namespace) -> int:
+    from pipelines.train_base.config import TrainBaseConfig
+    from pipelines.train_base.driver import train_base
+
     fields = {
         "base": args.base, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
         "workers": args.workers, "use_gpu": args.use_gpu, "bf16": args.bf16, "checkpoint_every": args.checkpoint_every,
@@ -49,6 +51,8 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def _cmd_blend(args: argparse.Namespace) -> int:
+    from pipelines.train_base.blend import blend_weights
+
     fp = blend_weights(args.fidelity, args.detail, args.weight, args.out)
     print(f"blended {args.fidelity} (x{1 - args.weight:g}) and {args.detail} (x{args.weight:g}) -> {args.out} "
           f"(fingerprint {fp})")

@@ -238,7 +238,8 @@ def _latencies(server: Server, tenant: str, n: int) -> list[float]:
 def test_a_tenant_keeping_the_model_busy_does_not_slow_another(server: Server) -> None:
     """acme keeps the replica busy with the largest requests its budget and share allow (each
     runs until its deadline, and is sent again); globex's small requests, one at a time, stay
-    within 3x of their latency on the idle replica, measured in the same run."""
+    within 3x of their latency on the idle replica, measured in the same run: before and after
+    the load, so other work on the machine weighs on both sides alike."""
     idle = _latencies(server, "globex", 6)[1:]  # the first warms the path
     heavy, done = _png(256), threading.Event()
 
@@ -256,6 +257,7 @@ def test_a_tenant_keeping_the_model_busy_does_not_slow_another(server: Server) -
         finally:
             done.set()
         codes = [c for f in futures for c in f.result()]
+    idle += _latencies(server, "globex", 5)
     assert set(codes) == {503}, codes  # every heavy request kept the model busy until its deadline
     p95_loaded = sorted(loaded)[-1]  # 6 samples: the nearest-rank 95th percentile is the largest
     assert p95_loaded <= 3 * statistics.median(idle), (idle, loaded)

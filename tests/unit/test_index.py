@@ -188,3 +188,15 @@ def test_a_replica_notices_a_damaged_index_without_a_lookup_waiting(tmp_path: Pa
         replica.get("acme", "bob")
     with pytest.raises(ValueError, match="unreadable"):
         replica.check()
+
+
+def test_a_fresh_lookup_sees_a_removal_the_cache_would_hide(tmp_path: Path):
+    """A replica's sweep asks ``fresh``: a forgotten person must not outlive the cache's max age."""
+    url = tmp_path / "index.parquet"
+    writer, replica = AdapterIndex(url), AdapterIndex(url, max_age_s=3600)
+    writer.upsert([entry("ann")])
+    assert replica.get("acme", "ann") is not None  # cached
+    writer.remove("acme", "ann")
+    assert replica.get("acme", "ann") is not None  # a request-path lookup never waits: still cached
+    assert replica.get("acme", "ann", fresh=True) is None
+    assert replica.get("acme", "ann") is None  # and the cache now knows
