@@ -12,18 +12,8 @@ from pathlib import Path
 import pytest
 
 from pfstorer.errors import AdapterError, PFStorerError
-from registry import (
-    AdapterIndex,
-    AdapterRegistry,
-    ArtifactStore,
-    IndexEntry,
-    check_key,
-    is_safe_key,
-    job_key,
-    model_key,
-    model_name,
-    parse_model_key,
-)
+from registry import AdapterIndex, AdapterRegistry, ArtifactStore, IndexEntry
+from registry.keys import check_key, is_safe_key, job_key, model_key, model_name, parse_model_key
 
 from _registry_cases import BASE, FlakyStore, make_adapter, write_concurrently
 
