@@ -156,7 +156,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     from .adapter import Adapter
     from .batch_io import Item, plan_batch, run_batch, run_single
-    from .images import ImageLimits, check_quality, load_image, save_image
+    from .images import check_quality, load_image, save_image
     from .sampling import restore
     from .settings import Settings
 
@@ -164,8 +164,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     check_quality(args.quality)
     settings = Settings.load()
     options = RestoreOptions.from_args(args, settings.restore)
-    limits = settings.limits
-    image_limits = ImageLimits(max_pixels=args.max_pixels or limits.max_image_pixels, max_bytes=limits.max_image_bytes)
+    image_limits = settings.limits.restores(max_pixels=args.max_pixels)
 
     def read(source: str) -> torch.Tensor:
         # uint8 end to end: a 4096 px photo costs 3 bytes a pixel, not 12, on the way in and out

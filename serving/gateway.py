@@ -61,7 +61,6 @@ class Gateway:
     """HTTP ingress: auth, limits, tenant scoping, back-pressure; the model work is Restorer's."""
 
     def __init__(self, restorer: Any, settings: Settings) -> None:
-        from pfstorer.images import ImageLimits
         from registry import AdapterRegistry
 
         self.restorer = restorer
@@ -71,7 +70,7 @@ class Gateway:
         self.registry = AdapterRegistry.from_settings(settings, read_only=True,
                                                       index_max_age_s=settings.serve.index_max_age_s)
         s = settings.serve
-        self.limits = ImageLimits(max_bytes=s.max_upload_bytes, max_pixels=s.max_pixels)
+        self.limits = settings.limits.restores(max_bytes=s.max_upload_bytes, max_pixels=s.max_pixels)
         self._latency_s = 1.0  # moving average of restore latency, for Retry-After
         self._inflight: collections.Counter[str] = collections.Counter()  # restores per tenant
         self._busy = 0  # restores and listings in flight, all tenants (probes not counted)
