@@ -160,7 +160,8 @@ def _cmd_forget(args: argparse.Namespace) -> int:
     print(
         f"forgot {args.tenant}/{args.identity}: index row {index}, "
         f"registered model {model} "
-        f"({report.versions_deleted} versions, {report.runs_deleted} runs), "
+        f"({report.versions_deleted} versions), job records removed from {report.job_records_deleted} "
+        f"runs ({report.runs_deleted} runs deleted, left without jobs), "
         f"{report.files_deleted} files deleted"
     )
     if report.runs_pending_gc:

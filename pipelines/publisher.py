@@ -3,8 +3,9 @@
 Why here and not in the workers: SQLite (the default tracking store) takes one writer at a time,
 so N workers writing would mostly wait on locks and retries - here one thread writes
 (``threads`` > 1 for a tracking *server*, whose database takes parallel writers: 8 by default,
-each taking up to ``publish_batch`` waiting adapters at a time, whose versions share one MLflow
-listing - see :meth:`registry.ModelRegistry.register_many`); and index writes are batched:
+each taking up to ``publish_batch`` waiting adapters at a time, which share one MLflow job run
+per tenant and one listing - see :meth:`registry.ModelRegistry.log_jobs_run` and
+:meth:`~registry.ModelRegistry.register_many`); and index writes are batched:
 each adds one small file per bucket it touches (:mod:`registry.index`), so fewer, larger
 batches mean fewer files to compact.
 Uploads, the heavy bytes, stay parallel in the workers.
@@ -33,7 +34,7 @@ def short_error(exc: BaseException, limit: int = 500) -> str:
 
 
 class Publisher:
-    """Registers handed-off adapters (MLflow run + model version) and indexes them in batches.
+    """Registers handed-off adapters (a job run per batch, a model version each) and indexes them in batches.
 
     ``settings``: the run's :class:`pfstorer.settings.Settings`, whose registry
     (:meth:`registry.AdapterRegistry.from_settings`) receives the adapters (``None``: no
@@ -52,7 +53,7 @@ class Publisher:
         on_indexed: Callable[[list[str], str | None], None],
         drained: Callable[[], bool],
         threads: int | None = None,
-        publish_batch: int = 16,
+        publish_batch: int = 64,
         index_batch: int = 500,
         index_interval_s: float = 5.0,
     ) -> None:
@@ -88,45 +89,60 @@ class Publisher:
                 self._registry = AdapterRegistry.from_settings(self.settings)
             return self._registry
 
-    def _log_run(self, rec: JobRecord) -> Any:
-        """The MLflow run of one handed-off adapter; returns what to register (a
-        :class:`registry.StoredRegistration`).
+    def _log_runs(self, recs: list[JobRecord]) -> list[tuple[JobRecord, Any]]:
+        """One MLflow run per tenant of the batch holding every job of it
+        (:meth:`registry.ModelRegistry.log_jobs_run`); what to register for each record whose
+        run was logged (:class:`registry.StoredRegistration`), failing the others.
 
         No "already registered?" lookup first: the plan left out every job key the registry
         knows, and the queue hands each job to the publisher once; registration itself is
         idempotent by job key all the same.
         """
         from registry import StoredRegistration
+        from registry.models import JobSummary
 
-        reg = self._get_registry()
-        job, stored = rec.job, rec.stored
-        assert stored is not None
-        meta = stored.meta
-        losses = {k: float(v) for k, v in (meta.get("final_losses") or {}).items()}
-        metrics = {f"final_{k}": v for k, v in losses.items()}
-        metrics.update(train_s=float(stored.train_s), upload_s=float(stored.upload_s))
-        params = {**self.params, "job_key": job.job_key, "references": len(job.refs),
-                  "attempts": rec.attempts, "worker": rec.worker}
-        run_id = reg.models.log_job_run(
-            job.tenant, job.identity, params, meta.get("loss_curve") or [], metrics, job_key=job.job_key,
-            tags={"pipeline_run": str(self.lineage.get("pipeline_run", ""))},
-        )
-        rec.run_id = run_id
-        lineage = {"ref_sha256s": sorted(r.sha256 for r in job.refs), **self.lineage}
-        return StoredRegistration(job.tenant, job.identity, stored.uri, stored.sha256, meta, lineage,
-                                  run_id, job.job_key)
+        by_tenant: dict[str, list[JobRecord]] = {}
+        for rec in recs:
+            by_tenant.setdefault(rec.job.tenant, []).append(rec)
+        todo: list[tuple[JobRecord, Any]] = []
+        for tenant, group in by_tenant.items():
+            jobs = []
+            for rec in group:
+                assert rec.stored is not None
+                meta = rec.stored.meta
+                metrics = {f"final_{k}": float(v) for k, v in (meta.get("final_losses") or {}).items()}
+                metrics.update(train_s=float(rec.stored.train_s), upload_s=float(rec.stored.upload_s))
+                jobs.append(JobSummary(rec.job.identity, rec.job.job_key,
+                                       {"references": len(rec.job.refs), "attempts": rec.attempts,
+                                        "worker": rec.worker},
+                                       metrics, meta.get("loss_curve") or []))
+            try:
+                run_id = self._get_registry().models.log_jobs_run(
+                    tenant, jobs, self.params, tags={"pipeline_run": str(self.lineage.get("pipeline_run", ""))})
+            except Exception as exc:
+                log.exception("logging the job run of %d adapters of tenant %s failed", len(group), tenant)
+                for rec in group:
+                    self._on_failed(rec.job.job_id, f"publish: {short_error(exc)}")
+                continue
+            for rec in group:
+                assert rec.stored is not None
+                rec.run_id = run_id
+                lineage = {"ref_sha256s": sorted(r.sha256 for r in rec.job.refs), **self.lineage}
+                todo.append((rec, StoredRegistration(rec.job.tenant, rec.job.identity, rec.stored.uri,
+                                                     rec.stored.sha256, rec.stored.meta, lineage, run_id,
+                                                     rec.job.job_key)))
+        return todo
 
     def _publish_batch(self, recs: list[JobRecord]) -> None:
-        """MLflow run of each record, then their versions in one batch
+        """The batch's job runs, then their versions in one batch
         (:meth:`registry.AdapterRegistry.register_stored_many`); entries go to the indexer."""
         t0 = time.perf_counter()
-        todo: list[tuple[JobRecord, Any]] = []
-        for rec in recs:
-            try:
-                todo.append((rec, self._log_run(rec)))
-            except Exception as exc:
-                log.exception("publishing job %s failed", rec.job.job_id)
+        try:
+            todo = self._log_runs(recs)
+        except Exception as exc:  # the registry could not even be built
+            for rec in recs:
                 self._on_failed(rec.job.job_id, f"publish: {short_error(exc)}")
+            todo = []
         try:
             results = self._get_registry().register_stored_many([r for _, r in todo]) if todo else []
         except Exception as exc:  # the registry could not even be built

@@ -17,8 +17,9 @@ Three places hold an adapter, each behind a URL:
   to a temporary key, are read back and sha256-verified, and only then moved into place.
 - **registry** (:class:`ModelRegistry`, MLflow; SQLite by default, any tracking URI): one
   registered model per person, ``pfstorer.{tenant}.{identity}``; each version's source is the
-  store URI, its tags carry the lineage; alias ``prod`` points at the newest version. A run per
-  job (experiment ``pfstorer/{tenant}``) holds params, the loss curve and metrics.
+  store URI, its tags carry the lineage and the job run it came from. A run per publishing
+  batch (experiment ``pfstorer/{tenant}``) holds the batch's params and, per person, a tag
+  ``job.{identity}`` with the job's params, metrics and loss curve.
 - **index** (:class:`AdapterIndex`, a dataset of small Parquet files per tenant and hash bucket
   at a URL): (tenant, identity) -> (version, uri, sha256, base fingerprint, job key). Serving
   reads only this, so MLflow stays off the request path. A write adds immutable delta files
@@ -27,7 +28,8 @@ Three places hold an adapter, each behind a URL:
 
 :class:`AdapterRegistry` ties them together: ``publish`` (idempotent by job key, write -> verify
 -> register -> index), ``resolve``, ``fetch`` (sha256-verified, cached) and ``forget`` (faces are
-biometric data: removes the index row, the registered model and its runs, and the files).
+biometric data: removes the index row, the registered model, the person's jobs from the runs,
+and the files).
 
 Keys: tenants match ``[A-Za-z0-9][A-Za-z0-9_-]{0,63}`` (no dots, so the registered model name
 ``pfstorer.{tenant}.{identity}`` is unambiguous); identities match
@@ -48,7 +50,6 @@ from registry.keys import (
     ADAPTER_TENSORS,
     DEFAULT_STATE_DIR,
     MODEL_PREFIX,
-    PROD_ALIAS,
     TENANT_KEY_RE,
     check_key,
     is_safe_key,
@@ -58,7 +59,7 @@ from registry.keys import (
     parse_model_key,
     sha256_file,
 )
-from registry.models import ModelRegistry, ModelVersionInfo, Registration
+from registry.models import JobSummary, ModelRegistry, ModelVersionInfo, Registration
 from registry.storage import default_storage_options, is_local_url, url_to_fs
 
 __all__ = [
@@ -68,13 +69,13 @@ __all__ = [
     "DEFAULT_STATE_DIR",
     "INDEX_SCHEMA",
     "MODEL_PREFIX",
-    "PROD_ALIAS",
     "TENANT_KEY_RE",
     "AdapterIndex",
     "AdapterRegistry",
     "ArtifactStore",
     "ForgetReport",
     "IndexEntry",
+    "JobSummary",
     "write_bulk",
     "ModelRegistry",
     "Registration",

@@ -29,6 +29,7 @@ class ForgetReport:
     runs_deleted: int
     files_deleted: int
     runs_purged: int = 0  # runs also removed from the database (direct SQL stores only)
+    job_records_deleted: int = 0  # the person's job in a job run (kept for its other people)
 
     @property
     def runs_pending_gc(self) -> int:
@@ -42,6 +43,7 @@ class ForgetReport:
             or self.model_deleted
             or self.runs_deleted
             or self.runs_purged
+            or self.job_records_deleted
             or self.files_deleted
         )
 
@@ -200,7 +202,7 @@ class AdapterRegistry:
         run_id: str | None = None,
         job_key: str,
     ) -> IndexEntry:
-        """Register an adapter already in the store (MLflow version, lineage tags, alias ``prod``)
+        """Register an adapter already in the store (MLflow version with lineage tags)
         and return the index entry to write: the step :meth:`publish` and the run's publisher,
         which batches index writes, share. Idempotent by ``job_key``."""
         (result,) = self.register_stored_many([StoredRegistration(tenant, identity, uri, sha256, meta, lineage,
@@ -273,7 +275,7 @@ class AdapterRegistry:
         self, tenant: str, identity: str, *, cache_dir: str | os.PathLike[str] | None = None
     ) -> ForgetReport:
         """Remove every trace of a person: index row first (serving stops resolving it), then
-        the registered model with its versions and job runs, then the stored files (and a local
+        the registered model with its versions and its jobs in the job runs, then the stored files (and a local
         fetch cache, if given). Safe to repeat."""
         check_key(tenant, "tenant")
         check_key(identity)
@@ -291,4 +293,5 @@ class AdapterRegistry:
             runs_deleted=int(deleted["runs"]),
             files_deleted=files,
             runs_purged=int(deleted["runs_purged"]),
+            job_records_deleted=int(deleted["job_records"]),
         )

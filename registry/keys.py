@@ -20,7 +20,6 @@ from pfstorer.errors import PFStorerError
 
 ADAPTER_TENSORS, ADAPTER_JSON = TENSORS_FILE, METADATA_FILE  # one definition: pfstorer.adapter_meta
 __all__ = ["ADAPTER_FILES", "ADAPTER_JSON", "ADAPTER_TENSORS"]  # re-exported
-PROD_ALIAS = "prod"
 MODEL_PREFIX = "pfstorer"
 DEFAULT_STATE_DIR = ".pfstorer-state"
 _CHUNK = 8 * 1024 * 1024

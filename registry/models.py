@@ -1,5 +1,11 @@
 """The MLflow model registry: one registered model per person, a version per adapter, lineage in tags.
 
+Registration is the publishing step every personalized person goes through, so its cost is the
+number of MLflow calls per person (each costs the server ~10 ms of CPU): two per new person
+(create the registered model, create the version) plus, per publishing batch, one job run that
+holds every job of the batch and one listing that settles racing writers. The index
+(:mod:`registry.index`) is what serving follows; MLflow ``latest`` is the newest version.
+
 MLflow is imported only when a :class:`ModelRegistry` first talks to it.
 """
 
@@ -12,11 +18,11 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from registry.keys import MODEL_PREFIX, PROD_ALIAS, canonical_json, check_key, model_name
+from registry.keys import MODEL_PREFIX, canonical_json, check_key, model_name
 from registry.storage import join_url
 
 log = logging.getLogger(__name__)
@@ -57,18 +63,6 @@ def _retry(fn: Callable[[], T], *, what: str, attempts: int = 6, base_delay: flo
             )
             time.sleep(delay)
     raise AssertionError("unreachable")
-
-
-_RACE_MARKERS = ("not found", "does not exist", "unique constraint", "duplicate entry", "duplicate key",
-                 "0 were matched")  # SQLAlchemy: the row an UPDATE named was changed by a racing writer
-
-
-def _is_race(exc: BaseException) -> bool:
-    """A write that lost to a concurrent one on the same model: the version it named was just
-    deleted, the row it updates was just changed, or the row it inserts was just inserted
-    (SQLite, PostgreSQL and MySQL wordings)."""
-    text = str(exc).lower()
-    return _error_code(exc) == "RESOURCE_DOES_NOT_EXIST" or any(m in text for m in _RACE_MARKERS)
 
 
 def _error_code(exc: BaseException) -> str:
@@ -214,23 +208,10 @@ class ModelRegistry:
                 return v
         return None
 
-    def get_prod(self, tenant: str, identity: str) -> ModelVersionInfo | None:
-        """The version behind alias ``prod``, or None."""
-        name = model_name(tenant, identity)
-        try:
-            mv = _retry(
-                lambda: self.client.get_model_version_by_alias(name, PROD_ALIAS),
-                what=f"get {name}@{PROD_ALIAS}",
-            )
-        except Exception as exc:
-            if _error_code(exc) in (
-                "RESOURCE_DOES_NOT_EXIST",
-                "INVALID_PARAMETER_VALUE",
-                "NOT_FOUND",
-            ):
-                return None
-            raise
-        return ModelVersionInfo.from_mlflow(mv)
+    def newest(self, tenant: str, identity: str) -> ModelVersionInfo | None:
+        """The person's newest version (MLflow's ``latest``), or None."""
+        found = self.versions(tenant, identity)
+        return found[-1] if found else None
 
     # -- writes --------------------------------------------------------------------------------
     def _ensure_model(self, tenant: str, identity: str) -> bool:
@@ -267,7 +248,7 @@ class ModelRegistry:
         *,
         job_key: str | None = None,
     ) -> int:
-        """Register ``artifact_uri`` as a new version; move alias ``prod`` to the newest version.
+        """Register ``artifact_uri`` as a new version of the person's registered model.
 
         ``lineage`` keys become version tags (dicts/lists as JSON): pass ``base_fingerprint``,
         ``manifest_uri``, ``manifest_hash``, ``config``, ``metrics``, ``base_licence``... The
@@ -286,11 +267,11 @@ class ModelRegistry:
         """Register several adapters (of different people); per item its version number, or the
         exception that stopped it (the others go on). Idempotent by job key as :meth:`register`.
 
-        MLflow calls for a new person: create the registered model, create the version, set the
-        alias - and one listing of the versions for the whole batch (``name IN``), which both
-        settles racing writers of one job key (:meth:`_settle`) and finds the newest version for
-        ``prod``. "Is this job registered already?" is asked only when the model existed before,
-        and before any retried create (a call that timed out may have created the version).
+        MLflow calls for a new person: create the registered model, create the version - and one
+        listing of the versions for the whole batch (``name IN``), which settles racing writers
+        of one job key (:meth:`_settle_versions`). "Is this job registered already?" is asked
+        only when the model existed before, and before any retried create (a call that timed out
+        may have created the version).
         """
         items = list(items)
         results: list[int | Exception] = []
@@ -308,15 +289,12 @@ class ModelRegistry:
             if not isinstance(version, int):
                 continue
             name = model_name(it.tenant, it.identity)
-            try:
-                versions = listed.get(name, [])
-                if it.job_key:
-                    version, versions = self._settle_versions(name, it.job_key, version, versions)
-                    listed[name] = versions
-                self._move_prod(it.tenant, it.identity, versions)
-                results[i] = version
-            except Exception as exc:
-                results[i] = exc
+            if it.job_key:
+                try:
+                    version, listed[name] = self._settle_versions(name, it.job_key, version, listed.get(name, []))
+                except Exception as exc:
+                    version = exc
+            results[i] = version
         return results
 
     def _create_version(self, it: Registration) -> int:
@@ -353,16 +331,12 @@ class ModelRegistry:
 
         return _retry(create, what=f"create version of {name}")
 
-    def _settle(self, tenant: str, identity: str, job_key: str, version: int) -> int:
-        """Two writers racing on one job key (a retried task beside a slow original) may both
-        have created a version: keep the oldest, delete the others; every racer returns it."""
-        name = model_name(tenant, identity)
-        return self._settle_versions(name, job_key, version, self.versions(tenant, identity))[0]
-
     def _settle_versions(
         self, name: str, job_key: str, version: int, versions: list[ModelVersionInfo]
     ) -> tuple[int, list[ModelVersionInfo]]:
-        """:meth:`_settle` on a listing already made: (the version kept, the versions left)."""
+        """Two writers racing on one job key (a retried task beside a slow original) may both
+        have created a version: keep the oldest, delete the others; every racer returns it.
+        On a listing already made: (the version kept, the versions left)."""
         same = [v for v in versions if v.tags.get("job_key") == job_key]
         if len(same) <= 1:
             return (same[0].version if same else version), versions
@@ -371,37 +345,6 @@ class ModelRegistry:
                 self.client.delete_model_version(name, str(v.version))
         gone = {v.version for v in same[1:]}
         return same[0].version, [v for v in versions if v.version not in gone]
-
-    def _set_alias(self, name: str, version: str) -> None:
-        """``prod`` -> ``version``: straight to the registry store. ``MlflowClient``'s own method
-        first reads the registered model (a prompt check pfstorer's models never need), one more
-        round trip per registration."""
-        registry_client = getattr(self.client, "_get_registry_client", None)
-        target = registry_client() if callable(registry_client) else self.client
-        target.set_registered_model_alias(name, PROD_ALIAS, version)
-
-    def _move_prod(
-        self, tenant: str, identity: str, versions: list[ModelVersionInfo] | None = None
-    ) -> None:
-        """Point ``prod`` at the newest version (of ``versions`` if given, a fresh listing else).
-        Racing writers (see :meth:`_settle`) may delete that version or set the alias in the same
-        instant: then read the versions again."""
-        name = model_name(tenant, identity)
-        attempts = 8
-        for attempt in range(attempts):
-            if versions is None:
-                versions = self.versions(tenant, identity)
-            if not versions:
-                return
-            newest = str(versions[-1].version)
-            try:
-                _retry(lambda: self._set_alias(name, newest), what=f"set {name}@{PROD_ALIAS}")
-                return
-            except Exception as exc:
-                if attempt == attempts - 1 or not _is_race(exc):
-                    raise
-                versions = None
-                time.sleep(0.02 * (attempt + 1) * (0.5 + random.random()))
 
     def _experiment_id(self, tenant: str) -> str:
         name = f"{MODEL_PREFIX}/{check_key(tenant, 'tenant')}"
@@ -430,90 +373,70 @@ class ModelRegistry:
             self._experiments[name] = eid
         return eid
 
-    def log_job_run(
+    def log_jobs_run(
         self,
         tenant: str,
-        identity: str,
+        jobs: Sequence[JobSummary],
         params: Mapping[str, Any],
-        loss_curve: Iterable[float],
-        metrics: Mapping[str, float],
         *,
-        job_key: str | None = None,
         tags: Mapping[str, str] | None = None,
     ) -> str:
-        """One finished MLflow run per personalization job; returns its run id.
+        """One finished MLflow run for a batch of a tenant's personalization jobs; its run id.
 
-        Experiment ``pfstorer/{tenant}``; nested ``params`` are flattened (``config.lr``); the
-        loss curve is metric ``loss`` with one step per value; ``metrics`` are logged once; a
-        ``job.json`` artifact keeps all of it together.
+        Experiment ``pfstorer/{tenant}``; the batch's shared ``params`` are flattened
+        (``config.lr``); each job is the run tag ``job.{identity}`` (:meth:`JobSummary.record`:
+        its job key, own params, metrics and loss curve as JSON), which :meth:`delete` removes
+        alone, without touching the batch's other people. Metrics: the batch's size and the mean
+        of every final metric. Three calls for a batch of up to ~60 people.
         """
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, Param, RunTag
 
+        if not jobs:
+            raise ValueError("log_jobs_run needs at least one job")
         eid = self._experiment_id(tenant)
-        run_tags = {"tenant": tenant, "identity": identity, "pfstorer": "personalize"}
-        if job_key:
-            run_tags["job_key"] = job_key
-        run_tags.update(tags or {})
+        run_tags = {"tenant": tenant, "pfstorer": "personalize", "jobs": str(len(jobs)), **(tags or {})}
+        names = [j.identity for j in jobs]
         run = _retry(
             lambda: self.client.create_run(
-                eid, run_name=f"{identity}-{(job_key or '')[:8]}".rstrip("-"), tags=run_tags
+                eid, run_name=names[0] if len(names) == 1 else f"{names[0]}+{len(names) - 1}", tags=run_tags
             ),
             what="create run",
         )
         run_id = run.info.run_id
         now = int(time.time() * 1000)
-        flat = _flatten(params)
-        curve = [float(x) for x in loss_curve]
-        plist = [Param(k, str(v)[:6000]) for k, v in sorted(flat.items())]
-        mlist = [Metric("loss", v, now, i) for i, v in enumerate(curve)]
-        mlist += [Metric(str(k), float(v), now, len(curve)) for k, v in sorted(metrics.items())]
-        # params and metrics in as few batches as MLflow takes (100 params, 1000 entities each):
-        # one call for a usual job
-        while plist or mlist:
-            params_now, plist = plist[:100], plist[100:]
-            metrics_now, mlist = mlist[: 1000 - len(params_now)], mlist[1000 - len(params_now) :]
+        means: dict[str, list[float]] = {}
+        for j in jobs:
+            for k, v in j.metrics.items():
+                means.setdefault(str(k), []).append(float(v))
+        metrics = [Metric("jobs", float(len(jobs)), now, 0)]
+        metrics += [Metric(f"mean_{k}", sum(v) / len(v), now, 0) for k, v in sorted(means.items())]
+        keyed: list[Param | RunTag] = [Param(k, str(v)[:6000]) for k, v in sorted(_flatten(params).items())]
+        keyed += [RunTag(_job_tag(j.identity), j.record()) for j in jobs]
+        # params and tags in batches of 100, MLflow's limit per call; the metrics ride with the first
+        while keyed or metrics:
+            now_keyed, keyed = keyed[:100], keyed[100:]
             _retry(
-                lambda p=params_now, m=metrics_now: self.client.log_batch(run_id, metrics=m, params=p),
-                what="log params and metrics",
+                lambda k=now_keyed, m=metrics: self.client.log_batch(
+                    run_id, metrics=m, params=[x for x in k if isinstance(x, Param)],
+                    tags=[x for x in k if isinstance(x, RunTag)],
+                ),
+                what="log params, metrics and jobs",
             )
-        record = {
-            "tenant": tenant,
-            "identity": identity,
-            "job_key": job_key,
-            "params": dict(params),
-            "metrics": dict(metrics),
-            "loss_curve": curve,
-        }
-        _retry(
-            lambda: self._log_json(run.info.artifact_uri, record, "job.json"),
-            what="log job.json",
-        )
+            metrics = []
         _retry(lambda: self.client.set_terminated(run_id, "FINISHED"), what="end run")
         return run_id
-
-    def _log_json(self, artifact_uri: str, record: Mapping[str, Any], file_name: str) -> None:
-        """Write ``record`` as ``file_name`` into a run's artifacts, given the run's artifact URI
-        (``MlflowClient.log_text`` would first fetch the run to learn it: one more round trip)."""
-        import tempfile
-
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-        repo = get_artifact_repository(artifact_uri, tracking_uri=self.tracking_uri)
-        with tempfile.TemporaryDirectory(prefix="pfstorer-run-") as tmp:
-            path = Path(tmp) / file_name
-            path.write_text(canonical_json(record))
-            repo.log_artifact(str(path))
 
     def job_runs(
         self, tenant: str, identity: str | None = None, *, include_deleted: bool = False
     ) -> list[Any]:
-        """MLflow runs of a tenant's jobs (of one person); soft-deleted ones on request."""
+        """MLflow runs of a tenant's jobs (those holding one person's job); soft-deleted ones
+        on request."""
         from mlflow.entities import ViewType
 
         exp = self.client.get_experiment_by_name(f"{MODEL_PREFIX}/{check_key(tenant, 'tenant')}")
         if exp is None:
             return []
-        flt = f"tags.identity = '{check_key(identity)}'" if identity else ""
+        flt = f"tags.`{_job_tag(check_key(identity))}` LIKE '%'" if identity else ""
         runs: list[Any] = []
         token = None
         while True:
@@ -533,10 +456,12 @@ class ModelRegistry:
                 return runs
 
     def delete(self, tenant: str, identity: str) -> dict[str, int | bool]:
-        """Remove the person's registered model (all versions) and job runs with their artifacts.
+        """Remove the person's registered model (all versions) and their jobs from the job runs.
 
-        Runs are deleted and, on a directly reachable SQL store, purged; behind an MLflow server
-        they are soft-deleted (purge with ``mlflow gc`` there). Returns counts.
+        A run that held other people's jobs too keeps them and loses only this person's tag
+        (``job_records``); a run left without jobs is deleted with its artifacts and, on a
+        directly reachable SQL store, purged; behind an MLflow server it is soft-deleted (purge
+        with ``mlflow gc`` there). Returns counts.
         """
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
@@ -549,26 +474,71 @@ class ModelRegistry:
         except Exception as exc:
             if _error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
                 raise
-        runs = self.job_runs(tenant, identity, include_deleted=True)
+        key = _job_tag(identity)
         store = getattr(getattr(self.client, "_tracking_client", None), "store", None)
-        deleted = purged = 0
-        for run in runs:
-            with contextlib.suppress(Exception):
-                get_artifact_repository(
-                    run.info.artifact_uri, tracking_uri=self.tracking_uri
-                ).delete_artifacts()
+        records = deleted = purged = 0
+        for run in self.job_runs(tenant, identity, include_deleted=True):
+            run_id = run.info.run_id
             if run.info.lifecycle_stage != "deleted":
-                _retry(lambda r=run: self.client.delete_run(r.info.run_id), what="delete run")
-                deleted += 1
+                _retry(lambda r=run_id: self.client.delete_tag(r, key), what="delete job tag")
+                records += 1
+                # racing forgets of two people of one run: each sees the other's tag gone or
+                # not; the last to look deletes the run
+                left = _retry(lambda r=run_id: self.client.get_run(r), what="get run").data.tags
+                if any(k.startswith(_JOB_TAG_PREFIX) for k in left):
+                    continue
+                with contextlib.suppress(Exception):
+                    get_artifact_repository(run.info.artifact_uri, tracking_uri=self.tracking_uri).delete_artifacts()
+                with contextlib.suppress(Exception):  # a racing forget deleted it first
+                    _retry(lambda r=run_id: self.client.delete_run(r), what="delete run")
+                    deleted += 1
             if hasattr(store, "_hard_delete_run"):
-                _retry(lambda r=run: store._hard_delete_run(r.info.run_id), what="purge run")
-                purged += 1
+                with contextlib.suppress(Exception):
+                    _retry(lambda r=run_id: store._hard_delete_run(r), what="purge run")
+                    purged += 1
         return {
             "model_deleted": model_deleted,
             "versions": len(versions),
+            "job_records": records,
             "runs": deleted,
             "runs_purged": purged,
         }
+
+
+_JOB_TAG_PREFIX = "job."
+
+
+def _job_tag(identity: str) -> str:
+    """The run tag that holds one person's job in a batch run."""
+    return f"{_JOB_TAG_PREFIX}{identity}"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSummary:
+    """What a job run records of one person's personalization job."""
+
+    identity: str
+    job_key: str | None
+    params: Mapping[str, Any]
+    metrics: Mapping[str, float]
+    loss_curve: Sequence[float] = ()
+
+    def record(self) -> str:
+        """This job as JSON within MLflow's tag limit: the loss curve is thinned (every k-th
+        step, the last one kept) until it fits."""
+        curve = [float(x) for x in self.loss_curve]
+        body = {"identity": self.identity, "job_key": self.job_key, "params": dict(self.params),
+                "metrics": {str(k): float(v) for k, v in self.metrics.items()}}
+        stride = 1
+        while True:
+            steps = list(range(0, len(curve), stride))
+            if curve and steps[-1] != len(curve) - 1:
+                steps.append(len(curve) - 1)
+            thinned = {"loss_curve": [curve[i] for i in steps]} | ({"loss_steps": steps} if stride > 1 else {})
+            text = canonical_json(body | thinned)
+            if len(text) <= _TAG_LIMIT or len(steps) <= 2:
+                return text if len(text) <= _TAG_LIMIT else _tag(body)
+            stride *= 2
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

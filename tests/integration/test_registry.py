@@ -18,6 +18,7 @@ from registry import (
     AdapterRegistry,
     ArtifactStore,
     IndexEntry,
+    JobSummary,
     ModelRegistry,
     StoredRegistration,
     job_key,
@@ -101,14 +102,14 @@ def assert_forgotten(reg: AdapterRegistry, tenant: str, identity: str) -> None:
 
 
 def publish_flow(reg: AdapterRegistry, tmp_path: Path, tenant: str) -> None:
-    """publish -> v1 + prod + tags; same job key -> nothing new; new job -> v2; corrupt -> no
-    version; fetch verifies; forget leaves nothing."""
+    """publish -> v1 + tags + its job run; same job key -> nothing new; new job -> v2; corrupt
+    -> no version; fetch verifies; forget leaves nothing."""
     models = reg.models
     src = make_adapter(tmp_path / "src", tenant, "bob", seed=1)
     key1 = job_key(["a" * 64, "b" * 64, "c" * 64], BASE, {"steps": 5})
-    run_id = models.log_job_run(
-        tenant, "bob", {"config": {"steps": 5, "lr": 1e-3}, "refs": 3}, [1.0, 0.5, 0.25],
-        {"final_loss": 0.25}, job_key=key1,
+    run_id = models.log_jobs_run(
+        tenant, [JobSummary("bob", key1, {"refs": 3}, {"final_loss": 0.25}, [1.0, 0.5, 0.25])],
+        {"config": {"steps": 5, "lr": 1e-3}},
     )  # fmt: skip
     entry = reg.publish(src, tenant, "bob", key1, lineage(), run_id=run_id)
     assert entry.version == 1 and entry.job_key == key1 and entry.base_fingerprint == BASE
@@ -116,8 +117,8 @@ def publish_flow(reg: AdapterRegistry, tmp_path: Path, tenant: str) -> None:
     assert reg.resolve(tenant, "bob") == entry
 
     name = model_name(tenant, "bob")
-    mv = models.client.get_model_version_by_alias(name, "prod")
-    assert int(mv.version) == 1 and mv.source == entry.uri and mv.run_id == run_id
+    (mv,) = models.versions(tenant, "bob")
+    assert mv.name == name and mv.version == 1 and mv.source == entry.uri and mv.run_id == run_id
     tags = mv.tags
     assert tags["job_key"] == key1 and tags["sha256"] == entry.sha256
     assert tags["artifact_uri"] == entry.uri and tags["base_fingerprint"] == BASE
@@ -126,9 +127,10 @@ def publish_flow(reg: AdapterRegistry, tmp_path: Path, tenant: str) -> None:
     assert json.loads(tags["config"]) == {"steps": 5, "lr": 1e-3}
     assert json.loads(tags["metrics"]) == {"diff": 1.1, "gen": 0.2}
     run = models.client.get_run(run_id)
-    assert run.data.params["config.lr"] == "0.001" and run.data.tags["identity"] == "bob"
-    history = models.client.get_metric_history(run_id, "loss")
-    assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, 0.25)]
+    assert run.data.params["config.lr"] == "0.001" and run.data.tags["jobs"] == "1"
+    job = json.loads(run.data.tags["job.bob"])
+    assert job["job_key"] == key1 and job["params"] == {"refs": 3} and job["loss_curve"] == [1.0, 0.5, 0.25]
+    assert [m.value for m in models.client.get_metric_history(run_id, "mean_final_loss")] == [0.25]
 
     # the same job again registers nothing and stores nothing
     files = reg.store.list_files(tenant, "bob")
@@ -147,11 +149,11 @@ def publish_flow(reg: AdapterRegistry, tmp_path: Path, tenant: str) -> None:
     with pytest.raises(AdapterError):
         reg.fetch(IndexEntry(tenant, "bob", 1, entry.uri, "f" * 64), tmp_path / "cache2")
 
-    # a new job -> version 2, prod and the index move
+    # a new job -> version 2, the newest, and the index moves
     key2 = job_key(["d" * 64, "e" * 64, "f" * 64], BASE, {"steps": 5})
     e2 = reg.publish(make_adapter(tmp_path / "src", tenant, "bob", seed=2), tenant, "bob", key2, lineage())
     assert e2.version == 2 and e2.uri != entry.uri
-    assert models.get_prod(tenant, "bob").version == 2
+    assert models.newest(tenant, "bob").version == 2
     assert reg.resolve(tenant, "bob").version == 2
     # the index lost its row (a crash between register and index): a rerun repairs it
     reg.index.remove(tenant, "bob")
@@ -175,7 +177,8 @@ def publish_flow(reg: AdapterRegistry, tmp_path: Path, tenant: str) -> None:
     # forget: nothing left in registry, store, index
     report = reg.forget(tenant, "bob", cache_dir=cache)
     assert report.index_removed and report.model_deleted
-    assert (report.versions_deleted, report.runs_deleted, report.files_deleted) == (2, 1, 4)
+    assert (report.versions_deleted, report.job_records_deleted, report.runs_deleted, report.files_deleted) == (
+        2, 1, 1, 4)
     assert report.runs_pending_gc == (1 if reg.models.tracking_uri.startswith("http") else 0)
     assert_forgotten(reg, tenant, "bob")
     assert not (cache / tenant / "bob").exists()
@@ -209,8 +212,8 @@ def test_register_is_idempotent_by_job_key(mlflow_db: MlflowService):
     assert models.find_version(tenant, "bob", "k1").version == 1
     assert models.find_version(tenant, "bob", "k2") is None
     assert models.register(tenant, "bob", "s3://b/x/k2", "b" * 64, {}, job_key="k2") == 2
-    assert models.get_prod(tenant, "bob").version == 2
-    assert models.get_prod(tenant, "nobody") is None
+    assert models.newest(tenant, "bob").version == 2
+    assert models.newest(tenant, "nobody") is None
     assert models.delete(tenant, "bob")["versions"] == 2
     assert models.versions(tenant, "bob") == []
 
@@ -218,8 +221,7 @@ def test_register_is_idempotent_by_job_key(mlflow_db: MlflowService):
 @pytest.mark.integration
 def test_racing_registrations_of_one_job_leave_one_version(mlflow_db: MlflowService):
     """A retried task beside a slow original: three register the same job key at once, ten times
-    over (before the alias writes retried on a lost race, about 1 round in 5 raised on SQLite;
-    4 rounds behind the server, whose calls take longer)."""
+    over (4 rounds behind the server, whose calls take longer)."""
     models = ModelRegistry(mlflow_db.tracking_uri, artifact_location=mlflow_db.artifact_location)
     for _ in range(4 if mlflow_db.tracking_uri.startswith("http") else 10):
         tenant = unique_name("acme")
@@ -242,13 +244,12 @@ def test_racing_registrations_of_one_job_leave_one_version(mlflow_db: MlflowServ
         assert errors == []
         versions = models.versions(tenant, "bob")
         assert len(versions) == 1 and results == [versions[0].version] * 3
-        assert models.get_prod(tenant, "bob").version == versions[0].version
     # and a duplicate that slipped in earlier is settled on the next registration
     models.client.create_model_version(
         model_name(tenant, "bob"), source="s3://b/x/k1", tags={"job_key": "k1"}, await_creation_for=0
     )
     assert len(models.versions(tenant, "bob")) == 2
-    assert models._settle(tenant, "bob", "k1", 0) == versions[0].version
+    assert models.register(tenant, "bob", "s3://b/x/k1", "a" * 64, {}, job_key="k1") == versions[0].version
     assert [v.version for v in models.versions(tenant, "bob")] == [versions[0].version]
 
 
@@ -256,16 +257,20 @@ def test_racing_registrations_of_one_job_leave_one_version(mlflow_db: MlflowServ
 def test_batch_registration_is_lean_and_exactly_once(
     tmp_path: Path, mlflow_db: MlflowService, monkeypatch: pytest.MonkeyPatch
 ):
-    """A publisher's batch: each new person costs 3 MLflow calls plus one shared listing, a job
-    run 4; a foreign adapter fails alone; the same batch again creates nothing; lineage is whole
-    and forget removes it all."""
+    """A publisher's batch: each new person costs 2 MLflow calls plus one shared listing, the
+    batch's job run 3 whatever its size; a foreign adapter fails alone; the same batch again
+    creates nothing; lineage is whole; forget removes one person's job from the shared run, and
+    the run with its last person."""
     import requests
 
     reg = local_registry(tmp_path, mlflow_db)
     tenant = unique_name("acme")
     people = ["ann", "bob", "cat", "dan"]
-    runs = {p: reg.models.log_job_run(tenant, p, {"steps": 5}, [0.5, 0.25], {"final": 0.25}, job_key=f"k-{p}")
-            for p in people[:1]}
+
+    def jobs(names: list[str]) -> list[JobSummary]:
+        return [JobSummary(p, f"k-{p}", {"attempts": 1}, {"final": 0.25}, [0.5, 0.25]) for p in names]
+
+    first_run = reg.models.log_jobs_run(tenant, jobs(people[:1]), {"steps": 5})  # makes the experiment
     calls: list[str] = []
     original = requests.Session.request
 
@@ -274,8 +279,8 @@ def test_batch_registration_is_lean_and_exactly_once(
         return original(session, method, url, *args, **kwargs)
 
     monkeypatch.setattr(requests.Session, "request", counted)
-    runs.update({p: reg.models.log_job_run(tenant, p, {"steps": 5}, [0.5, 0.25], {"final": 0.25}, job_key=f"k-{p}")
-                 for p in people[1:]})
+    shared_run = reg.models.log_jobs_run(tenant, jobs(people[1:]), {"steps": 5})
+    runs = {people[0]: first_run} | dict.fromkeys(people[1:], shared_run)
     run_calls, calls[:] = list(calls), []
 
     def batch() -> list[StoredRegistration]:
@@ -290,22 +295,28 @@ def test_batch_registration_is_lean_and_exactly_once(
     assert [e.version for e in first[:4]] == [1, 1, 1, 1]
     assert isinstance(first[4], AdapterError) and "belongs to identity 'bob'" in str(first[4])
     if mlflow_db.tracking_uri.startswith("http"):  # count what crossed the wire
-        assert len(run_calls) == 4 * 3, run_calls  # run, params+metrics, job.json, end
-        assert len(calls) == 3 * 4 + 1, calls  # model, version, alias each; one listing
+        assert len(run_calls) == 3, run_calls  # run, params+metrics+jobs, end
+        assert len(calls) == 2 * 4 + 1, calls  # model and version each; one listing
     again = reg.register_stored_many(batch())
     assert [e.version for e in again[:4]] == [1, 1, 1, 1]
     listed = reg.models.versions_of(model_name(tenant, p) for p in people)
     for p in people:
         (v,) = listed[model_name(tenant, p)]
-        assert v.tags["job_key"] == f"k-{p}" and v.run_id == runs[p] and reg.models.get_prod(tenant, p) is not None
+        assert v.tags["job_key"] == f"k-{p}" and v.run_id == runs[p]
         assert v.tags["manifest_hash"] == "ab" * 32 and v.tags["base_fingerprint"] == BASE
         run = reg.models.client.get_run(runs[p])
         assert run.info.status == "FINISHED" and run.data.params["steps"] == "5"
-        assert [m.value for m in reg.models.client.get_metric_history(runs[p], "loss")] == [0.5, 0.25]
-        assert reg.models.client.list_artifacts(runs[p])[0].path == "job.json"
+        assert json.loads(run.data.tags[f"job.{p}"])["loss_curve"] == [0.5, 0.25]
+    assert [m.value for m in reg.models.client.get_metric_history(shared_run, "jobs")] == [3.0]
     report = reg.forget(tenant, "cat")
-    assert report.model_deleted and report.versions_deleted == 1 and report.runs_deleted == 1
+    assert report.model_deleted and report.versions_deleted == 1
+    assert (report.job_records_deleted, report.runs_deleted) == (1, 0)  # bob and dan keep the run
     assert_forgotten(reg, tenant, "cat")
+    left = reg.models.client.get_run(shared_run).data.tags
+    assert "job.cat" not in left and {"job.bob", "job.dan"} <= left.keys()
+    assert reg.forget(tenant, "bob").runs_deleted == 0
+    assert reg.forget(tenant, "dan").runs_deleted == 1
+    assert [r.info.run_id for r in reg.models.job_runs(tenant)] == [first_run]
 
 
 @pytest.mark.integration
@@ -344,7 +355,7 @@ def test_publish_fetch_forget_s3_and_mlflow_server(
 
     # index on S3 visible to a second instance; stored files on S3; artifacts proxied to S3
     src = make_adapter(tmp_path / "src3", tenant, "ann", seed=4)
-    run_id = reg.models.log_job_run(tenant, "ann", {"steps": 5}, [0.3, 0.2], {"final": 0.2}, job_key="k1")
+    run_id = reg.models.log_jobs_run(tenant, [JobSummary("ann", "k1", {}, {"final": 0.2}, [0.3, 0.2])], {"steps": 5})
     entry = reg.publish(src, tenant, "ann", "k1", lineage(), run_id=run_id)
     assert entry.uri == f"{s3_url}/adapters/{tenant}/ann/k1"
     second = AdapterIndex(f"{s3_url}/index.parquet", s3_storage_options)
@@ -359,10 +370,7 @@ def test_publish_fetch_forget_s3_and_mlflow_server(
         "adapter.json",
         "adapter.safetensors",
     ]
-    run = reg.models.client.get_run(run_id)
-    assert run.info.artifact_uri.startswith("mlflow-artifacts:/")
-    run_path = run.info.artifact_uri.split("mlflow-artifacts:/", 1)[1].strip("/")
-    assert [k.rsplit("/", 1)[1] for k in keys(f"mlflow-artifacts/{run_path}/")] == ["job.json"]
+    assert json.loads(reg.models.client.get_run(run_id).data.tags["job.ann"])["job_key"] == "k1"
     fetched = reg.fetch(second.get(tenant, "ann"), tmp_path / "cache")
     assert (fetched / "adapter.safetensors").read_bytes() == (src / "adapter.safetensors").read_bytes()
 
@@ -371,7 +379,6 @@ def test_publish_fetch_forget_s3_and_mlflow_server(
     assert_forgotten(reg, tenant, "ann")
     assert second.get(tenant, "ann") is None
     assert keys(f"{prefix}/adapters/{tenant}/") == []
-    assert keys(f"mlflow-artifacts/{run_path}/") == []  # the run's artifacts are gone too
 
 
 def test_index_on_s3_writers_readers_compaction(s3_url: str, s3_storage_options: dict):

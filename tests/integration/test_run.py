@@ -7,6 +7,7 @@ server, the ``tiny`` base and 2 training steps.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -94,16 +95,16 @@ def test_run_trains_registers_and_quarantines(first_run):
     registry = AdapterRegistry.from_settings(first_run["settings"])
     assert _versions(registry, tenant, names) == {n: [1] for n in names}
     for n in names:
-        assert registry.models.get_prod(tenant, n).version == 1
+        assert registry.models.newest(tenant, n).version == 1
     entries = registry.index.list(tenant)
     assert sorted(e.identity for e in entries) == names
     assert all(registry.store.exists(tenant, e.identity, e.job_key) for e in entries)
-    # one MLflow run per job, with the loss curve and the lineage on the version
+    # every job in the job run of its publishing batch, with its loss curve; the lineage on the version
     mv = registry.models.versions(tenant, names[0])[0]
     run = registry.models.client.get_run(mv.run_id)
-    assert run.data.params["job_key"] == mv.tags["job_key"] and run.data.params["base"] == "tiny"
-    curve = registry.models.client.get_metric_history(mv.run_id, "loss")
-    assert len(curve) == STEPS
+    job = json.loads(run.data.tags[f"job.{names[0]}"])
+    assert job["job_key"] == mv.tags["job_key"] and run.data.params["base"] == "tiny"
+    assert len(job["loss_curve"]) == STEPS and job["params"]["references"] >= 3
     assert mv.tags["manifest_hash"] == s.manifest_hash and mv.tags["pipeline_run"] == s.run_id
     # every bad row in quarantine with its reason; the 2-reference person as a whole
     q = pq.read_table(s.quarantine_url).to_pylist()
@@ -268,9 +269,9 @@ def test_run_on_s3_with_mlflow_server(
     assert meta["identity"] == entries[0].identity and len(data) > 1000
     q = pq.read_table(io.BytesIO(fs.cat_file(f"{s3_url}/quarantine.parquet"))).to_pylist()
     assert [r["stage"] for r in q] == ["read"]
-    # the job run's artifact went through the server's artifact proxy to S3
+    # the version names the job run that holds its job
     mv = registry.models.versions(tenant, names[0])[0]
-    assert "job.json" in [f.path for f in registry.models.client.list_artifacts(mv.run_id)]
+    assert f"job.{names[0]}" in registry.models.client.get_run(mv.run_id).data.tags
     # and a rerun against S3 + server registers nothing
     again = run_manifest(manifest, settings, pack=4, quarantine_out=f"{s3_url}/q2.parquet")
     assert (again.skipped, again.trained) == (4, 0)
