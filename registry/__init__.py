@@ -19,11 +19,11 @@ Three places hold an adapter, each behind a URL:
   registered model per person, ``pfstorer.{tenant}.{identity}``; each version's source is the
   store URI, its tags carry the lineage; alias ``prod`` points at the newest version. A run per
   job (experiment ``pfstorer/{tenant}``) holds params, the loss curve and metrics.
-- **index** (:class:`AdapterIndex`, a dataset of small Parquet files per tenant and hash bucket
+- **index** (:class:`AdapterIndex`, a dataset of small Arrow files per tenant and hash bucket
   at a URL): (tenant, identity) -> (version, uri, sha256, base fingerprint, job key). Serving
   reads only this, so MLflow stays off the request path. A write adds immutable delta files
-  (cost of the batch, not of the index), compacted in the background; a replica caches only the
-  buckets it was asked about and revalidates them in the background.
+  (cost of the batch, not of the index), compacted in the background; a replica caches the
+  buckets it was asked about, whole (bounded), and revalidates them in the background.
 
 :class:`AdapterRegistry` ties them together: ``publish`` (idempotent by job key, write -> verify
 -> register -> index), ``resolve``, ``fetch`` (sha256-verified, cached) and ``forget`` (faces are
