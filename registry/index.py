@@ -13,14 +13,16 @@ under a reader (compacted away) makes it list the bucket again. Within a bucket 
 sorts last wins; a removal is a tombstone row until compaction drops it.
 
 Files are uncompressed Arrow IPC files: a reader takes a bucket's file as it is, without decoding
-(about 0.05 ms for a 312-row bucket, against 0.3 ms with LZ4, 0.5 ms with zstd and 0.7 ms as
+(median 0.05 ms for a 312-row bucket, against 0.3 ms with LZ4, 0.5 ms with zstd and 0.7 ms as
 Parquet), for twice the bytes of Parquet. Parquet files of earlier versions are still read;
 compaction rewrites them as Arrow.
 
-A reader caches whole buckets as Arrow tables (one per file, in a bounded LRU cache of rows),
-with an ``identity -> row`` dict per table built on first use; a lookup turns only the row it
-asked for into an :class:`IndexEntry`, so the first lookup of a person in a cached bucket reads
-nothing. It revalidates a bucket at most every ``max_age_s`` seconds, reading only the files
+A reader caches whole buckets as Arrow tables (one per file), with an ``identity -> row`` dict
+per table built on first use; a lookup turns only the row it asked for into an
+:class:`IndexEntry`, so the first lookup of a person in a cached bucket reads nothing. The cache
+is bounded in rows (``max_rows``, LRU by bucket): buckets give up their tables first, keeping
+the entries looked up there, so a replica keeps the people it serves whatever the size of their
+buckets. It revalidates a bucket at most every ``max_age_s`` seconds, reading only the files
 added since: in the background when ``max_age_s > 0`` (a lookup answers at once from what it
 has), at every lookup when it is 0.
 """
