@@ -226,7 +226,7 @@ def test_old_parquet_and_new_arrow_files_resolve_newest_wins(tmp_path: Path):
     index.upsert([entry("seed")])  # creates the index (its meta) with 32 buckets
     old = time.time_ns() - 10**9
     _old_parquet_delta(url, [entry("bob", 1).to_row() | {"removed": False}], old)
-    _old_parquet_delta(url, [entry("ann", 5).to_row()], old, columns=5)  # no job key, no tombstone flag
+    _old_parquet_delta(url, [entry("ann", 5).to_row()], old, columns=5)  # the required columns only
     assert AdapterIndex(url).get("acme", "bob").version == 1  # an old index keeps working
     assert AdapterIndex(url).get("acme", "ann").version == 5
     index.upsert([entry("bob", 2)])  # a newer Arrow file
