@@ -20,11 +20,11 @@ Three places hold an adapter, each behind a URL:
   store URI, its tags carry the lineage and the job run it came from. A run per publishing
   batch (experiment ``pfstorer/{tenant}``) holds the batch's params and, per person, a tag
   ``job.{identity}`` with the job's params, metrics and loss curve.
-- **index** (:class:`AdapterIndex`, a dataset of small Parquet files per tenant and hash bucket
+- **index** (:class:`AdapterIndex`, a dataset of small Arrow files per tenant and hash bucket
   at a URL): (tenant, identity) -> (version, uri, sha256, base fingerprint, job key). Serving
   reads only this, so MLflow stays off the request path. A write adds immutable delta files
-  (cost of the batch, not of the index), compacted in the background; a replica caches only the
-  buckets it was asked about and revalidates them in the background.
+  (cost of the batch, not of the index), compacted in the background; a replica caches the
+  buckets it was asked about, whole (bounded), and revalidates them in the background.
 
 :class:`AdapterRegistry` ties them together: ``publish`` (idempotent by job key, write -> verify
 -> register -> index), ``resolve``, ``fetch`` (sha256-verified, cached) and ``forget`` (faces are

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from registry import AdapterIndex, IndexEntry, write_bulk
-from registry.index import bucket_of
+from registry.index import bucket_of, delta_name
 
 
 def entry(identity: str, version: int = 1, tenant: str = "acme") -> IndexEntry:
@@ -19,7 +19,7 @@ def entry(identity: str, version: int = 1, tenant: str = "acme") -> IndexEntry:
 
 def bucket_files(url: Path, tenant: str, identity: str, buckets: int = 32) -> list[Path]:
     folder = url / f"tenant={tenant}" / f"bucket={bucket_of(identity, buckets):04d}"
-    return sorted(p for p in folder.iterdir() if p.name.endswith(".parquet"))
+    return sorted(p for p in folder.iterdir() if p.suffix in (".arrow", ".parquet"))
 
 
 @pytest.mark.parametrize("people", [40, 4000])
@@ -157,9 +157,104 @@ def test_the_reader_cache_is_bounded(tmp_path: Path):
     asked = [f"p{i}" for i in range(0, 3200, 7)]
     for who in asked:
         assert reader.get("acme", who) is not None
-    held = [i for b in reader._cache.values() for i in b.rows]
-    assert len(held) == reader._cached_rows <= 300  # the people asked about, never whole buckets
-    assert set(held) <= set(asked) and asked[-1] in held
+    cached = list(reader._cache.values())
+    assert sum(b.rows for b in cached) == reader.rows_cached <= 300
+    assert 1 <= sum(b.tables is not None for b in cached) <= 3  # buckets of ~100 rows held whole
+    assert {i for b in cached if b.tables is None for i in b.found} <= set(asked)  # the rest: people asked
+    read = reader.stats["files_read"]
+    for who in asked[-5:]:  # the people asked last are answered from memory
+        assert reader.get("acme", who).identity == who
+    assert reader.stats["files_read"] == read
+
+
+def test_a_bucket_given_up_for_room_keeps_its_people_and_sees_their_changes(tmp_path: Path):
+    url = tmp_path / "index.parquet"
+    write_bulk(url, "acme", [entry(f"p{i}") for i in range(3200)])  # buckets of ~100 rows
+    reader = AdapterIndex(url, max_rows=150, max_age_s=0)
+    ann = "p0"
+    bob = next(f"p{i}" for i in range(1, 3200) if bucket_of(f"p{i}", 32) != bucket_of(ann, 32))
+    assert reader.get("acme", ann).version == 1 and reader.get("acme", bob).version == 1
+    held = reader._cache[("acme", bucket_of(ann, 32))]
+    assert held.tables is None and set(held.found) == {ann}  # given up for bob's bucket
+    read = reader.stats["files_read"]
+    assert reader.get("acme", ann).version == 1 and reader.stats["files_read"] == read
+    writer = AdapterIndex(url, compact_after=0)
+    writer.upsert([entry(ann, 2)])
+    assert reader.get("acme", ann).version == 2 and reader.stats["files_read"] == read + 1  # the new file only
+    writer.remove("acme", ann)
+    assert reader.get("acme", ann) is None and reader.stats["files_read"] == read + 2
+    assert reader._cache[("acme", bucket_of(ann, 32))].tables is None
+
+
+def test_a_cached_bucket_answers_another_person_without_reading(tmp_path: Path):
+    """A replica's first lookup of a person whose bucket it holds is a dict lookup: no listing, no file."""
+    url = tmp_path / "index.parquet"
+    people = [f"p{i}" for i in range(400)]
+    write_bulk(url, "acme", [entry(p) for p in people])
+    reader = AdapterIndex(url, max_age_s=3600)
+    same = bucket_of(people[0], reader.buckets)
+    mates = [p for p in people[1:] if bucket_of(p, reader.buckets) == same]
+    absent = next(n for n in (f"x{i}" for i in range(10_000)) if bucket_of(n, reader.buckets) == same)
+    assert mates and reader.get("acme", people[0]).version == 1
+    assert reader.stats["files_read"] == 1
+    before = dict(reader.stats)
+    for p in mates:
+        e = reader.get("acme", p)
+        assert (e.identity, e.version, e.uri, e.sha256) == (p, 1, entry(p).uri, entry(p).sha256)
+    assert reader.get("acme", absent) is None
+    assert reader.stats["files_read"] == before["files_read"] and reader.stats["lists"] == before["lists"]
+
+
+def _old_parquet_delta(url: Path, rows: list[dict], ts_ns: int, columns: int = 9) -> None:
+    """A delta file as earlier versions wrote it: Parquet (of the first ``columns`` columns)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from registry.index import DELTA_SCHEMA
+
+    schema = pa.schema(list(DELTA_SCHEMA)[:columns])
+    rows = [{k: r[k] for k in schema.names} for r in rows]
+    folder = url / "tenant=acme" / f"bucket={bucket_of(rows[0]['identity'], 32):04d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = delta_name(ts_ns).removesuffix(".arrow") + ".parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / name)
+
+
+def test_old_parquet_and_new_arrow_files_resolve_newest_wins(tmp_path: Path):
+    url = tmp_path / "index.parquet"
+    index = AdapterIndex(url, compact_after=0)
+    index.upsert([entry("seed")])  # creates the index (its meta) with 32 buckets
+    old = time.time_ns() - 10**9
+    _old_parquet_delta(url, [entry("bob", 1).to_row() | {"removed": False}], old)
+    _old_parquet_delta(url, [entry("ann", 5).to_row()], old, columns=5)  # the required columns only
+    assert AdapterIndex(url).get("acme", "bob").version == 1  # an old index keeps working
+    assert AdapterIndex(url).get("acme", "ann").version == 5
+    index.upsert([entry("bob", 2)])  # a newer Arrow file
+    _old_parquet_delta(url, [entry("ann", 6).to_row() | {"removed": False}], time.time_ns() + 10**9)
+    suffixes = {p.suffix for who in ("bob", "ann") for p in bucket_files(url, "acme", who)}
+    assert suffixes == {".arrow", ".parquet"}
+    fresh = AdapterIndex(url)
+    assert fresh.get("acme", "bob").version == 2 and fresh.get("acme", "ann").version == 6
+    assert {e.identity: e.version for e in fresh.list("acme")} == {"seed": 1, "bob": 2, "ann": 6}
+
+
+def test_a_tombstone_hides_older_rows_until_compaction_drops_both(tmp_path: Path):
+    url = tmp_path / "index.parquet"
+    index = AdapterIndex(url, compact_after=0)
+    index.upsert([entry("bob", 1)])
+    _old_parquet_delta(url, [entry("bob", 2).to_row() | {"removed": False}], time.time_ns())
+    reader = AdapterIndex(url, max_age_s=0)
+    assert reader.get("acme", "bob").version == 2
+    assert index.remove("acme", "bob")
+    assert reader.get("acme", "bob") is None and index.list("acme") == []
+    assert [p.suffix for p in bucket_files(url, "acme", "bob")] == [".arrow", ".parquet", ".arrow"]
+    index.upsert([entry("ann", 1)])
+    assert index.compact("acme") >= 1
+    for who in ("bob", "ann"):  # mixed files compacted into one Arrow file
+        assert [p.suffix for p in bucket_files(url, "acme", who)] == [".arrow"]
+    fresh = AdapterIndex(url)
+    assert fresh.get("acme", "bob") is None and fresh.get("acme", "ann").version == 1
+    assert reader.get("acme", "bob") is None
 
 
 def test_a_single_file_index_of_an_earlier_version_is_refused_then_imported(tmp_path: Path):
