@@ -67,16 +67,14 @@ def main() -> None:
     heavy_steps = max(1, min(d.max_steps, d.max_pixel_steps // (args.heavy_side**2)))
     with tempfile.TemporaryDirectory(prefix="pfstorer-fair-") as tmp:
         root = Path(tmp)
-        import pyarrow.parquet as pq
+        from registry import AdapterIndex
 
-        from registry import INDEX_SCHEMA
-
-        pq.write_table(INDEX_SCHEMA.empty_table(), root / "index.parquet")
+        AdapterIndex(root / "index").create()  # empty: the server is ready, nobody resolves
         keys = {"heavy": generate_key(), "light": generate_key()}
         (root / "keys.yaml").write_text("tenants:\n" + "".join(f"  {t}: ['{hash_key(k)}']\n" for t, k in keys.items()))
         port = free_port()
         (root / "settings.yaml").write_text(
-            f"base: {args.base}\ndevice: cpu\nstate_dir: {root / 'state'}\nindex_url: {root / 'index.parquet'}\n"
+            f"base: {args.base}\ndevice: cpu\nstate_dir: {root / 'state'}\nindex_url: {root / 'index'}\n"
             f"store_url: {root / 'store'}\nserve:\n  host: 127.0.0.1\n  port: {port}\n"
             f"  api_keys_file: {root / 'keys.yaml'}\n")
         log = open(root / "serve.log", "wb")

@@ -258,7 +258,7 @@ def build_index(root: Path, people: int, tenants: int) -> float:
 
     t0 = time.perf_counter()
     index = AdapterIndex(root, compact_after=0)
-    meta = index._create()
+    meta = index.create()
     buckets = int(meta["buckets"])
     per_tenant = people // tenants
     at = pa.scalar(datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC), pa.timestamp("us", tz="UTC"))

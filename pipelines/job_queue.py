@@ -59,7 +59,7 @@ class JobQueue:
 
     ``settings``: the run's :class:`pfstorer.settings.Settings`, whose registry receives the
     adapters (``None``: no publishing - for tests of the queue alone). ``lineage``:
-    tags added to every registered version; ``params``: logged on every job's MLflow run.
+    tags added to every registered version; ``params``: logged on every job run (one per publishing batch).
     ``publish_threads``, ``index_batch``, ``index_interval_s``: see :class:`Publisher`.
     """
 

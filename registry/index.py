@@ -345,8 +345,9 @@ class AdapterIndex:
             raise self._meta_error
         return self._meta is not None
 
-    def _create(self) -> dict[str, Any]:
-        """Write ``_index.json`` unless there is one; the meta in force."""
+    def create(self) -> dict[str, Any]:
+        """Make the index here if there is none (an empty index: serving is ready, nobody
+        resolves); the meta in force."""
         meta = self._read_meta()
         if meta is None:
             meta = {"format": INDEX_FORMAT, "layout": 1, "buckets": self._new_buckets}
@@ -605,7 +606,7 @@ class AdapterIndex:
             check_key(e.identity)
         if not new:
             return
-        meta = self._meta if self._meta is not None and self._meta_error is None else self._create()
+        meta = self._meta if self._meta is not None and self._meta_error is None else self.create()
         groups: dict[tuple[str, int], dict[str, dict[str, Any]]] = collections.defaultdict(dict)
         for e in new:  # the last row of a person in the batch wins
             groups[(e.tenant, bucket_of(e.identity, int(meta["buckets"])))][e.identity] = e.to_row() | {"removed": False}
@@ -687,7 +688,7 @@ def write_bulk(url: str | os.PathLike[str], tenant: str, entries: list[IndexEntr
     """Write one tenant's rows as one compacted file per bucket (building a large index without
     one upsert per batch: benchmarks, imports). The index must not hold this tenant yet."""
     index = AdapterIndex(url, storage_options, buckets=buckets, compact_after=0)
-    meta = index._create()
+    meta = index.create()
     groups: dict[int, list[dict[str, Any]]] = collections.defaultdict(list)
     for e in entries:
         groups[bucket_of(e.identity, int(meta["buckets"]))].append(e.to_row() | {"removed": False})

@@ -88,7 +88,7 @@ def _empty_index(path: Path) -> None:
     from registry import AdapterIndex
 
     shutil.rmtree(path, ignore_errors=True)
-    AdapterIndex(path)._create()
+    AdapterIndex(path).create()
 
 
 @pytest.fixture(scope="module")
