@@ -249,3 +249,25 @@ def test_local_defaults_layout(tmp_path: Path):
     assert serving.resolve("acme", "bob") is None and serving.resolve("acme", "../x") is None
     with pytest.raises(PFStorerError, match="without an MLflow"):
         serving.forget("acme", "bob")
+
+
+def test_a_job_record_fits_one_mlflow_tag_whatever_its_loss_curve():
+    """A job run holds each person's job as one tag (MLflow keeps up to 8,000 characters): a
+    short curve goes in whole, a long one thinned by a power of two with its last step kept."""
+    import json
+
+    from registry import JobSummary
+    from registry.models import _TAG_LIMIT
+
+    short = json.loads(JobSummary("ann", "k1", {"attempts": 1}, {"final_loss": 0.25}, [0.5, 0.25]).record())
+    assert short == {"identity": "ann", "job_key": "k1", "params": {"attempts": 1},
+                     "metrics": {"final_loss": 0.25}, "loss_curve": [0.5, 0.25]}
+    curve = [1.0 / (i + 1) for i in range(3001)]
+    text = JobSummary("bob", "k2", {}, {}, curve).record()
+    record = json.loads(text)
+    assert len(text) <= _TAG_LIMIT
+    steps = record["loss_steps"]
+    assert steps[0] == 0 and steps[-1] == 3000 and len(set(steps)) == len(steps) > 50
+    assert record["loss_curve"] == [curve[i] for i in steps]
+    stride = steps[1] - steps[0]
+    assert stride & (stride - 1) == 0 and all(b - a == stride for a, b in zip(steps[:-2], steps[1:-1]))
