@@ -37,7 +37,8 @@ NOT_MEASURED = [
     "at most 0.3 dB", "at most 0.2 dB",
     # S3's listing page, data sets, the base's training settings (model card)
     "1,000 keys", "10,537 photos of 5,599 people", "1,058 bench photos",
-    "4,000 steps", "64,000 crops", "weight 0.05", "step\n800 and ramped up to step 1,400",
+    "4,000 steps", "64,000 crops", "weight 0.05", "(ramped to step 1,400)", "weight 0.03", "2,400 steps x 8",
+    "19,200 128 px crops",
     "(0.9/0.99, weight decay 0.01)", "EMA 0.999", "AdamW (0.5/0.99)",
 ]
 
