@@ -4,8 +4,9 @@ Everything is real except the UNet: a manifest (Parquet) -> validation (every ph
 decoded) -> job keys and registry lookups -> the job queue actor -> a Ray Train worker group
 (the frozen ``tiny`` base loaded once per worker) -> per identity: photos read and sha256-checked,
 an adapter of the real shapes built without training (``--dry-train``; ``--steps N`` trains for
-real instead), saved, uploaded to the store with sha256 verification -> MLflow run + registered
-version + alias (SQLite) -> adapter index (batched). Then the same manifest again (all skipped).
+real instead), saved, uploaded to the store with sha256 verification -> registered model and
+version in MLflow (SQLite; one job run per publishing batch) -> adapter index (batched). Then the
+same manifest again (all skipped).
 
 ``--kill-workers K`` SIGKILLs a training worker K times during the run (spread over it) and
 ``--bad-rows N`` adds N broken rows (missing file, not an image, unknown role, unsafe name): the
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         ("queue RPCs per identity", f"{rpc['ms_per_identity']:.1f} ms"),
         ("worker: read photos + dry adapter", f"{1000 * mean(work):.1f} ms (mean)"),
         ("worker: save + upload + sha256 verify", f"{1000 * mean(upload):.1f} ms (mean)"),
-        ("publisher: MLflow run + version + alias", f"{1000 * mean(publish):.0f} ms (mean), {1000 * median(publish):.0f} ms (median)"),
+        ("publisher: MLflow job run (shared) + model + version", f"{1000 * mean(publish):.0f} ms (mean), {1000 * median(publish):.0f} ms (median)"),
         ("indexer: batched index write", f"{index_ms:.1f} ms/identity ({pub.get('index_writes')} writes)"),
         ("scheduler overhead per identity", f"{overhead_ms:.0f} ms"),
         ("rerun (all skipped)", f"{rerun_s:.1f} s, {result['identities_per_s']['rerun_skip']:.0f} identities/s, trained {s2.trained}"),
