@@ -33,6 +33,19 @@ def short_error(exc: BaseException, limit: int = 500) -> str:
     return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
+def _job_summary(rec: JobRecord) -> Any:
+    """What the job run records of one handed-off job (a :class:`registry.JobSummary`)."""
+    from registry import JobSummary
+
+    assert rec.stored is not None
+    meta = rec.stored.meta
+    metrics = {f"final_{k}": float(v) for k, v in (meta.get("final_losses") or {}).items()}
+    metrics.update(train_s=float(rec.stored.train_s), upload_s=float(rec.stored.upload_s))
+    return JobSummary(rec.job.identity, rec.job.job_key,
+                      {"references": len(rec.job.refs), "attempts": rec.attempts, "worker": rec.worker},
+                      metrics, meta.get("loss_curve") or [])
+
+
 class Publisher:
     """Registers handed-off adapters (a job run per batch, a model version each) and indexes them in batches.
 
@@ -99,26 +112,16 @@ class Publisher:
         idempotent by job key all the same.
         """
         from registry import StoredRegistration
-        from registry.models import JobSummary
 
         by_tenant: dict[str, list[JobRecord]] = {}
         for rec in recs:
             by_tenant.setdefault(rec.job.tenant, []).append(rec)
         todo: list[tuple[JobRecord, Any]] = []
         for tenant, group in by_tenant.items():
-            jobs = []
-            for rec in group:
-                assert rec.stored is not None
-                meta = rec.stored.meta
-                metrics = {f"final_{k}": float(v) for k, v in (meta.get("final_losses") or {}).items()}
-                metrics.update(train_s=float(rec.stored.train_s), upload_s=float(rec.stored.upload_s))
-                jobs.append(JobSummary(rec.job.identity, rec.job.job_key,
-                                       {"references": len(rec.job.refs), "attempts": rec.attempts,
-                                        "worker": rec.worker},
-                                       metrics, meta.get("loss_curve") or []))
             try:
                 run_id = self._get_registry().models.log_jobs_run(
-                    tenant, jobs, self.params, tags={"pipeline_run": str(self.lineage.get("pipeline_run", ""))})
+                    tenant, [_job_summary(rec) for rec in group], self.params,
+                    tags={"pipeline_run": str(self.lineage.get("pipeline_run", ""))})
             except Exception as exc:
                 log.exception("logging the job run of %d adapters of tenant %s failed", len(group), tenant)
                 for rec in group:
@@ -137,12 +140,7 @@ class Publisher:
         """The batch's job runs, then their versions in one batch
         (:meth:`registry.AdapterRegistry.register_stored_many`); entries go to the indexer."""
         t0 = time.perf_counter()
-        try:
-            todo = self._log_runs(recs)
-        except Exception as exc:  # the registry could not even be built
-            for rec in recs:
-                self._on_failed(rec.job.job_id, f"publish: {short_error(exc)}")
-            todo = []
+        todo = self._log_runs(recs)
         try:
             results = self._get_registry().register_stored_many([r for _, r in todo]) if todo else []
         except Exception as exc:  # the registry could not even be built

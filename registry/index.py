@@ -191,12 +191,18 @@ class _Bucket:
             return self.found[identity]
         except KeyError:
             pass
-        for k in range(len(self.tables) - 1, -1, -1):
+        hit, entry = self._newest(tenant, identity)
+        if hit:  # an absent person is not kept: asking about made-up names must not grow the cache
+            self.found[identity] = entry
+        return entry
+
+    def _newest(self, tenant: str, identity: str) -> tuple[bool, IndexEntry | None]:
+        """(whether a table has a row of this person, the newest such row's entry)."""
+        for k in range(len(self.tables or ()) - 1, -1, -1):
             row = self._row(k, identity)
             if row is not None:
-                entry = self.found[identity] = _entry(tenant, self.tables[k], row)
-                return entry
-        return None  # not kept: asking about absent people must not grow the cache
+                return True, _entry(tenant, self.tables[k], row)
+        return False, None
 
     def _row(self, k: int, identity: str) -> int | None:
         ids = self._ids[k]
@@ -210,11 +216,9 @@ class _Bucket:
         from them."""
         extra, found = _Bucket((), tables, checked), dict(self.found)
         for identity in found:
-            for k in range(len(tables) - 1, -1, -1):
-                row = extra._row(k, identity)
-                if row is not None:
-                    found[identity] = _entry(tenant, tables[k], row)
-                    break
+            hit, entry = extra._newest(tenant, identity)
+            if hit:
+                found[identity] = entry
         if self.tables is None:
             return _Bucket(files, None, checked, found=found)
         return _Bucket(files, self.tables + tables, checked, self._ids + extra._ids, found)
