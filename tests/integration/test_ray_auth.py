@@ -123,11 +123,12 @@ def head():
                     pytest.fail(f"ray start --head did not come up: {proc.stderr.read().decode()[-2000:]}")
                 time.sleep(0.5)
         yield {"url": url, "gcs": f"127.0.0.1:{ports['port']}"}
-    finally:  # `ray start` may exit before its GCS and raylet do: the whole group goes
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+    finally:  # `ray start` may exit before its GCS and raylet do: the whole group goes. `ray start
+        # --block` can sit out SIGTERM for long; nothing of this throwaway cluster needs to be saved.
+        for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
             try:
                 os.killpg(proc.pid, sig)
-                proc.wait(timeout=30)
+                proc.wait(timeout=grace)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
 
