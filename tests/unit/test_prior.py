@@ -158,3 +158,24 @@ def test_train_prior_writes_a_loadable_prior_and_resumes_as_if_never_stopped(sha
         warnings.simplefilter("error")
         weights = AdapterWeights(block_specs(model), model.config.cross_attention_dim, 1)
         weights.init_slot(0, torch.Generator(), model.prompt, a.tensors)
+
+
+def test_personalize_command_chooses_the_start(shipped, lfw_bench, tmp_path, capsys):
+    from pfstorer.adapter import Adapter
+    from pfstorer.cli import main
+
+    model, prior = shipped
+    photos = [str(p) for p in next(iter(lfw_bench.values()))[:3]]
+    common = ["personalize", "--base", str(model.weights_location), "--refs", *photos, "--steps", "0", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert Adapter.load(tmp_path / "a").metadata.config["prior_sha256"] == prior.sha256
+    assert main([*common, "--out", str(tmp_path / "b"), "--no-prior"]) == 0
+    zero = Adapter.load(tmp_path / "b")
+    assert zero.metadata.config["prior_sha256"] is None
+    assert all(float(v.abs().max()) == 0 for k, v in zero.tensors.items() if k.endswith("alpha"))
+    stale = Prior(prior.tensors, "f" * 32, "tiny")
+    stale.save(tmp_path / "stale.safetensors")
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "c"), "--prior", str(tmp_path / "stale.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "f" * 32 in err and model.fingerprint in err
