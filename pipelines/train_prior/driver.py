@@ -54,7 +54,8 @@ def train_prior(data: str, out: str | Path, config: TrainPriorConfig = TrainPrio
         p = trainer.probe(probe)
         if p:
             curve["probes"].append({"step": trainer.step, **p})
-            _log(verbose, f"step {trainer.step}: probe loss {p['probe_loss']:.5f} (L_diff {p['probe_diff']:.5f})")
+            other = f", with another person's references {p['probe_loss_other_refs']:.5f}" if len(p) > 2 else ""
+            _log(verbose, f"step {trainer.step}: probe loss {p['probe_loss']:.5f} (L_diff {p['probe_diff']:.5f}){other}")
 
     def save() -> None:
         info = record | {"steps": trainer.step, "seconds": round(seconds, 1),

@@ -59,8 +59,15 @@ class PriorTrainer:
             start += len(refs)
         return draws, feats
 
-    def _terms(self, people: Sequence[tuple[str, list[str]]], seeds: Sequence[int]) -> list[LossTerms]:
+    def _terms(self, people: Sequence[tuple[str, list[str]]], seeds: Sequence[int],
+               others: bool = False) -> list[LossTerms]:
+        """Eq. 5 terms of each person; with ``others``, each attends to the next person's
+        references instead of their own (what the blocks get from identity, not from any face)."""
         draws, feats = self._batch(people, seeds)
+        if others:
+            n = len(draws)
+            feats = {k: feats[(k + 1) % n] for k in draws}
+            draws = {k: d | {"ref": d["ref"] % int(feats[k][0].shape[0])} for k, d in draws.items()}
         terms = self.trainer.batch_loss_terms(draws, feats, {k: SLOT for k in draws})
         return [terms[k] for k in draws]
 
@@ -85,12 +92,19 @@ class PriorTrainer:
 
     @torch.no_grad()
     def probe(self, people: dict[str, list[str]]) -> dict[str, float]:
-        """Eq. 5 and L_diff on held-out people, each with the same draw at every probe."""
+        """Eq. 5 and L_diff on held-out people, each with the same draw at every probe; and
+        eq. 5 with every person attending to another's references (``probe_loss_other_refs``):
+        the gap between the two is what the blocks take from the person's own references."""
         if not people:
             return {}
         names = sorted(people)
-        terms = self._terms([(n, people[n]) for n in names], [self.config.seed * 1_000_003 + i for i in range(len(names))])
-        return {"probe_loss": float(self._mean(terms)), "probe_diff": float(torch.stack([x.diff for x in terms]).mean())}
+        batch = [(n, people[n]) for n in names]
+        seeds = [self.config.seed * 1_000_003 + i for i in range(len(names))]
+        terms = self._terms(batch, seeds)
+        out = {"probe_loss": float(self._mean(terms)), "probe_diff": float(torch.stack([x.diff for x in terms]).mean())}
+        if len(names) > 1:
+            out["probe_loss_other_refs"] = float(self._mean(self._terms(batch, seeds, others=True)))
+        return out
 
     def slot_tensors(self) -> dict[str, torch.Tensor]:
         return self.trainer.weights.slot_tensors(SLOT)

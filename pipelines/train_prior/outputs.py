@@ -79,6 +79,10 @@ def write_curve(out: Path, curve: dict[str, Any]) -> None:
     probes = [p for p in curve["probes"] if "probe_loss" in p]
     if probes:
         ax.plot([p["step"] for p in probes], [p["probe_loss"] for p in probes], marker="o", label="held-out people")
+        other = [p for p in probes if "probe_loss_other_refs" in p]
+        if other:
+            ax.plot([p["step"] for p in other], [p["probe_loss_other_refs"] for p in other], marker="x", ls="--",
+                    label="held-out, another person's references")
     ax.set_xlabel("step")
     ax.set_ylabel("eq. 5 loss")
     ax.set_title(f"reference prior on {curve['preset']} ({curve['device']})", fontsize=9)
