@@ -179,3 +179,14 @@ def test_personalize_command_chooses_the_start(shipped, lfw_bench, tmp_path, cap
     assert main([*common, "--out", str(tmp_path / "c"), "--prior", str(tmp_path / "stale.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "f" * 32 in err and model.fingerprint in err
+
+
+@pytest.mark.parametrize("folder", sorted(p.parent for p in (Path(__file__).resolve().parents[2] / "pfstorer" / "weights").glob(
+    f"*/{PRIOR_FILE}")) or [pytest.param(None, marks=pytest.mark.skip(reason="no base ships a prior yet"))])
+def test_a_shipped_prior_fits_its_base_and_the_size_limit(folder):
+    from pfstorer.model import base_fingerprint
+
+    assert (folder / PRIOR_FILE).stat().st_size <= 20 * 2**20  # ships inside the package
+    _, fingerprint = base_fingerprint(folder.name)  # shipped folders are named after their preset
+    assert Prior.load(folder / PRIOR_FILE).base_fingerprint == fingerprint
+    assert PRIOR_FILE in (folder / "MODEL_CARD.md").read_text()
