@@ -13,7 +13,12 @@ photos, degraded ``light`` and/or ``heavy`` with fixed seeds. Rows:
   DreamBooth row, without prior preservation);
 - **Base + adapters, no alpha**: personalization blocks with alpha fixed at 1
   (``PersonalizeConfig(learn_alpha=False)``; the paper's ViCo row);
-- **PFStorer**: personalization blocks with the learnable alpha (``PersonalizeConfig()``).
+- **PFStorer**: personalization blocks with the learnable alpha (``PersonalizeConfig()``), started
+  from the base's reference prior when it ships one (``--prior``).
+
+``--steps 0`` measures the start alone: each adapter is the reference prior with the person's
+cached references and no fine-tuning (without a prior it is the base itself); the fine-tune and
+no-alpha rows are left out and the gate is :data:`PRIOR_GATES` (heavy ID >= Base + 3).
 
 Columns: PSNR, SSIM, ST-LPIPS, NIQE, LMSE, ID (FaceNet cosine x 100), ID dlib (x 100), each the mean over test
 photos (``None`` where a metric could not be computed, counted in ``n``), then the gate
@@ -25,7 +30,7 @@ Base at PSNR at most 0.2 dB below.
 (the paper's Fig. 9) and draws ``lambda_gen_<level>.png`` (input | base | each lambda_gen |
 original) and ``lambda_gen_<level>_plot.png`` (ID and PSNR against lambda_gen).
 
-Writes ``benchmarks/results/personalization_<level>_<base>_<card>[_sweep][_tune].md`` and ``.json``
+Writes ``benchmarks/results/personalization_<level>_<base>_<card>[_sweep|_gate][_0steps][_tune].md`` and ``.json``
 naming the card, the command and every setting. Example (CPU smoke run)::
 
     python benchmarks/bench_personalization.py --people 2 --steps 20 --max-test 2 --level heavy
@@ -224,27 +229,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.steps is None:
         args.steps = PersonalizeConfig().steps
-    variants: dict[str, PersonalizeConfig] = {"PFStorer": PersonalizeConfig(steps=args.steps, seed=args.seed)}
+    start_only = args.steps == 0  # the reference prior alone: nothing is fine-tuned
+    pc = {"steps": args.steps, "seed": args.seed, "prior": args.prior}
+    variants: dict[str, PersonalizeConfig] = {"PFStorer": PersonalizeConfig(**pc)}
     if args.lambda_gen_sweep:  # Fig. 9: PFStorer at each lambda_gen (the default's row is PFStorer's)
         for lg in (0.0, 0.1, 0.5, 1.0):
-            variants[f"PFStorer, lambda_gen={lg:g}"] = PersonalizeConfig(steps=args.steps, lambda_gen=lg, seed=args.seed)
-    elif not args.gate_only:  # Table 2
-        variants["Base + adapters, no alpha"] = PersonalizeConfig(steps=args.steps, learn_alpha=False, seed=args.seed)
+            variants[f"PFStorer, lambda_gen={lg:g}"] = PersonalizeConfig(**pc, lambda_gen=lg)
+    elif not (args.gate_only or start_only):  # Table 2
+        variants["Base + adapters, no alpha"] = PersonalizeConfig(**pc, learn_alpha=False)
     timings: dict[str, float] = {}
     sweep_rows = [row for row in variants if row.startswith("PFStorer, lambda_gen")]
-    table_rows = ["Input", "Base"] + (["Base + full fine-tune"] if not (args.lambda_gen_sweep or args.gate_only)
-                                      else []) + list(variants)
+    table_rows = ["Input", "Base"] + (["Base + full fine-tune"] if not (args.lambda_gen_sweep or args.gate_only
+                                                                         or start_only) else []) + list(variants)
     figures: dict[str, list[list[torch.Tensor]]] = {level: [] for level in levels}
     # per person: {level: {row: [scores of each test photo]}}; kept in --resume's file as it grows
     scored: dict[int, dict[str, dict[str, list]]] = {}
     progress = Progress(args.resume, {
         "base": model.fingerprint, "split": args.split, "refs": args.refs, "max_test": args.max_test,
         "levels": levels, "rows": table_rows, "steps": args.steps, "sample_steps": args.sample_steps,
-        "seed": args.seed, "ft_lr": args.ft_lr, "identities": [p["identity"] for p in people]})
+        "seed": args.seed, "ft_lr": args.ft_lr, "prior": args.prior, "identities": [p["identity"] for p in people]})
     scored.update(progress.done)
     if scored:
         _log(f"resuming: {len(scored)} of {len(people)} people already scored ({args.resume})")
     personalized = 0
+    prior_used: str | None = None
     for start in range(0, len(people), args.capacity):  # packed: the same adapters as one at a time
         chunk = [(i, p) for i, p in enumerate(people[start:start + args.capacity], start) if i not in scored]
         if not chunk:
@@ -260,6 +268,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             speed = TrainingSpeed(autocast_bf16=args.bf16 and model.device.type == "cuda")
             got = personalize_many(model, jobs, config=cfg, capacity=args.capacity, speed=speed)
             adapters[row] = {a.identity: a for a in got}
+            prior_used = got[0].metadata.config.get("prior_sha256")
             timings[f"personalize: {row}"] = timings.get(f"personalize: {row}", 0.0) + time.perf_counter() - t0
         personalized += len(chunk)
         for i, p in chunk:
@@ -298,7 +307,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         per_row = {row: [x for i in order for x in scored[i][level][row]] for row in table_rows}
         owners = [i for i in order for _ in scored[i][level]["Input"]]  # for intervals over people
         results[level] = {row: summarize(v) for row, v in per_row.items()}
-        results[level]["gate"] = gate(level, results[level], per_photo_gains(per_row["PFStorer"], per_row["Base"], owners))
+        results[level]["gate"] = gate(level, results[level], per_photo_gains(per_row["PFStorer"], per_row["Base"], owners),
+                                      PRIOR_GATES if start_only else GATES)
     if personalized:  # what one identity costs at these settings, packed --capacity at a time
         timings["personalize per identity (PFStorer)"] = timings["personalize: PFStorer"] / personalized
     report_figures = {}
@@ -312,6 +322,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "identities": [p["identity"] for p in people],
         "test_photos": sum(len(p["tests"]) for p in people), "settings": vars(args) | {"data": str(args.data)},
         "personalize": variants["PFStorer"].model_dump(mode="json"),
+        "prior_sha256": prior_used,
         "results": results, "timings_s": timings, "wall_s": time.perf_counter() - t_start,
     }
 
@@ -320,6 +331,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 # the most PSNR it may lose, the share of photos whose ID it must raise.
 GATES = {"heavy": {"id_gain": 8.0, "id_gain_low": 4.0, "psnr_loss": 0.3, "helped": 0.75},
          "light": {"id_gain": 0.0, "id_gain_low": None, "psnr_loss": 0.2, "helped": None}}
+# The reference prior alone (``--steps 0``): heavy ID >= Base + 3; light as fine-tuned.
+PRIOR_GATES = {"heavy": {"id_gain": 3.0, "id_gain_low": None, "psnr_loss": None, "helped": None},
+               "light": GATES["light"]}
 
 
 def per_photo_gains(pf: list[dict[str, float | None]], base: list[dict[str, float | None]],
@@ -336,11 +350,15 @@ def per_photo_gains(pf: list[dict[str, float | None]], base: list[dict[str, floa
             "helped": sum(d > 0 for d in d_id) / len(d_id) if d_id else None, "photos": len(d_id)}
 
 
-def gate(level: str, rows: dict[str, Any], gains: dict[str, Any]) -> dict[str, Any]:
-    """The acceptance gate of one level: PFStorer against Base (:data:`GATES`)."""
-    pf, base, need = rows["PFStorer"], rows["Base"], GATES[level]
+def gate(level: str, rows: dict[str, Any], gains: dict[str, Any],
+         gates: dict[str, dict[str, Any]] = GATES) -> dict[str, Any]:
+    """The acceptance gate of one level: PFStorer against Base (:data:`GATES`, or
+    :data:`PRIOR_GATES` for the prior alone)."""
+    pf, base, need = rows["PFStorer"], rows["Base"], gates[level]
     d_id, d_psnr = pf["id_facenet"] - base["id_facenet"], pf["psnr"] - base["psnr"]
-    checks = [d_id >= need["id_gain"], d_psnr >= -need["psnr_loss"]]
+    checks = [d_id >= need["id_gain"]]
+    if need["psnr_loss"] is not None:
+        checks.append(d_psnr >= -need["psnr_loss"])
     if need["id_gain_low"] is not None:
         checks.append(gains["id_gain_interval"] is not None and gains["id_gain_interval"][0] >= need["id_gain_low"])
     if need["helped"] is not None:
@@ -392,7 +410,8 @@ def to_markdown(report: dict[str, Any]) -> str:
              f"Card: **{report['card']}**. {report['people']} bench people of the {report.get('split', 'report')} "
              f"split, {report['test_photos']} test photos, "
              f"personalization {report['settings']['steps']} steps of {report['personalize']['batch_size']} samples, "
-             f"{report['settings']['sample_steps'] or 'default'} sampling steps. "
+             f"{report['settings']['sample_steps'] or 'default'} sampling steps, "
+             f"adapters started from {'reference prior ' + report['prior_sha256'][:12] if report.get('prior_sha256') else 'zero'}. "
              f"Wall time {report['wall_s']:.0f} s.", "", f"Command: `{report['command']}`", ""]
     arrows = {"psnr": "↑", "ssim": "↑", "st_lpips": "↓", "niqe": "↓", "lmse": "↓", "id_facenet": "↑", "id_dlib": "↑"}
     for level, rows in report["results"].items():
@@ -405,7 +424,8 @@ def to_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         g, need = rows["gate"], rows["gate"]["needed"]
         lo_hi = g["id_gain_interval"] or (float("nan"), float("nan"))
-        asked = [f"ID >= Base + {need['id_gain']:g}", f"PSNR >= Base - {need['psnr_loss']:g} dB"]
+        asked = [f"ID >= Base + {need['id_gain']:g}"]
+        asked += [f"PSNR >= Base - {need['psnr_loss']:g} dB"] if need["psnr_loss"] is not None else []
         asked += [f"interval low end >= +{need['id_gain_low']:g}"] if need["id_gain_low"] is not None else []
         asked += [f"ID raised on >= {need['helped']:.0%} of photos"] if need["helped"] is not None else []
         lines += ["", f"Gate ({level}: {', '.join(asked)}): ID {g['id_gain']:+.2f} (95 % over people "
@@ -429,6 +449,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--level", choices=["light", "heavy", "both"], default="both")
     p.add_argument("--steps", type=int, help="personalization / fine-tune steps (default: PersonalizeConfig's; paper: 500)")
     p.add_argument("--sample-steps", type=int, help="denoising steps per restore (default: the base's)")
+    p.add_argument("--prior", default="base",
+                   help="where adapters start: base (the base's reference prior, if it ships one), none (zero), "
+                        "or a prior.safetensors of this base")
     p.add_argument("--ft-lr", type=float, default=1e-5, help="learning rate of the full fine-tune row")
     p.add_argument("--capacity", type=int, default=16, help="identities personalized together (packed)")
     p.add_argument("--lambda-gen-sweep", action="store_true",
@@ -448,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", report["card"].lower()).strip("-")
     kind = ("_sweep" if args.lambda_gen_sweep else "_gate" if args.gate_only else "") + (
-        "_tune" if args.split == "tune" else "")
+        "_0steps" if args.steps == 0 else "") + ("_tune" if args.split == "tune" else "")
     stem = args.out / f"personalization_{args.level}_{args.base}_{slug}{kind}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
     stem.with_suffix(".md").write_text(to_markdown(report))

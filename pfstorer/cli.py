@@ -118,7 +118,8 @@ def cmd_personalize(args: argparse.Namespace) -> int:
 
     paths = list_images(args.refs)
     given = {"steps": args.steps, "seed": args.seed, "lr": args.lr, "alpha_lr": args.alpha_lr,
-             "lambda_gen": args.lambda_gen, "batch_size": args.batch_size}
+             "lambda_gen": args.lambda_gen, "batch_size": args.batch_size,
+             "prior": "none" if args.no_prior else args.prior}
     base_config = Settings.load().personalize  # what `pfstorer run` would use: one source of defaults
     config = PersonalizeConfig(**(base_config.model_dump() | {k: v for k, v in given.items() if v is not None}))
     from .training import check_references
@@ -132,7 +133,8 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     (adapter,) = personalize_many(model, [job], config=config, capacity=1, speed=speed, progress=not args.quiet)
     out = adapter.save(args.out)
     losses = ", ".join(f"{k}={v:.4g}" for k, v in adapter.metadata.final_losses.items())
-    print(f"adapter for {identity!r} ({len(refs)} references, {adapter.metadata.steps} steps) -> {out}")
+    start = "the reference prior" if adapter.metadata.config.get("prior_sha256") else "zero"
+    print(f"adapter for {identity!r} ({len(refs)} references, {adapter.metadata.steps} steps from {start}) -> {out}")
     print(f"losses: {losses}")
     return 0
 
@@ -278,13 +280,20 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--tenant", help="tenant that owns this person (recorded in the metadata)")
     d = PersonalizeConfig()
     note = "default: settings personalize."
-    p.add_argument("--steps", type=int, help=f"optimisation steps (paper: 500; 0 = fresh adapter; {note}steps, {d.steps})")
+    p.add_argument("--steps", type=int, help=f"optimisation steps (paper: 500; 0 = the starting adapter: the prior with the person's "
+                        f"references, or, without one, the base itself; {note}steps, {d.steps})")
     p.add_argument("--batch-size", type=int, help=f"LQ samples per step ({note}batch_size, {d.batch_size})")
     p.add_argument("--lr", type=float, help=f"learning rate of the adapter's projections and token ({note}lr, {d.lr:g})")
     p.add_argument("--alpha-lr", type=float, help=f"learning rate of the gates alpha ({note}alpha_lr, {d.alpha_lr:g})")
     p.add_argument("--lambda-gen", type=float,
                    help=f"weight of the generative regulariser (paper: 0.1; {note}lambda_gen, {d.lambda_gen:g})")
     p.add_argument("--seed", type=int, help=f"seed of every random choice (same seed, same adapter; {note}seed, {d.seed})")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--prior", metavar="PRIOR_FILE",
+                       help="start the adapter from this reference prior (prior.safetensors of this base; "
+                            f"default: {note}prior, {d.prior!r}: the base's own prior when it ships one)")
+    start.add_argument("--no-prior", action="store_true",
+                       help="start from zero (random projections, alpha = 0) even where the base has a prior")
     p.add_argument("--bf16", action="store_true", help="run the frozen base under bf16 autocast (GPU)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute UNet blocks in backward: less memory, slower")

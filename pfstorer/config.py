@@ -36,6 +36,9 @@ class PersonalizeConfig(BaseModel):
     max_refs: int = Field(20, ge=1, description="more reference photos: the extra ones are quarantined")
     seed: int = 0
     learn_alpha: bool = Field(True, description="False freezes alpha at 1: the 'Base + ViCo' ablation")
+    prior: str = Field("base", min_length=1, description="where each adapter starts: 'base', the reference prior "
+                       "shipped beside the base's weights when it has one (else zero); 'none', zero (random "
+                       "projections, alpha = 0); or the path of a prior.safetensors (pfstorer.prior)")
 
     @model_validator(mode="after")
     def _check_refs(self) -> PersonalizeConfig:

@@ -59,5 +59,13 @@ class AdapterMismatchError(AdapterError):
     """An adapter trained on a different base model than the one loaded."""
 
 
+class PriorError(AdapterError):
+    """A missing or corrupt reference prior, or one whose blocks do not fit the base."""
+
+
+class PriorMismatchError(PriorError):
+    """A reference prior trained on a different base model than the one loaded."""
+
+
 class WeightsUnavailableError(PFStorerError):
     """A preset whose weights are not on this machine (they are never downloaded)."""

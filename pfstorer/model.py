@@ -157,6 +157,9 @@ class RestorationModel(nn.Module):
             module.register_forward_hook(self._pb_hook(i))
         self._fingerprint: str | None = None
         self._compiled = None
+        # where load_base read the weights (folder or URL; None: seeded random weights): files
+        # shipped beside them, such as the reference prior, are found from here
+        self.weights_location: str | None = None
 
     # -- structure -------------------------------------------------------------------------
     def _collect_resnets(self) -> list[tuple[nn.Module, int, int]]:
@@ -467,6 +470,7 @@ def load_base(
                 f"checkpoint does not match preset {config.name!r}: "
                 f"{len(missing)} missing, {len(unexpected)} unexpected tensors"
             )
+    model.weights_location = location
     return model.to(device=resolve_device(device), dtype=dtype).freeze()
 
 

@@ -41,6 +41,9 @@ from torch import nn
 from .errors import AdapterError
 
 INFERENCE_KEYS = ("alpha", "to_q", "to_out", "txt_k", "txt_v", "ref_k", "ref_v")
+TRAINABLE_KEYS = ("alpha", "to_q", "to_out", "txt_k", "txt_v", "img_k", "img_v")
+"""The trainable tensors of one block of one slot (with the slot's ``token``): what a reference
+prior holds (:mod:`pfstorer.prior`)."""
 
 
 @dataclass(frozen=True)
@@ -140,11 +143,17 @@ class AdapterWeights(nn.Module):
         self.blocks = tuple(PersonalizationBlock(s) for s in specs)  # a tuple: no state-dict entries
 
     @torch.no_grad()
-    def init_slot(self, slot: int, generator: torch.Generator, prompt: torch.Tensor) -> None:
-        """Fresh adapter in ``slot``: alpha = 0, projections Xavier-like, token near the prompt.
+    def init_slot(self, slot: int, generator: torch.Generator, prompt: torch.Tensor,
+                  prior: dict[str, torch.Tensor] | None = None) -> None:
+        """Fresh adapter in ``slot``: alpha = 0, projections Xavier-like, token near the prompt;
+        or, given a reference ``prior`` (:meth:`slot_tensors` of a slot trained across many
+        people), a copy of it, so the adapter uses references before its first step.
 
         Drawn only from ``generator`` so an identity starts the same whichever slot it lands in.
         """
+        if prior is not None:
+            self.load_slot(slot, prior)
+            return
 
         def rnd(shape: tuple[int, ...], std: float) -> torch.Tensor:
             return torch.randn(shape, generator=generator) * std
@@ -162,6 +171,32 @@ class AdapterWeights(nn.Module):
                 (self.to_out, s.inner),
             ):
                 plist[i][slot] = rnd(plist[i].shape[1:], 1 / math.sqrt(fan_in)).to(dev)
+
+    def _named(self) -> dict[str, torch.nn.Parameter]:
+        """Every trainable tensor by its slot-tensor name (``token``, ``blocks.{i}.{key}``)."""
+        out = {"token": self.token}
+        for i in range(len(self.specs)):
+            for key in TRAINABLE_KEYS:
+                out[f"blocks.{i}.{key}"] = getattr(self, key)[i]
+        return out
+
+    @torch.no_grad()
+    def slot_tensors(self, slot: int) -> dict[str, torch.Tensor]:
+        """CPU copies of one slot's trainable tensors, by name (see :data:`TRAINABLE_KEYS`)."""
+        return {name: p[slot].detach().to("cpu", copy=True).contiguous() for name, p in self._named().items()}
+
+    @torch.no_grad()
+    def load_slot(self, slot: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy :meth:`slot_tensors` (of this or another adapter of the same base) into ``slot``."""
+        named = self._named()
+        if set(tensors) != set(named):
+            missing, extra = sorted(set(named) - set(tensors)), sorted(set(tensors) - set(named))
+            raise AdapterError(f"block tensors do not fit this base: missing {missing[:3]}, unexpected {extra[:3]}")
+        for name, p in named.items():
+            if tuple(tensors[name].shape) != tuple(p.shape[1:]):
+                raise AdapterError(f"block tensor {name} has shape {tuple(tensors[name].shape)}, "
+                                   f"base expects {tuple(p.shape[1:])}")
+            p[slot] = tensors[name].to(p.device, p.dtype)
 
     def text_kv(self, block: int, slots: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of the prompt followed by each row's token ``*``: [n, T+1, inner]."""

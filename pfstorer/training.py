@@ -46,6 +46,7 @@ from .personalization import (
     block_specs,
     pool_reference,
 )
+from .prior import Prior, resolve_prior
 
 
 @dataclass
@@ -192,7 +193,8 @@ class PackedTrainer:
     """Trains up to ``capacity`` identities at once on one frozen base (capacity 1 = solo).
 
     ``speed`` (bf16 autocast, gradient checkpointing) changes how the hardware is used, not
-    the method: see :class:`~pfstorer.config.TrainingSpeed`.
+    the method: see :class:`~pfstorer.config.TrainingSpeed`. Every slot starts from the reference
+    prior ``config.prior`` names (:func:`~pfstorer.prior.resolve_prior`), or from zero without one.
     """
 
     def __init__(
@@ -207,6 +209,7 @@ class PackedTrainer:
         self.capacity = capacity
         self.speed = speed
         self.weights = AdapterWeights(block_specs(model), model.config.cross_attention_dim, capacity).to(model.device, model.dtype)
+        self.prior: Prior | None = resolve_prior(model, config.prior)
         if not config.learn_alpha:
             for a in self.weights.alpha:
                 a.requires_grad_(False)
@@ -231,14 +234,13 @@ class PackedTrainer:
         k = free[0]
         seed = self.config.seed if job.seed is None else job.seed
         gen = torch.Generator("cpu").manual_seed(seed)
-        self.weights.init_slot(k, gen, self.model.prompt)
+        self.weights.init_slot(k, gen, self.model.prompt, None if self.prior is None else self.prior.tensors)
         if not self.config.learn_alpha:
             with torch.no_grad():
                 for a in self.weights.alpha:
                     a[k].fill_(1.0)
         self.opt.reset(k)
-        size = self.model.config.sample_size
-        refs = [_limit_side(frame_face(r.float()), 2 * size) for r in job.references]
+        refs = self.prepare_references(job.references)
         self.slots[k] = _Slot(job, refs, self.reference_features(refs), np.random.default_rng(seed), gen)
         if resume is None:
             self.slots[k].probe_start = self.probe_loss(k)
@@ -293,18 +295,25 @@ class PackedTrainer:
     def _draw(self, slot: _Slot) -> dict[str, torch.Tensor]:
         """All random inputs of one identity's step, from that identity's own generators only
         (so a draw made ahead, in another thread, is the draw it would have been)."""
+        return self.draw(slot.refs, slot.rng, slot.gen)
+
+    def draw(self, refs: Sequence[torch.Tensor], rng: np.random.Generator, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """One person's step inputs from their (prepared) photos ``refs``: ``batch_size`` targets,
+        each a random crop of one photo degraded to its LQ, attending to *another* photo's
+        reference features (``ref``: its index in ``refs``); noise and timesteps. Random only
+        through ``rng`` and ``gen``."""
         from .degradations import random_crop_resize, synthesize_lq
 
         c, size, b = self.config, self.model.config.sample_size, self.config.batch_size
         hq, lq, ref = [], [], []
-        n = len(slot.refs)
+        n = len(refs)
         for _ in range(b):
-            i = int(slot.rng.integers(n))
-            crop = random_crop_resize(slot.refs[i], size, slot.rng, c.crop_scale)
+            i = int(rng.integers(n))
+            crop = random_crop_resize(refs[i], size, rng, c.crop_scale)
             hq.append(crop)
-            lq.append(synthesize_lq(crop, slot.rng, levels=c.levels, p_hq=c.p_hq))
+            lq.append(synthesize_lq(crop, rng, levels=c.levels, p_hq=c.p_hq))
             # the reference is another photo of the person: its own photo would teach copying
-            j = int(slot.rng.integers(max(1, n - 1)))
+            j = int(rng.integers(max(1, n - 1)))
             ref.append(j + (j >= i) if n > 1 else i)
         m = self.model
         with torch.no_grad():
@@ -312,15 +321,15 @@ class PackedTrainer:
         ref_idx = torch.tensor(ref)  # which reference's features each row attends to
         shape = tuple(z0.shape)
         total = m.config.train_t_max  # the timesteps the preset samples
-        t = torch.randint(0, total, (b,), generator=slot.gen)
+        t = torch.randint(0, total, (b,), generator=gen)
         t_start = m.config.sampling.t_start
         p_start = c.p_lq_start if t_start < m.config.num_train_timesteps else 0.0
-        start = torch.rand(b, generator=slot.gen) < p_start  # rows as restore starts: from the diffused LQ
-        out = {"z0": z0, "lq": lq_lat, "ref": ref_idx, "noise": torch.randn(shape, generator=slot.gen),
+        start = torch.rand(b, generator=gen) < p_start  # rows as restore starts: from the diffused LQ
+        out = {"z0": z0, "lq": lq_lat, "ref": ref_idx, "noise": torch.randn(shape, generator=gen),
                "t": torch.where(start, torch.full_like(t, t_start), t), "start": start}
         if c.lambda_gen > 0:
-            out["noise_gen"] = torch.randn(shape, generator=slot.gen)
-            out["t_gen"] = torch.randint(0, total, (b,), generator=slot.gen)
+            out["noise_gen"] = torch.randn(shape, generator=gen)
+            out["t_gen"] = torch.randint(0, total, (b,), generator=gen)
         return out
 
     def _noisy(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -348,16 +357,10 @@ class PackedTrainer:
         c, m = self.config, self.model
         draws = {k: self._next_draw(self.slots[k]) for k in active}
         self._draw_ahead(active)
-        x, t, lq, row_slots, ref_tokens = self._pack(active, draws)
-        maps: list[tuple[torch.Tensor, torch.Tensor]] = []
-        pb = PBRun(self.weights, torch.tensor(row_slots, device=m.device), m.prompt, m.config.adapter.ref_pool,
-                   ref_tokens=ref_tokens, maps=maps)
-        with torch.autocast(m.device.type, torch.bfloat16, enabled=self.speed.autocast_bf16):
-            pred = m.denoise(x, t, lq, pb)
-        pers_rows = pers_loss(maps) if c.lambda_pers > 0 else None
+        all_terms = self.batch_loss_terms(draws, {k: self.slots[k].ref_tokens for k in active}, {k: k for k in active})
         total = torch.zeros((), device=m.device)
-        for j, k in enumerate(active):
-            terms = self._loss_terms(j, len(active), draws[k], pred, pers_rows, [i for i, s in enumerate(row_slots) if s == k])
+        for k in active:
+            terms = all_terms[k]
             loss_k = terms.total(c.lambda_gen, c.lambda_pers)
             total = total + loss_k
             self.slots[k].curve.append(float(loss_k.detach()))
@@ -381,11 +384,33 @@ class PackedTrainer:
                 slot.ahead = pool.submit(self._timed_draw, slot)
                 self.data_stats["ahead"] += 1
 
-    def _pack(self, active: list[int], draws: dict[int, dict[str, torch.Tensor]]
+    def batch_loss_terms(self, draws: dict[int, dict[str, torch.Tensor]], ref_tokens: dict[int, list[torch.Tensor]],
+                         weight_slots: dict[int, int]) -> dict[int, LossTerms]:
+        """The eq. 5 terms of every draw (:meth:`draw`), all rows in one batch of the frozen base.
+
+        Draw ``k`` (an identity, or one person of a reference prior's batch) attends to its
+        reference features ``ref_tokens[k]`` (per block ``[n_refs, P, C]``, picked by the draw's
+        ``ref``) through adapter slot ``weight_slots[k]``: its own slot when each identity trains
+        its adapter, one shared slot when a prior is trained across people.
+        """
+        c, m = self.config, self.model
+        keys = list(draws)
+        x, t, lq, row_keys, refs = self._pack(keys, draws, ref_tokens)
+        maps: list[tuple[torch.Tensor, torch.Tensor]] = []
+        pb = PBRun(self.weights, torch.tensor([weight_slots[k] for k in row_keys], device=m.device), m.prompt,
+                   m.config.adapter.ref_pool, ref_tokens=refs, maps=maps)
+        with torch.autocast(m.device.type, torch.bfloat16, enabled=self.speed.autocast_bf16):
+            pred = m.denoise(x, t, lq, pb)
+        pers_rows = pers_loss(maps) if c.lambda_pers > 0 else None
+        return {k: self._loss_terms(j, len(keys), draws[k], pred, pers_rows, [i for i, s in enumerate(row_keys) if s == k])
+                for j, k in enumerate(keys)}
+
+    def _pack(self, active: list[int], draws: dict[int, dict[str, torch.Tensor]],
+              ref_tokens: dict[int, list[torch.Tensor]],
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[torch.Tensor]]:
         """The batch of one step: the L_diff rows of every identity (noised HQ or, for rows drawn
         as sampling starts, noised LQ; eq. 2), then, with lambda_gen > 0, their L_gen rows (null
-        LQ; eq. 4). Returns the noisy inputs, timesteps, LQs, each row's slot and each row's
+        LQ; eq. 4). Returns the noisy inputs, timesteps, LQs, each row's key and each row's
         reference tokens per block."""
         m = self.model
         xs, ts, lqs, row_slots, refs = [], [], [], [], []
@@ -403,8 +428,8 @@ class PackedTrainer:
                     lqs.append(m.null_lq(d["lq"]))
                 row_slots += [k] * self.config.batch_size
                 refs.append((k, d["ref"]))
-        ref_tokens = [torch.cat([self.slots[k].ref_tokens[i][idx] for k, idx in refs]) for i in range(len(self.weights.specs))]
-        return torch.cat(xs), torch.cat(ts).to(m.device), torch.cat(lqs), row_slots, ref_tokens
+        rows = [torch.cat([ref_tokens[k][i][idx] for k, idx in refs]) for i in range(len(self.weights.specs))]
+        return torch.cat(xs), torch.cat(ts).to(m.device), torch.cat(lqs), row_slots, rows
 
     def _loss_terms(self, j: int, n_active: int, d: dict[str, torch.Tensor], pred: torch.Tensor,
                     pers_rows: torch.Tensor | None, own_rows: list[int]) -> LossTerms:
@@ -451,6 +476,12 @@ class PackedTrainer:
         pred = m.denoise(self._noisy(z0, noise, ts), ts.to(m.device), lq_lat, pb)
         return float(F.mse_loss(pred.float(), m.target(z0, noise).float()))
 
+    def prepare_references(self, photos: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Reference photos as training uses them: cut to the face where they show a scene
+        (:func:`~pfstorer.framing.frame_face`), big ones shrunk (cheap random crops)."""
+        size = self.model.config.sample_size
+        return [_limit_side(frame_face(r.float()), 2 * size) for r in photos]
+
     @torch.no_grad()
     def reference_features(self, refs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The frozen base's features of each reference at every block, pooled: ``[n_refs, P, C]``
@@ -481,7 +512,9 @@ class PackedTrainer:
                   "seconds": time.perf_counter() - slot.started}
         meta = AdapterMetadata(
             identity=slot.job.identity, tenant=slot.job.tenant, base_fingerprint=m.fingerprint,
-            base_preset=m.config.name, config=c.model_dump(mode="json") | {"seed": slot.job.seed if slot.job.seed is not None else c.seed},
+            base_preset=m.config.name, config=c.model_dump(mode="json") | {
+                "seed": slot.job.seed if slot.job.seed is not None else c.seed,
+                "prior_sha256": None if self.prior is None else self.prior.sha256},
             steps=slot.step, final_losses={k2: v for k2, v in losses.items() if not math.isnan(v)},
             loss_curve=slot.curve, references=list(slot.job.reference_names),
         )

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Source", "draw_batch", "holdout_people", "load_split", "native_crop", "probe_holdout"]
+__all__ = ["Source", "draw_batch", "holdout_people", "load_split", "native_crop", "probe_holdout", "training_rows"]
 
 
 class Source(BaseModel):
@@ -55,15 +55,9 @@ def _read_index(data: str) -> list[dict[str, str]]:
     return rows
 
 
-def load_split(data: str, split: str = "train", limit: int | None = None,
-               seed: int = 0) -> tuple[list[np.ndarray], list[str]]:
-    """Decode every photo of ``split`` once: ``(uint8 arrays [H,W,3], identities)``.
-
-    Refuses the bench split, and any split that shares an identity with it.
-    """
-    import fsspec
-    from PIL import Image
-
+def training_rows(data: str, split: str = "train") -> list[dict[str, str]]:
+    """The ``index.csv`` rows of ``split``, refusing the bench split and any split that shares an
+    identity with it (benchmarks must never have seen their people)."""
     from pfstorer.errors import InputError
 
     if split == "bench":
@@ -76,6 +70,20 @@ def load_split(data: str, split: str = "train", limit: int | None = None,
     leak = sorted({r["identity"] for r in chosen} & bench)
     if leak:
         raise InputError(f"split {split!r} shares {len(leak)} identities with bench (e.g. {leak[:3]}): refusing")
+    return chosen
+
+
+def load_split(data: str, split: str = "train", limit: int | None = None,
+               seed: int = 0) -> tuple[list[np.ndarray], list[str]]:
+    """Decode every photo of ``split`` once: ``(uint8 arrays [H,W,3], identities)``.
+
+    Refuses the bench split, and any split that shares an identity with it.
+    """
+    import fsspec
+    from PIL import Image
+
+
+    chosen = training_rows(data, split)
     if limit is not None and limit < len(chosen):
         pick = np.random.default_rng(seed).choice(len(chosen), size=limit, replace=False)
         chosen = [chosen[i] for i in sorted(pick)]
@@ -135,7 +143,11 @@ def draw_batch(sources: Sequence[tuple[Sequence[np.ndarray], Source]], n: int, c
     ``p_hq``, ``p_sr``)."""
     import torch
 
-    from pfstorer.degradations import random_crop_resize, synthesize_lq, synthesize_sr_lq
+    from pfstorer.degradations import (
+        random_crop_resize,
+        synthesize_lq,
+        synthesize_sr_lq,
+    )
 
     rng = np.random.default_rng([c.seed, rank, step])
     weights = np.array([s.weight for _, s in sources], dtype=float)
