@@ -28,7 +28,7 @@ def compact():
 def test_compact_weights_load_on_cpu(compact):
     import json
 
-    from pfstorer.model import WEIGHTS_DIR, load_base
+    from pfstorer.model import WEIGHTS_DIR, base_fingerprint, load_base
     from pfstorer.presets import get_preset
 
     assert compact.config == get_preset("compact")
@@ -39,6 +39,11 @@ def test_compact_weights_load_on_cpu(compact):
     assert json.loads((shipped / "config.json").read_text())["name"] == "compact"
     # the shipped weights are trained, not the seeded random init (which is the identity map)
     assert compact.fingerprint != load_base("compact", random_weights=True).fingerprint
+    # by name or by folder, one base: the folder's config is the preset's (adapter shape included),
+    # and the fingerprint in the file's header is the one loading computes
+    by_folder = load_base(str(shipped))
+    assert by_folder.config == compact.config and by_folder.fingerprint == compact.fingerprint
+    assert base_fingerprint(str(shipped))[1] == base_fingerprint("compact")[1] == compact.fingerprint
 
 
 @pytest.mark.parametrize("level", ["heavy", "light"])
