@@ -39,6 +39,7 @@ def _cmd(args: argparse.Namespace) -> int:
         "face_scale": tuple(args.face_scale) if args.face_scale else None, "p_sr": args.p_sr,
         "adv_weight": args.adv_weight, "fm_weight": args.fm_weight, "disc_lr": args.disc_lr,
         "disc_width": args.disc_width, "adv_start": args.adv_start, "adv_ramp": args.adv_ramp,
+        "detail_weight": args.detail_weight,
     }
     if args.init and "://" not in args.init and Path(args.init).exists():  # workers run elsewhere
         fields["init"] = str(Path(args.init).resolve())
@@ -84,6 +85,9 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--fm-weight", type=float, help="feature-matching weight in the adversarial loss (default 1)")
     p.add_argument("--adv-start", type=int, help="step the adversarial loss starts acting (default 0)")
     p.add_argument("--adv-ramp", type=int, help="steps over which its weight rises to --adv-weight (default 0)")
+    p.add_argument("--detail-weight", type=float,
+                   help="weight of the detail-energy loss: the restored face must carry as much fine detail, "
+                        "window by window, as the truth (default 0: off)")
     p.add_argument("--disc-lr", type=float, help="discriminator learning rate (default 2e-4)")
     p.add_argument("--disc-width", type=int, help="discriminator width (default 32)")
     p.add_argument("--split", default="train", help="split of index.csv to train on (bench is refused)")

@@ -46,6 +46,8 @@ class TrainBaseConfig(BaseModel):
     adv_start: int = Field(0, ge=0, description="step at which the adversarial loss starts acting on the restorer "
                            "(the discriminator trains from step 0, so it is informative by then)")
     adv_ramp: int = Field(0, ge=0, description="steps over which the adversarial weight rises linearly to adv_weight")
+    detail_weight: float = Field(0.0, ge=0, description="weight of the detail-energy loss on the x0 estimates "
+                                 "of rows drawn as sampling starts (0: off; pfstorer.base_objective.detail_loss)")
     disc_lr: float = Field(2e-4, gt=0, description="learning rate of the discriminator (AdamW, 0.5/0.99)")
     disc_width: int = Field(32, ge=4, description="channels of the discriminator's first stage")
     levels: tuple[str, ...] = ("light", "heavy")

@@ -8,8 +8,12 @@ from typing import Any
 from pfstorer.base_objective import x0_estimate
 from pipelines.train_base.config import TrainBaseConfig
 
-PROBE_FACE_PX = 160  # held-out photos of large-face sources are probed with faces of this size
-PROBE_MAX_SIDE = 256
+# Held-out photos of large-face sources are shrunk so the face is PROBE_FACE_TILES of the preset's
+# tile wide (compact: 160 px), and every probe photo is centre-cropped to PROBE_MAX_TILES tiles a
+# side (compact: 256 px): a probe costs a few steps whatever the preset, since attention is
+# quadratic in the side.
+PROBE_FACE_TILES = 1.25
+PROBE_MAX_TILES = 2
 
 
 class HeldOutProbe:
@@ -23,7 +27,8 @@ class HeldOutProbe:
 
     Every source gives its own group of held-out photos; keys of groups after the first are
     prefixed ``NAME/``. Photos of sources with large faces are shrunk so the face is
-    ``PROBE_FACE_PX`` wide and centre-cropped to at most ``PROBE_MAX_SIDE``.
+    ``PROBE_FACE_TILES`` of the preset's tile wide, and all are centre-cropped to at most
+    ``PROBE_MAX_TILES`` tiles a side.
     """
 
     def __init__(self, groups: list[tuple[str, Any, float]], model, c: TrainBaseConfig) -> None:
@@ -36,16 +41,17 @@ class HeldOutProbe:
 
         cfg = model.config
         g = cfg.granularity
+        probe_face_px, max_side = PROBE_FACE_TILES * cfg.sample_size, PROBE_MAX_TILES * cfg.sample_size
         self.groups = []
         for k, (name, ref, face_px) in enumerate(groups):
             photos = ray.get(ref)
             hqs = []
             for ph in photos:
                 x = torch.from_numpy(ph.copy()).permute(2, 0, 1).float() / 255.0
-                s = min(1.0, PROBE_FACE_PX / face_px)
+                s = min(1.0, probe_face_px / face_px)
                 if s < 1:
                     x = resize(x, (round(x.shape[1] * s), round(x.shape[2] * s)))
-                side = (min(*x.shape[1:], PROBE_MAX_SIDE) // g) * g
+                side = (min(*x.shape[1:], max_side) // g) * g
                 top, left = (x.shape[1] - side) // 2, (x.shape[2] - side) // 2
                 hqs.append(x[:, top:top + side, left:left + side])
             hq = torch.stack(hqs).contiguous()

@@ -72,6 +72,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from pfstorer.base_objective import (
         adversarial_weight,
         denoising_loss,
+        detail_loss,
         noised_batch,
         x0_estimate,
     )
@@ -170,13 +171,18 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             pred = net(x.z_t.to(model.dtype), x.t, lq_lat)
         loss, per_row = denoising_loss(pred, model.target(z0.float(), x.noise), x.a, c.loss, c.loss_weighting)
-        # The detail objective: on the rows drawn as sampling starts, what sampling returns
-        # (the x0 estimate) must look real to the discriminator (pfstorer.adversarial).
+        # The detail objectives: on the rows drawn as sampling starts, what sampling returns
+        # (the x0 estimate) must look real to the discriminator (pfstorer.adversarial) and carry
+        # the truth's amount of fine detail (detail_loss).
         adv_rows = x.start if p_start > 0 else torch.ones_like(x.start)
         fake = None
-        if disc is not None and bool(adv_rows.any()):
+        if (disc is not None or c.detail_weight > 0) and bool(adv_rows.any()):
             fake, real = x0_estimate(model, x.z_t, pred.float(), x.a)[adv_rows], z0.float()[adv_rows]
-            w_adv = adversarial_weight(step, c.adv_weight, c.adv_start, c.adv_ramp)
+            if c.detail_weight > 0:
+                d_term = detail_loss(fake, real)
+                loss = loss + c.detail_weight * d_term
+                state.setdefault("detail_losses", []).append(round(float(d_term.detach()), 5))
+            w_adv = adversarial_weight(step, c.adv_weight, c.adv_start, c.adv_ramp) if disc is not None else 0.0
             if w_adv > 0:
                 disc.requires_grad_(False)
                 g_adv = restorer_adversarial_loss(disc, fake, real, c.fm_weight)
@@ -187,7 +193,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
         opt.step()
-        if fake is not None:
+        if fake is not None and disc is not None:
             real_logits, _ = disc(real)
             fake_logits, _ = disc(fake.detach())
             d_loss = discriminator_loss(real_logits, fake_logits)

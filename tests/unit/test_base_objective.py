@@ -8,6 +8,7 @@ import torch
 from pfstorer.base_objective import (
     adversarial_weight,
     denoising_loss,
+    detail_loss,
     noised_batch,
     x0_estimate,
 )
@@ -43,3 +44,20 @@ def test_noised_batch_is_diffuse_and_x0_estimate_inverts_it() -> None:
     assert torch.equal(x.z_t, diffuse(model, z0, x.noise, x.t))
     assert torch.equal(x.a.view(-1), ac[x.t])
     assert torch.allclose(x0_estimate(model, x.z_t, x.noise, x.a), z0, atol=1e-4)
+
+
+def test_detail_loss_asks_for_the_truths_amount_of_detail_not_its_placement() -> None:
+    g = torch.Generator().manual_seed(0)
+    texture = torch.rand(2, 3, 32, 32, generator=g) * 0.4 - 0.2
+    blur = torch.nn.functional.avg_pool2d(texture, 5, 1, 2, count_include_pad=False)
+    shifted = texture.roll(1, dims=-1)  # the same texture, a pixel off: L1 calls it as wrong as a blur
+    assert detail_loss(texture, texture).item() == 0.0
+    assert (shifted - texture).abs().mean() > (blur - texture).abs().mean()
+    assert detail_loss(shifted, texture).item() < 0.1 * detail_loss(blur, texture).item()
+    assert detail_loss(2 * texture, texture).item() > detail_loss(blur, texture).item() / 2  # too much costs too
+    flat = torch.zeros_like(texture)
+    both = torch.cat([flat[..., :16], texture[..., 16:]], -1)  # detail only where the truth has it
+    assert detail_loss(both, both).item() == 0.0 and detail_loss(texture, both).item() > 0
+    blur.requires_grad_(True)
+    detail_loss(blur, texture).backward()
+    assert torch.isfinite(blur.grad).all() and blur.grad.abs().sum() > 0
