@@ -474,6 +474,12 @@ def load_base(
     return model.to(device=resolve_device(device), dtype=dtype).freeze()
 
 
+def base_weights_location(base: str = "tiny", *, weights: str | None = None) -> str | None:
+    """Where :func:`load_base` would read the weights of ``base`` from (None: seeded random
+    weights), without reading them."""
+    return _resolve(base, weights, False)[1]
+
+
 def base_fingerprint(base: str = "tiny", *, weights: str | None = None) -> tuple[BaseConfig, str]:
     """The config and :attr:`~RestorationModel.fingerprint` of the base :func:`load_base` would
     give, from the weights' header where :meth:`~RestorationModel.save` wrote it: a driver that

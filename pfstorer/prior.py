@@ -109,8 +109,41 @@ class Prior:
 def base_prior_path(model) -> str | None:
     """Where the base's own prior would be: ``prior.safetensors`` beside its weights (None for
     seeded random weights, which have no folder)."""
-    location = getattr(model, "weights_location", None)
+    return _prior_file(getattr(model, "weights_location", None))
+
+
+def _prior_file(location: str | None) -> str | None:
+    """``prior.safetensors`` in the weights folder ``location`` (None: no folder)."""
     return None if location is None else f"{str(location).rstrip('/')}/{PRIOR_FILE}"
+
+
+def _exists(path: str) -> bool:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    return bool(fs.exists(root))
+
+
+def planned_prior_sha256(base: str, weights: str | None, fingerprint: str, choice: str) -> str | None:
+    """The sha256 of the prior that :func:`resolve_prior` would give a base, read without loading
+    the base (None: start from zero).
+
+    A run's planner puts it in each job's key, so a retrained prior retrains people, while the
+    same prior under another path does not. The rules are :func:`resolve_prior`'s: a prior of
+    another base beside the weights is skipped; one named explicitly is keyed by its content
+    (training refuses it, naming both fingerprints).
+    """
+    from .model import base_weights_location
+
+    if choice == NO_PRIOR:
+        return None
+    path = choice if choice != USE_BASE_PRIOR else _prior_file(base_weights_location(base, weights=weights))
+    if path is None or (choice == USE_BASE_PRIOR and not _exists(path)):
+        return None
+    prior = Prior.load(path)
+    if choice == USE_BASE_PRIOR and prior.base_fingerprint != fingerprint:
+        return None
+    return prior.sha256
 
 
 def resolve_prior(model, choice: str) -> Prior | None:
@@ -127,12 +160,7 @@ def resolve_prior(model, choice: str) -> Prior | None:
         prior.check_base(model)
         return prior
     path = base_prior_path(model)
-    if path is None:
-        return None
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(path)
-    if not fs.exists(root):
+    if path is None or not _exists(path):
         return None
     prior = Prior.load(path)
     try:

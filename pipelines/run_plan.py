@@ -194,6 +194,7 @@ def prepare_run(
     (:func:`pfstorer.model.base_fingerprint`), so the driver never holds the weights.
     """
     from pfstorer.model import base_fingerprint
+    from pfstorer.prior import planned_prior_sha256
     from pipelines.manifest import manifest_hash
     from pipelines.validate import validate_from_settings, write_quarantine
 
@@ -230,6 +231,8 @@ def prepare_run(
     preset, licence = base_config.name, str(getattr(base_config, "license", ""))
     config = settings.personalize
     key_config = config.model_dump(mode="json")
+    # the prior by content, not by name: a retrained prior beside the base retrains people
+    key_config["prior"] = planned_prior_sha256(settings.base, settings.base_weights, fingerprint, config.prior)
     if dry_train:
         key_config["dry_train"] = True
     lookup = _Registered(_registry(settings), {t for t, _ in validation.jobs})

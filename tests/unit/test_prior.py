@@ -13,7 +13,7 @@ from pfstorer.errors import AdapterError, PriorError, PriorMismatchError
 from pfstorer.images import load_image
 from pfstorer.model import load_base
 from pfstorer.personalization import AdapterWeights, block_specs
-from pfstorer.prior import PRIOR_FILE, Prior, resolve_prior
+from pfstorer.prior import PRIOR_FILE, Prior, planned_prior_sha256, resolve_prior
 from pfstorer.sampling import restore
 from pfstorer.training import PackedTrainer, PersonalizeConfig, personalize
 
@@ -67,6 +67,23 @@ def test_a_prior_of_another_base_is_refused_naming_both_fingerprints(shipped, tm
     stale.save(d / PRIOR_FILE)
     with pytest.warns(UserWarning, match="0" * 32):  # found beside the base: skipped, loudly
         assert resolve_prior(load_base(str(d)), "base") is None
+
+
+def test_a_run_keys_jobs_by_the_prior_that_resolve_would_give(shipped, tmp_path):
+    """The planner never loads the base, yet names the same prior as personalization will."""
+    model, prior = shipped
+    folder, fp = str(model.weights_location), model.fingerprint
+    assert planned_prior_sha256(folder, None, fp, "base") == prior.sha256 == resolve_prior(model, "base").sha256
+    assert planned_prior_sha256(folder, None, fp, "none") is None
+    moved = tmp_path / "elsewhere.safetensors"
+    moved.write_bytes((Path(folder) / PRIOR_FILE).read_bytes())
+    assert planned_prior_sha256("tiny", None, fp, str(moved)) == prior.sha256  # by content, not by path
+    retrained = Prior({k: v + 1 for k, v in prior.tensors.items()}, fp, "tiny")
+    retrained.save(tmp_path / "retrained.safetensors")
+    assert planned_prior_sha256(folder, None, fp, str(tmp_path / "retrained.safetensors")) not in (None, prior.sha256)
+    # a stale prior beside the weights is skipped, as resolve_prior skips it; no folder: no prior
+    assert planned_prior_sha256(folder, None, "0" * 32, "base") is None
+    assert planned_prior_sha256("tiny", None, load_base("tiny").fingerprint, "base") is None
 
 
 def test_missing_or_broken_priors_are_clear_errors(shipped, tmp_path):
