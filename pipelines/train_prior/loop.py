@@ -8,7 +8,8 @@ features of *another* of those photos, exactly as a personalization step of that
 adapter slot. The loss is the mean over people of eq. 5; AdamW (the trainer's) updates the slot.
 
 All randomness of step ``s`` comes from ``(seed, s)``, so a run resumed from a checkpoint draws
-the batches an uninterrupted one would.
+the batches an uninterrupted one would. Photos are decoded and framed once and kept (as 8-bit,
+up to ``PREPARED_CACHE_BYTES``): people come back step after step.
 """
 
 from __future__ import annotations
@@ -24,6 +25,32 @@ from pfstorer.training import PackedTrainer
 from pipelines.train_prior.config import TrainPriorConfig
 
 SLOT = 0  # the one adapter slot every row trains
+PREPARED_CACHE_BYTES = 2 << 30  # framed reference photos kept in memory, 8-bit
+
+
+class PreparedPhotos:
+    """Each photo decoded and framed as training uses it (:meth:`PackedTrainer.prepare_references`)
+    once, kept as 8-bit up to ``max_bytes`` (then the oldest go first).
+
+    The kept copy is the framed float photo rounded to 8 bits: the photo was 8-bit before framing,
+    so this differs from framing afresh by at most half a level, and equally on every visit."""
+
+    def __init__(self, trainer: PackedTrainer, max_bytes: int = PREPARED_CACHE_BYTES) -> None:
+        self.trainer, self.max_bytes, self.bytes = trainer, max_bytes, 0
+        self.kept: dict[str, torch.Tensor] = {}
+
+    def __call__(self, paths: Sequence[str]) -> list[torch.Tensor]:
+        out = []
+        for path in paths:
+            if (img := self.kept.get(path)) is None:
+                (framed,) = self.trainer.prepare_references([load_image(path)])
+                img = (framed.clamp(0, 1) * 255).round().to(torch.uint8)
+                self.kept[path] = img
+                self.bytes += img.numel()
+                while self.bytes > self.max_bytes and len(self.kept) > 1:
+                    self.bytes -= self.kept.pop(next(iter(self.kept))).numel()
+            out.append(img.float() / 255)
+        return out
 
 
 class PriorTrainer:
@@ -33,6 +60,7 @@ class PriorTrainer:
         self.config = config
         self.trainer = PackedTrainer(model, config.personalize(), capacity=1)
         self.trainer.weights.init_slot(SLOT, torch.Generator().manual_seed(config.seed), model.prompt)
+        self.photos = PreparedPhotos(self.trainer)
         self.step = 0
 
     @property
@@ -49,7 +77,7 @@ class PriorTrainer:
             rng = np.random.default_rng(seed)
             n = min(self.config.photos_per_person, len(paths))
             chosen = sorted(rng.choice(len(paths), size=n, replace=False).tolist())
-            refs = t.prepare_references([load_image(paths[i]) for i in chosen])
+            refs = self.photos([paths[i] for i in chosen])
             photos.append(refs)
             draws[k] = t.draw(refs, rng, torch.Generator().manual_seed(int(rng.integers(2**62))))
         flat = t.reference_features([r for refs in photos for r in refs])  # one base call for the batch

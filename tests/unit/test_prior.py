@@ -177,6 +177,26 @@ def test_train_prior_writes_a_loadable_prior_and_resumes_as_if_never_stopped(sha
         weights.init_slot(0, torch.Generator(), model.prompt, a.tensors)
 
 
+def test_train_prior_frames_each_photo_once_and_keeps_it_within_its_budget(lfw_bench, monkeypatch):
+    import pipelines.train_prior.loop as loop
+    from pipelines.train_prior.loop import PreparedPhotos
+
+    trainer = PackedTrainer(load_base("tiny"), PersonalizeConfig(prior="none"), capacity=1)
+    paths = [str(p) for p in next(iter(lfw_bench.values()))[:3]]
+    decoded: list[str] = []
+    monkeypatch.setattr(loop, "load_image", lambda p: decoded.append(p) or load_image(p))
+    photos = PreparedPhotos(trainer)
+    first, again = photos(paths), photos(paths)
+    assert decoded == paths  # the second visit decodes nothing
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    fresh = trainer.prepare_references([load_image(p) for p in paths])
+    assert all((a - f.clamp(0, 1)).abs().max() <= 0.5 / 255 + EPS for a, f in zip(first, fresh))  # 8-bit rounding
+    one = first[0].numel()
+    small = PreparedPhotos(trainer, max_bytes=2 * one)
+    small(paths)
+    assert small.bytes <= 2 * one and list(small.kept) == paths[1:]  # the oldest went first
+
+
 def test_personalize_command_chooses_the_start(shipped, lfw_bench, tmp_path, capsys):
     from pfstorer.adapter import Adapter
     from pfstorer.cli import main
