@@ -7,7 +7,10 @@
 3. ``pfstorer run``: validation, Ray Train personalization, MLflow registration, adapter index;
 4. the Serve app on 127.0.0.1; each person's held-out photo is degraded and restored over HTTP
    with the base model and with the person's adapter;
-5. a report (Markdown + PNG): input | base | personalized | original, offline metrics, credits.
+5. a report (Markdown + PNG): input | base | 0 steps | personalized | original, offline metrics,
+   credits. "0 steps" is the adapter the person's references make before any fine-tuning (the
+   base's reference prior with their cached features; the base itself when no prior ships),
+   restored in the driver with the Python API beside the served ones.
 
 Everything runs locally: Ray in-process, MLflow on SQLite and the artifact store under the state
 folder (``.pfstorer-state/demo``, ignored by git). It shuts everything down when done.
@@ -155,7 +158,7 @@ class Scored:
     person: Person
     photo: str
     adapter: str
-    metrics: dict[str, Any]  # "input" | "base" | "personalized" -> compute_metrics results
+    metrics: dict[str, Any]  # "input" | "base" | "zero" | "personalized" -> compute_metrics results
     changed: float  # mean |personalized - base| in 8-bit levels
 
 
@@ -181,6 +184,29 @@ def _restore_both(client: Any, person: Person, degraded: torch.Tensor, key: str,
         print(f"  {person.tenant}/{person.identity}: {mode} restore over HTTP "
               f"(adapter {r.headers.get('X-PFStorer-Adapter', '-')})", flush=True)
     return outs, adapter, steps
+
+
+class ZeroStep:
+    """Each person's 0-step adapter (the references over the base's prior, no fine-tuning),
+    restored with the Python API as the server restores: same base, seed and steps."""
+
+    def __init__(self, base: str) -> None:
+        from pfstorer.model import load_base
+        from pfstorer.prior import USE_BASE_PRIOR, resolve_prior
+
+        self.model = load_base(base)
+        prior = resolve_prior(self.model, USE_BASE_PRIOR)
+        self.label = ("0 steps" if prior is None else f"0 steps (prior {prior.sha256[:12]})")
+        self.has_prior = prior is not None
+
+    def restore(self, person: Person, degraded: torch.Tensor, steps: int) -> torch.Tensor:
+        from pfstorer.images import load_image
+        from pfstorer.sampling import restore
+        from pfstorer.training import PersonalizeConfig, personalize
+
+        adapter = personalize(self.model, [load_image(p) for p in person.refs], identity=person.identity,
+                              tenant=person.tenant, config=PersonalizeConfig(steps=0))
+        return restore(self.model, degraded, adapter=adapter, seed=0, steps=steps)
 
 
 def run_demo(
@@ -245,23 +271,25 @@ def run_demo(
         url = f"http://127.0.0.1:{port}"
         rows, row_labels, table = [], [], []
         served_steps = restore_steps
+        zero = ZeroStep(base)
         with httpx.Client(base_url=url, timeout=600) as client:
             for i, person in enumerate(people):
                 for j, photo in enumerate(person.held_out):
                     original, degraded = _degraded_pair(photo, max_side, seed=100 + 10 * i + j)
                     outs, adapter, served_steps = _restore_both(client, person, degraded, keys[person.tenant],
                                                                 restore_steps)
+                    outs["zero"] = zero.restore(person, degraded, served_steps)
                     pdir = state_dir / "report" / person.identity / photo.stem
                     for name, img in (("input", degraded), *outs.items(), ("original", original)):
                         save_image(img, pdir / f"{name}.png")
                     metrics = {m: compute_metrics(img, original, names=METRICS)
                                for m, img in (("input", degraded), *outs.items())}
-                    rows.append([degraded, outs["base"], outs["personalized"], original])
+                    rows.append([degraded, outs["base"], outs["zero"], outs["personalized"], original])
                     row_labels.append(f"{person.tenant}/{person.identity} {photo.name}")
                     changed = float((outs["personalized"] - outs["base"]).abs().mean()) * 255  # 8-bit levels
                     table.append(Scored(person, photo.name, adapter, metrics, changed))
         report = _write_report(state_dir / "report", rows, row_labels, table, base, steps, served_steps,
-                               smoke, time.perf_counter() - t_start, summary)
+                               smoke, time.perf_counter() - t_start, summary, zero)
     finally:
         if own_ray:
             try:
@@ -283,8 +311,8 @@ def _fmt(result: Any) -> str:
 def _adapter_effect(table: list[Scored]) -> list[str]:
     """What each person's adapter changed against the base, in numbers: per person the mean over
     their held-out photos, then over all photos and how many photos it helped."""
-    def delta(row: Scored, name: str) -> float | None:
-        a, b = row.metrics["personalized"].get(name), row.metrics["base"].get(name)
+    def delta(row: Scored, name: str, adapter: str = "personalized") -> float | None:
+        a, b = row.metrics[adapter].get(name), row.metrics["base"].get(name)
         return None if a is None or b is None or a.value is None or b.value is None else a.value - b.value
 
     def mean(xs: list[float]) -> float | None:
@@ -295,30 +323,32 @@ def _adapter_effect(table: list[Scored]) -> list[str]:
 
     lines = ["## What the adapters changed", "",
              "| person | photos | mean change of the output (8-bit levels) | PSNR personalized - base (dB) | "
-             "ID personalized - base (FaceNet cos x 100) |", "| --- | --- | --- | --- | --- |"]
-    ids, psnrs = [], []
+             "ID personalized - base (FaceNet cos x 100) | ID 0 steps - base |", "| --- | --- | --- | --- | --- | --- |"]
+    ids, psnrs, zero_ids = [], [], []
     for person in dict.fromkeys(row.person.identity for row in table):
         rows = [row for row in table if row.person.identity == person]
         d_psnr = [d for row in rows if (d := delta(row, "psnr")) is not None]
         d_id = [d * 100 for row in rows if (d := delta(row, "id_facenet")) is not None]
-        ids, psnrs = ids + d_id, psnrs + d_psnr
+        d_zero = [d * 100 for row in rows if (d := delta(row, "id_facenet", "zero")) is not None]
+        ids, psnrs, zero_ids = ids + d_id, psnrs + d_psnr, zero_ids + d_zero
         lines.append(f"| {rows[0].person.tenant}/{person} | {len(rows)} | {mean([r.changed for r in rows]):.2f} | "
-                     f"{cell(mean(d_psnr), '+.2f')} | {cell(mean(d_id), '+.1f')} |")
+                     f"{cell(mean(d_psnr), '+.2f')} | {cell(mean(d_id), '+.1f')} | {cell(mean(d_zero), '+.1f')} |")
     if ids:
         lines += ["", f"Mean over {len(ids)} held-out photos: ID {mean(ids):+.1f} points, PSNR "
-                  f"{cell(mean(psnrs), '+.2f')} dB; the adapter raised ID on {sum(d > 0 for d in ids)} of {len(ids)}. "
+                  f"{cell(mean(psnrs), '+.2f')} dB; the adapter raised ID on {sum(d > 0 for d in ids)} of {len(ids)}; "
+                  f"with 0 fine-tuning steps, ID {cell(mean(zero_ids), '+.1f')}. "
                   "A handful of photos: read these as an example, the benchmark (docs/personalization.md) as "
                   "the measurement."]
     return lines + [""]
 
 
 def _write_report(out: Path, rows, row_labels, table, base: str, steps: int, restore_steps: int,
-                  smoke: bool, seconds: float, summary: Any) -> Path:
+                  smoke: bool, seconds: float, summary: Any, zero: ZeroStep) -> Path:
     from pfstorer.evaluate import make_grid
     from pfstorer.images import save_image
 
     out.mkdir(parents=True, exist_ok=True)
-    grid = make_grid(rows, ["input (degraded)", "base", "personalized", "original"], row_labels=row_labels)
+    grid = make_grid(rows, ["input (degraded)", "base", zero.label, "personalized", "original"], row_labels=row_labels)
     save_image(grid, out / "report.png")
     lines = ["# pfstorer demo report", ""]
     if smoke:
@@ -332,12 +362,16 @@ def _write_report(out: Path, rows, row_labels, table, base: str, steps: int, res
               f"Run: {len(summary.by_status('done'))} trained, {len(summary.by_status('skipped'))} skipped, "
               f"{len(summary.by_status('failed'))} failed; whole demo {seconds:.0f} s.",
               "Each person's held-out photos (never shown to the adapter) are cut to the face as references "
-              "are in training, heavily degraded, and restored by the base alone and with the person's adapter.", "",
-              "![input | base | personalized | original](report.png)", "",
+              "are in training, heavily degraded, and restored by the base alone, by the adapter their references "
+              "make with 0 fine-tuning steps, and by the person's fine-tuned adapter. "
+              + ("The 0-step adapter starts from the base's reference prior (docs/model.md)." if zero.has_prior else
+                 "No reference prior ships with this base, so the 0-step adapter is the base itself (alpha = 0)."), "",
+              "![input | base | 0 steps | personalized | original](report.png)", "",
               "| person | photo | image | PSNR | SSIM | ID (FaceNet cos) | NIQE |", "| --- | --- | --- | --- | --- | --- | --- |"]
     backends: dict[str, str] = {}
     for row in table:
-        for m, label in (("input", "input (degraded)"), ("base", "base"), ("personalized", f"personalized ({row.adapter})")):
+        for m, label in (("input", "input (degraded)"), ("base", "base"), ("zero", zero.label),
+                         ("personalized", f"personalized ({row.adapter})")):
             cells = [_fmt(row.metrics[m].get(name)) for name in METRICS]
             lines.append(f"| {row.person.tenant}/{row.person.identity} | {row.photo} | {label} | " + " | ".join(cells) + " |")
             backends.update({n: r.backend for n, r in row.metrics[m].items() if r is not None and r.value is not None})

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -43,11 +44,13 @@ def test_demo_personalizes_serves_and_reports_every_person(lfw_bench, tmp_path):
         assert f"| {tenant}/{name} | {held} | personalized ({tenant}/{name}@1) |" in text  # its own adapter
         assert f"| {tenant}/{name} | {held} | base |" in text
         assert f"| {tenant}/{name} | {held} | input (degraded) |" in text
-        for img in ("input", "base", "personalized", "original"):
+        assert f"| {tenant}/{name} | {held} | 0 steps |" in text  # the references before fine-tuning
+        for img in ("input", "base", "zero", "personalized", "original"):
             assert (report.parent / name / Path(held).stem / f"{img}.png").is_file()
         assert f"| {tenant}/{name} | 1 |" in text  # the adapter effect, per person
     grid = Image.open(report.parent / "report.png")
-    assert grid.width > grid.height  # four columns, two rows
+    assert grid.width > grid.height  # five columns, two rows
+    assert "No reference prior ships with this base, so the 0-step adapter is the base itself" in text
     assert "2 trained, 0 skipped, 0 failed" in text
 
 
@@ -80,30 +83,32 @@ def test_without_photos_the_demo_falls_back_to_a_labelled_astronaut_smoke_run(tm
             return ["x"] if status == "done" else []
 
     t = torch.rand(3, 8, 8)
-    report = _write_report(tmp_path / "report", [[t, t, t, t]], ["t-a/astronaut"], [], "tiny", 2, 2, True, 1.0, Summary())
+    zero = SimpleNamespace(label="0 steps (prior 0123456789ab)", has_prior=True)
+    report = _write_report(tmp_path / "report", [[t] * 5], ["t-a/astronaut"], [], "tiny", 2, 2, True, 1.0, Summary(), zero)
     assert "**SMOKE RUN ONLY**" in report.read_text()
-    plain = _write_report(tmp_path / "plain", [[t, t, t, t]], ["t-a/x"], [], "tiny", 2, 2, False, 1.0, Summary())
+    plain = _write_report(tmp_path / "plain", [[t] * 5], ["t-a/x"], [], "tiny", 2, 2, False, 1.0, Summary(), zero)
     assert "SMOKE" not in plain.read_text()
+    assert "The 0-step adapter starts from the base's reference prior" in plain.read_text()
 
 
 def test_the_report_says_in_numbers_what_each_adapter_changed():
-    from types import SimpleNamespace
-
     from demo.run import Scored, _adapter_effect
 
     def res(v):
         return SimpleNamespace(value=v)
 
-    def scored(person, photo, base_id, pers_id, pers_psnr, changed):
+    def scored(person, photo, base_id, pers_id, pers_psnr, changed, zero_id=None):
         metrics = {"base": {"psnr": res(23.0), "id_facenet": res(base_id)},
+                   "zero": {"psnr": res(23.0), "id_facenet": res(base_id if zero_id is None else zero_id)},
                    "personalized": {"psnr": res(pers_psnr), "id_facenet": res(pers_id)}}
         return Scored(person, photo, f"{person.tenant}/{person.identity}@1", metrics, changed)
 
     anna = SimpleNamespace(tenant="t-a", identity="anna")
     bob = SimpleNamespace(tenant="t-b", identity="bob")
     table = [scored(anna, "1.jpg", 0.50, 0.56, 23.5, 3.0), scored(anna, "2.jpg", 0.50, 0.48, 23.1, 4.0),
-             scored(bob, "1.jpg", 0.40, 0.49, 22.7, 2.0)]
+             scored(bob, "1.jpg", 0.40, 0.49, 22.7, 2.0, zero_id=0.43)]
     text = "\n".join(_adapter_effect(table))
-    assert "| t-a/anna | 2 | 3.50 | +0.30 | +2.0 |" in text  # means over anna's two photos
-    assert "| t-b/bob | 1 | 2.00 | -0.30 | +9.0 |" in text
-    assert "Mean over 3 held-out photos: ID +4.3 points, PSNR +0.10 dB; the adapter raised ID on 2 of 3." in text
+    assert "| t-a/anna | 2 | 3.50 | +0.30 | +2.0 | +0.0 |" in text  # means over anna's two photos
+    assert "| t-b/bob | 1 | 2.00 | -0.30 | +9.0 | +3.0 |" in text
+    assert ("Mean over 3 held-out photos: ID +4.3 points, PSNR +0.10 dB; the adapter raised ID on 2 of 3; "
+            "with 0 fine-tuning steps, ID +1.0.") in text
