@@ -1,16 +1,14 @@
 """``pfstorer run``: manifest -> validate -> Ray Train worker group -> registry.
 
 One real Ray (``ray_session``), real MLflow (SQLite, and an ``mlflow server`` subprocess), moto's S3
-server, the ``tiny`` base and 2 training steps.
+server, the ``tiny`` base and 2 training steps. Killed workers and a lost job queue:
+``test_run_faults.py``.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -20,33 +18,8 @@ import pytest
 from pipelines.manifest import write_manifest
 from registry import AdapterRegistry
 
+from _run_cases import STEPS, people_rows, settings_for, versions
 from _services import unique_name
-
-STEPS = 2
-
-
-KILL_STEPS = 4  # a worker is killed mid-training: its people have saved state by then
-
-
-def _people_rows(lfw_bench: dict[str, list[Path]], names: list[str], tenant: str, refs=None):
-    rows = []
-    for i, name in enumerate(names):
-        n = refs if refs is not None else 3 + i % 3  # 3-5 references each
-        rows += [
-            {"tenant": tenant, "identity": name, "role": "ref", "uri": str(p)}
-            for p in lfw_bench[name][:n]
-        ]
-    return rows
-
-
-def _versions(registry: AdapterRegistry, tenant: str, names: list[str]) -> dict[str, list[int]]:
-    return {n: [v.version for v in registry.models.versions(tenant, n)] for n in names}
-
-
-def _settings(state: Path, steps: int = STEPS, **kw):
-    from pfstorer.settings import Settings
-
-    return Settings.load(None, state_dir=state, base="tiny", personalize={"steps": steps}, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +31,7 @@ def first_run(ray_session, lfw_bench, tmp_path_factory):
     root = tmp_path_factory.mktemp("run20")
     tenant = unique_name("acme")
     names = sorted(lfw_bench)[:20]
-    rows = _people_rows(lfw_bench, names, tenant)
+    rows = people_rows(lfw_bench, names, tenant)
     # bad rows, five kinds (+ a person with too few references)
     (root / "notes.jpg").write_text("not an image")
     Image.new("RGB", (32, 32), "gray").save(root / "tiny.png")
@@ -75,10 +48,10 @@ def first_run(ray_session, lfw_bench, tmp_path_factory):
         real = {"dup": str(lfw_bench[names[3]][0]), "unsafe": str(lfw_bench[spare[0]][0]),
                 "role": str(lfw_bench[names[4]][-1])}.get(uri, uri)
         rows.append({"tenant": tenant, "role": "ref", "uri": real, **extra})
-    rows += _people_rows(lfw_bench, [spare[1]], tenant, refs=2)  # too few references
+    rows += people_rows(lfw_bench, [spare[1]], tenant, refs=2)  # too few references
     manifest = str(root / "manifest.parquet")
     write_manifest(rows, manifest)
-    settings = _settings(root / "state", workers=2, steps=STEPS)
+    settings = settings_for(root / "state", workers=2, steps=STEPS)
     t0 = time.perf_counter()
     summary = run_manifest(manifest, settings, pack=4, steps=STEPS, report_interval_s=1.0)
     return {"summary": summary, "seconds": time.perf_counter() - t0, "names": names,
@@ -93,7 +66,7 @@ def test_run_trains_registers_and_quarantines(first_run):
     assert (s.people, s.done, s.skipped, s.failed) == (20, 20, 0, 0), s.table()
     assert s.trained == 20 and s.versions_created == 20 and s.rows == first_run["rows"]
     registry = AdapterRegistry.from_settings(first_run["settings"])
-    assert _versions(registry, tenant, names) == {n: [1] for n in names}
+    assert versions(registry, tenant, names) == {n: [1] for n in names}
     for n in names:
         assert registry.models.newest(tenant, n).version == 1
     entries = registry.index.list(tenant)
@@ -141,94 +114,9 @@ def test_rerun_trains_and_registers_nothing(first_run):
     assert (s.skipped, s.done, s.failed, s.trained, s.versions_created) == (20, 0, 0, 0, 0)
     assert s.index_repaired == 1
     assert s.ray_train == {}  # no worker group was started
-    assert _versions(registry, first_run["tenant"], names) == {n: [1] for n in names}
+    assert versions(registry, first_run["tenant"], names) == {n: [1] for n in names}
     assert len(registry.index.list(first_run["tenant"])) == 20
     assert seconds < first_run["seconds"] / 3, (seconds, first_run["seconds"])
-
-
-@pytest.mark.integration
-def test_killed_worker_and_failing_person(ray_session, lfw_bench, tmp_path):
-    from pipelines.run import execute_run, prepare_run
-
-    tenant = unique_name("kill")
-    names = sorted(lfw_bench)[30:36]
-    doomed = sorted(lfw_bench)[36]
-    photos = tmp_path / "doomed"
-    photos.mkdir()
-    for p in lfw_bench[doomed][:3]:
-        shutil.copy(p, photos / p.name)
-    rows = _people_rows(lfw_bench, names, tenant, refs=3)
-    rows += [{"tenant": tenant, "identity": doomed, "role": "ref", "uri": str(p)}
-             for p in sorted(photos.iterdir())]
-    manifest = str(tmp_path / "manifest.parquet")
-    write_manifest(rows, manifest)
-    settings = _settings(tmp_path / "state", workers=2, max_retries=2, steps=KILL_STEPS, snapshot_interval_s=0)
-    plan = prepare_run(manifest, settings)
-    assert len(plan.todo) == 7
-    next(photos.iterdir()).unlink()  # vanishes after validation: reading it raises in a worker
-
-    killed: list[int] = []
-
-    def kill_one(snap) -> None:
-        # once a worker's people have saved training state, kill that worker
-        if killed or snap.restarts or not snap.resumable:
-            return
-        workers = sorted(snap.workers.values(), key=lambda w: -w.leased)
-        if workers and workers[0].leased:
-            killed.append(workers[0].pid)
-            os.kill(workers[0].pid, signal.SIGKILL)
-
-    s = execute_run(plan, pack=2, job_retries=1, report_interval_s=0.5, on_progress=kill_one)
-    print(s.table())
-    assert killed, "no worker was killed (the run ended too soon)"
-    assert s.worker_restarts >= 1 and s.requeued_after_loss >= 1
-    # people with saved state continued where they were, not from step 0
-    assert 1 <= s.resumed_after_loss <= s.requeued_after_loss
-    assert s.done == 6 and s.failed == 1 and s.train_error is None
-    (bad,) = s.by_status("failed")
-    assert bad.identity == doomed and "FileNotFoundError" in bad.error and bad.attempts == 2
-    registry = AdapterRegistry.from_settings(settings)
-    assert _versions(registry, tenant, names) == {n: [1] for n in names}
-    assert registry.models.versions(tenant, doomed) == []
-    assert sorted(e.identity for e in registry.index.list(tenant)) == names
-    for name in names:  # resumed or not, every adapter has all its steps, each counted once
-        _, meta = registry.read(registry.resolve(tenant, name))
-        assert meta["steps"] == KILL_STEPS and len(meta["loss_curve"]) == KILL_STEPS
-
-
-@pytest.mark.integration
-def test_a_lost_job_queue_ends_the_run_with_a_summary_and_everyone_registered_is_indexed(
-    ray_session, lfw_bench, tmp_path
-):
-    from pipelines.run import execute_run, prepare_run
-
-    tenant = unique_name("qkill")
-    names = sorted(lfw_bench)[40:50]
-    manifest = str(tmp_path / "manifest.parquet")
-    write_manifest(_people_rows(lfw_bench, names, tenant, refs=3), manifest)
-    settings = _settings(tmp_path / "state", workers=2, max_retries=2, steps=KILL_STEPS)
-    plan = prepare_run(manifest, settings)
-    killed: list[int] = []
-
-    def kill_queue(snap) -> None:  # some people handed off (maybe not yet indexed), some not started
-        if not killed and snap.done + snap.publishing >= 2 and snap.pending:
-            killed.append(snap.pid)
-            os.kill(snap.pid, signal.SIGKILL)
-
-    s = execute_run(plan, pack=2, report_interval_s=0.5, on_progress=kill_queue)
-    print(s.table())
-    assert killed, "the queue was not killed (the run ended too soon)"
-    assert s.queue_lost and "job queue" in s.train_error and not s.ok
-    assert s.done + s.failed == len(names) and s.failed >= 1
-    assert all(o.error == "not finished: the job queue was lost" for o in s.by_status("failed"))
-    assert Path(s.summary_path).is_file()
-    registry = AdapterRegistry.from_settings(settings)
-    registered = {n for n, v in _versions(registry, tenant, names).items() if v}
-    indexed = {e.identity for e in registry.index.list(tenant)}
-    assert registered == indexed == {o.identity for o in s.by_status("done")}
-    again = prepare_run(manifest, settings)  # a rerun trains exactly the people left
-    assert sorted(j.identity for j in again.todo) == sorted(o.identity for o in s.by_status("failed"))
-    assert again.index_repaired == 0
 
 
 @pytest.mark.integration
@@ -256,12 +144,12 @@ def test_run_on_s3_with_mlflow_server(
         store_url=f"{s3_url}/adapters", index_url=f"{s3_url}/index.parquet",
         tracking_uri=mlflow_server.tracking_uri, storage_options=s3_storage_options,
     )
-    settings = _settings(tmp_path / "state", workers=1, steps=STEPS, **overrides)
+    settings = settings_for(tmp_path / "state", workers=1, steps=STEPS, **overrides)
     s = run_manifest(manifest, settings, pack=4, quarantine_out=f"{s3_url}/quarantine.parquet")
     print(s.table())
     assert (s.done, s.failed, s.quarantined_rows) == (4, 0, 1), s.table()
     registry = AdapterRegistry.from_settings(settings)
-    assert _versions(registry, tenant, names) == {n: [1] for n in names}
+    assert versions(registry, tenant, names) == {n: [1] for n in names}
     entries = registry.index.list(tenant)
     assert sorted(e.identity for e in entries) == names
     assert all(e.uri.startswith("s3://") for e in entries)
@@ -275,4 +163,4 @@ def test_run_on_s3_with_mlflow_server(
     # and a rerun against S3 + server registers nothing
     again = run_manifest(manifest, settings, pack=4, quarantine_out=f"{s3_url}/q2.parquet")
     assert (again.skipped, again.trained) == (4, 0)
-    assert _versions(registry, tenant, names) == {n: [1] for n in names}
+    assert versions(registry, tenant, names) == {n: [1] for n in names}
