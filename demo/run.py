@@ -195,6 +195,7 @@ class ZeroStep:
         from pfstorer.prior import USE_BASE_PRIOR, resolve_prior
 
         self.model = load_base(base)
+        self.adapters: dict[tuple[str, str], Any] = {}  # one per person, for all their held-out photos
         prior = resolve_prior(self.model, USE_BASE_PRIOR)
         self.label = ("0 steps" if prior is None else f"0 steps (prior {prior.sha256[:12]})")
         self.has_prior = prior is not None
@@ -204,9 +205,11 @@ class ZeroStep:
         from pfstorer.sampling import restore
         from pfstorer.training import PersonalizeConfig, personalize
 
-        adapter = personalize(self.model, [load_image(p) for p in person.refs], identity=person.identity,
-                              tenant=person.tenant, config=PersonalizeConfig(steps=0))
-        return restore(self.model, degraded, adapter=adapter, seed=0, steps=steps)
+        key = (person.tenant, person.identity)
+        if key not in self.adapters:
+            self.adapters[key] = personalize(self.model, [load_image(p) for p in person.refs], identity=person.identity,
+                                             tenant=person.tenant, config=PersonalizeConfig(steps=0))
+        return restore(self.model, degraded, adapter=self.adapters[key], seed=0, steps=steps)
 
 
 def run_demo(

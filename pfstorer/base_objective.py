@@ -89,7 +89,8 @@ DETAIL_SCALES = 2  # full resolution and half: skin and hair texture, then eyeli
 
 
 def _detail_energy(x: torch.Tensor) -> torch.Tensor:
-    """Root mean square of the luminance Laplacian (the sharpness gate's measure) per window."""
+    """Root mean square per window of the grey image's Laplacian, taken as each pixel minus its
+    3x3 mean (the 8-neighbour kernel over 9; the sharpness metric uses the 4-neighbour one)."""
     y = x.mean(1, keepdim=True)
     lap = y - F.avg_pool2d(F.pad(y, (1, 1, 1, 1), mode="replicate"), 3, 1)
     return F.avg_pool2d(lap.pow(2), DETAIL_WINDOW, ceil_mode=True).add(1e-6).sqrt()

@@ -117,11 +117,16 @@ def _prior_file(location: str | None) -> str | None:
     return None if location is None else f"{str(location).rstrip('/')}/{PRIOR_FILE}"
 
 
-def _exists(path: str) -> bool:
+def _prior_beside(location: str | None) -> Prior | None:
+    """The prior file in the weights folder ``location``, whichever base it was trained on (None:
+    no folder, or no prior in it)."""
     import fsspec
 
+    path = _prior_file(location)
+    if path is None:
+        return None
     fs, root = fsspec.core.url_to_fs(path)
-    return bool(fs.exists(root))
+    return Prior.load(path) if fs.exists(root) else None
 
 
 def planned_prior_sha256(base: str, weights: str | None, fingerprint: str, choice: str) -> str | None:
@@ -137,13 +142,10 @@ def planned_prior_sha256(base: str, weights: str | None, fingerprint: str, choic
 
     if choice == NO_PRIOR:
         return None
-    path = choice if choice != USE_BASE_PRIOR else _prior_file(base_weights_location(base, weights=weights))
-    if path is None or (choice == USE_BASE_PRIOR and not _exists(path)):
-        return None
-    prior = Prior.load(path)
-    if choice == USE_BASE_PRIOR and prior.base_fingerprint != fingerprint:
-        return None
-    return prior.sha256
+    if choice != USE_BASE_PRIOR:
+        return Prior.load(choice).sha256
+    prior = _prior_beside(base_weights_location(base, weights=weights))
+    return None if prior is None or prior.base_fingerprint != fingerprint else prior.sha256
 
 
 def resolve_prior(model, choice: str) -> Prior | None:
@@ -159,14 +161,13 @@ def resolve_prior(model, choice: str) -> Prior | None:
         prior = Prior.load(choice)
         prior.check_base(model)
         return prior
-    path = base_prior_path(model)
-    if path is None or not _exists(path):
+    prior = _prior_beside(getattr(model, "weights_location", None))
+    if prior is None:
         return None
-    prior = Prior.load(path)
     try:
         prior.check_base(model)
     except PriorMismatchError as exc:
-        warnings.warn(f"skipping the reference prior beside the base ({path}): {exc}; adapters start from zero "
-                      "until it is retrained with `pfstorer train-prior`", stacklevel=2)
+        warnings.warn(f"skipping the reference prior beside the base ({base_prior_path(model)}): {exc}; "
+                      "adapters start from zero until it is retrained with `pfstorer train-prior`", stacklevel=2)
         return None
     return prior
