@@ -12,13 +12,15 @@
   discriminator, so one-step sampling returns texture, not the posterior mean's blur;
 - **detail energy** (:func:`detail_loss`): the same estimates must carry as much fine detail,
   window by window, as the truth: a loss on the local energy of their Laplacian, blind to where
-  each ripple sits, so the L1 loss's mean (a blur) is no longer its optimum.
+  each ripple sits, so the L1 loss's mean (a blur) is no longer its optimum. Both act on the
+  rows :func:`detail_rows` picks: sampling starts of the kinds of input they are asked for.
 
 The same forward noising as sampling and personalization (:func:`pfstorer.sampling.diffuse`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -82,6 +84,15 @@ def adversarial_weight(step: int, weight: float, start: int, ramp: int) -> float
     """Weight of the adversarial term at ``step``: 0 before ``start``, then rising linearly to
     ``weight`` over ``ramp`` steps (the discriminator trains from step 0, so it is informative)."""
     return weight * min(1.0, max(0.0, (step - start + 1) / max(1, ramp)))
+
+
+def detail_rows(start: torch.Tensor, kinds: Sequence[str], inputs: Sequence[str]) -> torch.Tensor:
+    """Which rows the detail objectives act on: those drawn as sampling starts (``start``, bool
+    [n]; their x0 estimate is what one-step sampling returns) whose kind of input (``kinds``:
+    ``clean``, a level, ``x4``) is one of ``inputs``. An input that already holds its detail is
+    better copied (L1) than redrawn."""
+    asked = torch.tensor([k in inputs for k in kinds], dtype=torch.bool, device=start.device)
+    return start & asked
 
 
 DETAIL_WINDOW = 8  # pixels per side of the windows whose detail energy is matched

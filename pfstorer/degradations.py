@@ -101,6 +101,7 @@ __all__ = [
     "StageConfig",
     "blur_kernel",
     "degrade",
+    "draw_level",
     "median_blur",
     "motion_kernel",
     "parameter_table",
@@ -636,6 +637,18 @@ def degrade(
     return _degrade_one(img, cfg, gen)
 
 
+def draw_level(rng: np.random.Generator, n_levels: int, p_hq: float) -> int | None:
+    """Which of ``n_levels`` levels a training LQ is degraded at (uniformly), or None for the
+    clean image itself (probability ``p_hq``): :func:`synthesize_lq`'s draw, for callers that
+    need to know the level of each row."""
+    if n_levels < 1:
+        raise InputError("synthesize_lq needs at least one degradation level")
+    _check_p("p_hq", p_hq)
+    if rng.random() < p_hq:
+        return None
+    return int(rng.integers(n_levels))
+
+
 def synthesize_lq(
     hq: torch.Tensor,
     rng: np.random.Generator,
@@ -648,16 +661,12 @@ def synthesize_lq(
 
     Batched input draws independently per image.
     """
-    if not levels:
-        raise InputError("synthesize_lq needs at least one degradation level")
-    _check_p("p_hq", p_hq)
     cfgs = [resolve_level(lv) for lv in levels]
     gen = _as_rng(rng)
 
     def one(im: torch.Tensor) -> torch.Tensor:
-        if gen.random() < p_hq:
-            return im.clone()
-        return _degrade_one(im, cfgs[int(gen.integers(len(cfgs)))], gen)
+        k = draw_level(gen, len(cfgs), p_hq)
+        return im.clone() if k is None else _degrade_one(im, cfgs[k], gen)
 
     if hq.ndim == 4:
         return torch.stack([one(im) for im in hq])

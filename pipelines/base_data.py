@@ -8,9 +8,10 @@ source's typical face size; never enlarged past its native size, an enlarged pho
 taught as truth), and cuts a random ``crop`` x ``crop`` square. Without ``face_scale`` the crop is
 a random fraction ``crop_scale`` of the short side resized to ``crop`` (the original scheme).
 
-The LQ is :func:`pfstorer.degradations.synthesize_lq` (light/heavy, clean with ``p_hq``) or, with
-probability ``p_sr``, a x4 super-resolution input: the crop shrunk 4x, degraded ``light``, then
-enlarged back with the bicubic upscale ``restore --scale`` uses.
+The LQ is drawn as :func:`pfstorer.degradations.synthesize_lq` draws it (light/heavy, clean with
+``p_hq``) or, with probability ``p_sr``, is a x4 super-resolution input: the crop shrunk 4x,
+degraded ``light``, then enlarged back with the bicubic upscale ``restore --scale`` uses. Each row
+says which it is, so the detail objectives can act on some kinds of input only.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Source", "draw_batch", "holdout_people", "load_split", "native_crop", "probe_holdout", "training_rows"]
+__all__ = ["INPUT_KINDS", "Source", "draw_batch", "holdout_people", "load_split", "native_crop", "probe_holdout", "training_rows"]
 
 
 class Source(BaseModel):
@@ -131,28 +132,33 @@ def native_crop(photo: np.ndarray, crop: int, face_px: float, face_scale: tuple[
     side = max(1, min(h, w, round(crop / s)))
     top = int(rng.integers(0, h - side + 1))
     left = int(rng.integers(0, w - side + 1))
-    tile = torch.from_numpy(np.ascontiguousarray(photo[top:top + side, left:left + side])).permute(2, 0, 1)
+    tile = torch.from_numpy(np.array(photo[top:top + side, left:left + side])).permute(2, 0, 1)  # a writable copy
     return resize(tile.float() / 255.0, (crop, crop), mode="bicubic")
+
+
+INPUT_KINDS = ("clean", "light", "heavy", "x4")  # what a training LQ can be (see draw_batch)
 
 
 def draw_batch(sources: Sequence[tuple[Sequence[np.ndarray], Source]], n: int, crop: int, c: Any,
                rank: int, step: int):
-    """HQ crops and their LQ for one worker's step; randomness from (seed, rank, step) only.
+    """HQ crops, their LQ and each row's kind of input (``clean``, a level name, or ``x4``) for one
+    worker's step; randomness from (seed, rank, step) only.
 
     ``c`` is the run's :class:`~pipelines.train_base.TrainBaseConfig` (crop scheme, levels,
     ``p_hq``, ``p_sr``)."""
     import torch
 
     from pfstorer.degradations import (
+        degrade,
+        draw_level,
         random_crop_resize,
-        synthesize_lq,
         synthesize_sr_lq,
     )
 
     rng = np.random.default_rng([c.seed, rank, step])
     weights = np.array([s.weight for _, s in sources], dtype=float)
     weights /= weights.sum()
-    hq, lq = [], []
+    hq, lq, kinds = [], [], []
     for _ in range(n):
         photos, src = sources[int(rng.choice(len(sources), p=weights))] if len(sources) > 1 else sources[0]
         photo = photos[int(rng.integers(len(photos)))]
@@ -166,6 +172,11 @@ def draw_batch(sources: Sequence[tuple[Sequence[np.ndarray], Source]], n: int, c
         hq.append(x)
         if c.p_sr > 0 and rng.random() < c.p_sr:
             lq.append(synthesize_sr_lq(x, rng, factor=4, level="light"))
+            kinds.append("x4")
+        elif (k := draw_level(rng, len(c.levels), c.p_hq)) is None:
+            lq.append(x.clone())
+            kinds.append("clean")
         else:
-            lq.append(synthesize_lq(x, rng, levels=c.levels, p_hq=c.p_hq))
-    return torch.stack(hq), torch.stack(lq)
+            lq.append(degrade(x, c.levels[k], rng))
+            kinds.append(c.levels[k])
+    return torch.stack(hq), torch.stack(lq), tuple(kinds)

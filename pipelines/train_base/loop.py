@@ -73,6 +73,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         adversarial_weight,
         denoising_loss,
         detail_loss,
+        detail_rows,
         noised_batch,
         x0_estimate,
     )
@@ -160,7 +161,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
         batches = DataLoader(batches, batch_size=None, shuffle=False, num_workers=c.loader_workers,
                              prefetch_factor=4, persistent_workers=False)
-    for hq, lq in batches:
+    for hq, lq, kinds in batches:
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([c.seed, rank, step, 1]).generate_state(1)[0]))
         with torch.no_grad():
             z0 = model.to_latent(hq.to(device))
@@ -173,8 +174,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         loss, per_row = denoising_loss(pred, model.target(z0.float(), x.noise), x.a, c.loss, c.loss_weighting)
         # The detail objectives: on the rows drawn as sampling starts, what sampling returns
         # (the x0 estimate) must look real to the discriminator (pfstorer.adversarial) and carry
-        # the truth's amount of fine detail (detail_loss).
-        adv_rows = x.start if p_start > 0 else torch.ones_like(x.start)
+        # the truth's amount of fine detail (detail_loss); only on the kinds of input they are asked
+        # for (--detail-inputs), the others learn fidelity alone.
+        adv_rows = detail_rows(x.start if p_start > 0 else torch.ones_like(x.start), kinds, c.detail_inputs)
         fake = None
         if (disc is not None or c.detail_weight > 0) and bool(adv_rows.any()):
             fake, real = x0_estimate(model, x.z_t, pred.float(), x.a)[adv_rows], z0.float()[adv_rows]

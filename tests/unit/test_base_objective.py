@@ -9,6 +9,7 @@ from pfstorer.base_objective import (
     adversarial_weight,
     denoising_loss,
     detail_loss,
+    detail_rows,
     noised_batch,
     x0_estimate,
 )
@@ -61,3 +62,11 @@ def test_detail_loss_asks_for_the_truths_amount_of_detail_not_its_placement() ->
     blur.requires_grad_(True)
     detail_loss(blur, texture).backward()
     assert torch.isfinite(blur.grad).all() and blur.grad.abs().sum() > 0
+
+
+def test_detail_rows_are_sampling_starts_of_the_kinds_asked_for() -> None:
+    start = torch.tensor([True, True, True, True, False])
+    kinds = ("clean", "light", "heavy", "x4", "heavy")
+    got = detail_rows(start, kinds, ("heavy", "x4"))
+    assert got.tolist() == [False, False, True, True, False]  # not a row that is no sampling start
+    assert detail_rows(start, kinds, ("clean", "light", "heavy", "x4")).tolist() == start.tolist()

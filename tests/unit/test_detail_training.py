@@ -46,11 +46,41 @@ def test_draw_batch_is_a_function_of_seed_rank_and_step() -> None:
     photos = [(_texture(96, i) * 255).round().byte().permute(1, 2, 0).numpy() for i in range(3)]
     sources = [(photos, Source(data="a", face_px=60)), (photos[:1], Source(data="b", face_px=30, weight=2))]
     c = TrainBaseConfig(base="tiny", face_scale=(24, 48), p_sr=0.5)
-    hq, lq = draw_batch(sources, 4, 32, c, rank=0, step=3)
-    hq2, lq2 = draw_batch(sources, 4, 32, c, rank=0, step=3)
+    hq, lq, kinds = draw_batch(sources, 4, 32, c, rank=0, step=3)
+    hq2, lq2, kinds2 = draw_batch(sources, 4, 32, c, rank=0, step=3)
     assert hq.shape == lq.shape == (4, 3, 32, 32)
-    assert torch.equal(hq, hq2) and torch.equal(lq, lq2)
+    assert torch.equal(hq, hq2) and torch.equal(lq, lq2) and kinds == kinds2
     assert not torch.equal(hq, draw_batch(sources, 4, 32, c, rank=0, step=4)[0])
+
+
+def test_draw_batch_says_what_each_input_is() -> None:
+    from pipelines.base_data import INPUT_KINDS
+    from pipelines.train_base import TrainBaseConfig
+
+    photos = [(_texture(96, i) * 255).round().byte().permute(1, 2, 0).numpy() for i in range(3)]
+    sources = [(photos, Source(data="a", face_px=60))]
+    c = TrainBaseConfig(base="tiny", face_scale=(24, 48), p_sr=0.3, p_hq=0.2)
+    seen = set()
+    for step in range(6):
+        hq, lq, kinds = draw_batch(sources, 8, 32, c, rank=0, step=step)
+        for x, y, kind in zip(hq, lq, kinds, strict=True):
+            assert kind in INPUT_KINDS
+            assert torch.equal(x, y) == (kind == "clean")  # only a clean row is the crop itself
+            # a x4 row lost its finest detail to the 4x shrink: almost no energy at the top frequency
+            if kind == "x4":
+                assert laplacian_variance(y) < 0.2 * laplacian_variance(x)
+        seen.update(kinds)
+    assert seen == set(INPUT_KINDS)
+
+
+def test_detail_inputs_must_be_kinds_of_training_input() -> None:
+    from pydantic import ValidationError
+
+    from pipelines.train_base import TrainBaseConfig
+
+    assert TrainBaseConfig(base="tiny", detail_inputs=("heavy", "x4")).detail_inputs == ("heavy", "x4")
+    with pytest.raises(ValidationError, match="'medium'"):
+        TrainBaseConfig(base="tiny", detail_inputs=("heavy", "medium"))
 
 
 def test_sr_input_is_a_blurred_same_size_copy_and_seeded() -> None:
