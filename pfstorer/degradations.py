@@ -642,7 +642,7 @@ def draw_level(rng: np.random.Generator, n_levels: int, p_hq: float) -> int | No
     clean image itself (probability ``p_hq``): :func:`synthesize_lq`'s draw, for callers that
     need to know the level of each row."""
     if n_levels < 1:
-        raise InputError("synthesize_lq needs at least one degradation level")
+        raise InputError("a training LQ needs at least one degradation level")
     _check_p("p_hq", p_hq)
     if rng.random() < p_hq:
         return None

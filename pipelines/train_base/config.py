@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pipelines.base_data import INPUT_KINDS
+
 RUN_FILE = "train_run.json"  # in OUT: the store and run name of the last run (for --resume)
 
 
@@ -49,7 +51,7 @@ class TrainBaseConfig(BaseModel):
     detail_weight: float = Field(0.0, ge=0, description="weight of the detail-energy loss on the x0 estimates "
                                  "of rows drawn as sampling starts (0: off; pfstorer.base_objective.detail_loss)")
     detail_inputs: tuple[str, ...] = Field(
-        ("clean", "light", "heavy", "x4"), min_length=1,
+        INPUT_KINDS, min_length=1,
         description="kinds of training input the detail objectives (adversarial, detail energy) act on: "
                     "'clean', 'x4' and the degradation levels; the others learn fidelity (L1) alone")
     disc_lr: float = Field(2e-4, gt=0, description="learning rate of the discriminator (AdamW, 0.5/0.99)")
