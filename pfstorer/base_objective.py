@@ -86,11 +86,13 @@ def adversarial_weight(step: int, weight: float, start: int, ramp: int) -> float
     return weight * min(1.0, max(0.0, (step - start + 1) / max(1, ramp)))
 
 
-def detail_rows(start: torch.Tensor, kinds: Sequence[str], inputs: Sequence[str]) -> torch.Tensor:
+def detail_rows(start: torch.Tensor, kinds: Sequence[str], inputs: Sequence[str] | None) -> torch.Tensor:
     """Which rows the detail objectives act on: those drawn as sampling starts (``start``, bool
     [n]; their x0 estimate is what one-step sampling returns) whose kind of input (``kinds``:
-    ``clean``, a level, ``x4``) is one of ``inputs``. An input that already holds its detail is
-    better copied (L1) than redrawn."""
+    ``clean``, a level, ``x4``) is one of ``inputs`` (None: any). An input that already holds its
+    detail is better copied (L1) than redrawn."""
+    if inputs is None:
+        return start
     asked = torch.tensor([k in inputs for k in kinds], dtype=torch.bool, device=start.device)
     return start & asked
 

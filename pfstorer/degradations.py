@@ -101,7 +101,7 @@ __all__ = [
     "StageConfig",
     "blur_kernel",
     "degrade",
-    "draw_level",
+    "draw_lq",
     "median_blur",
     "motion_kernel",
     "parameter_table",
@@ -637,16 +637,19 @@ def degrade(
     return _degrade_one(img, cfg, gen)
 
 
-def draw_level(rng: np.random.Generator, n_levels: int, p_hq: float) -> int | None:
-    """Which of ``n_levels`` levels a training LQ is degraded at (uniformly), or None for the
-    clean image itself (probability ``p_hq``): :func:`synthesize_lq`'s draw, for callers that
-    need to know the level of each row."""
-    if n_levels < 1:
+def draw_lq(
+    hq: torch.Tensor, rng: np.random.Generator, levels: Sequence[str | DegradationConfig], p_hq: float
+) -> tuple[torch.Tensor, int | None]:
+    """One training LQ for ``[3,H,W]`` ``hq`` as :func:`synthesize_lq` draws it, and the index in
+    ``levels`` it was degraded at (None: the clean image itself), for callers that need each
+    row's level."""
+    if not levels:
         raise InputError("a training LQ needs at least one degradation level")
     _check_p("p_hq", p_hq)
     if rng.random() < p_hq:
-        return None
-    return int(rng.integers(n_levels))
+        return hq.clone(), None
+    k = int(rng.integers(len(levels)))
+    return _degrade_one(hq, resolve_level(levels[k]), rng), k
 
 
 def synthesize_lq(
@@ -665,8 +668,7 @@ def synthesize_lq(
     gen = _as_rng(rng)
 
     def one(im: torch.Tensor) -> torch.Tensor:
-        k = draw_level(gen, len(cfgs), p_hq)
-        return im.clone() if k is None else _degrade_one(im, cfgs[k], gen)
+        return draw_lq(im, gen, cfgs, p_hq)[0]
 
     if hq.ndim == 4:
         return torch.stack([one(im) for im in hq])

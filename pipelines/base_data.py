@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["INPUT_KINDS", "Source", "draw_batch", "holdout_people", "load_split", "native_crop", "probe_holdout", "training_rows"]
+__all__ = ["Source", "draw_batch", "input_kinds", "holdout_people", "load_split", "native_crop", "probe_holdout", "training_rows"]
 
 
 class Source(BaseModel):
@@ -136,7 +136,9 @@ def native_crop(photo: np.ndarray, crop: int, face_px: float, face_scale: tuple[
     return resize(tile.float() / 255.0, (crop, crop), mode="bicubic")
 
 
-INPUT_KINDS = ("clean", "light", "heavy", "x4")  # what a training LQ can be (see draw_batch)
+def input_kinds(levels: Sequence[str]) -> tuple[str, ...]:
+    """What a training LQ of :func:`draw_batch` can be: ``clean``, one of ``levels``, or ``x4``."""
+    return ("clean", *levels, "x4")
 
 
 def draw_batch(sources: Sequence[tuple[Sequence[np.ndarray], Source]], n: int, crop: int, c: Any,
@@ -149,8 +151,7 @@ def draw_batch(sources: Sequence[tuple[Sequence[np.ndarray], Source]], n: int, c
     import torch
 
     from pfstorer.degradations import (
-        degrade,
-        draw_level,
+        draw_lq,
         random_crop_resize,
         synthesize_sr_lq,
     )
@@ -173,10 +174,8 @@ def draw_batch(sources: Sequence[tuple[Sequence[np.ndarray], Source]], n: int, c
         if c.p_sr > 0 and rng.random() < c.p_sr:
             lq.append(synthesize_sr_lq(x, rng, factor=4, level="light"))
             kinds.append("x4")
-        elif (k := draw_level(rng, len(c.levels), c.p_hq)) is None:
-            lq.append(x.clone())
-            kinds.append("clean")
         else:
-            lq.append(degrade(x, c.levels[k], rng))
-            kinds.append(c.levels[k])
+            y, k = draw_lq(x, rng, c.levels, c.p_hq)
+            lq.append(y)
+            kinds.append("clean" if k is None else c.levels[k])
     return torch.stack(hq), torch.stack(lq), tuple(kinds)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipelines.base_data import INPUT_KINDS
+from pipelines.base_data import input_kinds
 
 RUN_FILE = "train_run.json"  # in OUT: the store and run name of the last run (for --resume)
 
@@ -50,10 +50,11 @@ class TrainBaseConfig(BaseModel):
     adv_ramp: int = Field(0, ge=0, description="steps over which the adversarial weight rises linearly to adv_weight")
     detail_weight: float = Field(0.0, ge=0, description="weight of the detail-energy loss on the x0 estimates "
                                  "of rows drawn as sampling starts (0: off; pfstorer.base_objective.detail_loss)")
-    detail_inputs: tuple[str, ...] = Field(
-        INPUT_KINDS, min_length=1,
+    detail_inputs: tuple[str, ...] | None = Field(
+        None, min_length=1,
         description="kinds of training input the detail objectives (adversarial, detail energy) act on: "
-                    "'clean', 'x4' and the degradation levels; the others learn fidelity (L1) alone")
+                    "'clean', 'x4' and the degradation levels; the others learn fidelity (L1) alone "
+                    "(None: every kind)")
     disc_lr: float = Field(2e-4, gt=0, description="learning rate of the discriminator (AdamW, 0.5/0.99)")
     disc_width: int = Field(32, ge=4, description="channels of the discriminator's first stage")
     levels: tuple[str, ...] = ("light", "heavy")
@@ -72,8 +73,8 @@ class TrainBaseConfig(BaseModel):
 
     @model_validator(mode="after")
     def _known_detail_inputs(self) -> TrainBaseConfig:
-        known = ("clean", *self.levels, "x4")
-        if unknown := [k for k in self.detail_inputs if k not in known]:
+        known = input_kinds(self.levels)
+        if unknown := [k for k in self.detail_inputs or () if k not in known]:
             raise ValueError(f"detail_inputs {unknown} are not kinds of training input; choose from {list(known)}")
         return self
 

@@ -70,3 +70,4 @@ def test_detail_rows_are_sampling_starts_of_the_kinds_asked_for() -> None:
     got = detail_rows(start, kinds, ("heavy", "x4"))
     assert got.tolist() == [False, False, True, True, False]  # not a row that is no sampling start
     assert detail_rows(start, kinds, ("clean", "light", "heavy", "x4")).tolist() == start.tolist()
+    assert detail_rows(start, kinds, None).tolist() == start.tolist()  # None: every kind

@@ -54,7 +54,7 @@ def test_draw_batch_is_a_function_of_seed_rank_and_step() -> None:
 
 
 def test_draw_batch_says_what_each_input_is() -> None:
-    from pipelines.base_data import INPUT_KINDS
+    from pipelines.base_data import input_kinds
     from pipelines.train_base import TrainBaseConfig
 
     photos = [(_texture(96, i) * 255).round().byte().permute(1, 2, 0).numpy() for i in range(3)]
@@ -64,13 +64,13 @@ def test_draw_batch_says_what_each_input_is() -> None:
     for step in range(6):
         hq, lq, kinds = draw_batch(sources, 8, 32, c, rank=0, step=step)
         for x, y, kind in zip(hq, lq, kinds, strict=True):
-            assert kind in INPUT_KINDS
+            assert kind in input_kinds(c.levels)
             assert torch.equal(x, y) == (kind == "clean")  # only a clean row is the crop itself
             # a x4 row lost its finest detail to the 4x shrink: almost no energy at the top frequency
             if kind == "x4":
                 assert laplacian_variance(y) < 0.2 * laplacian_variance(x)
         seen.update(kinds)
-    assert seen == set(INPUT_KINDS)
+    assert seen == {"clean", "light", "heavy", "x4"}
 
 
 def test_detail_inputs_must_be_kinds_of_training_input() -> None:
@@ -79,6 +79,7 @@ def test_detail_inputs_must_be_kinds_of_training_input() -> None:
     from pipelines.train_base import TrainBaseConfig
 
     assert TrainBaseConfig(base="tiny", detail_inputs=("heavy", "x4")).detail_inputs == ("heavy", "x4")
+    assert TrainBaseConfig(base="tiny", levels=("heavy",)).detail_inputs is None  # every kind, whatever the levels
     with pytest.raises(ValidationError, match="'medium'"):
         TrainBaseConfig(base="tiny", detail_inputs=("heavy", "medium"))
 
