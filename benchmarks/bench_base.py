@@ -115,7 +115,7 @@ def _cases(level: str, gts: dict[str, Any], seed0: int) -> list[Case]:
 
 
 def run_suite(suite: str, model, sampling, gts: dict[str, Any], levels, work: Path, threads: int, seed: int,
-              gates) -> tuple[list[dict], dict[str, Any], list[float]]:
+              gates, tiling: dict[str, int | None]) -> tuple[list[dict], dict[str, Any], list[float]]:
     """Restore and score every level of one suite: table rows, per-level payload, compute seconds."""
     from pfstorer.evaluate import evaluate_folders
     from pfstorer.images import save_image
@@ -131,7 +131,7 @@ def run_suite(suite: str, model, sampling, gts: dict[str, Any], levels, work: Pa
         for case in _cases(level, gts, {"lfw128": 1000, "faces1024": 2000}[suite] + (500 if level == "x4" else 0)):
             t0 = time.process_time()
             out = restore_batch(model, case.lq[None], seeds=[seed], scale=case.scale, steps=sampling.steps,
-                                sampler=sampling.sampler, t_start=sampling.t_start)[0]
+                                sampler=sampling.sampler, t_start=sampling.t_start, **tiling)[0]
             compute_s.append((time.process_time() - t0) / threads)
             save_image(case.shown, in_dir / f"{case.name}.png")
             save_image(out, out_dir / f"{case.name}.png")
@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, help="override the base's default steps")
     ap.add_argument("--t-start", type=int, help="override the base's default start timestep")
     ap.add_argument("--sampler", choices=["ddim", "ddpm"], help="override the base's default sampler")
+    ap.add_argument("--tile", type=int, help="override the tile size in output pixels (default: the base's native size)")
+    ap.add_argument("--overlap", type=int, help="override the tile overlap in output pixels (default: the base's)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (degradation seeds are fixed)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep", type=Path, help="keep the images and evaluate's tables here")
@@ -178,12 +180,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from pfstorer.images import load_image, resize
     from pfstorer.model import load_base
+    from pfstorer.sampling import tile_layout
 
     torch.set_num_threads(args.threads)
     model = load_base(args.base)
     sampling = model.config.sampling.override(sampler=args.sampler, steps=args.steps, t_start=args.t_start)
     print(f"bench_base: {model.config.name} ({model.fingerprint[:12]}), {sampling.sampler} {sampling.steps} "
           f"steps from t={sampling.t_start}", file=sys.stderr)
+    tiling = {"tile": args.tile, "overlap": args.overlap}
+    tiles = dict(zip(("tile", "overlap"), tile_layout(model.config, args.tile, args.overlap)))
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_base_"))
     rows, payload, compute = [], {}, {}
     if "lfw128" in args.suites:
@@ -192,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             photos = bench_photos(args.people, args.per_person)
         gts = {name: load_image(path) for name, path in photos}
-        r, p, c = run_suite("lfw128", model, sampling, gts, args.levels, work, args.threads, args.seed, base_gates)
+        r, p, c = run_suite("lfw128", model, sampling, gts, args.levels, work, args.threads, args.seed, base_gates,
+                           tiling)
         rows += r
         payload["lfw128"] = {"photos": len(gts), "split": args.split, "levels": p}
         compute["median_compute_s_per_128px_face"] = sorted(c)[len(c) // 2]
@@ -203,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             k = args.size / max(img.shape[1:])
             gts[name] = resize(img, (round(img.shape[1] * k), round(img.shape[2] * k)))
         r, p, c = run_suite("faces1024", model, sampling, gts, args.photo_levels, work, args.threads, args.seed,
-                            photo_gates)
+                            photo_gates, tiling)
         rows += r
         payload["faces1024"] = {"photos": len(gts), "split": args.split, "size": args.size, "levels": p}
         compute[f"median_compute_s_per_{args.size}px_photo"] = sorted(c)[len(c) // 2]
@@ -221,13 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     table += (f"\n\nID = cosine x 100 (FaceNet; dlib); ST-LPIPS is shift-tolerant LPIPS; sharpness = Laplacian "
               f"variance of the truth's face box, restored over truth (1: as sharp as the truth). Degradation "
               f"seeds fixed, sampling seed {args.seed}; {sampling.sampler}, {sampling.steps} step(s) from "
-              f"t = {sampling.t_start}. Median compute (CPU time / threads): "
+              f"t = {sampling.t_start}; {tiles['tile']} px tiles overlapping by {tiles['overlap']} px"
+              + ". Median compute (CPU time / threads): "
               + ", ".join(f"{k.removeprefix('median_compute_s_per_')}: {v:.3f} s" for k, v in compute.items())
               + f". All gates: {'pass' if passed else 'FAIL'}.")
     print(table)
     out = {
         "device": device_name("cpu"), "command": command_line(), "base": model.config.name,
-        "fingerprint": model.fingerprint, "sampling": sampling.model_dump(), "suites": payload,
+        "fingerprint": model.fingerprint, "sampling": sampling.model_dump(), **tiles, "suites": payload,
         **compute, "all_gates_pass": passed, "threads": args.threads, "cpus": os.cpu_count(),
     }
     stem = args.name or f"base_{Path(args.base).name}_cpu"

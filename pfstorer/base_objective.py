@@ -13,7 +13,10 @@
 - **detail energy** (:func:`detail_loss`): the same estimates must carry as much fine detail,
   window by window, as the truth: a loss on the local energy of their Laplacian, blind to where
   each ripple sits, so the L1 loss's mean (a blur) is no longer its optimum. Both act on the
-  rows :func:`detail_rows` picks: sampling starts of the kinds of input they are asked for.
+  rows :func:`detail_rows` picks: sampling starts of the kinds of input they are asked for;
+- **structure** (:func:`structure_loss`): on the same rows, the estimate's low-pass must be the
+  truth's, so the detail terms redraw texture without moving what sits below it (the face's
+  shapes and shading, which fidelity and identity rest on).
 
 The same forward noising as sampling and personalization (:func:`pfstorer.sampling.diffuse`).
 """
@@ -122,3 +125,15 @@ def detail_loss(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
             fake, real = F.avg_pool2d(fake, 2), F.avg_pool2d(real, 2)
         total = total + (_detail_energy(fake) - _detail_energy(real)).abs().mean()
     return total / DETAIL_SCALES
+
+
+STRUCTURE_FACTOR = 4  # pixels per side averaged: what is left is the face's shapes and shading
+
+
+def structure_loss(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """L1 distance of the estimate's and the truth's means over ``STRUCTURE_FACTOR`` px blocks.
+
+    Blind to texture inside a block (the detail terms' business), it weighs the errors the L1
+    loss spreads over every frequency onto the low ones alone."""
+    return (F.avg_pool2d(fake, STRUCTURE_FACTOR, ceil_mode=True)
+            - F.avg_pool2d(real, STRUCTURE_FACTOR, ceil_mode=True)).abs().mean()

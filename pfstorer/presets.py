@@ -40,6 +40,9 @@ class SamplingDefaults(BaseModel):
     sampler: Literal["ddim", "ddpm"] = "ddim"
     steps: int = Field(50, ge=1, description="denoising steps")
     t_start: int = Field(1000, ge=1, description="timestep sampling starts from (1000: pure noise)")
+    overlap: float = Field(0.25, ge=0, lt=1, description="tile overlap as a fraction of the tile: each pixel "
+                           "blends the predictions of the tiles that cover it, so more overlap averages "
+                           "more views of it, at more tiles per photo")
 
     def override(self, *, sampler: str | None = None, steps: int | None = None,
                  t_start: int | None = None) -> SamplingDefaults:
@@ -164,7 +167,9 @@ PRESETS: dict[str, BaseConfig] = {
     # by `pfstorer train-base`; see pfstorer/weights/compact/MODEL_CARD.md): a 4x pixel-unshuffle
     # stem, attention only at 1/16 and 1/32 of the tile, 1x1 SFT convolutions, x0 predicted as a
     # residual on the LQ, sampling from the LQ diffused to t = 200 in one DDIM step (measured better
-    # than 2 or 4 steps on PSNR, SSIM and ST-LPIPS: benchmarks/results/base_compact_cpu*.md).
+    # than 2 or 4 steps on PSNR, SSIM and ST-LPIPS: benchmarks/results/base_compact_cpu*.md), tiles
+    # overlapping by half (more identity than a quarter at the same PSNR, 2.25x the tiles:
+    # benchmarks/results/base_compact_tune.md).
     # Cost: 2.10 GFLOP per 128 px tile forward, 1.55 GFLOP per 64 px training sample (forward +
     # backward), 10.2 M parameters (benchmarks/results/base_speed_cpu.md).
     "compact": BaseConfig(
@@ -174,7 +179,7 @@ PRESETS: dict[str, BaseConfig] = {
         unshuffle=4,
         prediction="x0_residual",
         sft_kernel=1,
-        sampling=SamplingDefaults(sampler="ddim", steps=1, t_start=200),
+        sampling=SamplingDefaults(sampler="ddim", steps=1, t_start=200, overlap=0.5),
         unet={
             "block_out_channels": [64, 96, 128, 160],
             "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],

@@ -45,7 +45,7 @@ class RestoreOptions(BaseModel):
         "0 is the base model bit for bit, 1 the adapter as trained.",
     )
     tile: int | None = Field(None, ge=1, description="Tile size in output pixels (unset: the model's native size).")
-    overlap: int | None = Field(None, ge=0, description="Tile overlap in output pixels (unset: a quarter tile).")
+    overlap: int | None = Field(None, ge=0, description="Tile overlap in output pixels (unset: the base's fraction of the tile).")
     color_fix: ColorFix = Field("wavelet", description="Match the input's colours after stitching the tiles.")
 
     @classmethod
@@ -90,7 +90,7 @@ def add_restore_arguments(
         )
 
 
-_UNSET = {"tile": "the model's native size", "overlap": "a quarter tile"}
+_UNSET = {"tile": "the model's native size", "overlap": "the base's fraction of the tile"}
 
 
 def _argparse_type(annotation: Any) -> tuple[type, list[str] | None]:

@@ -25,6 +25,7 @@ from .errors import InputError, TooLargeError
 from .images import from_unit, to_unit
 from .model import RestorationModel
 from .personalization import AdapterSlots, PBRun
+from .presets import BaseConfig
 from .restore_options import ColorFix, RestoreOptions, Sampler
 from .tiling import blend_rows, tile_grid
 
@@ -209,6 +210,18 @@ def _pad_index(size: int, padded: int, reflect: bool, device: torch.device) -> t
     return idx.to(device)
 
 
+def tile_layout(config: BaseConfig, tile: int | None = None, overlap: int | None = None) -> tuple[int, int]:
+    """The tile side and overlap (output pixels) a restore uses: ``tile`` rounded down to the
+    model's granularity (unset: the native tile), ``overlap`` (unset: the preset's fraction of
+    the tile)."""
+    g = config.granularity
+    tile_px = max(g, ((tile or config.sample_size) // g) * g)
+    overlap_px = int(tile_px * config.sampling.overlap) if overlap is None else overlap
+    if not 0 <= overlap_px < tile_px:
+        raise InputError(f"overlap must be in [0, tile) = [0, {tile_px}), got {overlap_px}")
+    return tile_px, overlap_px
+
+
 @torch.no_grad()
 def restore_batch(
     model: RestorationModel,
@@ -246,7 +259,8 @@ def restore_batch(
     instead (:class:`~pfstorer.deadline.Checkpoint`): the check may then wait while another
     request's tiles run.
 
-    ``tile``/``overlap`` are in output pixels (defaults: the model's native size, 1/4 of it).
+    ``tile``/``overlap`` are in output pixels (defaults: the model's native size, and the preset's
+    fraction of the tile, :attr:`~pfstorer.presets.SamplingDefaults.overlap`).
     ``pad_to_tile`` pads a photo smaller than a tile up to a whole tile (cropped again at the end;
     default: when the model is compiled, so photos of every size reuse one graph per tile shape;
     the extra border context changes the result slightly against an unpadded restore).
@@ -282,10 +296,7 @@ def restore_batch(
         raise TooLargeError(f"output would be {out_w}x{out_h} pixels, over the limit of {MAX_OUTPUT_PIXELS}")
     cfg = model.config
     g, f = cfg.granularity, cfg.vae_factor
-    tile_px = max(g, ((tile or cfg.sample_size) // g) * g)
-    overlap_px = cfg.sample_size // 4 if overlap is None else overlap
-    if not 0 <= overlap_px < tile_px:
-        raise InputError(f"overlap must be in [0, tile) = [0, {tile_px}), got {overlap_px}")
+    tile_px, overlap_px = tile_layout(cfg, tile, overlap)
     dev = model.device
     check = deadline.check if deadline is not None else (lambda: None)
     out_dtype = torch.uint8 if images.dtype == torch.uint8 else torch.float32

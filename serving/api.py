@@ -79,7 +79,7 @@ class RestoreParams(RestoreOptions):
     tile: None = Field(  # type: ignore[assignment]
         None, description="Fixed by the server (serve.tile_size): outputs stay reproducible and batchable.",
     )
-    overlap: None = Field(None, description="Fixed by the server (a quarter tile).")  # type: ignore[assignment]
+    overlap: None = Field(None, description="Fixed by the server (the base's fraction of the tile).")  # type: ignore[assignment]
     format: Literal["png", "jpeg", "webp"] | None = Field(
         None, description="Output format (default: from the Accept header, else png).",
     )

@@ -39,7 +39,7 @@ def _cmd(args: argparse.Namespace) -> int:
         "face_scale": tuple(args.face_scale) if args.face_scale else None, "p_sr": args.p_sr,
         "adv_weight": args.adv_weight, "fm_weight": args.fm_weight, "disc_lr": args.disc_lr,
         "disc_width": args.disc_width, "adv_start": args.adv_start, "adv_ramp": args.adv_ramp,
-        "detail_weight": args.detail_weight,
+        "detail_weight": args.detail_weight, "structure_weight": args.structure_weight,
         "detail_inputs": tuple(args.detail_inputs) if args.detail_inputs else None,
     }
     if args.init and "://" not in args.init and Path(args.init).exists():  # workers run elsewhere
@@ -89,6 +89,10 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--detail-weight", type=float,
                    help="weight of the detail-energy loss: the restored face must carry as much fine detail, "
                         "window by window, as the truth (default 0: off)")
+    p.add_argument("--structure-weight", type=float,
+                   help="weight of the structure loss on the rows the detail objectives act on: the restored "
+                        "face's 4x4 px means must be the truth's, so texture is redrawn on top of the right "
+                        "shapes (default 0: off)")
     p.add_argument("--detail-inputs", nargs="+", metavar="KIND",
                    help="kinds of input the detail objectives act on, of clean, light, heavy and x4 (default: all); "
                         "e.g. 'heavy x4' leaves lightly degraded and clean inputs to the L1 term, which copies "

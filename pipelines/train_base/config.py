@@ -50,6 +50,9 @@ class TrainBaseConfig(BaseModel):
     adv_ramp: int = Field(0, ge=0, description="steps over which the adversarial weight rises linearly to adv_weight")
     detail_weight: float = Field(0.0, ge=0, description="weight of the detail-energy loss on the x0 estimates "
                                  "of rows drawn as sampling starts (0: off; pfstorer.base_objective.detail_loss)")
+    structure_weight: float = Field(0.0, ge=0, description="weight of the structure loss on the same rows as "
+                                    "the detail objectives: their low-pass must be the truth's (0: off; "
+                                    "pfstorer.base_objective.structure_loss)")
     detail_inputs: tuple[str, ...] | None = Field(
         None, min_length=1,
         description="kinds of training input the detail objectives (adversarial, detail energy) act on: "

@@ -132,7 +132,7 @@ def train_base(
         "fingerprint": fp, "wall_s": state["wall_s"], "samples": state.get("samples"),
         "config": config.model_dump(mode="json"), "loss": state["losses"], "probes": state.get("probes", []),
         "adv_loss": state.get("adv_losses", []), "disc_loss": state.get("disc_losses", []),
-        "detail_loss": state.get("detail_losses", []),
+        "detail_loss": state.get("detail_losses", []), "structure_loss": state.get("structure_losses", []),
     }
     (out / "loss_curve.json").write_text(json.dumps(curve))
     plot_curve(curve, out / "loss_curve.png")

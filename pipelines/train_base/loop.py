@@ -75,6 +75,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         detail_loss,
         detail_rows,
         noised_batch,
+        structure_loss,
         x0_estimate,
     )
     from pfstorer.model import load_base
@@ -175,15 +176,18 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         # The detail objectives: on the rows drawn as sampling starts, what sampling returns
         # (the x0 estimate) must look real to the discriminator (pfstorer.adversarial) and carry
         # the truth's amount of fine detail (detail_loss); only on the kinds of input they are asked
-        # for (--detail-inputs), the others learn fidelity alone.
+        # for (--detail-inputs), the others learn fidelity alone; on the same rows the structure
+        # term keeps the estimate's low-pass on the truth's.
         adv_rows = detail_rows(x.start if p_start > 0 else torch.ones_like(x.start), kinds, c.detail_inputs)
         fake = None
-        if (disc is not None or c.detail_weight > 0) and bool(adv_rows.any()):
+        if (disc is not None or c.detail_weight > 0 or c.structure_weight > 0) and bool(adv_rows.any()):
             fake, real = x0_estimate(model, x.z_t, pred.float(), x.a)[adv_rows], z0.float()[adv_rows]
-            if c.detail_weight > 0:
-                d_term = detail_loss(fake, real)
-                loss = loss + c.detail_weight * d_term
-                state.setdefault("detail_losses", []).append(round(float(d_term.detach()), 5))
+            for name, weight, term in (("detail", c.detail_weight, detail_loss),
+                                       ("structure", c.structure_weight, structure_loss)):
+                if weight > 0:
+                    value = term(fake, real)
+                    loss = loss + weight * value
+                    state.setdefault(f"{name}_losses", []).append(round(float(value.detach()), 5))
             w_adv = adversarial_weight(step, c.adv_weight, c.adv_start, c.adv_ramp) if disc is not None else 0.0
             if w_adv > 0:
                 disc.requires_grad_(False)

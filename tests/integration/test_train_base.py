@@ -1,7 +1,7 @@
 """Base training (`pfstorer train-base`): the real Ray Train TorchTrainer with `tiny` on the CPU.
 
 One short run (4 steps, checkpoint every 2) and its resumption to 6 steps are shared by the tests:
-two sources (lfw128 and faces1024 at random face scales), x4 SR inputs, the adversarial and the detail-energy losses on.
+two sources (lfw128 and faces1024 at random face scales), x4 SR inputs, the adversarial, detail-energy and structure losses on.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _config(steps: int):
     return TrainBaseConfig(base="tiny", steps=steps, batch_size=2, lr=1e-3, checkpoint_every=2, warmup=1,
                            log_every=100, threads=1, ema=0.9, loss_weighting="trunc-snr", holdout=4, probe_every=2,
                            face_scale=(24, 300), p_sr=0.5, adv_weight=0.1, adv_start=1,
-                           detail_weight=0.5)
+                           detail_weight=0.5, structure_weight=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,8 @@ def test_resume_continues_from_the_checkpoint(runs):
     assert len(curve["loss"]) == RESUMED_STEPS
     # the discriminator trained at every step and the adversarial term acted from adv_start on
     assert len(curve["disc_loss"]) == RESUMED_STEPS and len(curve["adv_loss"]) == RESUMED_STEPS - 1
-    assert len(curve["detail_loss"]) == RESUMED_STEPS and all(v > 0 for v in curve["detail_loss"])
+    for term in ("detail_loss", "structure_loss"):
+        assert len(curve[term]) == RESUMED_STEPS and all(v > 0 for v in curve[term])
     # the weights at the start of the resumed run are exactly those of the checkpoint
     assert curve["start_fingerprint"] == runs["ckpt_fp"]
     assert Path(second.checkpoint).name == f"checkpoint_{RESUMED_STEPS:08d}"

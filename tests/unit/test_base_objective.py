@@ -11,6 +11,7 @@ from pfstorer.base_objective import (
     detail_loss,
     detail_rows,
     noised_batch,
+    structure_loss,
     x0_estimate,
 )
 from pfstorer.model import load_base
@@ -62,6 +63,19 @@ def test_detail_loss_asks_for_the_truths_amount_of_detail_not_its_placement() ->
     blur.requires_grad_(True)
     detail_loss(blur, texture).backward()
     assert torch.isfinite(blur.grad).all() and blur.grad.abs().sum() > 0
+
+
+def test_structure_loss_sees_shapes_and_shading_not_texture() -> None:
+    g = torch.Generator().manual_seed(0)
+    face = torch.rand(2, 3, 32, 32, generator=g)
+    checker = (torch.arange(32).view(-1, 1) + torch.arange(32)).remainder(2).float() * 0.2 - 0.1
+    assert structure_loss(face + checker, face).item() == pytest.approx(0.0, abs=1e-6)  # texture in 4x4 blocks
+    assert (face + checker - face).abs().mean().item() == pytest.approx(0.1)  # which L1 charges in full
+    assert structure_loss(face + 0.1, face).item() == pytest.approx(0.1, abs=1e-6)  # shading is charged
+    moved = face.roll(4, dims=-1)  # shapes moved by a block
+    assert structure_loss(moved, face).item() > 0.05
+    odd = torch.rand(1, 3, 30, 30, generator=g)  # sides not a multiple of the block: the edge counts too
+    assert structure_loss(odd.clone().index_fill_(-1, torch.tensor([29]), 0.0), odd).item() > 0
 
 
 def test_detail_rows_are_sampling_starts_of_the_kinds_asked_for() -> None:

@@ -81,6 +81,18 @@ def test_ddpm_noise_does_not_depend_on_how_the_image_is_cut(tiny, monkeypatch):
     assert not torch.allclose(restore(tiny, img, tile=64, **{**run, "seed": 5}), whole, atol=1e-3)
 
 
+def test_unset_overlap_is_the_presets_fraction_of_the_tile_in_use(tiny, monkeypatch):
+    img = torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(7))
+    run = dict(seed=1, steps=1, color_fix="none")
+    quarter = restore(tiny, img, tile=32, **run)  # tiny: a quarter, 8 px of a 32 px tile
+    assert torch.equal(quarter, restore(tiny, img, tile=32, overlap=8, **run))
+    assert not torch.allclose(quarter, restore(tiny, img, tile=32, overlap=16, **run), atol=1e-4)
+    half = tiny.config.model_copy(update={"sampling": tiny.config.sampling.model_copy(update={"overlap": 0.5})})
+    monkeypatch.setattr(tiny, "config", half)
+    assert torch.equal(restore(tiny, img, tile=32, **run), restore(tiny, img, tile=32, overlap=16, **run))
+    assert torch.equal(restore(tiny, img, tile=16, **run), restore(tiny, img, tile=16, overlap=8, **run))
+
+
 def test_uint8_photo_restores_to_the_rounded_float_result(tiny):
     u8 = (torch.rand(3, 30, 44, generator=torch.Generator().manual_seed(3)) * 255).round().to(torch.uint8)
     run = dict(seed=1, steps=2, tile=16, overlap=4)  # scale 1: with --scale the uint8 path rounds the LQ
