@@ -115,7 +115,7 @@ def _cases(level: str, gts: dict[str, Any], seed0: int) -> list[Case]:
 
 
 def run_suite(suite: str, model, sampling, gts: dict[str, Any], levels, work: Path, threads: int, seed: int,
-              gates, tiling: dict[str, int | None]) -> tuple[list[dict], dict[str, Any], list[float]]:
+              gates, tiles: dict[str, int]) -> tuple[list[dict], dict[str, Any], list[float]]:
     """Restore and score every level of one suite: table rows, per-level payload, compute seconds."""
     from pfstorer.evaluate import evaluate_folders
     from pfstorer.images import save_image
@@ -131,7 +131,7 @@ def run_suite(suite: str, model, sampling, gts: dict[str, Any], levels, work: Pa
         for case in _cases(level, gts, {"lfw128": 1000, "faces1024": 2000}[suite] + (500 if level == "x4" else 0)):
             t0 = time.process_time()
             out = restore_batch(model, case.lq[None], seeds=[seed], scale=case.scale, steps=sampling.steps,
-                                sampler=sampling.sampler, t_start=sampling.t_start, **tiling)[0]
+                                sampler=sampling.sampler, t_start=sampling.t_start, **tiles)[0]
             compute_s.append((time.process_time() - t0) / threads)
             save_image(case.shown, in_dir / f"{case.name}.png")
             save_image(out, out_dir / f"{case.name}.png")
@@ -187,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     sampling = model.config.sampling.override(sampler=args.sampler, steps=args.steps, t_start=args.t_start)
     print(f"bench_base: {model.config.name} ({model.fingerprint[:12]}), {sampling.sampler} {sampling.steps} "
           f"steps from t={sampling.t_start}", file=sys.stderr)
-    tiling = {"tile": args.tile, "overlap": args.overlap}
     tiles = dict(zip(("tile", "overlap"), tile_layout(model.config, args.tile, args.overlap)))
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_base_"))
     rows, payload, compute = [], {}, {}
@@ -198,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             photos = bench_photos(args.people, args.per_person)
         gts = {name: load_image(path) for name, path in photos}
         r, p, c = run_suite("lfw128", model, sampling, gts, args.levels, work, args.threads, args.seed, base_gates,
-                           tiling)
+                           tiles)
         rows += r
         payload["lfw128"] = {"photos": len(gts), "split": args.split, "levels": p}
         compute["median_compute_s_per_128px_face"] = sorted(c)[len(c) // 2]
@@ -209,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             k = args.size / max(img.shape[1:])
             gts[name] = resize(img, (round(img.shape[1] * k), round(img.shape[2] * k)))
         r, p, c = run_suite("faces1024", model, sampling, gts, args.photo_levels, work, args.threads, args.seed,
-                            photo_gates, tiling)
+                            photo_gates, tiles)
         rows += r
         payload["faces1024"] = {"photos": len(gts), "split": args.split, "size": args.size, "levels": p}
         compute[f"median_compute_s_per_{args.size}px_photo"] = sorted(c)[len(c) // 2]
