@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Source", "draw_batch", "input_kinds", "holdout_people", "load_split", "native_crop", "probe_holdout", "training_rows"]
+__all__ = ["Source", "draw_batch", "holdout_people", "input_kinds", "load_split", "native_crop", "probe_holdout", "training_rows"]
 
 
 class Source(BaseModel):
