@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     table += (f"\n\nID = cosine x 100 (FaceNet; dlib); ST-LPIPS is shift-tolerant LPIPS; sharpness = Laplacian "
               f"variance of the truth's face box, restored over truth (1: as sharp as the truth). Degradation "
               f"seeds fixed, sampling seed {args.seed}; {sampling.sampler}, {sampling.steps} step(s) from "
-              f"t = {sampling.t_start}; {tiles['tile']} px tiles overlapping by {tiles['overlap']} px. "
+              f"t = {sampling.t_start}; {tiles['tile']} px tiles overlapping by {tiles['overlap']} px; colour fix "
+              f"{sampling.color_fix}. "
               f"Median compute (CPU time / threads): "
               + ", ".join(f"{k.removeprefix('median_compute_s_per_')}: {v:.3f} s" for k, v in compute.items())
               + f". All gates: {'pass' if passed else 'FAIL'}.")

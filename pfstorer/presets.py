@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .restore_options import ColorFix
+
 
 class AdapterShape(BaseModel):
     """Shapes of the personalization blocks; identical for every identity of one base."""
@@ -43,11 +45,14 @@ class SamplingDefaults(BaseModel):
     overlap: float = Field(0.25, ge=0, lt=1, description="tile overlap as a fraction of the tile: each pixel "
                            "blends the predictions of the tiles that cover it, so more overlap averages "
                            "more views of it, at more tiles per photo")
+    color_fix: ColorFix = Field("wavelet", description="colour correction against the input after stitching: "
+                                "a base that drifts in colour needs one; for one that does not, the input's "
+                                "low frequencies bring back its noise and compression")
 
     def override(self, *, sampler: str | None = None, steps: int | None = None,
-                 t_start: int | None = None) -> SamplingDefaults:
+                 t_start: int | None = None, color_fix: ColorFix | None = None) -> SamplingDefaults:
         """These defaults with what a caller named (``None``: keep the default)."""
-        given = {"sampler": sampler, "steps": steps, "t_start": t_start}
+        given = {"sampler": sampler, "steps": steps, "t_start": t_start, "color_fix": color_fix}
         return self.model_copy(update={k: v for k, v in given.items() if v is not None})
 
 
@@ -179,7 +184,7 @@ PRESETS: dict[str, BaseConfig] = {
         unshuffle=4,
         prediction="x0_residual",
         sft_kernel=1,
-        sampling=SamplingDefaults(sampler="ddim", steps=1, t_start=200, overlap=0.5),
+        sampling=SamplingDefaults(sampler="ddim", steps=1, t_start=200, overlap=0.5, color_fix="none"),
         unet={
             "block_out_channels": [64, 96, 128, 160],
             "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],

@@ -46,7 +46,7 @@ class RestoreOptions(BaseModel):
     )
     tile: int | None = Field(None, ge=1, description="Tile size in output pixels (unset: the model's native size).")
     overlap: int | None = Field(None, ge=0, description="Tile overlap in output pixels (unset: the base's fraction of the tile).")
-    color_fix: ColorFix = Field("wavelet", description="Match the input's colours after stitching the tiles.")
+    color_fix: ColorFix | None = Field(None, description="Match the input's colours after stitching the tiles.")
 
     @classmethod
     def merged(cls, base: RestoreOptions | None = None, **given: Any) -> RestoreOptions:

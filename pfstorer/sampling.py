@@ -238,7 +238,7 @@ def restore_batch(
     tile: int | None = None,
     overlap: int | None = None,
     tile_batch: int = 8,
-    color_fix: ColorFix = "wavelet",
+    color_fix: ColorFix | None = None,
     pad_to_tile: bool | None = None,
     progress: bool = False,
     deadline: Checkpoint | None = None,
@@ -249,7 +249,8 @@ def restore_batch(
     ``strength`` (one for all rows, or one per row) in [0, 1] scales each adapter's gates alpha:
     0 is the base model bit for bit, 1 the adapter as trained.
 
-    ``steps``, ``sampler`` and ``t_start`` default to the preset's :class:`~pfstorer.presets.SamplingDefaults`;
+    ``steps``, ``sampler``, ``t_start`` and ``color_fix`` default to the preset's
+    :class:`~pfstorer.presets.SamplingDefaults`;
     ``t_start`` below the schedule's length starts from the LQ diffused to that timestep, at or
     above it from pure noise.
 
@@ -278,8 +279,8 @@ def restore_batch(
 
     if images.ndim != 4 or images.shape[1] != 3:
         raise InputError(f"expected images of shape [B,3,H,W], got {tuple(images.shape)}")
-    chosen = model.config.sampling.override(sampler=sampler, steps=steps, t_start=t_start)
-    sampler, steps, t_start = chosen.sampler, chosen.steps, chosen.t_start
+    chosen = model.config.sampling.override(sampler=sampler, steps=steps, t_start=t_start, color_fix=color_fix)
+    sampler, steps, t_start, color_fix = chosen.sampler, chosen.steps, chosen.t_start, chosen.color_fix
     if steps < 1:
         raise InputError("steps must be >= 1")
     if t_start < 1:

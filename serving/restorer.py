@@ -128,7 +128,8 @@ class Restorer:
         key = serve.get_multiplexed_model_id() or ""
         # what the request leaves open, the base decides; the tiles are the server's
         o = request.options
-        chosen = self.model.config.sampling.override(sampler=o.sampler, steps=o.steps, t_start=o.t_start)
+        chosen = self.model.config.sampling.override(sampler=o.sampler, steps=o.steps, t_start=o.t_start,
+                                                     color_fix=o.color_fix)
         options = o.model_copy(update={**chosen.model_dump(), "tile": s.tile_size, "overlap": None})
         # the header is enough to refuse: the pixels are decoded once the request starts
         h, w = await self._io_call(functools.partial(probe_image, data, limits=self.limits, name="image"))

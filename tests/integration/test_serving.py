@@ -72,16 +72,17 @@ class Stack:
     def headers(self, tenant: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[tenant]}"}
 
-    def reference(self, tenant: str | None, identity: str | None, photo: Path, seed: int) -> bytes:
+    def reference(self, tenant: str | None, identity: str | None, photo: Path, seed: int, **options: Any) -> bytes:
         """Offline restore of ``photo`` (PNG bytes), one torch thread like the replica."""
         from pfstorer.images import encode_png, load_image
         from pfstorer.sampling import restore
 
-        k = (tenant, identity, str(photo), seed)
+        k = (tenant, identity, str(photo), seed, *sorted(options.items()))
         if k not in self._refs:
             adapter = self.adapters[(tenant, identity)] if identity else None
             with torch_threads(1):
-                out = restore(self.model, load_image(photo), adapter=adapter, seed=seed, steps=STEPS, tile=TILE)
+                out = restore(self.model, load_image(photo), adapter=adapter, seed=seed, steps=STEPS, tile=TILE,
+                              **options)
             self._refs[k] = encode_png(out)
         return self._refs[k]
 
@@ -281,6 +282,9 @@ def test_base_only_and_spoofed_multiplex_header(stack: Stack, client: Any) -> No
     ref = stack.reference(None, None, photo, 7)
     r = _post(client, stack, tenant_a, photo, seed=7)
     assert r.status_code == 200 and r.headers["X-PFStorer-Adapter"] == "none" and r.content == ref
+    # a named colour fix replaces the base's default one
+    r = _post(client, stack, tenant_a, photo, seed=7, color_fix="adain")
+    assert r.status_code == 200 and r.content == stack.reference(None, None, photo, 7, color_fix="adain") != ref
     # Serve's routing header from a client must not select anyone's adapter
     spoof = f"{tenant_b}/{stack.people[tenant_b][0]}"
     r = _post(client, stack, tenant_a, photo, seed=7, headers={"serve_multiplexed_model_id": spoof})

@@ -225,6 +225,19 @@ def test_restore_takes_the_preset_sampling_defaults(photo):
     assert not torch.equal(default, from_noise)  # pure noise is still there, as an option
 
 
+def test_unset_colour_fix_is_the_presets(photo):
+    """A base whose default is no colour fix restores as if ``none`` were named; a named one still applies."""
+    from pfstorer.presets import SamplingDefaults
+
+    model = _tiny_with(sampling=SamplingDefaults(sampler="ddim", steps=2, t_start=300, color_fix="none"))
+    img = _as_u8(photo, 32, 32)
+    unset = restore(model, img, seed=1)
+    assert torch.equal(unset, restore(model, img, seed=1, color_fix="none"))
+    assert not torch.equal(unset, restore(model, img, seed=1, color_fix="wavelet"))
+    wavelet = _tiny_with(sampling=SamplingDefaults(sampler="ddim", steps=2, t_start=300))
+    assert torch.equal(restore(wavelet, img, seed=1), restore(wavelet, img, seed=1, color_fix="wavelet"))
+
+
 def test_lq_start_refuses_more_steps_than_timesteps(photo):
     from pfstorer.errors import InputError
 
