@@ -104,10 +104,18 @@ def write_results(stem: str, payload: dict[str, Any], table_md: str) -> tuple[Pa
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """One table of rows that may not share every column (one suite scores more metrics than
+    another): every column any row has, each after the one it follows in its row; blank where a
+    row lacks it."""
     if not rows:
         return "(no rows)"
-    cols = list(rows[0])
+    cols: list[str] = []
+    for r in rows:
+        for i, c in enumerate(r):
+            if c not in cols:
+                cols.insert(cols.index(list(r)[i - 1]) + 1 if i else 0, c)
     out = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
     for r in rows:
-        out.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+        cells = (f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols)
+        out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from _common import TUNE_PEOPLE, bench_split, bootstrap_interval  # noqa: E402
+from _common import TUNE_PEOPLE, bench_split, bootstrap_interval, markdown_table  # noqa: E402
 
 NAMES = [f"Person_{i:03d}" for i in range(100)]
 
@@ -46,3 +46,12 @@ def test_bootstrap_resamples_people_not_photos():
     assert lo <= 0.5 and hi >= 9.5  # whether person 0 is drawn decides almost everything
     lo, hi = bootstrap_interval([1.0] * 6, [0, 0, 1, 1, 2, 2])
     assert lo == hi == 1.0
+
+
+def test_a_table_keeps_the_columns_only_some_rows_have() -> None:
+    """A suite that scores more metrics than the first row's must not lose them from the table."""
+    rows = [{"suite": "a", "psnr": 20.0, "gates": "pass"},
+            {"suite": "b", "psnr": 30.0, "niqe": 6.5, "gates": "FAIL"}]
+    lines = markdown_table(rows).splitlines()
+    assert lines[0] == "| suite | psnr | niqe | gates |"
+    assert lines[2] == "| a | 20 |  | pass |" and lines[3] == "| b | 30 | 6.5 | FAIL |"
