@@ -249,6 +249,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "levels": levels, "rows": table_rows, "steps": args.steps, "sample_steps": args.sample_steps,
         "seed": args.seed, "ft_lr": args.ft_lr, "prior": args.prior, "identities": [p["identity"] for p in people]})
     scored.update(progress.done)
+    resumed = len(scored)  # people scored by earlier runs: wall_s and the timings are this run's only
     if scored:
         _log(f"resuming: {len(scored)} of {len(people)} people already scored ({args.resume})")
     personalized = 0
@@ -323,7 +324,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "test_photos": sum(len(p["tests"]) for p in people), "settings": vars(args) | {"data": str(args.data)},
         "personalize": variants["PFStorer"].model_dump(mode="json"),
         "prior_sha256": prior_used,
-        "results": results, "timings_s": timings, "wall_s": time.perf_counter() - t_start,
+        "results": results, "timings_s": timings, "wall_s": time.perf_counter() - t_start, "resumed_people": resumed,
     }
 
 
@@ -405,6 +406,12 @@ def _save_sweep_figures(out: Path, level: str, rows: list[list[torch.Tensor]], s
     return files
 
 
+def wall_note(report: dict[str, Any]) -> str:
+    """What the wall time covers when ``--resume`` took people over from earlier runs."""
+    n = report.get("resumed_people") or 0
+    return f" (this run; {n} of the {report['people']} people were scored by earlier runs with --resume)" if n else ""
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     lines = [f"# Personalization benchmark ({report['base']} base)", "",
              f"Card: **{report['card']}**. {report['people']} bench people of the {report.get('split', 'report')} "
@@ -412,7 +419,7 @@ def to_markdown(report: dict[str, Any]) -> str:
              f"personalization {report['settings']['steps']} steps of {report['personalize']['batch_size']} samples, "
              f"{report['settings']['sample_steps'] or 'default'} sampling steps, "
              f"adapters started from {'reference prior ' + report['prior_sha256'][:12] if report.get('prior_sha256') else 'zero'}. "
-             f"Wall time {report['wall_s']:.0f} s.", "", f"Command: `{report['command']}`", ""]
+             f"Wall time {report['wall_s']:.0f} s{wall_note(report)}.", "", f"Command: `{report['command']}`", ""]
     arrows = {"psnr": "↑", "ssim": "↑", "st_lpips": "↓", "niqe": "↓", "lmse": "↓", "id_facenet": "↑", "id_dlib": "↑"}
     for level, rows in report["results"].items():
         lines += [f"## {level}", "", "| method | " + " | ".join(f"{lab} {arrows[n]}" for n, lab, _ in COLUMNS) + " |",

@@ -10,7 +10,8 @@
 5. a report (Markdown + PNG): input | base | 0 steps | personalized | original, offline metrics,
    credits. "0 steps" is the adapter the person's references make before any fine-tuning (the
    base's reference prior with their cached features; the base itself when no prior ships),
-   restored in the driver with the Python API beside the served ones.
+   restored in the driver with the Python API beside the served ones; and the personalization
+   benchmark's gate on its report people for this base (:mod:`demo.benchmark_note`).
 
 Everything runs locally: Ray in-process, MLflow on SQLite and the artifact store under the state
 folder (``.pfstorer-state/demo``, ignored by git). It shuts everything down when done.
@@ -199,6 +200,7 @@ class ZeroStep:
         prior = resolve_prior(self.model, USE_BASE_PRIOR)
         self.label = ("0 steps" if prior is None else f"0 steps (prior {prior.sha256[:12]})")
         self.has_prior = prior is not None
+        self.fingerprint = self.model.fingerprint
 
     def restore(self, person: Person, degraded: torch.Tensor, steps: int) -> torch.Tensor:
         from pfstorer.images import load_image
@@ -347,6 +349,7 @@ def _adapter_effect(table: list[Scored]) -> list[str]:
 
 def _write_report(out: Path, rows, row_labels, table, base: str, steps: int, restore_steps: int,
                   smoke: bool, seconds: float, summary: Any, zero: ZeroStep) -> Path:
+    from demo.benchmark_note import benchmark_section
     from pfstorer.evaluate import make_grid
     from pfstorer.images import save_image
 
@@ -382,6 +385,7 @@ def _write_report(out: Path, rows, row_labels, table, base: str, steps: int, res
               "original; NIQE is no-reference (lower is better). Backends: "
               + "; ".join(f"{n}: {b}" for n, b in sorted(backends.items())) + ".", ""]
     lines += _adapter_effect(table)
+    lines += benchmark_section(base, zero.fingerprint)
     lines += ["## Credits", ""]
     for credit in sorted({row.person.credit for row in table}):
         who = ", ".join(dict.fromkeys(row.person.identity for row in table if row.person.credit == credit))

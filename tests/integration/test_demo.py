@@ -52,6 +52,7 @@ def test_demo_personalizes_serves_and_reports_every_person(lfw_bench, tmp_path):
     assert grid.width > grid.height  # five columns, two rows
     assert "No reference prior ships with this base, so the 0-step adapter is the base itself" in text
     assert "2 trained, 0 skipped, 0 failed" in text
+    assert "## On the benchmark's report people" in text
 
 
 def test_without_photos_the_demo_falls_back_to_a_labelled_astronaut_smoke_run(tmp_path, capsys):
@@ -83,7 +84,7 @@ def test_without_photos_the_demo_falls_back_to_a_labelled_astronaut_smoke_run(tm
             return ["x"] if status == "done" else []
 
     t = torch.rand(3, 8, 8)
-    zero = SimpleNamespace(label="0 steps (prior 0123456789ab)", has_prior=True)
+    zero = SimpleNamespace(label="0 steps (prior 0123456789ab)", has_prior=True, fingerprint="f" * 32)
     report = _write_report(tmp_path / "report", [[t] * 5], ["t-a/astronaut"], [], "tiny", 2, 2, True, 1.0, Summary(), zero)
     assert "**SMOKE RUN ONLY**" in report.read_text()
     plain = _write_report(tmp_path / "plain", [[t] * 5], ["t-a/x"], [], "tiny", 2, 2, False, 1.0, Summary(), zero)

@@ -55,3 +55,13 @@ def test_a_table_keeps_the_columns_only_some_rows_have() -> None:
     lines = markdown_table(rows).splitlines()
     assert lines[0] == "| suite | psnr | niqe | gates |"
     assert lines[2] == "| a | 20 |  | pass |" and lines[3] == "| b | 30 | 6.5 | FAIL |"
+
+
+def test_a_resumed_run_says_its_wall_time_is_its_own() -> None:
+    """Wall time of a run resumed with --resume covers only the people it scored itself."""
+    from bench_personalization import wall_note
+
+    assert wall_note({"people": 60, "resumed_people": 12}) == (
+        " (this run; 12 of the 60 people were scored by earlier runs with --resume)")
+    assert wall_note({"people": 60, "resumed_people": 0}) == ""
+    assert wall_note({"people": 20}) == ""  # files written before runs recorded it
