@@ -18,7 +18,9 @@ photos, degraded ``light`` and/or ``heavy`` with fixed seeds. Rows:
 
 ``--steps 0`` measures the start alone: each adapter is the reference prior with the person's
 cached references and no fine-tuning (without a prior it is the base itself); the fine-tune and
-no-alpha rows are left out and the gate is :data:`PRIOR_GATES` (heavy ID >= Base + 3).
+no-alpha rows are left out and the gate is :data:`PRIOR_GATES` (heavy ID >= Base + 3). A control
+row, **PFStorer, another person's references**, restores each person with the same prior given the
+next person's references: a gain both rows share is the prior's generic restoration, not identity.
 
 Columns: PSNR, SSIM, ST-LPIPS, NIQE, LMSE, ID (FaceNet cosine x 100), ID dlib (x 100), each the mean over test
 photos (``None`` where a metric could not be computed, counted in ``n``), then the gate
@@ -83,6 +85,17 @@ def bench_people(data: Path, people: int | None, n_refs: int, max_test: int | No
         if people is not None and len(out) >= people:
             break
     return out
+
+
+OTHER_REFS = "PFStorer, another person's references"
+
+
+def others_references(identities: Sequence[str], refs: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """For each person, the references of the next person in ``identities`` (the last gets the
+    first's): never their own, and the same photos in every run of the same people."""
+    if len(identities) < 2:
+        raise ValueError("another person's references need at least two people")
+    return {who: refs[identities[(k + 1) % len(identities)]] for k, who in enumerate(identities)}
 
 
 def degraded_tests(person_index: int, tests: Sequence[Path], level: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -237,10 +250,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             variants[f"PFStorer, lambda_gen={lg:g}"] = PersonalizeConfig(**pc, lambda_gen=lg)
     elif not (args.gate_only or start_only):  # Table 2
         variants["Base + adapters, no alpha"] = PersonalizeConfig(**pc, learn_alpha=False)
+    # the prior alone: the same adapters made from another person's references, a control for
+    # how much of a 0-step gain comes from the person's own photos rather than from the prior
+    control = [OTHER_REFS] if start_only and len(people) > 1 else []
     timings: dict[str, float] = {}
     sweep_rows = [row for row in variants if row.startswith("PFStorer, lambda_gen")]
     table_rows = ["Input", "Base"] + (["Base + full fine-tune"] if not (args.lambda_gen_sweep or args.gate_only
-                                                                         or start_only) else []) + list(variants)
+                                                                         or start_only) else []) + list(variants) + control
     figures: dict[str, list[list[torch.Tensor]]] = {level: [] for level in levels}
     # per person: {level: {row: [scores of each test photo]}}; kept in --resume's file as it grows
     scored: dict[int, dict[str, dict[str, list]]] = {}
@@ -271,6 +287,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             adapters[row] = {a.identity: a for a in got}
             prior_used = got[0].metadata.config.get("prior_sha256")
             timings[f"personalize: {row}"] = timings.get(f"personalize: {row}", 0.0) + time.perf_counter() - t0
+        if control:
+            others = others_references([p["identity"] for p in people], refs)
+            jobs = [PersonalizeJob(p["identity"], others[p["identity"]], seed=args.seed + i) for i, p in chunk]
+            adapters[OTHER_REFS] = {a.identity: a for a in personalize_many(model, jobs, config=variants["PFStorer"],
+                                                                            capacity=args.capacity)}
         personalized += len(chunk)
         for i, p in chunk:
             scored[i] = {}
@@ -292,7 +313,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     outs = _restore_all(ft, lqs, None, seeds, args.sample_steps)
                     rows["Base + full fine-tune"] = [score(x, g) for x, g in zip(outs, gts, strict=True)]
                 swept: dict[str, list[torch.Tensor]] = {}
-                for row in variants:
+                for row in list(variants) + control:
                     outs = _restore_all(model, lqs, adapters[row][p["identity"]], seeds, args.sample_steps)
                     rows[row] = [score(x, g) for x, g in zip(outs, gts, strict=True)]
                     swept[row] = outs

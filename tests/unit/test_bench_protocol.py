@@ -65,3 +65,16 @@ def test_a_resumed_run_says_its_wall_time_is_its_own() -> None:
         " (this run; 12 of the 60 people were scored by earlier runs with --resume)")
     assert wall_note({"people": 60, "resumed_people": 0}) == ""
     assert wall_note({"people": 20}) == ""  # files written before runs recorded it
+
+
+def test_the_control_row_never_gives_a_person_their_own_references() -> None:
+    from bench_personalization import others_references
+
+    refs = {name: [f"{name}/{k}.jpg" for k in range(3)] for name in NAMES[:5]}
+    others = others_references(NAMES[:5], refs)
+    assert set(others) == set(NAMES[:5])
+    assert all(others[who] != refs[who] for who in NAMES[:5])
+    assert sorted(map(tuple, others.values())) == sorted(map(tuple, refs.values()))  # everyone's photos used once
+    assert others_references(NAMES[:5], refs) == others  # the same pairs in every run
+    with pytest.raises(ValueError, match="two people"):
+        others_references(NAMES[:1], refs)
