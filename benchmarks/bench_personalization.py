@@ -253,6 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # the prior alone: the same adapters made from another person's references, a control for
     # how much of a 0-step gain comes from the person's own photos rather than from the prior
     control = [OTHER_REFS] if start_only and len(people) > 1 else []
+    others = others_references([p["identity"] for p in people], refs) if control else {}
     timings: dict[str, float] = {}
     sweep_rows = [row for row in variants if row.startswith("PFStorer, lambda_gen")]
     table_rows = ["Input", "Base"] + (["Base + full fine-tune"] if not (args.lambda_gen_sweep or args.gate_only
@@ -288,7 +289,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             prior_used = got[0].metadata.config.get("prior_sha256")
             timings[f"personalize: {row}"] = timings.get(f"personalize: {row}", 0.0) + time.perf_counter() - t0
         if control:
-            others = others_references([p["identity"] for p in people], refs)
             jobs = [PersonalizeJob(p["identity"], others[p["identity"]], seed=args.seed + i) for i, p in chunk]
             adapters[OTHER_REFS] = {a.identity: a for a in personalize_many(model, jobs, config=variants["PFStorer"],
                                                                             capacity=args.capacity)}
