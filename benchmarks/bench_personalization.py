@@ -253,7 +253,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # the prior alone: the same adapters made from another person's references, a control for
     # how much of a 0-step gain comes from the person's own photos rather than from the prior
     control = [OTHER_REFS] if start_only and len(people) > 1 else []
-    others = others_references([p["identity"] for p in people], refs) if control else {}
+    trained = {row: (cfg, refs) for row, cfg in variants.items()}  # what each row's adapters learn from
+    if control:
+        trained[OTHER_REFS] = (variants["PFStorer"], others_references([p["identity"] for p in people], refs))
     timings: dict[str, float] = {}
     sweep_rows = [row for row in variants if row.startswith("PFStorer, lambda_gen")]
     table_rows = ["Input", "Base"] + (["Base + full fine-tune"] if not (args.lambda_gen_sweep or args.gate_only
@@ -276,22 +278,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not chunk:
             continue
         adapters: dict[str, dict[str, Any]] = {}
-        for row, cfg in variants.items():
-            same = next((r for r in adapters if variants[r] == cfg), None)
+        for row, (cfg, row_refs) in trained.items():
+            same = next((r for r in adapters if trained[r][0] == cfg and trained[r][1] is row_refs), None)
             if same is not None:  # the same config twice (the sweep's default lambda_gen): the same adapters
                 adapters[row] = adapters[same]
                 continue
             t0 = time.perf_counter()
-            jobs = [PersonalizeJob(p["identity"], refs[p["identity"]], seed=args.seed + i) for i, p in chunk]
+            jobs = [PersonalizeJob(p["identity"], row_refs[p["identity"]], seed=args.seed + i) for i, p in chunk]
             speed = TrainingSpeed(autocast_bf16=args.bf16 and model.device.type == "cuda")
             got = personalize_many(model, jobs, config=cfg, capacity=args.capacity, speed=speed)
             adapters[row] = {a.identity: a for a in got}
             prior_used = got[0].metadata.config.get("prior_sha256")
             timings[f"personalize: {row}"] = timings.get(f"personalize: {row}", 0.0) + time.perf_counter() - t0
-        if control:
-            jobs = [PersonalizeJob(p["identity"], others[p["identity"]], seed=args.seed + i) for i, p in chunk]
-            adapters[OTHER_REFS] = {a.identity: a for a in personalize_many(model, jobs, config=variants["PFStorer"],
-                                                                            capacity=args.capacity)}
         personalized += len(chunk)
         for i, p in chunk:
             scored[i] = {}
@@ -313,7 +311,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     outs = _restore_all(ft, lqs, None, seeds, args.sample_steps)
                     rows["Base + full fine-tune"] = [score(x, g) for x, g in zip(outs, gts, strict=True)]
                 swept: dict[str, list[torch.Tensor]] = {}
-                for row in list(variants) + control:
+                for row in trained:
                     outs = _restore_all(model, lqs, adapters[row][p["identity"]], seeds, args.sample_steps)
                     rows[row] = [score(x, g) for x, g in zip(outs, gts, strict=True)]
                     swept[row] = outs
