@@ -322,6 +322,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _log(f"person {i + 1}/{len(people)} personalized, restored and scored")
 
     results: dict[str, Any] = {}
+    contrasts: dict[str, Any] = {}
     order = sorted(scored)
     for level in levels:
         per_row = {row: [x for i in order for x in scored[i][level][row]] for row in table_rows}
@@ -329,6 +330,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results[level] = {row: summarize(v) for row, v in per_row.items()}
         results[level]["gate"] = gate(level, results[level], per_photo_gains(per_row["PFStorer"], per_row["Base"], owners),
                                       PRIOR_GATES if start_only else GATES)
+        contrasts[level] = against_pfstorer(per_row, owners)
     if personalized:  # what one identity costs at these settings, packed --capacity at a time
         timings["personalize per identity (PFStorer)"] = timings["personalize: PFStorer"] / personalized
     report_figures = {}
@@ -343,7 +345,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "test_photos": sum(len(p["tests"]) for p in people), "settings": vars(args) | {"data": str(args.data)},
         "personalize": variants["PFStorer"].model_dump(mode="json"),
         "prior_sha256": prior_used,
-        "results": results, "timings_s": timings, "wall_s": time.perf_counter() - t_start, "resumed_people": resumed,
+        "results": results, "against_pfstorer": contrasts, "timings_s": timings, "wall_s": time.perf_counter() - t_start, "resumed_people": resumed,
     }
 
 
@@ -368,6 +370,24 @@ def per_photo_gains(pf: list[dict[str, float | None]], base: list[dict[str, floa
     return {"id_gain_interval": bootstrap_interval(d_id, who) if d_id else None,
             "psnr_change_interval": bootstrap_interval(d_psnr, who) if d_psnr else None,
             "helped": sum(d > 0 for d in d_id) / len(d_id) if d_id else None, "photos": len(d_id)}
+
+
+def against_pfstorer(per_row: dict[str, list[dict[str, float | None]]], owners: list[int]) -> dict[str, Any]:
+    """PFStorer minus every other restoring row, paired on each photo, with 95 % intervals over
+    people: whether PFStorer beats an ablation row (no alpha, full fine-tune) or only matches it
+    within the spread of people."""
+    pf = per_row["PFStorer"]
+    out = {}
+    for row, other in per_row.items():
+        if row in ("Input", "PFStorer"):
+            continue
+        gains = per_photo_gains(pf, other, owners)
+        ids = [(a["id_facenet"], b["id_facenet"]) for a, b in zip(pf, other, strict=True)
+               if a["id_facenet"] is not None and b["id_facenet"] is not None]
+        out[row] = {"id_change": sum(a - b for a, b in ids) / len(ids) if ids else None,
+                    "psnr_change": sum(a["psnr"] - b["psnr"] for a, b in zip(pf, other, strict=True)) / len(pf),
+                    **gains}
+    return out
 
 
 def gate(level: str, rows: dict[str, Any], gains: dict[str, Any],
@@ -431,6 +451,20 @@ def wall_note(report: dict[str, Any]) -> str:
     return f" (this run; {n} of the {report['people']} people were scored by earlier runs with --resume)" if n else ""
 
 
+def contrast_lines(contrasts: dict[str, Any]) -> list[str]:
+    """The Markdown table of :func:`against_pfstorer` (nothing for files written before it)."""
+    if not contrasts:
+        return []
+    lines = ["PFStorer minus each row, paired per photo (95 % intervals over people):", "",
+             "| row | ID change | ID 95 % | PSNR change (dB) | PSNR 95 % | photos PFStorer's ID is higher |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row, c in contrasts.items():
+        idi, pi = c["id_gain_interval"], c["psnr_change_interval"]
+        lines.append(f"| {row} | {c['id_change']:+.2f} | [{idi[0]:+.2f}, {idi[1]:+.2f}] | {c['psnr_change']:+.2f} "
+                     f"| [{pi[0]:+.2f}, {pi[1]:+.2f}] | {c['helped']:.0%} of {c['photos']} |")
+    return lines + [""]
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     lines = [f"# Personalization benchmark ({report['base']} base)", "",
              f"Card: **{report['card']}**. {report['people']} bench people of the {report.get('split', 'report')} "
@@ -457,6 +491,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Gate ({level}: {', '.join(asked)}): ID {g['id_gain']:+.2f} (95 % over people "
                   f"[{lo_hi[0]:+.2f}, {lo_hi[1]:+.2f}]), PSNR {g['psnr_change']:+.2f} dB, ID raised on "
                   f"{(g['helped'] or 0):.0%} of {g['photos']} photos: **{'pass' if g['passed'] else 'fail'}**", ""]
+        lines += contrast_lines(report.get("against_pfstorer", {}).get(level, {}))
         for kind, name in report.get("figures", {}).get(level, {}).items():
             lines += [f"![{level} lambda_gen {kind}]({name})", ""]
     return "\n".join(lines)

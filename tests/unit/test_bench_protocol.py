@@ -78,3 +78,32 @@ def test_the_control_row_never_gives_a_person_their_own_references() -> None:
     assert others_references(NAMES[:5], refs) == others  # the same pairs in every run
     with pytest.raises(ValueError, match="two people"):
         others_references(NAMES[:1], refs)
+
+
+def test_pfstorer_is_compared_with_each_row_photo_by_photo() -> None:
+    """The ablation contrast pairs each photo's rows and draws people, so a row that PFStorer beats
+    on one person only does not look like a clear win."""
+    from bench_personalization import against_pfstorer, contrast_lines
+
+    def photo(i: float | None, p: float) -> dict[str, float | None]:
+        return {"id_facenet": i, "psnr": p}
+
+    per_row = {
+        "Input": [photo(10.0, 20.0)] * 4,
+        "Base": [photo(50.0, 23.0), photo(50.0, 23.0), photo(52.0, 23.0), photo(None, 23.0)],
+        "PFStorer": [photo(56.0, 23.2), photo(54.0, 23.2), photo(52.0, 23.2), photo(60.0, 23.2)],
+        "Base + adapters, no alpha": [photo(58.0, 23.4), photo(58.0, 23.4), photo(52.0, 23.4), photo(61.0, 23.4)],
+    }
+    owners = [0, 0, 1, 2]
+    c = against_pfstorer(per_row, owners)
+    assert set(c) == {"Base", "Base + adapters, no alpha"}  # not the input, not PFStorer itself
+    assert c["Base"]["id_change"] == pytest.approx(10 / 3) and c["Base"]["photos"] == 3  # unscored photo left out
+    assert c["Base"]["helped"] == pytest.approx(2 / 3)
+    no_alpha = c["Base + adapters, no alpha"]
+    assert no_alpha["id_change"] == pytest.approx(-7 / 4) and no_alpha["helped"] == 0.0
+    assert no_alpha["psnr_change"] == pytest.approx(-0.2)
+    lo, hi = no_alpha["id_gain_interval"]
+    assert lo == pytest.approx(-3.0) and hi == pytest.approx(0.0)  # person 1 alone ties; person 0 alone loses 3
+    table = "\n".join(contrast_lines(c))
+    assert "| Base + adapters, no alpha | -1.75 | [-3.00, +0.00] | -0.20 |" in table
+    assert contrast_lines({}) == []  # files written before the contrast
