@@ -345,7 +345,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "test_photos": sum(len(p["tests"]) for p in people), "settings": vars(args) | {"data": str(args.data)},
         "personalize": variants["PFStorer"].model_dump(mode="json"),
         "prior_sha256": prior_used,
-        "results": results, "against_pfstorer": contrasts, "timings_s": timings, "wall_s": time.perf_counter() - t_start, "resumed_people": resumed,
+        "results": results, "against_pfstorer": contrasts,
+        "timings_s": timings, "wall_s": time.perf_counter() - t_start, "resumed_people": resumed,
     }
 
 
@@ -360,14 +361,17 @@ PRIOR_GATES = {"heavy": {"id_gain": 3.0, "id_gain_low": None, "psnr_loss": None,
 
 def per_photo_gains(pf: list[dict[str, float | None]], base: list[dict[str, float | None]],
                     owners: list[int]) -> dict[str, Any]:
-    """PFStorer minus Base on each test photo both scored: the ID gain and PSNR change with 95 %
-    bootstrap intervals over people, and the share of photos whose ID the adapter raised."""
+    """PFStorer minus another row (Base for the gate) on each test photo both scored: the mean ID
+    gain and PSNR change with 95 % bootstrap intervals over people, and the share of photos whose
+    ID PFStorer raised."""
     keep = [k for k, (a, b) in enumerate(zip(pf, base, strict=True))
             if a["id_facenet"] is not None and b["id_facenet"] is not None]
     d_id = [pf[k]["id_facenet"] - base[k]["id_facenet"] for k in keep]
     d_psnr = [pf[k]["psnr"] - base[k]["psnr"] for k in keep]
     who = [owners[k] for k in keep]
-    return {"id_gain_interval": bootstrap_interval(d_id, who) if d_id else None,
+    return {"paired_id_gain": sum(d_id) / len(d_id) if d_id else None,
+            "paired_psnr_change": sum(d_psnr) / len(d_psnr) if d_psnr else None,
+            "id_gain_interval": bootstrap_interval(d_id, who) if d_id else None,
             "psnr_change_interval": bootstrap_interval(d_psnr, who) if d_psnr else None,
             "helped": sum(d > 0 for d in d_id) / len(d_id) if d_id else None, "photos": len(d_id)}
 
@@ -376,18 +380,8 @@ def against_pfstorer(per_row: dict[str, list[dict[str, float | None]]], owners: 
     """PFStorer minus every other restoring row, paired on each photo, with 95 % intervals over
     people: whether PFStorer beats an ablation row (no alpha, full fine-tune) or only matches it
     within the spread of people."""
-    pf = per_row["PFStorer"]
-    out = {}
-    for row, other in per_row.items():
-        if row in ("Input", "PFStorer"):
-            continue
-        gains = per_photo_gains(pf, other, owners)
-        ids = [(a["id_facenet"], b["id_facenet"]) for a, b in zip(pf, other, strict=True)
-               if a["id_facenet"] is not None and b["id_facenet"] is not None]
-        out[row] = {"id_change": sum(a - b for a, b in ids) / len(ids) if ids else None,
-                    "psnr_change": sum(a["psnr"] - b["psnr"] for a, b in zip(pf, other, strict=True)) / len(pf),
-                    **gains}
-    return out
+    return {row: per_photo_gains(per_row["PFStorer"], other, owners)
+            for row, other in per_row.items() if row not in ("Input", "PFStorer")}
 
 
 def gate(level: str, rows: dict[str, Any], gains: dict[str, Any],
@@ -460,7 +454,7 @@ def contrast_lines(contrasts: dict[str, Any]) -> list[str]:
              "| --- | --- | --- | --- | --- | --- |"]
     for row, c in contrasts.items():
         idi, pi = c["id_gain_interval"], c["psnr_change_interval"]
-        lines.append(f"| {row} | {c['id_change']:+.2f} | [{idi[0]:+.2f}, {idi[1]:+.2f}] | {c['psnr_change']:+.2f} "
+        lines.append(f"| {row} | {c['paired_id_gain']:+.2f} | [{idi[0]:+.2f}, {idi[1]:+.2f}] | {c['paired_psnr_change']:+.2f} "
                      f"| [{pi[0]:+.2f}, {pi[1]:+.2f}] | {c['helped']:.0%} of {c['photos']} |")
     return lines + [""]
 

@@ -97,11 +97,11 @@ def test_pfstorer_is_compared_with_each_row_photo_by_photo() -> None:
     owners = [0, 0, 1, 2]
     c = against_pfstorer(per_row, owners)
     assert set(c) == {"Base", "Base + adapters, no alpha"}  # not the input, not PFStorer itself
-    assert c["Base"]["id_change"] == pytest.approx(10 / 3) and c["Base"]["photos"] == 3  # unscored photo left out
+    assert c["Base"]["paired_id_gain"] == pytest.approx(10 / 3) and c["Base"]["photos"] == 3  # unscored photo left out
     assert c["Base"]["helped"] == pytest.approx(2 / 3)
     no_alpha = c["Base + adapters, no alpha"]
-    assert no_alpha["id_change"] == pytest.approx(-7 / 4) and no_alpha["helped"] == 0.0
-    assert no_alpha["psnr_change"] == pytest.approx(-0.2)
+    assert no_alpha["paired_id_gain"] == pytest.approx(-7 / 4) and no_alpha["helped"] == 0.0
+    assert no_alpha["paired_psnr_change"] == pytest.approx(-0.2)
     lo, hi = no_alpha["id_gain_interval"]
     assert lo == pytest.approx(-3.0) and hi == pytest.approx(0.0)  # person 1 alone ties; person 0 alone loses 3
     table = "\n".join(contrast_lines(c))
