@@ -107,3 +107,5 @@ def test_pfstorer_is_compared_with_each_row_photo_by_photo() -> None:
     table = "\n".join(contrast_lines(c))
     assert "| Base + adapters, no alpha | -1.75 | [-3.00, +0.00] | -0.20 |" in table
     assert contrast_lines({}) == []  # files written before the contrast
+    unscored = against_pfstorer({row: [photo(None, 23.0)] for row in per_row}, [0])
+    assert "| Base | — | — | — | — | 0 photos |" in contrast_lines(unscored)  # a row, not a crash
