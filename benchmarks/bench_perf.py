@@ -45,7 +45,7 @@ def peak_gib(device: str) -> float | str:
 
 
 def bench_personalization(model, device: str, packs: list[int], steps: int, full_steps: int,
-                          speed: TrainingSpeed) -> list[dict]:
+                          speed: TrainingSpeed, config: PersonalizeConfig = PersonalizeConfig()) -> list[dict]:
     rows = []
     size = model.config.sample_size
     label = "".join([", bf16 autocast" if speed.autocast_bf16 else "",
@@ -53,7 +53,7 @@ def bench_personalization(model, device: str, packs: list[int], steps: int, full
     for k in packs:
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        trainer = PackedTrainer(model, PersonalizeConfig(steps=steps + 1), capacity=k, speed=speed)
+        trainer = PackedTrainer(model, config.model_copy(update={"steps": steps + 1}), capacity=k, speed=speed)
         for i in range(k):
             trainer.add(PersonalizeJob(f"p{i}", fake_refs(5, size, i), seed=i))
         trainer.step()  # warm-up (allocations, kernels)
@@ -134,6 +134,7 @@ def main() -> None:
     p.add_argument("--compile-mode", default=None, help="reduce-overhead (CUDA graphs) or default; none = skip")
     p.add_argument("--autocast-bf16", action="store_true", help="personalization under bf16 autocast")
     p.add_argument("--gradient-checkpointing", action="store_true", help="personalization with checkpointing")
+    p.add_argument("--gen-rows", type=int, help="rows of each step that estimate L_gen (default: PersonalizeConfig's)")
     args = p.parse_args()
     speed = TrainingSpeed(autocast_bf16=args.autocast_bf16, gradient_checkpointing=args.gradient_checkpointing)
     dtype = getattr(torch, args.dtype)
@@ -141,8 +142,9 @@ def main() -> None:
     packs = [1, 2, 4] if args.quick else [int(k) for k in args.packs.split(",")]
     batches = [2, 4] if args.quick else [8, 32]
     steps = 3 if args.quick else 10
-    full = PersonalizeConfig().steps  # the default config's steps
-    rows = bench_personalization(model, args.device, packs, steps, full_steps=full, speed=speed)
+    config = PersonalizeConfig(**({} if args.gen_rows is None else {"gen_rows": args.gen_rows}))
+    full = config.steps  # the default config's steps
+    rows = bench_personalization(model, args.device, packs, steps, full_steps=full, speed=speed, config=config)
     restore_steps = 5 if args.quick else model.config.sampling.steps  # the base's own sampler
     rows += bench_restore(model, args.device, restore_steps, batches, args.compile_mode)
     rows += bench_swap(model)
@@ -153,7 +155,8 @@ def main() -> None:
     payload = {"device": device_name(args.device), "base": args.base, "dtype": args.dtype,
                "command": command_line(), "rows": rows}
     table = markdown_table(rows)
-    flags = "".join(["_bf16" if args.autocast_bf16 else "", "_ckpt" if args.gradient_checkpointing else ""])
+    flags = "".join(["_bf16" if args.autocast_bf16 else "", "_ckpt" if args.gradient_checkpointing else "",
+                     "" if args.gen_rows is None else f"_gen{args.gen_rows}"])
     stem = f"perf_{'gpu' if args.device.startswith('cuda') else 'cpu'}_{args.base}{flags}"
     write_results(stem, payload, table)
     print(table)

@@ -244,6 +244,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.steps = PersonalizeConfig().steps
     start_only = args.steps == 0  # the reference prior alone: nothing is fine-tuned
     pc = {"steps": args.steps, "seed": args.seed, "prior": args.prior}
+    if args.gen_rows is not None:
+        pc["gen_rows"] = args.gen_rows
     variants: dict[str, PersonalizeConfig] = {"PFStorer": PersonalizeConfig(**pc)}
     if args.lambda_gen_sweep:  # Fig. 9: PFStorer at each lambda_gen (the default's row is PFStorer's)
         for lg in (0.0, 0.1, 0.5, 1.0):
@@ -266,7 +268,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     progress = Progress(args.resume, {
         "base": model.fingerprint, "split": args.split, "refs": args.refs, "max_test": args.max_test,
         "levels": levels, "rows": table_rows, "steps": args.steps, "sample_steps": args.sample_steps,
-        "seed": args.seed, "ft_lr": args.ft_lr, "prior": args.prior, "identities": [p["identity"] for p in people]})
+        "seed": args.seed, "ft_lr": args.ft_lr, "prior": args.prior, "identities": [p["identity"] for p in people],
+        "personalize": variants["PFStorer"].model_dump(mode="json")})  # a changed default refuses the file too
     scored.update(progress.done)
     resumed = len(scored)  # people scored by earlier runs: wall_s and the timings are this run's only
     if scored:
@@ -506,6 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-test", type=int, help="at most this many test photos per person")
     p.add_argument("--level", choices=["light", "heavy", "both"], default="both")
     p.add_argument("--steps", type=int, help="personalization / fine-tune steps (default: PersonalizeConfig's; paper: 500)")
+    p.add_argument("--gen-rows", type=int, help="rows of each step that estimate L_gen (default: PersonalizeConfig's)")
     p.add_argument("--sample-steps", type=int, help="denoising steps per restore (default: the base's)")
     p.add_argument("--prior", default="base",
                    help="where adapters start: base (the base's reference prior, if it ships one), none (zero), "

@@ -152,11 +152,11 @@ def check_personalization(model, meter: Meter, args, refs) -> list[dict]:
         dt = (meter.now() - t0) / args.train_steps
         draw_dt = (trainer.data_stats["draw_s"] - before["draw_s"]) / args.train_steps
         wait_dt = (trainer.data_stats["wait_s"] - before["wait_s"]) / args.train_steps
-        samples = pack * args.batch_size * (2 if config.lambda_gen > 0 else 1)
+        samples = pack * args.batch_size  # L_diff samples; L_gen adds its rows to the batch
         losses = [s.curve[-1] for s in trainer.slots.values() if s.curve]
         rows.append({
             "identities": pack,
-            "batch_rows": samples + pack * args.batch_size,  # + the reference rows run in the same batch
+            "batch_rows": pack * trainer.rows_per_identity,
             "samples_per_step": samples,
             "seconds_per_step": round(dt, 4),
             "cpu_data_seconds_per_step": round(draw_dt, 4),

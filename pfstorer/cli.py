@@ -118,7 +118,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
 
     paths = list_images(args.refs)
     given = {"steps": args.steps, "seed": args.seed, "lr": args.lr, "alpha_lr": args.alpha_lr,
-             "lambda_gen": args.lambda_gen, "batch_size": args.batch_size,
+             "lambda_gen": args.lambda_gen, "batch_size": args.batch_size, "gen_rows": args.gen_rows,
              "prior": "none" if args.no_prior else args.prior}
     base_config = Settings.load().personalize  # what `pfstorer run` would use: one source of defaults
     config = PersonalizeConfig(**(base_config.model_dump() | {k: v for k, v in given.items() if v is not None}))
@@ -287,6 +287,8 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--alpha-lr", type=float, help=f"learning rate of the gates alpha ({note}alpha_lr, {d.alpha_lr:g})")
     p.add_argument("--lambda-gen", type=float,
                    help=f"weight of the generative regulariser (paper: 0.1; {note}lambda_gen, {d.lambda_gen:g})")
+    p.add_argument("--gen-rows", type=int, help=f"of each step's samples, how many also estimate the generative "
+                   f"regulariser (paper: all; {note}gen_rows, {d.gen_rows})")
     p.add_argument("--seed", type=int, help=f"seed of every random choice (same seed, same adapter; {note}seed, {d.seed})")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--prior", metavar="PRIOR_FILE",

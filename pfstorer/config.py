@@ -21,6 +21,10 @@ class PersonalizeConfig(BaseModel):
                             "about its lr per step, so at 1e-3 the gates would stay below 0.04 after 40 steps")
     weight_decay: float = Field(0.0, ge=0)
     lambda_gen: float = Field(0.1, ge=0, description="weight of the generative regulariser (paper: 0.1)")
+    gen_rows: int | None = Field(
+        2, ge=1, description="rows per identity and step that estimate L_gen (eq. 4): the first of the step's "
+        "batch_size crops; None: all of them, as the paper. Each costs a pass of the base, as an L_diff row does: "
+        "2 of 8 kept the identity of 8 of 8 on the tune people in under two thirds of the time (docs/personalization.md)")
     lambda_pers: float = Field(5e-4, ge=0, description="weight of the token attention regulariser")
     p_hq: float = Field(0.03, ge=0, le=1, description="probability of a clean input (paper: 0.03)")
     p_lq_start: float = Field(1.0, ge=0, le=1, description="share of L_diff rows drawn as sampling starts: the LQ "

@@ -208,6 +208,9 @@ class PackedTrainer:
         self.config = config
         self.capacity = capacity
         self.speed = speed
+        self.gen_rows = min(config.gen_rows or config.batch_size, config.batch_size)
+        # rows of the frozen base per identity and step: what a step costs
+        self.rows_per_identity = config.batch_size + (self.gen_rows if config.lambda_gen > 0 else 0)
         self.weights = AdapterWeights(block_specs(model), model.config.cross_attention_dim, capacity).to(model.device, model.dtype)
         self.prior: Prior | None = resolve_prior(model, config.prior)
         if not config.learn_alpha:
@@ -328,8 +331,9 @@ class PackedTrainer:
         out = {"z0": z0, "lq": lq_lat, "ref": ref_idx, "noise": torch.randn(shape, generator=gen),
                "t": torch.where(start, torch.full_like(t, t_start), t), "start": start}
         if c.lambda_gen > 0:
-            out["noise_gen"] = torch.randn(shape, generator=gen)
-            out["t_gen"] = torch.randint(0, total, (b,), generator=gen)
+            g = self.gen_rows
+            out["noise_gen"] = torch.randn((g, *shape[1:]), generator=gen)
+            out["t_gen"] = torch.randint(0, total, (g,), generator=gen)
         return out
 
     def _noisy(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -423,11 +427,12 @@ class PackedTrainer:
                     ts.append(d["t"])
                     lqs.append(d["lq"])
                 else:
-                    xs.append(self._noisy(d["z0"], d["noise_gen"], d["t_gen"]))
+                    g = self.gen_rows
+                    xs.append(self._noisy(d["z0"][:g], d["noise_gen"], d["t_gen"]))
                     ts.append(d["t_gen"])
-                    lqs.append(m.null_lq(d["lq"]))
-                row_slots += [k] * self.config.batch_size
-                refs.append((k, d["ref"]))
+                    lqs.append(m.null_lq(d["lq"][:g]))
+                row_slots += [k] * (self.gen_rows if gen else self.config.batch_size)
+                refs.append((k, d["ref"][:self.gen_rows] if gen else d["ref"]))
         rows = [torch.cat([ref_tokens[k][i][idx] for k, idx in refs]) for i in range(len(self.weights.specs))]
         return torch.cat(xs), torch.cat(ts).to(m.device), torch.cat(lqs), row_slots, rows
 
@@ -438,13 +443,14 @@ class PackedTrainer:
         c, m, b = self.config, self.model, self.config.batch_size
         dist = distance(c, m)
 
-        def target(noise: torch.Tensor) -> torch.Tensor:
-            return m.target(d["z0"], noise).to(m.device).float()
+        def target(z0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+            return m.target(z0, noise).to(m.device).float()
 
-        terms = LossTerms(diffusion_loss(dist, pred[j * b:(j + 1) * b].float(), target(d["noise"])))
+        terms = LossTerms(diffusion_loss(dist, pred[j * b:(j + 1) * b].float(), target(d["z0"], d["noise"])))
         if c.lambda_gen > 0:
-            null_rows = slice((n_active + j) * b, (n_active + j + 1) * b)
-            terms.gen = generative_loss(dist, pred[null_rows].float(), target(d["noise_gen"]))
+            g = self.gen_rows
+            null_rows = slice(n_active * b + j * g, n_active * b + (j + 1) * g)
+            terms.gen = generative_loss(dist, pred[null_rows].float(), target(d["z0"][:g], d["noise_gen"]))
         if pers_rows is not None:
             terms.pers = pers_rows[own_rows].mean()
         return terms

@@ -192,9 +192,11 @@ def test_latent_preset_personalizes_and_restores(people):
     assert not torch.equal(base, restore(model, refs[0], adapter=trained, seed=4, **FAST))
 
 
-def test_packed_training_equals_solo_training(tiny, people):
-    """K identities packed in one batch get the adapters they would get alone."""
-    cfg = PersonalizeConfig(steps=3, seed=0)
+@pytest.mark.parametrize("gen_rows", [None, 2])
+def test_packed_training_equals_solo_training(tiny, people, gen_rows):
+    """K identities packed in one batch get the adapters they would get alone, also when L_gen
+    takes fewer rows than L_diff (each identity's rows sit at their own offsets)."""
+    cfg = PersonalizeConfig(steps=3, seed=0, batch_size=4, gen_rows=gen_rows)
     jobs = [PersonalizeJob(n, refs[:4], seed=i + 1) for i, (n, refs) in enumerate(list(people.items())[:3])]
     packed = personalize_many(tiny, jobs, config=cfg, capacity=3)
     for job, adapter in zip(jobs, packed, strict=True):
@@ -203,6 +205,28 @@ def test_packed_training_equals_solo_training(tiny, people):
         for key, value in solo.tensors.items():
             rel = (adapter.tensors[key] - value).norm() / value.norm().clamp_min(1e-12)
             assert rel < 1e-4, (job.identity, key, float(rel))
+
+
+def test_gen_rows_sets_the_rows_of_l_gen(tiny, people, monkeypatch):
+    """Each identity's step runs batch_size L_diff rows and gen_rows L_gen rows (null LQ), so
+    gen_rows cuts the cost of a step; a gen_rows above batch_size is batch_size."""
+    from pfstorer.training import PackedTrainer
+
+    seen: list[tuple[int, int]] = []
+    denoise = tiny.denoise
+
+    def counting(x, t, lq, pb=None):
+        null = tiny.null_lq(lq[:1])
+        seen.append((x.shape[0], sum(bool(torch.equal(row, null[0])) for row in lq)))
+        return denoise(x, t, lq, pb)
+
+    monkeypatch.setattr(tiny, "denoise", counting)
+    jobs = [PersonalizeJob(n, refs[:4], seed=i) for i, (n, refs) in enumerate(list(people.items())[:2])]
+    for gen_rows, rows, null in ((1, 2 * (4 + 1), 2), (9, 2 * (4 + 4), 8)):
+        seen.clear()
+        list(PackedTrainer(tiny, PersonalizeConfig(steps=1, batch_size=4, gen_rows=gen_rows, p_hq=0.0),
+                           capacity=2).run(jobs))
+        assert (rows, null) in seen, seen  # beside the reference rows' calls
 
 
 def test_prefetched_draws_give_the_same_adapters(tiny, people):
