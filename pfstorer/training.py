@@ -413,8 +413,8 @@ class PackedTrainer:
               ref_tokens: dict[int, list[torch.Tensor]],
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[torch.Tensor]]:
         """The batch of one step: the L_diff rows of every identity (noised HQ or, for rows drawn
-        as sampling starts, noised LQ; eq. 2), then, with lambda_gen > 0, their L_gen rows (null
-        LQ; eq. 4). Returns the noisy inputs, timesteps, LQs, each row's key and each row's
+        as sampling starts, noised LQ; eq. 2), then, with lambda_gen > 0, the L_gen rows (null LQ;
+        eq. 4) of each identity's first ``gen_rows`` crops. Returns the noisy inputs, timesteps, LQs, each row's key and each row's
         reference tokens per block."""
         m = self.model
         xs, ts, lqs, row_slots, refs = [], [], [], [], []
