@@ -414,11 +414,12 @@ class PackedTrainer:
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[torch.Tensor]]:
         """The batch of one step: the L_diff rows of every identity (noised HQ or, for rows drawn
         as sampling starts, noised LQ; eq. 2), then, with lambda_gen > 0, the L_gen rows (null LQ;
-        eq. 4) of each identity's first ``gen_rows`` crops. Returns the noisy inputs, timesteps, LQs, each row's key and each row's
-        reference tokens per block."""
+        eq. 4) of each identity's first ``gen_rows`` crops. Returns the noisy inputs, timesteps,
+        LQs, each row's key and each row's reference tokens per block."""
         m = self.model
         xs, ts, lqs, row_slots, refs = [], [], [], [], []
         for gen in (False, True) if self.config.lambda_gen > 0 else (False,):
+            n = self.gen_rows if gen else self.config.batch_size  # each identity's rows of this part
             for k in active:
                 d = draws[k]
                 if not gen:
@@ -427,12 +428,11 @@ class PackedTrainer:
                     ts.append(d["t"])
                     lqs.append(d["lq"])
                 else:
-                    g = self.gen_rows
-                    xs.append(self._noisy(d["z0"][:g], d["noise_gen"], d["t_gen"]))
+                    xs.append(self._noisy(d["z0"][:n], d["noise_gen"], d["t_gen"]))
                     ts.append(d["t_gen"])
-                    lqs.append(m.null_lq(d["lq"][:g]))
-                row_slots += [k] * (self.gen_rows if gen else self.config.batch_size)
-                refs.append((k, d["ref"][:self.gen_rows] if gen else d["ref"]))
+                    lqs.append(m.null_lq(d["lq"][:n]))
+                row_slots += [k] * n
+                refs.append((k, d["ref"][:n]))
         rows = [torch.cat([ref_tokens[k][i][idx] for k, idx in refs]) for i in range(len(self.weights.specs))]
         return torch.cat(xs), torch.cat(ts).to(m.device), torch.cat(lqs), row_slots, rows
 
